@@ -1,0 +1,426 @@
+"""Recoder: trains a FactorizationModel on Ray Train workers, and evaluates and uses it."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+
+from recoder_dist.data.collator import UserRows, resolve_sampling_users
+from recoder_dist.data.dataset import RecommendationDataset
+from recoder_dist.data.ray_dataset import to_ray_dataset, user_rows_table
+from recoder_dist.losses import build_loss
+from recoder_dist.metrics import Metric
+from recoder_dist.nn.base import FactorizationModel
+from recoder_dist.training.config import EvalSettings, TrainSettings, WorkerJob
+from recoder_dist.training.evaluation import check_metrics, predict_scores, recommend_top_k
+from recoder_dist.training.launcher import cluster_gpus, ensure_ray, run_job
+from recoder_dist.training.optimizers import build_optimizers, check_optimizer_type
+from recoder_dist.training.snapshot import Snapshot, load_snapshot, model_class_name, save_snapshot
+
+logger = logging.getLogger(__name__)
+
+
+class Recoder:
+    """Trains a :class:`~recoder_dist.nn.FactorizationModel` with mini-batch negative sampling,
+    data-parallel over Ray Train workers.
+
+    Args:
+        model: the model to train (its parameters are created on the first ``train``).
+        num_items: number of items; by default taken from the first training dataset.
+        num_users: number of users; by default taken from the first training dataset.
+        optimizer_type: 'sgd', 'adam', 'adagrad' or 'rmsprop'. A model with sparse embeddings
+            needs 'adam' (SparseAdam for the embeddings, Adam for the rest).
+        loss: 'mse', 'logistic', 'logloss', or a ``torch.nn.Module`` that reduces by sum.
+        loss_params: keyword arguments of the named loss (e.g. ``{'confidence': 3}`` for mse).
+        use_cuda: one GPU per worker; an error when the cluster has no GPU.
+        user_based: refuse training data with more users than the model represents.
+        item_based: refuse training data with more items than the model represents.
+        num_workers: Ray Train workers (DDP ranks); 0 runs the loop in this process.
+        cpus_per_worker: CPUs reserved for each worker.
+        storage_path: where Ray Train keeps the run's checkpoints (shared storage on a
+            multi-node cluster); a temporary folder by default.
+        seed: seed of the data order and dropout noise.
+    """
+
+    def __init__(
+        self,
+        model: FactorizationModel,
+        num_items: int | None = None,
+        num_users: int | None = None,
+        optimizer_type: str = "sgd",
+        loss: str | torch.nn.Module = "mse",
+        loss_params: dict | None = None,
+        use_cuda: bool = False,
+        user_based: bool = True,
+        item_based: bool = True,
+        *,
+        num_workers: int = 1,
+        cpus_per_worker: float = 1,
+        storage_path: str | None = None,
+        seed: int | None = None,
+    ):
+        if not isinstance(model, FactorizationModel):
+            raise TypeError(
+                f"model must be a recoder_dist.nn.FactorizationModel, got {type(model).__name__}"
+            )
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+        check_optimizer_type(optimizer_type)
+        build_loss(loss, loss_params)  # validates the name and parameters now
+        self.model = model
+        self.num_items = num_items
+        self.num_users = num_users
+        self.optimizer_type = optimizer_type
+        self.loss = loss
+        self.loss_params = dict(loss_params or {})
+        self.use_cuda = bool(use_cuda)
+        self.user_based = user_based
+        self.item_based = item_based
+        self.num_workers = num_workers
+        self.cpus_per_worker = cpus_per_worker
+        self.storage_path = storage_path
+        self.seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else int(seed)
+        self.current_epoch = 0
+        self.history: list[dict] = []
+        self._model_initialized = False
+        self._optimizer_state: dict = {}
+
+    # ---------------------------------------------------------------- training
+
+    def train(
+        self,
+        train_dataset: RecommendationDataset,
+        val_dataset: RecommendationDataset | None = None,
+        lr: float = 0.001,
+        weight_decay: float = 0.0,
+        num_epochs: int = 1,
+        iters_per_epoch: int | None = None,
+        batch_size: int = 64,
+        lr_milestones: list[int] | None = None,
+        negative_sampling: bool = False,
+        num_sampling_users: int = 0,
+        num_data_workers: int = 0,
+        model_checkpoint_prefix: str | None = None,
+        checkpoint_freq: int = 0,
+        eval_freq: int = 0,
+        eval_num_recommendations: int | None = None,
+        eval_num_users: int | None = None,
+        metrics: list[Metric] | None = None,
+        eval_batch_size: int | None = None,
+    ) -> list[dict]:
+        """Trains the model for ``num_epochs`` more epochs.
+
+        Args:
+            train_dataset: the users' interactions to reconstruct.
+            val_dataset: users with ``target`` interactions, evaluated every ``eval_freq``
+                epochs with ``metrics``.
+            lr: learning rate; multiplied by 0.1 at each epoch of ``lr_milestones``.
+            weight_decay: L2 penalty of dense weights (not of biases or sparse embeddings).
+            num_epochs: epochs to train, counted from the current epoch: a model restored from
+                a snapshot of epoch 10 and trained with ``num_epochs=5`` ends at epoch 15.
+            iters_per_epoch: cap on the training batches of an epoch (per worker).
+            batch_size: users per training batch, per worker.
+            negative_sampling: score each batch only on the items its sampling group touched.
+            num_sampling_users: users per sampling group (a multiple of ``batch_size``; 0 means
+                ``batch_size``); a group is sliced into batches that share its items.
+            num_data_workers: accepted for compatibility; Ray Data feeds the workers.
+            model_checkpoint_prefix: write ``{prefix}_epoch_{N}.model`` snapshots.
+            checkpoint_freq: epochs between snapshots (the last epoch is always written).
+            eval_freq: epochs between evaluations of ``val_dataset``.
+            eval_num_recommendations: length of the recommendation lists evaluated.
+            eval_num_users: evaluate a fixed random sample of this many users.
+            metrics: :class:`~recoder_dist.metrics.Metric` instances.
+            eval_batch_size: users per evaluation batch (default ``batch_size``).
+
+        Returns:
+            One dict per epoch: epoch, loss, seconds, and metrics when evaluated.
+        """
+        _check_dataset(train_dataset, "train_dataset")
+        if train_dataset.interactions.nnz == 0:
+            raise ValueError("train_dataset has no interactions")
+        _check_positive_int(num_epochs, "num_epochs")
+        num_sampling_users = resolve_sampling_users(batch_size, num_sampling_users)
+        if iters_per_epoch is not None:
+            _check_positive_int(iters_per_epoch, "iters_per_epoch")
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        evaluating = val_dataset is not None and eval_freq > 0
+        eval_settings = None
+        if evaluating:
+            _check_dataset(val_dataset, "val_dataset", needs_target=True)
+            eval_settings = self._eval_settings(
+                metrics, eval_num_recommendations, eval_batch_size or batch_size
+            )
+        self._init_training(train_dataset)
+        if evaluating:
+            self._check_eval_items(val_dataset)
+        self._check_devices()
+        # Builds the optimizers once here so that a model/optimizer mismatch fails now.
+        build_optimizers(self.model, self.optimizer_type, lr, weight_decay)
+
+        ensure_ray()
+        train_table = user_rows_table(train_dataset)
+        datasets = {"train": to_ray_dataset(train_table)}
+        if evaluating:
+            datasets["eval"] = self._eval_dataset(val_dataset, eval_num_users)
+        settings = TrainSettings(
+            lr=float(lr),
+            weight_decay=float(weight_decay),
+            num_epochs=int(num_epochs),
+            batch_size=int(batch_size),
+            num_sampling_users=num_sampling_users,
+            negative_sampling=bool(negative_sampling),
+            iters_per_epoch=iters_per_epoch,
+            lr_milestones=tuple(lr_milestones) if lr_milestones else None,
+            checkpoint_freq=int(checkpoint_freq),
+            eval_freq=int(eval_freq) if evaluating else 0,
+            num_train_rows=train_table.num_rows,
+            seed=self.seed + self.current_epoch,
+        )
+        prefix = os.path.abspath(model_checkpoint_prefix) if model_checkpoint_prefix else None
+        if prefix:
+            os.makedirs(os.path.dirname(prefix), exist_ok=True)
+        logger.info(
+            "training %s on %d users x %d items, %d worker(s), epochs %d..%d",
+            type(self.model).__name__,
+            train_table.num_rows,
+            self.num_items,
+            self.num_workers,
+            self.current_epoch + 1,
+            self.current_epoch + num_epochs,
+        )
+        job = self._job(train=settings, eval=eval_settings, checkpoint_prefix=prefix)
+        output = self._run(job, datasets)
+        try:
+            self._restore(load_snapshot(output.snapshot_path), restore_model=True)
+        finally:
+            output.discard()
+        self.history.extend(output.records)
+        return output.records
+
+    # -------------------------------------------------------------- evaluation
+
+    def evaluate(
+        self,
+        eval_dataset: RecommendationDataset,
+        num_recommendations: int | None = None,
+        metrics: list[Metric] | None = None,
+        batch_size: int = 500,
+        num_users: int | None = None,
+    ) -> dict[str, float]:
+        """Evaluates the model on ``eval_dataset`` (inputs and targets), over the workers.
+
+        Each user's recommendations exclude the items of its input; users without target
+        items are not counted.
+
+        Returns:
+            ``{metric name: mean over users}``, and ``eval_users``: how many users counted.
+        """
+        self._require_model()
+        _check_dataset(eval_dataset, "eval_dataset", needs_target=True)
+        _check_positive_int(batch_size, "batch_size")
+        settings = self._eval_settings(metrics, num_recommendations, batch_size)
+        self._check_eval_items(eval_dataset)
+        self._check_devices()
+        ensure_ray()
+        job = self._job(eval=settings)
+        output = self._run(job, {"eval": self._eval_dataset(eval_dataset, num_users)})
+        output.discard()
+        return output.records[-1]
+
+    def predict(self, users_interactions, return_input: bool = False):
+        """Scores of every item for each row of ``users_interactions``.
+
+        Args:
+            users_interactions: users x items sparse matrix, or a RecommendationDataset.
+            return_input: also return the dense input.
+
+        Returns:
+            ``users x num_items`` numpy array (and the dense input when ``return_input``).
+        """
+        self._require_model()
+        rows = self._user_rows(users_interactions)
+        self.model.eval()
+        scores = predict_scores(self.model, rows, self.num_items, torch.device("cpu"))
+        scores = scores.numpy()
+        if not return_input:
+            return scores
+        dense = np.zeros((len(rows), self.num_items), dtype=np.float32)
+        dense[np.repeat(np.arange(len(rows)), np.diff(rows.indptr)), rows.indices] = rows.values
+        return scores, dense
+
+    def recommend(self, users_interactions, num_recommendations: int) -> list[list[int]]:
+        """Top ``num_recommendations`` items for each row, excluding the row's own items."""
+        self._require_model()
+        _check_positive_int(num_recommendations, "num_recommendations")
+        rows = self._user_rows(users_interactions)
+        self.model.eval()
+        items, valid = recommend_top_k(
+            self.model, rows, self.num_items, num_recommendations, torch.device("cpu")
+        )
+        return [row[ok].tolist() for row, ok in zip(items.numpy(), valid.numpy())]
+
+    # --------------------------------------------------------------- snapshots
+
+    def save_state(self, model_checkpoint_prefix: str) -> str:
+        """Writes ``{prefix}_epoch_{current_epoch}.model`` and returns its path."""
+        self._require_model()
+        path = f"{model_checkpoint_prefix}_epoch_{self.current_epoch}.model"
+        save_snapshot(self._snapshot(), path)
+        logger.info("saved %s", path)
+        return path
+
+    def init_from_model_file(self, model_file: str) -> None:
+        """Loads a snapshot: hyper-parameters, weights, optimizer states and epoch, so that
+        ``train`` continues where the snapshot stopped."""
+        snapshot = load_snapshot(model_file)
+        if snapshot.model_class != model_class_name(self.model):
+            raise ValueError(
+                f"{model_file} holds a {snapshot.model_class}, not a {model_class_name(self.model)}"
+            )
+        self._restore(snapshot, restore_model=True, load_params=True)
+        logger.info("loaded %s (epoch %d)", model_file, self.current_epoch)
+
+    # ---------------------------------------------------------------- internals
+
+    def _init_training(self, dataset: RecommendationDataset) -> None:
+        for based, attr, count in (
+            (self.item_based, "num_items", dataset.num_items),
+            (self.user_based, "num_users", dataset.num_users),
+        ):
+            current = getattr(self, attr)
+            if current is None:
+                setattr(self, attr, count)
+            elif based and count > current:
+                raise ValueError(
+                    f"the training data has {count} {attr[4:]} but the model represents "
+                    f"{current}; set {attr[4:-1]}_based=False if the model does not depend on them"
+                )
+        if self.num_items is None or self.num_items < dataset.num_items:
+            self.num_items = dataset.num_items
+        if not self._model_initialized:
+            self.model.init_model(num_items=self.num_items, num_users=self.num_users)
+            self._model_initialized = True
+
+    def _check_eval_items(self, dataset: RecommendationDataset) -> None:
+        if dataset.num_items > self.num_items:
+            raise ValueError(
+                f"the evaluation data has {dataset.num_items} items but the model knows "
+                f"{self.num_items}"
+            )
+
+    def _check_devices(self) -> None:
+        if not self.use_cuda:
+            return
+        if self.num_workers == 0 and not torch.cuda.is_available():
+            raise ValueError("use_cuda=True but torch sees no CUDA device on this machine")
+        ensure_ray()
+        if cluster_gpus() < max(self.num_workers, 1) and not os.environ.get("RAY_ADDRESS"):
+            raise ValueError(
+                f"use_cuda=True needs {self.num_workers} GPU(s) but the local Ray cluster has "
+                f"{cluster_gpus():g}; pass use_cuda=False to train on CPU"
+            )
+
+    def _eval_settings(self, metrics, num_recommendations, batch_size) -> EvalSettings:
+        if metrics is None:
+            raise ValueError("evaluation needs metrics, e.g. [Recall(k=20), NDCG(k=100)]")
+        _check_positive_int(batch_size, "eval batch_size")
+        k = check_metrics(metrics, num_recommendations)
+        return EvalSettings(metrics=tuple(metrics), num_recommendations=k, batch_size=batch_size)
+
+    def _eval_dataset(self, dataset: RecommendationDataset, num_users: int | None):
+        users = np.flatnonzero(np.diff(dataset.target.indptr))
+        if len(users) == 0:
+            raise ValueError("the evaluation dataset has no user with target interactions")
+        if num_users is not None and num_users < len(users):
+            users = np.sort(np.random.default_rng(self.seed).choice(users, num_users, False))
+        return to_ray_dataset(user_rows_table(dataset, users))
+
+    def _job(self, **kwargs) -> WorkerJob:
+        return WorkerJob(
+            model=self.model,
+            num_items=self.num_items,
+            num_users=self.num_users,
+            optimizer_type=self.optimizer_type,
+            loss=self.loss,
+            loss_params=self.loss_params,
+            use_cuda=self.use_cuda,
+            in_process=self.num_workers == 0,
+            start_epoch=self.current_epoch,
+            optimizer_state=self._optimizer_state,
+            **kwargs,
+        )
+
+    def _run(self, job: WorkerJob, datasets: dict):
+        return run_job(
+            job,
+            datasets,
+            num_workers=self.num_workers,
+            cpus_per_worker=self.cpus_per_worker,
+            storage_path=self.storage_path,
+        )
+
+    def _snapshot(self) -> Snapshot:
+        return Snapshot(
+            model_class=model_class_name(self.model),
+            model_params=self.model.model_params(),
+            model_state=self.model.state_dict(),
+            num_items=self.num_items,
+            num_users=self.num_users,
+            epoch=self.current_epoch,
+            optimizer_type=self.optimizer_type,
+            optimizer_state=self._optimizer_state,
+            loss=self.loss if isinstance(self.loss, str) else None,
+            loss_params=self.loss_params if isinstance(self.loss, str) else {},
+        )
+
+    def _restore(self, snapshot: Snapshot, restore_model: bool, load_params: bool = False):
+        if load_params:
+            if snapshot.model_params is not None:
+                self.model.load_model_params(snapshot.model_params)
+            self.num_items, self.num_users = snapshot.num_items, snapshot.num_users
+            self.model.init_model(num_items=self.num_items, num_users=self.num_users)
+            self._model_initialized = True
+            if snapshot.optimizer_type:
+                self.optimizer_type = snapshot.optimizer_type
+            if snapshot.loss is not None:
+                self.loss, self.loss_params = snapshot.loss, dict(snapshot.loss_params)
+        if restore_model:
+            self.model.load_state_dict(snapshot.model_state)
+        self.model.cpu()
+        self.current_epoch = snapshot.epoch
+        self._optimizer_state = snapshot.optimizer_state
+
+    def _require_model(self) -> None:
+        if not self._model_initialized:
+            raise ValueError("the model is not initialized: train it or load a snapshot first")
+
+    def _user_rows(self, users_interactions) -> UserRows:
+        if isinstance(users_interactions, RecommendationDataset):
+            users_interactions = users_interactions.interactions
+        matrix = RecommendationDataset(users_interactions).interactions
+        if matrix.shape[1] > self.num_items:
+            raise ValueError(
+                f"users_interactions has {matrix.shape[1]} items; the model knows {self.num_items}"
+            )
+        return UserRows.from_csr(matrix)
+
+
+def _check_dataset(dataset, name: str, needs_target: bool = False) -> None:
+    if not isinstance(dataset, RecommendationDataset):
+        raise TypeError(f"{name} must be a RecommendationDataset, got {type(dataset).__name__}")
+    if needs_target and dataset.target is None:
+        raise ValueError(f"{name} needs target interactions: RecommendationDataset(input, target)")
+
+
+def _check_positive_int(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+__all__ = ["Recoder"]

@@ -1,0 +1,139 @@
+"""DynamicAutoencoder: an autoencoder whose first and last layers are item embeddings.
+
+Using embeddings as the input and output layers lets a batch read and reconstruct only the items
+it samples: ``F(X[:, I], I) == F(X)[:, I]`` whenever the rows of ``X`` are zero outside ``I``,
+which is what mini-batch negative sampling relies on.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recoder_dist.nn.base import FactorizationModel, activation, embedding_rows
+
+
+class DynamicAutoencoder(FactorizationModel):
+    """An item-based autoencoder over users' interaction rows.
+
+    Args:
+        hidden_layers: sizes of the hidden layers, e.g. ``[200]`` or ``[600, 200]``; the
+            decoder mirrors the encoder.
+        activation_type: activation of every hidden layer (the output is linear: logits).
+        is_constrained: tie the decoder weights to the transposed encoder weights.
+        dropout_prob: dropout on the code (the innermost layer).
+        noise_prob: dropout on the (L2-normalized) input rows, i.e. denoising.
+        sparse: give the item embeddings sparse gradients (updated with SparseAdam).
+    """
+
+    def __init__(
+        self,
+        hidden_layers: list[int] | None = None,
+        activation_type: str = "tanh",
+        is_constrained: bool = False,
+        dropout_prob: float = 0.0,
+        noise_prob: float = 0.0,
+        sparse: bool = False,
+    ):
+        super().__init__()
+        self.load_model_params(
+            dict(
+                hidden_layers=hidden_layers,
+                activation_type=activation_type,
+                is_constrained=is_constrained,
+                dropout_prob=dropout_prob,
+                noise_prob=noise_prob,
+                sparse=sparse,
+            )
+        )
+        self.num_items = None
+
+    def model_params(self) -> dict:
+        return dict(
+            hidden_layers=None if self.hidden_layers is None else list(self.hidden_layers),
+            activation_type=self.activation_type,
+            is_constrained=self.is_constrained,
+            dropout_prob=self.dropout_prob,
+            noise_prob=self.noise_prob,
+            sparse=self.sparse,
+        )
+
+    def load_model_params(self, model_params: dict) -> None:
+        hidden = model_params["hidden_layers"]
+        if hidden is not None:
+            hidden = [int(h) for h in hidden]
+            if not hidden or min(hidden) < 1:
+                raise ValueError(f"hidden_layers must be positive sizes, got {hidden}")
+        for name in ("dropout_prob", "noise_prob"):
+            if not 0.0 <= model_params[name] < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {model_params[name]}")
+        activation(model_params["activation_type"])  # validates the name
+        self.hidden_layers = hidden
+        self.activation_type = model_params["activation_type"]
+        self.is_constrained = bool(model_params["is_constrained"])
+        self.dropout_prob = float(model_params["dropout_prob"])
+        self.noise_prob = float(model_params["noise_prob"])
+        self.sparse = bool(model_params["sparse"])
+
+    def init_model(self, num_items: int | None = None, num_users: int | None = None) -> None:
+        if self.hidden_layers is None:
+            raise ValueError("DynamicAutoencoder needs hidden_layers (e.g. [200])")
+        if not num_items or num_items < 1:
+            raise ValueError(f"DynamicAutoencoder needs num_items >= 1, got {num_items}")
+        self.num_items = int(num_items)
+        sizes = self.hidden_layers
+        self.act = activation(self.activation_type)
+        self.noise = nn.Dropout(self.noise_prob)
+        self.dropout = nn.Dropout(self.dropout_prob)
+
+        self.encoder_embedding = nn.Embedding(num_items, sizes[0], sparse=self.sparse)
+        self.encoder_bias = nn.Parameter(torch.zeros(sizes[0]))
+        self.encoder_layers = nn.ModuleList(
+            nn.Linear(n_in, n_out) for n_in, n_out in zip(sizes[:-1], sizes[1:])
+        )
+        if self.is_constrained:
+            # Decoder layers own only their biases; weights are the encoder's, transposed.
+            self.decoder_biases = nn.ParameterList(
+                nn.Parameter(torch.zeros(n)) for n in reversed(sizes[:-1])
+            )
+            self.decoder_embedding = self.encoder_embedding
+        else:
+            self.decoder_layers = nn.ModuleList(
+                nn.Linear(n_in, n_out)
+                for n_in, n_out in zip(reversed(sizes[1:]), reversed(sizes[:-1]))
+            )
+            self.decoder_embedding = nn.Embedding(num_items, sizes[0], sparse=self.sparse)
+        self.decoder_bias = nn.Embedding(num_items, 1, sparse=self.sparse)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, (nn.Embedding, nn.Linear)):
+                nn.init.xavier_uniform_(module.weight)
+            if isinstance(module, nn.Linear):
+                nn.init.zeros_(module.bias)
+        nn.init.zeros_(self.decoder_bias.weight)
+
+    def forward(
+        self,
+        input: torch.Tensor,
+        input_users: torch.Tensor | None = None,
+        input_items: torch.Tensor | None = None,
+        target_users: torch.Tensor | None = None,
+        target_items: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        z = self.noise(F.normalize(input, p=2, dim=1))
+        z = self.act(z @ embedding_rows(self.encoder_embedding, input_items) + self.encoder_bias)
+        for layer in self.encoder_layers:
+            z = self.act(layer(z))
+        z = self.dropout(z)
+        if self.is_constrained:
+            for layer, bias in zip(reversed(self.encoder_layers), self.decoder_biases):
+                z = self.act(F.linear(z, layer.weight.t(), bias))
+        else:
+            for layer in self.decoder_layers:
+                z = self.act(layer(z))
+        weight = embedding_rows(self.decoder_embedding, target_items)
+        bias = embedding_rows(self.decoder_bias, target_items).squeeze(1)
+        return torch.addmm(bias, z, weight.t())

@@ -1,0 +1,83 @@
+"""The interface that Recoder trains: a model that reconstructs rows of the interaction matrix."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+ACTIVATIONS = {
+    "none": nn.Identity,
+    "identity": nn.Identity,
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "sigmoid": nn.Sigmoid,
+    "selu": nn.SELU,
+    "elu": nn.ELU,
+    "leaky_relu": nn.LeakyReLU,
+}
+
+
+def activation(name: str) -> nn.Module:
+    try:
+        return ACTIVATIONS[name]()
+    except KeyError:
+        raise ValueError(
+            f"unknown activation_type {name!r}; choose one of {sorted(ACTIVATIONS)}"
+        ) from None
+
+
+class FactorizationModel(nn.Module):
+    """Base class of the models that Recoder trains.
+
+    A model is built in two steps: the constructor takes its hyper-parameters, then
+    ``init_model`` creates the parameters once the numbers of items and users are known (from the
+    training data, or from a snapshot). Subclasses implement the four methods below.
+    """
+
+    def init_model(self, num_items: int | None = None, num_users: int | None = None) -> None:
+        """Creates the model's parameters for ``num_items`` items and ``num_users`` users."""
+        raise NotImplementedError
+
+    def model_params(self) -> dict:
+        """The hyper-parameters, as a dict of plain Python values (saved in snapshots)."""
+        raise NotImplementedError
+
+    def load_model_params(self, model_params: dict) -> None:
+        """Sets the hyper-parameters from a dict returned by ``model_params``."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        input: torch.Tensor,
+        input_users: torch.Tensor | None = None,
+        input_items: torch.Tensor | None = None,
+        target_users: torch.Tensor | None = None,
+        target_items: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Scores ``target_items`` (all items when None) for the users of the batch.
+
+        Args:
+            input: dense ``batch x len(input_items)`` matrix (``batch x num_items`` when
+                ``input_items`` is None) of the users' interactions.
+            input_users: the users of the batch (row ``r`` is user ``input_users[r]``).
+            input_items: the items that the columns of ``input`` stand for.
+            target_users: the users to score (the same as ``input_users`` in Recoder).
+            target_items: the items to score; None means every item.
+
+        Returns:
+            ``batch x len(target_items)`` scores (logits for the logistic and logloss losses).
+        """
+        raise NotImplementedError
+
+
+def embedding_rows(embedding: nn.Embedding, items: torch.Tensor | None) -> torch.Tensor:
+    """Rows ``items`` of an embedding table (all rows when None).
+
+    A sparse embedding is always looked up, never read through ``.weight``: reading the weight
+    directly would give it a dense gradient, which SparseAdam and the sparse sync refuse.
+    """
+    if items is not None:
+        return embedding(items)
+    if embedding.sparse:
+        return embedding(torch.arange(embedding.num_embeddings, device=embedding.weight.device))
+    return embedding.weight

@@ -1,0 +1,86 @@
+"""MatrixFactorization: user and item embeddings with an item bias."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from recoder_dist.nn.base import FactorizationModel, activation, embedding_rows
+
+
+class MatrixFactorization(FactorizationModel):
+    """Scores ``act(user) . act(item) + bias(item)`` for the users of the batch.
+
+    Args:
+        embedding_size: dimension of user and item embeddings.
+        activation_type: activation applied to the embeddings ('none' for plain dot products).
+        dropout_prob: dropout on the user embeddings.
+        sparse: give the embeddings sparse gradients (updated with SparseAdam).
+    """
+
+    def __init__(
+        self,
+        embedding_size: int = 200,
+        activation_type: str = "none",
+        dropout_prob: float = 0.0,
+        sparse: bool = False,
+    ):
+        super().__init__()
+        self.load_model_params(
+            dict(
+                embedding_size=embedding_size,
+                activation_type=activation_type,
+                dropout_prob=dropout_prob,
+                sparse=sparse,
+            )
+        )
+        self.num_items = self.num_users = None
+
+    def model_params(self) -> dict:
+        return dict(
+            embedding_size=self.embedding_size,
+            activation_type=self.activation_type,
+            dropout_prob=self.dropout_prob,
+            sparse=self.sparse,
+        )
+
+    def load_model_params(self, model_params: dict) -> None:
+        if int(model_params["embedding_size"]) < 1:
+            raise ValueError(f"embedding_size must be >= 1, got {model_params['embedding_size']}")
+        if not 0.0 <= model_params["dropout_prob"] < 1.0:
+            raise ValueError(f"dropout_prob must be in [0, 1), got {model_params['dropout_prob']}")
+        activation(model_params["activation_type"])
+        self.embedding_size = int(model_params["embedding_size"])
+        self.activation_type = model_params["activation_type"]
+        self.dropout_prob = float(model_params["dropout_prob"])
+        self.sparse = bool(model_params["sparse"])
+
+    def init_model(self, num_items: int | None = None, num_users: int | None = None) -> None:
+        if not num_items or not num_users:
+            raise ValueError(
+                f"MatrixFactorization needs num_items and num_users, got {num_items}, {num_users}"
+            )
+        self.num_items, self.num_users = int(num_items), int(num_users)
+        self.act = activation(self.activation_type)
+        self.dropout = nn.Dropout(self.dropout_prob)
+        self.user_embedding = nn.Embedding(num_users, self.embedding_size, sparse=self.sparse)
+        self.item_embedding = nn.Embedding(num_items, self.embedding_size, sparse=self.sparse)
+        self.item_bias = nn.Embedding(num_items, 1, sparse=self.sparse)
+        nn.init.normal_(self.user_embedding.weight, std=0.1)
+        nn.init.normal_(self.item_embedding.weight, std=0.1)
+        nn.init.zeros_(self.item_bias.weight)
+
+    def forward(
+        self,
+        input: torch.Tensor,
+        input_users: torch.Tensor | None = None,
+        input_items: torch.Tensor | None = None,
+        target_users: torch.Tensor | None = None,
+        target_items: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if input_users is None:
+            raise ValueError("MatrixFactorization scores known users: pass input_users")
+        users = self.dropout(self.act(self.user_embedding(input_users)))
+        items = self.act(embedding_rows(self.item_embedding, target_items))
+        bias = embedding_rows(self.item_bias, target_items).squeeze(1)
+        return torch.addmm(bias, users, items.t())

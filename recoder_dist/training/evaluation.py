@@ -1,0 +1,117 @@
+"""Top-k recommendation and metric sums for batches of evaluation users (no Ray here)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from recoder_dist.data.collator import SparseBatch, UserRows
+from recoder_dist.metrics import Metric
+from recoder_dist.training.step import densify, to_device
+
+
+def _as_batch(rows: UserRows, num_items: int) -> SparseBatch:
+    lengths = np.diff(rows.indptr)
+    return SparseBatch(
+        users=rows.users,
+        items=None,
+        rows=np.repeat(np.arange(len(rows), dtype=np.int64), lengths),
+        cols=rows.indices,
+        values=rows.values,
+        shape=(len(rows), num_items),
+    )
+
+
+@torch.no_grad()
+def predict_scores(model, rows: UserRows, num_items: int, device) -> torch.Tensor:
+    """Scores of all items for the users of ``rows``, from their interactions."""
+    batch = _as_batch(rows, num_items)
+    users = to_device(batch.users, device)
+    return model(densify(batch, device), input_users=users, target_users=users)
+
+
+@torch.no_grad()
+def recommend_top_k(model, rows: UserRows, num_items: int, k: int, device):
+    """Top ``k`` items per user, never an item of the user's input.
+
+    Returns:
+        ``(items, valid)``: ``users x k`` item ids and a mask that is False where a user has
+        fewer than ``k`` items left to recommend.
+    """
+    scores = predict_scores(model, rows, num_items, device)
+    batch = _as_batch(rows, num_items)
+    scores[to_device(batch.rows, device), to_device(batch.cols, device)] = -torch.inf
+    top_scores, top_items = torch.topk(scores, min(k, num_items), dim=1)
+    return top_items, top_scores > -torch.inf
+
+
+def metric_sums(
+    model,
+    inputs: UserRows,
+    targets: UserRows,
+    metrics: list[Metric],
+    k: int,
+    num_items: int,
+    device,
+) -> tuple[np.ndarray, int]:
+    """Sum over the users of the batch of each metric, and the number of users counted.
+
+    Users with no target item cannot be scored and are not counted.
+    """
+    num_relevant = np.diff(targets.indptr)
+    keep = num_relevant > 0
+    if not keep.any():
+        return np.zeros(len(metrics)), 0
+    if not keep.all():
+        inputs, targets = _select(inputs, keep), _select(targets, keep)
+        num_relevant = num_relevant[keep]
+
+    top_items, valid = recommend_top_k(model, inputs, num_items, k, device)
+    relevant = torch.zeros((len(targets), num_items), dtype=torch.bool, device=device)
+    target_batch = _as_batch(targets, num_items)
+    relevant[to_device(target_batch.rows, device), to_device(target_batch.cols, device)] = True
+    hits = (relevant.gather(1, top_items) & valid).cpu().numpy()
+    top_items = top_items.cpu().numpy()
+
+    sums = np.empty(len(metrics))
+    for i, metric in enumerate(metrics):
+        if metric.vectorized:
+            values = metric.evaluate_hits(hits, num_relevant)
+        else:
+            lists = [items[ok] for items, ok in zip(top_items, valid.cpu().numpy())]
+            relevant_lists = np.split(targets.indices, targets.indptr[1:-1])
+            values = metric.evaluate_lists(lists, relevant_lists)
+        sums[i] = float(np.sum(values, dtype=np.float64))
+    return sums, int(keep.sum())
+
+
+def _select(rows: UserRows, mask: np.ndarray) -> UserRows:
+    lengths = np.diff(rows.indptr)[mask]
+    entry_mask = np.repeat(mask, np.diff(rows.indptr))
+    return UserRows(
+        users=rows.users[mask],
+        indptr=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        indices=rows.indices[entry_mask],
+        values=rows.values[entry_mask],
+    )
+
+
+def check_metrics(metrics, num_recommendations: int | None) -> int:
+    """Validates the metrics and returns the list length to compute."""
+    if not metrics:
+        raise ValueError("evaluation needs at least one metric, e.g. [Recall(20), NDCG(100)]")
+    for metric in metrics:
+        if not isinstance(metric, Metric):
+            raise TypeError(f"metrics must be recoder_dist.metrics.Metric, got {metric!r}")
+    longest = max((m.k or 0) for m in metrics)
+    if num_recommendations is None:
+        if longest == 0:
+            raise ValueError("set num_recommendations: no metric has a k")
+        return longest
+    if num_recommendations < 1:
+        raise ValueError(f"num_recommendations must be >= 1, got {num_recommendations}")
+    if longest > num_recommendations:
+        raise ValueError(
+            f"a metric reads the top {longest} but num_recommendations={num_recommendations}"
+        )
+    return int(num_recommendations)

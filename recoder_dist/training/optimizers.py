@@ -1,0 +1,127 @@
+"""Optimizers by name, with sparse embedding gradients routed to SparseAdam."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class _OptimizerKind:
+    build: Callable[[list, float], torch.optim.Optimizer]
+    # The optimizer for sparse embedding gradients, or None if this kind cannot take them.
+    build_sparse: Callable[[list, float], torch.optim.Optimizer] | None = None
+
+
+OPTIMIZERS = {
+    "adam": _OptimizerKind(
+        build=lambda groups, lr: torch.optim.Adam(groups, lr=lr),
+        build_sparse=lambda groups, lr: torch.optim.SparseAdam(groups, lr=lr),
+    ),
+    "sgd": _OptimizerKind(build=lambda groups, lr: torch.optim.SGD(groups, lr=lr, momentum=0.9)),
+    "adagrad": _OptimizerKind(build=lambda groups, lr: torch.optim.Adagrad(groups, lr=lr)),
+    "rmsprop": _OptimizerKind(
+        build=lambda groups, lr: torch.optim.RMSprop(groups, lr=lr, momentum=0.9)
+    ),
+}
+
+
+def check_optimizer_type(optimizer_type: str) -> None:
+    if optimizer_type not in OPTIMIZERS:
+        raise ValueError(
+            f"unknown optimizer_type {optimizer_type!r}; choose one of {sorted(OPTIMIZERS)}"
+        )
+
+
+def sparse_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the parameters that receive sparse gradients: the weights of every
+    ``nn.Embedding``/``nn.EmbeddingBag`` built with ``sparse=True``, however deeply nested."""
+    names = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse:
+            names.append(f"{module_name}.weight" if module_name else "weight")
+    # A module shared under two names (tied embeddings) is one parameter: keep its first name.
+    first_names = {id(p): n for n, p in reversed(list(model.named_parameters()))}
+    return sorted({first_names[id(model.get_parameter(n))] for n in names})
+
+
+@dataclass
+class Optimizers:
+    """The dense optimizer and the sparse one (either may be None)."""
+
+    dense: torch.optim.Optimizer | None
+    sparse: torch.optim.Optimizer | None
+
+    def each(self) -> list[torch.optim.Optimizer]:
+        return [opt for opt in (self.dense, self.sparse) if opt is not None]
+
+    def zero_grad(self) -> None:
+        for opt in self.each():
+            opt.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        for opt in self.each():
+            opt.step()
+
+    def set_lr(self, lr: float) -> None:
+        for opt in self.each():
+            for group in opt.param_groups:
+                group["lr"] = lr
+
+    def state_dict(self) -> dict:
+        return {
+            "dense": None if self.dense is None else self.dense.state_dict(),
+            "sparse": None if self.sparse is None else self.sparse.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, opt in (("dense", self.dense), ("sparse", self.sparse)):
+            if opt is not None and state.get(key) is not None:
+                opt.load_state_dict(state[key])
+
+
+def build_optimizers(
+    model: nn.Module, optimizer_type: str, lr: float, weight_decay: float
+) -> Optimizers:
+    """Optimizers for ``model``: ``optimizer_type`` for dense parameters, SparseAdam for
+    sparse embeddings (only with 'adam').
+
+    Weight decay applies to dense weights, not to biases, and not to sparse embeddings
+    (SparseAdam has none).
+
+    Raises:
+        ValueError: unknown ``optimizer_type``, or a sparse model with an optimizer that cannot
+            update sparse gradients.
+    """
+    check_optimizer_type(optimizer_type)
+    kind = OPTIMIZERS[optimizer_type]
+    sparse_names = set(sparse_parameter_names(model))
+    dense_groups, sparse_params = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name in sparse_names:
+            sparse_params.append(param)
+        else:
+            decay = 0.0 if name.endswith("bias") or "bias" in name.split(".")[-1] else weight_decay
+            dense_groups.append({"params": [param], "weight_decay": decay})
+    if sparse_params and kind.build_sparse is None:
+        raise ValueError(
+            f"optimizer_type={optimizer_type!r} cannot update the sparse embedding gradients of "
+            f"{sorted(sparse_names)}; use optimizer_type='adam' (SparseAdam for embeddings) "
+            "or build the model with sparse=False"
+        )
+    return Optimizers(
+        dense=kind.build(dense_groups, lr) if dense_groups else None,
+        sparse=kind.build_sparse([{"params": sparse_params}], lr) if sparse_params else None,
+    )
+
+
+def lr_at_epoch(lr: float, milestones: list[int] | None, epoch: int) -> float:
+    """Learning rate of ``epoch`` (1-based): ``lr`` times 0.1 per milestone reached (as
+    MultiStepLR stepped at the start of every epoch, as recsys-recoder does)."""
+    passed = sum(1 for m in (milestones or []) if epoch >= m)
+    return lr * 0.1**passed

@@ -1,0 +1,37 @@
+"""Moving a sparse batch to the device and computing its loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from recoder_dist.data.collator import SparseBatch
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
+
+
+def densify(batch: SparseBatch, device: torch.device) -> torch.Tensor:
+    """The batch as a dense tensor, built on ``device``: only the non-zeros cross the bus."""
+    dense = torch.zeros(batch.shape, dtype=torch.float32, device=device)
+    rows, cols = to_device(batch.rows, device), to_device(batch.cols, device)
+    dense[rows, cols] = to_device(batch.values, device)
+    return dense
+
+
+def batch_loss(model, loss_fn, batch: SparseBatch, device: torch.device) -> torch.Tensor:
+    """Reconstruction loss of one batch, averaged over its users.
+
+    The model reads the batch's rows over the sampled items and is scored on the same items.
+    """
+    dense = densify(batch, device)
+    users = to_device(batch.users, device)
+    items = None if batch.items is None else to_device(batch.items.astype(np.int64), device)
+    output = model(
+        dense, input_users=users, input_items=items, target_users=users, target_items=items
+    )
+    return loss_fn(output, dense) / max(batch.shape[0], 1)

@@ -1,0 +1,256 @@
+"""The function every Ray Train worker runs: train (and evaluate) on its shard of user rows.
+
+Ranks agree on the number of steps of an epoch before it starts, dense parameters are averaged
+by DDP, sparse embedding rows by :class:`SparseGradSync`, metrics are summed over ranks, and
+rank 0 writes the snapshots.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from recoder_dist.data.collator import Collator, SparseBatch, batches_per_group
+from recoder_dist.data.ray_dataset import rows_from_arrow
+from recoder_dist.losses import build_loss
+from recoder_dist.training.config import EvalSettings, TrainSettings, WorkerJob
+from recoder_dist.training.evaluation import metric_sums
+from recoder_dist.training.optimizers import build_optimizers, lr_at_epoch, sparse_parameter_names
+from recoder_dist.training.snapshot import Snapshot, model_class_name, save_snapshot
+from recoder_dist.training.sparse_sync import SparseGradSync
+from recoder_dist.training.step import batch_loss
+
+logger = logging.getLogger(__name__)
+SNAPSHOT_FILE = "snapshot.pt"
+
+
+def worker_loop(config: dict) -> None:
+    """Entry point of ``TorchTrainer(train_loop_per_worker=...)``; ``config["job"]`` is a
+    :class:`WorkerJob` or an ObjectRef to one (a large model crosses the object store once)."""
+    job = config["job"]
+    if isinstance(job, ray.ObjectRef):
+        job = ray.get(job)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    device = ray.train.torch.get_device() if job.use_cuda else torch.device("cpu")
+    model = job.model.to(device)
+
+    if job.train is None:
+        model.eval()
+        results = _evaluate(model, job, device, rank, world)
+        if rank == 0:
+            ray.get(job.progress.append.remote(results))
+        return
+    _train(model, job, job.train, device, rank, world)
+
+
+def _train(model, job: WorkerJob, settings: TrainSettings, device, rank: int, world: int):
+    torch.manual_seed(settings.seed * 7919 + rank)  # distinct dropout noise on every rank
+    sparse_names = sparse_parameter_names(model)
+    distributed = world > 1 and dist.is_initialized()
+    dense_names = [n for n, p in model.named_parameters() if n not in sparse_names]
+    net = model
+    if distributed and dense_names:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sparse_names)
+        net = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    sync = None
+    if distributed and sparse_names:
+        sync = SparseGradSync([model.get_parameter(n) for n in sparse_names])
+
+    optimizers = build_optimizers(model, job.optimizer_type, settings.lr, settings.weight_decay)
+    optimizers.load_state_dict(job.optimizer_state)
+    loss_fn = build_loss(job.loss, job.loss_params).to(device)
+    collator = Collator(
+        num_items=job.num_items,
+        batch_size=settings.batch_size,
+        num_sampling_users=settings.num_sampling_users,
+        negative_sampling=settings.negative_sampling,
+    )
+    steps = _agreed_steps(settings, collator, world, device)
+    shard = ray.train.get_dataset_shard("train")
+
+    last_epoch = job.start_epoch + settings.num_epochs
+    for epoch in range(job.start_epoch + 1, last_epoch + 1):
+        started = time.perf_counter()
+        optimizers.set_lr(lr_at_epoch(settings.lr, settings.lr_milestones, epoch))
+        model.train()
+        loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # (loss x users, users)
+        batches = _epoch_batches(shard, collator, settings, steps, rank)
+        for step, batch in enumerate(batches):
+            optimizers.zero_grad()
+            loss = batch_loss(net, loss_fn, batch, device)
+            loss.backward()
+            if step == 0:
+                _check_gradients_are_where_expected(model, sparse_names)
+            if sync is not None:
+                sync.synchronize()
+            optimizers.step()
+            loss_sum += torch.stack(
+                [
+                    loss.detach().double() * batch.shape[0],
+                    torch.tensor(float(batch.shape[0]), device=device),
+                ]
+            )
+        if distributed:
+            dist.all_reduce(loss_sum)
+        loss_value = (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
+        if not np.isfinite(loss_value):
+            raise FloatingPointError(f"epoch {epoch}: training loss is {loss_value}; lower lr")
+
+        metrics = {"epoch": epoch, "last_epoch": last_epoch, "loss": loss_value, "seconds": 0.0}
+        if sync is not None:
+            metrics["sparse_sync_bytes"] = sync.bytes_sent
+            sync.bytes_sent = 0
+        if job.eval is not None and settings.eval_freq > 0 and epoch % settings.eval_freq == 0:
+            model.eval()
+            metrics.update(_evaluate(model, job, device, rank, world))
+        evaluated = "eval_users" in metrics
+        metrics["seconds"] = time.perf_counter() - started
+        if rank == 0:
+            job.progress.append.remote(metrics)
+        wants_checkpoint = epoch == last_epoch or (
+            settings.checkpoint_freq > 0 and epoch % settings.checkpoint_freq == 0
+        )
+        if rank == 0 and job.checkpoint_prefix and wants_checkpoint:
+            save_snapshot(
+                _snapshot(model, optimizers, job, epoch),
+                f"{job.checkpoint_prefix}_epoch_{epoch}.model",
+            )
+        if evaluated or wants_checkpoint:  # what Ray Train (and Tune) must see
+            _report(metrics, model, optimizers, job, epoch, rank, final=epoch == last_epoch)
+
+
+def _agreed_steps(settings: TrainSettings, collator: Collator, world: int, device) -> int:
+    """Steps every rank runs this epoch. ``streaming_split(equal=True)`` gives each rank
+    ``rows // world`` rows; the all-reduce (min) makes any disagreement impossible."""
+    rows = settings.num_train_rows // world
+    group = collator.num_sampling_users
+    steps = (rows // group) * (group // settings.batch_size)
+    steps += batches_per_group(rows % group, settings.batch_size)
+    if settings.iters_per_epoch:
+        steps = min(steps, settings.iters_per_epoch)
+    if world > 1 and dist.is_initialized():
+        agreed = torch.tensor([steps], device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        steps = int(agreed.item())
+    if steps < 1:
+        raise ValueError(
+            f"{settings.num_train_rows} training users over {world} workers leave no batch"
+        )
+    return steps
+
+
+def _epoch_batches(shard, collator: Collator, settings: TrainSettings, steps: int, rank: int):
+    """Exactly ``steps`` batches; a rank whose shard runs dry pads with empty batches (zero
+    gradient) so that the collectives of the other ranks still find a partner."""
+    groups = shard.iter_batches(
+        batch_size=collator.num_sampling_users,
+        batch_format="pyarrow",
+        local_shuffle_buffer_size=max(4 * collator.num_sampling_users, 1024),
+    )
+    batches = (batch for group in groups for batch in collator(rows_from_arrow(group)))
+    empty = SparseBatch(
+        users=np.zeros(0, np.int64),
+        items=np.zeros(0, np.int64) if collator.negative_sampling else None,
+        rows=np.zeros(0, np.int64),
+        cols=np.zeros(0, np.int64),
+        values=np.zeros(0, np.float32),
+        shape=(0, 0 if collator.negative_sampling else collator.num_items),
+    )
+    for step, batch in enumerate(itertools.chain(batches, itertools.repeat(None))):
+        if step == steps:
+            return
+        if batch is None:
+            logger.warning("rank %d ran out of rows at step %d of %d", rank, step, steps)
+            batch = empty
+        yield batch
+
+
+def _check_gradients_are_where_expected(model, sparse_names: list[str]) -> None:
+    """A parameter with a sparse gradient that was not detected as sparse would be averaged
+    by nobody (or crash DDP): refuse to go on."""
+    for name, param in model.named_parameters():
+        if param.grad is not None and param.grad.is_sparse and name not in sparse_names:
+            raise RuntimeError(
+                f"parameter {name!r} has a sparse gradient but is not the weight of an "
+                "nn.Embedding/EmbeddingBag(sparse=True); use those modules for sparse lookups"
+            )
+
+
+def _evaluate(model, job: WorkerJob, device, rank: int, world: int) -> dict:
+    """Metric means over all evaluation users. Rank r scores the blocks of ``batch_size``
+    consecutive rows whose block number is r modulo the world size: each user is counted
+    exactly once, and in the same batch as on one worker."""
+    settings: EvalSettings = job.eval
+    sums, count = np.zeros(len(settings.metrics)), 0
+    shard = ray.train.get_dataset_shard("eval")
+    for table in shard.iter_batches(batch_size=settings.batch_size, batch_format="pyarrow"):
+        owned = (table.column("position").to_numpy() // settings.batch_size) % world == rank
+        if not owned.any():
+            continue
+        if not owned.all():
+            table = table.filter(owned)
+        batch_sums, batch_count = metric_sums(
+            model,
+            rows_from_arrow(table),
+            rows_from_arrow(table, "target_"),
+            list(settings.metrics),
+            settings.num_recommendations,
+            job.num_items,
+            device,
+        )
+        sums += batch_sums
+        count += batch_count
+    totals = torch.tensor([*sums, count], dtype=torch.float64, device=device)
+    if world > 1 and dist.is_initialized():
+        dist.all_reduce(totals)
+    totals = totals.cpu().numpy()
+    users = int(totals[-1])
+    results = {
+        m.name: float(totals[i] / users) if users else float("nan")
+        for i, m in enumerate(settings.metrics)
+    }
+    results["eval_users"] = users
+    return results
+
+
+def _snapshot(model, optimizers, job: WorkerJob, epoch: int) -> Snapshot:
+    return Snapshot(
+        model_class=model_class_name(model),
+        model_params=model.model_params(),
+        model_state=model.state_dict(),
+        num_items=job.num_items,
+        num_users=job.num_users,
+        epoch=epoch,
+        optimizer_type=job.optimizer_type,
+        optimizer_state=optimizers.state_dict(),
+        loss=job.loss if isinstance(job.loss, str) else None,
+        loss_params=job.loss_params if isinstance(job.loss, str) else {},
+    )
+
+
+def _report(metrics, model, optimizers, job: WorkerJob, epoch: int, rank: int, final: bool):
+    """Every rank reports; at the last epoch rank 0 attaches the snapshot that the driver
+    loads when ``fit`` returns."""
+    if not (final and rank == 0):
+        ray.train.report(metrics)
+        return
+    folder = tempfile.mkdtemp(prefix="recoder-dist-ckpt-")
+    save_snapshot(_snapshot(model, optimizers, job, epoch), os.path.join(folder, SNAPSHOT_FILE))
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+    if not job.in_process:  # Ray has copied it into the run's storage
+        shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,40 @@
+"""Shared fixtures: one local Ray instance for the whole session, and the real datasets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(
+    os.environ.get(
+        "RECODER_DIST_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"
+    )
+)
+
+
+def shared_data(name: str) -> Path:
+    """Folder of a dataset in ../shared/data; skips when absent, except under CI=true."""
+    folder = SHARED_DATA / name
+    if not folder.is_dir():
+        if os.environ.get("CI") == "true":
+            raise FileNotFoundError(f"{folder} is missing: CI must run the real-data tests")
+        pytest.skip(f"{folder} is absent (the real datasets live in ../shared/data)")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray with more logical CPUs than cores, so that Ray Data tasks are never starved
+    by the Train workers on a 2-core machine."""
+    import ray
+
+    from recoder_dist.training.launcher import init_local_ray
+
+    started = not ray.is_initialized()
+    if started:
+        init_local_ray(num_cpus=4, logging_level="WARNING")
+    yield ray
+    if started:
+        ray.shutdown()
