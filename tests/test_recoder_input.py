@@ -1,0 +1,146 @@
+"""Bad input to Recoder fails at once with an error that names the problem."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from recoder_dist.data import RecommendationDataset
+from recoder_dist.metrics import NDCG, Recall
+from recoder_dist.model import Recoder
+from recoder_dist.nn import DynamicAutoencoder, MatrixFactorization
+
+
+def matrix(users=20, items=30, seed=0):
+    return sp.random(users, items, density=0.2, format="csr", random_state=seed, dtype=np.float32)
+
+
+def recoder(**kwargs) -> Recoder:
+    kwargs.setdefault("optimizer_type", "adam")
+    return Recoder(DynamicAutoencoder([8], sparse=True), num_workers=0, **kwargs)
+
+
+def trained_recoder(ray_session) -> Recoder:
+    r = recoder()
+    r.train(RecommendationDataset(matrix()), batch_size=5, num_epochs=1)
+    return r
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"model": object()}, TypeError, "FactorizationModel"),
+        ({"optimizer_type": "lbfgs"}, ValueError, "optimizer_type 'lbfgs'"),
+        ({"loss": "hinge"}, ValueError, "unknown loss 'hinge'"),
+        ({"loss": 3}, TypeError, "loss must be"),
+        ({"loss": "mse", "loss_params": {"gamma": 1}}, ValueError, "loss_params"),
+        ({"num_workers": -1}, ValueError, "num_workers"),
+        ({"num_workers": 1.5}, ValueError, "num_workers"),
+    ],
+)
+def test_constructor_rejects(kwargs, error, message):
+    kwargs.setdefault("model", DynamicAutoencoder([8]))
+    with pytest.raises(error, match=message):
+        Recoder(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("train_kwargs", "error", "message"),
+    [
+        ({"batch_size": 0}, ValueError, "batch_size must be >= 1"),
+        ({"batch_size": 2.5}, TypeError, "batch_size must be an int"),
+        ({"batch_size": 10, "num_sampling_users": 25}, ValueError, "num_sampling_users=25"),
+        ({"num_epochs": 0}, ValueError, "num_epochs"),
+        ({"lr": 0.0}, ValueError, "lr must be > 0"),
+        ({"weight_decay": -1.0}, ValueError, "weight_decay"),
+        ({"iters_per_epoch": 0}, ValueError, "iters_per_epoch"),
+    ],
+)
+def test_train_rejects_bad_arguments(train_kwargs, error, message):
+    with pytest.raises(error, match=message):
+        recoder().train(RecommendationDataset(matrix()), **train_kwargs)
+
+
+def test_train_rejects_bad_datasets():
+    with pytest.raises(TypeError, match="RecommendationDataset"):
+        recoder().train(matrix())
+    with pytest.raises(ValueError, match="no interactions"):
+        recoder().train(RecommendationDataset(sp.csr_matrix((5, 5), dtype=np.float32)))
+    with pytest.raises(ValueError, match="needs target"):
+        recoder().train(
+            RecommendationDataset(matrix()),
+            val_dataset=RecommendationDataset(matrix()),
+            eval_freq=1,
+            metrics=[NDCG(10)],
+        )
+    with pytest.raises(ValueError, match="needs metrics"):
+        recoder().train(
+            RecommendationDataset(matrix()),
+            val_dataset=RecommendationDataset(matrix(), matrix(seed=1)),
+            eval_freq=1,
+        )
+    with pytest.raises(ValueError, match="top 50 but num_recommendations=20"):
+        recoder().train(
+            RecommendationDataset(matrix()),
+            val_dataset=RecommendationDataset(matrix(), matrix(seed=1)),
+            eval_freq=1,
+            metrics=[Recall(50)],
+            eval_num_recommendations=20,
+        )
+
+
+def test_sparse_model_with_an_optimizer_that_cannot_take_sparse_gradients():
+    with pytest.raises(ValueError, match="optimizer_type='sgd' cannot update the sparse"):
+        recoder(optimizer_type="sgd").train(RecommendationDataset(matrix()))
+
+
+def test_more_users_than_the_model_represents():
+    r = Recoder(MatrixFactorization(4), num_users=10, optimizer_type="adam", num_workers=0)
+    with pytest.raises(ValueError, match="20 users but the model represents 10"):
+        r.train(RecommendationDataset(matrix(users=20)))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_use_cuda_without_a_gpu(ray_session):
+    with pytest.raises(ValueError, match="use_cuda=True"):
+        recoder(use_cuda=True).train(RecommendationDataset(matrix()))
+    r = Recoder(DynamicAutoencoder([8]), use_cuda=True, num_workers=1)
+    with pytest.raises(ValueError, match="GPU"):
+        r.train(RecommendationDataset(matrix()))
+
+
+def test_evaluate_and_predict_need_a_model():
+    with pytest.raises(ValueError, match="not initialized"):
+        recoder().evaluate(RecommendationDataset(matrix(), matrix(seed=1)), 10, [NDCG(10)])
+    with pytest.raises(ValueError, match="not initialized"):
+        recoder().predict(matrix())
+
+
+def test_evaluate_rejects_bad_input(ray_session):
+    r = trained_recoder(ray_session)
+    with pytest.raises(ValueError, match="needs target"):
+        r.evaluate(RecommendationDataset(matrix()), 10, [NDCG(10)])
+    with pytest.raises(ValueError, match="40 items but the model knows 30"):
+        r.evaluate(
+            RecommendationDataset(matrix(items=40), matrix(items=40, seed=1)), 10, [NDCG(10)]
+        )
+    with pytest.raises(TypeError, match="Metric"):
+        r.evaluate(RecommendationDataset(matrix(), matrix(seed=1)), 10, ["ndcg"])
+    with pytest.raises(ValueError, match="no user with target"):
+        r.evaluate(RecommendationDataset(matrix(), sp.csr_matrix((20, 30))), 10, [NDCG(10)])
+    with pytest.raises(ValueError, match="num_recommendations"):
+        r.recommend(matrix(), 0)
+
+
+def test_snapshot_files(ray_session, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no snapshot file"):
+        recoder().init_from_model_file(str(tmp_path / "missing.model"))
+    garbage = tmp_path / "garbage.model"
+    garbage.write_bytes(b"not a snapshot at all")
+    with pytest.raises(ValueError, match="not a readable snapshot"):
+        recoder().init_from_model_file(str(garbage))
+    path = trained_recoder(ray_session).save_state(str(tmp_path / "ae"))
+    with pytest.raises(ValueError, match="holds a recoder_dist.nn.autoencoder.DynamicAutoencoder"):
+        Recoder(MatrixFactorization(), num_workers=0).init_from_model_file(path)
