@@ -68,16 +68,22 @@ def _discounts(length: int) -> np.ndarray:
     return 1.0 / np.log2(np.arange(2, length + 2))
 
 
+def _required_k(k) -> int:
+    if k is None:
+        raise ValueError("k must be a positive int, got None")
+    return k
+
+
 def _denominator(num_relevant: np.ndarray, k: int, normalize: bool) -> np.ndarray:
     return np.minimum(num_relevant, k) if normalize else num_relevant
 
 
 class Recall(Metric):
     """Relevant items in the top k, divided by ``min(k, |relevant|)`` when ``normalize``
-    (Mult-VAE) or by ``|relevant|`` (LightGCN)."""
+    (Mult-VAE; named ``Recall@k``) or by ``|relevant|`` (LightGCN; ``Recall@k/relevant``)."""
 
     def __init__(self, k: int, normalize: bool = True):
-        super().__init__(f"Recall@{k}", k)
+        super().__init__(f"Recall@{k}" + ("" if normalize else "/relevant"), _required_k(k))
         self.normalize = normalize
 
     def evaluate_hits(self, hits, num_relevant):
@@ -88,7 +94,7 @@ class NDCG(Metric):
     """Normalized discounted cumulative gain at k, binary gains and log2 discounts."""
 
     def __init__(self, k: int):
-        super().__init__(f"NDCG@{k}", k)
+        super().__init__(f"NDCG@{k}", _required_k(k))
 
     def evaluate_hits(self, hits, num_relevant):
         hits = hits[:, : self.k]
@@ -100,10 +106,12 @@ class NDCG(Metric):
 
 class AveragePrecision(Metric):
     """Mean of precision@i over the ranks i of the hits in the top k, divided by
-    ``min(k, |relevant|)`` when ``normalize``, else by ``|relevant|``."""
+    ``min(k, |relevant|)`` when ``normalize`` (``AveragePrecision@k``), else by ``|relevant|``
+    (``AveragePrecision@k/relevant``)."""
 
     def __init__(self, k: int, normalize: bool = True):
-        super().__init__(f"AveragePrecision@{k}", k)
+        name = f"AveragePrecision@{k}" + ("" if normalize else "/relevant")
+        super().__init__(name, _required_k(k))
         self.normalize = normalize
 
     def evaluate_hits(self, hits, num_relevant):

@@ -125,11 +125,17 @@ def save_id_map(path: str | os.PathLike, id_map: Mapping[Hashable, int]) -> None
 
 def load_id_map(path: str | os.PathLike) -> dict:
     """Reads an id map written by :func:`save_id_map`."""
-    with open(path) as f:
-        try:
+    try:
+        with open(path, encoding="utf-8") as f:
             payload = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not an id map file: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not an id map file: {e}") from None
     if not isinstance(payload, dict) or payload.get("format") != _ID_MAP_FORMAT:
         raise ValueError(f"{path} is not an id map file written by save_id_map")
-    return {raw: index for index, raw in enumerate(payload["ids"])}
+    ids = payload.get("ids")
+    if not isinstance(ids, list):
+        raise ValueError(f"{path} is not a valid id map: 'ids' is not a list")
+    id_map = {raw: index for index, raw in enumerate(ids)}
+    if len(id_map) != len(ids):
+        raise ValueError(f"{path} is not a valid id map: some ids repeat")
+    return id_map

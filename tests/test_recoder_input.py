@@ -92,8 +92,8 @@ def test_train_rejects_bad_datasets():
 
 
 def test_sparse_model_with_an_optimizer_that_cannot_take_sparse_gradients():
-    with pytest.raises(ValueError, match="optimizer_type='sgd' cannot update the sparse"):
-        recoder(optimizer_type="sgd").train(RecommendationDataset(matrix()))
+    with pytest.raises(ValueError, match="optimizer_type='rmsprop' cannot update the sparse"):
+        recoder(optimizer_type="rmsprop").train(RecommendationDataset(matrix()))
 
 
 def test_more_users_than_the_model_represents():

@@ -10,6 +10,7 @@ from recoder_dist.data import RecommendationDataset
 from recoder_dist.metrics import NDCG, AveragePrecision, Recall
 from recoder_dist.model import Recoder
 from recoder_dist.nn import DynamicAutoencoder, FactorizationModel, MatrixFactorization
+from recoder_dist.training.snapshot import load_snapshot
 from tests.ml100k import ml100k_split, naive_ndcg
 
 METRICS = [Recall(k=20), Recall(k=50, normalize=False), NDCG(k=100), AveragePrecision(k=50)]
@@ -129,10 +130,10 @@ def test_continued_training_carries_epoch_and_optimizer_state(ray_session, tmp_p
     history = second.train(split.train, batch_size=100, num_epochs=1, negative_sampling=True)
     assert [h["epoch"] for h in history] == [3]
     assert second.current_epoch == 3
-    sparse_state = second._optimizer_state["sparse"]["state"]
-    assert {int(s["step"]) for s in sparse_state.values()} == {3 * steps_per_epoch}
-    dense_state = second._optimizer_state["dense"]["state"]
-    assert {int(s["step"]) for s in dense_state.values()} == {3 * steps_per_epoch}
+    optimizer_state = load_snapshot(second.save_state(str(tmp_path / "again"))).optimizer_state
+    for kind in ("sparse", "dense"):  # SparseAdam and Adam each counted every step
+        steps = {int(s["step"]) for s in optimizer_state[kind]["state"].values()}
+        assert steps == {3 * steps_per_epoch}, kind
 
 
 def test_matrix_factorization_learns(ray_session):

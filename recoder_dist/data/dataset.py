@@ -63,7 +63,7 @@ def _as_csr(matrix, name: str) -> sp.csr_matrix:
         raise TypeError(f"{name} must be a scipy sparse matrix, got {type(matrix).__name__}")
     if matrix.ndim != 2:
         raise ValueError(f"{name} must be 2-D (users x items), got {matrix.ndim}-D")
-    csr = sp.csr_matrix(matrix, dtype=np.float32)  # a copy: we sort and sum in place below
+    csr = sp.csr_matrix(matrix, dtype=np.float32, copy=True)  # sorted and summed in place below
     if not np.isfinite(csr.data).all():
         raise ValueError(f"{name} holds NaN or infinite values")
     csr.sum_duplicates()  # also sorts the column indices of every row

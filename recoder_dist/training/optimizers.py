@@ -21,8 +21,16 @@ OPTIMIZERS = {
         build=lambda groups, lr: torch.optim.Adam(groups, lr=lr),
         build_sparse=lambda groups, lr: torch.optim.SparseAdam(groups, lr=lr),
     ),
-    "sgd": _OptimizerKind(build=lambda groups, lr: torch.optim.SGD(groups, lr=lr, momentum=0.9)),
-    "adagrad": _OptimizerKind(build=lambda groups, lr: torch.optim.Adagrad(groups, lr=lr)),
+    # SGD keeps a dense momentum buffer, so sparse rows get exactly the dense update.
+    "sgd": _OptimizerKind(
+        build=lambda groups, lr: torch.optim.SGD(groups, lr=lr, momentum=0.9),
+        build_sparse=lambda groups, lr: torch.optim.SGD(groups, lr=lr, momentum=0.9),
+    ),
+    # Adagrad updates sparse gradients natively, with the same arithmetic as dense ones.
+    "adagrad": _OptimizerKind(
+        build=lambda groups, lr: torch.optim.Adagrad(groups, lr=lr),
+        build_sparse=lambda groups, lr: torch.optim.Adagrad(groups, lr=lr),
+    ),
     "rmsprop": _OptimizerKind(
         build=lambda groups, lr: torch.optim.RMSprop(groups, lr=lr, momentum=0.9)
     ),
@@ -86,11 +94,11 @@ class Optimizers:
 def build_optimizers(
     model: nn.Module, optimizer_type: str, lr: float, weight_decay: float
 ) -> Optimizers:
-    """Optimizers for ``model``: ``optimizer_type`` for dense parameters, SparseAdam for
-    sparse embeddings (only with 'adam').
+    """Optimizers for ``model``: ``optimizer_type`` for dense parameters; for sparse
+    embeddings SparseAdam ('adam'), Adagrad ('adagrad') or SGD ('sgd').
 
     Weight decay applies to dense weights, not to biases, and not to sparse embeddings
-    (SparseAdam has none).
+    (neither sparse optimizer supports it).
 
     Raises:
         ValueError: unknown ``optimizer_type``, or a sparse model with an optimizer that cannot
@@ -106,13 +114,13 @@ def build_optimizers(
         if name in sparse_names:
             sparse_params.append(param)
         else:
-            decay = 0.0 if name.endswith("bias") or "bias" in name.split(".")[-1] else weight_decay
+            decay = 0.0 if "bias" in name else weight_decay  # bias, decoder_bias.weight, ...
             dense_groups.append({"params": [param], "weight_decay": decay})
     if sparse_params and kind.build_sparse is None:
         raise ValueError(
             f"optimizer_type={optimizer_type!r} cannot update the sparse embedding gradients of "
-            f"{sorted(sparse_names)}; use optimizer_type='adam' (SparseAdam for embeddings) "
-            "or build the model with sparse=False"
+            f"{sorted(sparse_names)}; use optimizer_type='adam' (SparseAdam for embeddings) or "
+            "'adagrad' or 'sgd', or build the model with sparse=False"
         )
     return Optimizers(
         dense=kind.build(dense_groups, lr) if dense_groups else None,

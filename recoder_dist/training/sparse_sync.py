@@ -25,6 +25,8 @@ class SparseGradSync:
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.bytes_sent = 0  # accumulates over steps; the caller reads and resets it
+        # What a dense all-reduce of the same gradients would carry per step.
+        self.dense_bytes = sum(p.numel() * p.element_size() for p in self.params)
 
     def synchronize(self) -> None:
         """Replaces every parameter's local sparse gradient by the average over ranks."""

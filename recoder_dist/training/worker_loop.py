@@ -89,7 +89,8 @@ def _train(model, job: WorkerJob, settings: TrainSettings, device, rank: int, wo
         optimizers.set_lr(lr_at_epoch(settings.lr, settings.lr_milestones, epoch))
         model.train()
         loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # (loss x users, users)
-        batches = _epoch_batches(shard, collator, settings, steps, rank)
+        shuffle_seed = (settings.seed * 1_000_003 + epoch * 1_009 + rank) % 2**31
+        batches = _epoch_batches(shard, collator, steps, rank, shuffle_seed)
         for step, batch in enumerate(batches):
             optimizers.zero_grad()
             loss = batch_loss(net, loss_fn, batch, device)
@@ -113,7 +114,10 @@ def _train(model, job: WorkerJob, settings: TrainSettings, device, rank: int, wo
 
         metrics = {"epoch": epoch, "last_epoch": last_epoch, "loss": loss_value, "seconds": 0.0}
         if sync is not None:
-            metrics["sparse_sync_bytes"] = sync.bytes_sent
+            # Bytes this rank contributed to the sparse sync, against the dense gradients that
+            # DDP would all-reduce for the same parameters.
+            metrics["sync_bytes_per_step"] = sync.bytes_sent / steps
+            metrics["dense_sync_bytes_per_step"] = float(sync.dense_bytes)
             sync.bytes_sent = 0
         if job.eval is not None and settings.eval_freq > 0 and epoch % settings.eval_freq == 0:
             model.eval()
@@ -154,13 +158,14 @@ def _agreed_steps(settings: TrainSettings, collator: Collator, world: int, devic
     return steps
 
 
-def _epoch_batches(shard, collator: Collator, settings: TrainSettings, steps: int, rank: int):
+def _epoch_batches(shard, collator: Collator, steps: int, rank: int, shuffle_seed: int):
     """Exactly ``steps`` batches; a rank whose shard runs dry pads with empty batches (zero
     gradient) so that the collectives of the other ranks still find a partner."""
     groups = shard.iter_batches(
         batch_size=collator.num_sampling_users,
         batch_format="pyarrow",
         local_shuffle_buffer_size=max(4 * collator.num_sampling_users, 1024),
+        local_shuffle_seed=shuffle_seed,
     )
     batches = (batch for group in groups for batch in collator(rows_from_arrow(group)))
     empty = SparseBatch(

@@ -1,0 +1,184 @@
+"""SparseGradSync across two real gloo processes, against all-reduced dense gradients."""
+
+from __future__ import annotations
+
+import socket
+import time
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from recoder_dist.training.sparse_sync import SparseGradSync
+
+WORLD = 2
+TABLES = [(50, 4), (30, 3)]  # (rows, dim) of the embedding tables
+
+# case -> one entry per table: the rows each rank looks up (rank 0, rank 1).
+CASES = {
+    "overlapping": [([1, 5, 7, 9], [5, 9, 20, 33, 41])],
+    "disjoint": [([0, 2, 4], [10, 11, 12, 13])],
+    "one_rank_idle": [([3, 8, 8], [])],
+    "duplicates": [([4, 4, 4, 17], [17, 17, 2])],
+    "two_tables": [([1, 5, 7, 9], [5, 9, 20, 33, 41]), ([], [0, 29])],
+}
+
+# Bytes one rank sends: per table, the longest count of distinct rows over ranks, each padded
+# row an int64 index (8 bytes) and dim float32 values (4 bytes each).
+EXPECTED_BYTES = {
+    "overlapping": 5 * (8 + 4 * 4),  # rank 1 has 5 distinct rows
+    "disjoint": 4 * (8 + 4 * 4),
+    "one_rank_idle": 2 * (8 + 4 * 4),  # rows {3, 8}
+    "duplicates": 2 * (8 + 4 * 4),  # {4, 17} and {17, 2}
+    "two_tables": 5 * (8 + 4 * 4) + 2 * (8 + 3 * 4),
+}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_case(rank: int, case: list) -> dict:
+    """One step on this rank: returns the synced gradients, the dense reference and bytes."""
+    tables, twins, losses = [], [], []
+    for t, (rows, dim) in enumerate(TABLES[: len(case)]):
+        torch.manual_seed(100 + t)  # identical weights on both ranks
+        table = nn.Embedding(rows, dim, sparse=True)
+        twin = nn.Embedding(rows, dim, sparse=False)
+        twin.weight.data.copy_(table.weight.data)
+        indices = torch.tensor(case[t][rank], dtype=torch.int64)
+        if len(indices):
+            gen = torch.Generator().manual_seed(1000 * rank + t)  # distinct on each rank
+            weights = torch.randn(len(indices), dim, generator=gen)
+            losses.append((table(indices) * weights).sum())
+            (twin(indices) * weights).sum().backward()
+        tables.append(table)
+        twins.append(twin)
+    if losses:
+        sum(losses).backward()
+    grads_before = [None if t.weight.grad is None else "sparse" for t in tables]
+
+    sync = SparseGradSync([t.weight for t in tables])
+    sync.synchronize()
+
+    reference = []
+    for twin in twins:
+        grad = torch.zeros_like(twin.weight) if twin.weight.grad is None else twin.weight.grad
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        reference.append(grad / WORLD)
+    return {
+        "grads_before": grads_before,
+        "is_sparse": [t.weight.grad.is_sparse for t in tables],
+        "shapes": [tuple(t.weight.grad.shape) for t in tables],
+        "synced": [t.weight.grad.to_dense() for t in tables],
+        "reference": reference,
+        "bytes_sent": sync.bytes_sent,
+        "dense_bytes": sync.dense_bytes,
+    }
+
+
+def dense_grad_registered_as_sparse() -> str:
+    """Both ranks register a table whose gradient is dense: synchronize must refuse it."""
+    table = nn.Embedding(50, 4, sparse=False)
+    table(torch.tensor([1, 2])).sum().backward()
+    try:
+        SparseGradSync([table.weight]).synchronize()
+    except RuntimeError as e:
+        return f"RuntimeError: {e}"
+    return "no error"
+
+
+def worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=30),
+    )
+    try:
+        results = {name: run_case(rank, case) for name, case in CASES.items()}
+        results["dense_grad"] = dense_grad_registered_as_sparse()
+        dist.barrier()
+    except BaseException:
+        results = {"error": traceback.format_exc()}
+        raise
+    finally:
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Runs every case in one pair of spawned processes; returns {rank: results}."""
+    out_dir = tmp_path_factory.mktemp("sparse_sync")
+    context = mp.spawn(worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the two sync processes did not finish within 120 s")
+    # join() raises ProcessRaisedException if a child failed: that fails every test here.
+    return {rank: torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_synced_sparse_grad_equals_dense_average(results, case):
+    """On every rank, the synced sparse gradient equals the all-reduced dense gradient / 2."""
+    for rank in (0, 1):
+        got = results[rank][case]
+        assert "error" not in results[rank]
+        assert got["is_sparse"] == [True] * len(CASES[case])
+        assert got["shapes"] == list(TABLES[: len(CASES[case])])
+        for synced, reference in zip(got["synced"], got["reference"]):
+            torch.testing.assert_close(synced, reference)
+    for synced0, synced1 in zip(results[0][case]["synced"], results[1][case]["synced"]):
+        assert torch.equal(synced0, synced1)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_synced_rows_are_the_touched_rows(results, case):
+    """The synced gradient is non-zero exactly on the rows that some rank touched."""
+    touched = [sorted(set(r0) | set(r1)) for r0, r1 in CASES[case]]
+    for t, rows in enumerate(touched):
+        synced = results[0][case]["synced"][t]
+        nonzero = sorted(synced.abs().sum(1).nonzero().flatten().tolist())
+        assert nonzero == rows
+
+
+def test_idle_rank_had_no_gradient(results):
+    """In 'one_rank_idle' rank 1 had grad None before the sync and a sparse one after it."""
+    assert results[0]["one_rank_idle"]["grads_before"] == ["sparse"]
+    assert results[1]["one_rank_idle"]["grads_before"] == [None]
+    assert results[1]["two_tables"]["grads_before"] == ["sparse", "sparse"]
+    assert results[0]["two_tables"]["grads_before"] == ["sparse", None]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bytes_sent_is_padded_payload(results, case):
+    """bytes_sent is the padded (indices, values) payload each rank all-gathers."""
+    assert results[0][case]["bytes_sent"] == EXPECTED_BYTES[case]
+    assert results[1][case]["bytes_sent"] == EXPECTED_BYTES[case]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_dense_bytes_is_whole_table_size(results, case):
+    """dense_bytes is what a dense all-reduce would move: every float32 of every table."""
+    expected = sum(rows * dim * 4 for rows, dim in TABLES[: len(CASES[case])])
+    assert expected == {1: 50 * 4 * 4, 2: 50 * 4 * 4 + 30 * 3 * 4}[len(CASES[case])]
+    assert results[0][case]["dense_bytes"] == results[1][case]["dense_bytes"] == expected
+
+
+def test_dense_gradient_is_refused(results):
+    """A parameter registered as sparse but holding a dense gradient raises RuntimeError."""
+    for rank in (0, 1):
+        assert results[rank]["dense_grad"].startswith("RuntimeError: ")
+        assert "dense gradient" in results[rank]["dense_grad"]
