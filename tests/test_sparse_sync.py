@@ -25,6 +25,8 @@ CASES = {
     "one_rank_idle": [([3, 8, 8], [])],
     "duplicates": [([4, 4, 4, 17], [17, 17, 2])],
     "two_tables": [([1, 5, 7, 9], [5, 9, 20, 33, 41]), ([], [0, 29])],
+    # 2 ranks x 20 rows > half of the 50-row table: the dense all-reduce path.
+    "crowded": [(list(range(0, 40, 2)), list(range(1, 40, 2)) + [0])],
 }
 
 # Bytes one rank sends: per table, the longest count of distinct rows over ranks, each padded
@@ -35,6 +37,7 @@ EXPECTED_BYTES = {
     "one_rank_idle": 2 * (8 + 4 * 4),  # rows {3, 8}
     "duplicates": 2 * (8 + 4 * 4),  # {4, 17} and {17, 2}
     "two_tables": 5 * (8 + 4 * 4) + 2 * (8 + 3 * 4),
+    "crowded": 50 * (4 + 1) * 4,  # the whole table plus its "touched" column, float32
 }
 
 

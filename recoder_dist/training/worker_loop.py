@@ -7,7 +7,6 @@ rank 0 writes the snapshots.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import shutil
@@ -21,12 +20,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from recoder_dist.data.collator import Collator, SparseBatch, batches_per_group
+from recoder_dist.data.collator import Collator
 from recoder_dist.data.ray_dataset import rows_from_arrow
 from recoder_dist.losses import build_loss
 from recoder_dist.training.config import EvalSettings, TrainSettings, WorkerJob
 from recoder_dist.training.evaluation import metric_sums
 from recoder_dist.training.optimizers import build_optimizers, lr_at_epoch, sparse_parameter_names
+from recoder_dist.training.schedule import agreed_steps, epoch_batches
 from recoder_dist.training.snapshot import Snapshot, model_class_name, save_snapshot
 from recoder_dist.training.sparse_sync import SparseGradSync
 from recoder_dist.training.step import batch_loss
@@ -80,7 +80,7 @@ def _train(model, job: WorkerJob, settings: TrainSettings, device, rank: int, wo
         num_sampling_users=settings.num_sampling_users,
         negative_sampling=settings.negative_sampling,
     )
-    steps = _agreed_steps(settings, collator, world, device)
+    steps = agreed_steps(settings, collator, world, device)
     shard = ray.train.get_dataset_shard("train")
 
     last_epoch = job.start_epoch + settings.num_epochs
@@ -90,7 +90,7 @@ def _train(model, job: WorkerJob, settings: TrainSettings, device, rank: int, wo
         model.train()
         loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # (loss x users, users)
         shuffle_seed = (settings.seed * 1_000_003 + epoch * 1_009 + rank) % 2**31
-        batches = _epoch_batches(shard, collator, steps, rank, shuffle_seed)
+        batches = epoch_batches(shard, collator, steps, rank, shuffle_seed)
         for step, batch in enumerate(batches):
             optimizers.zero_grad()
             loss = batch_loss(net, loss_fn, batch, device)
@@ -136,53 +136,6 @@ def _train(model, job: WorkerJob, settings: TrainSettings, device, rank: int, wo
             )
         if evaluated or wants_checkpoint:  # what Ray Train (and Tune) must see
             _report(metrics, model, optimizers, job, epoch, rank, final=epoch == last_epoch)
-
-
-def _agreed_steps(settings: TrainSettings, collator: Collator, world: int, device) -> int:
-    """Steps every rank runs this epoch. ``streaming_split(equal=True)`` gives each rank
-    ``rows // world`` rows; the all-reduce (min) makes any disagreement impossible."""
-    rows = settings.num_train_rows // world
-    group = collator.num_sampling_users
-    steps = (rows // group) * (group // settings.batch_size)
-    steps += batches_per_group(rows % group, settings.batch_size)
-    if settings.iters_per_epoch:
-        steps = min(steps, settings.iters_per_epoch)
-    if world > 1 and dist.is_initialized():
-        agreed = torch.tensor([steps], device=device)
-        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-        steps = int(agreed.item())
-    if steps < 1:
-        raise ValueError(
-            f"{settings.num_train_rows} training users over {world} workers leave no batch"
-        )
-    return steps
-
-
-def _epoch_batches(shard, collator: Collator, steps: int, rank: int, shuffle_seed: int):
-    """Exactly ``steps`` batches; a rank whose shard runs dry pads with empty batches (zero
-    gradient) so that the collectives of the other ranks still find a partner."""
-    groups = shard.iter_batches(
-        batch_size=collator.num_sampling_users,
-        batch_format="pyarrow",
-        local_shuffle_buffer_size=max(4 * collator.num_sampling_users, 1024),
-        local_shuffle_seed=shuffle_seed,
-    )
-    batches = (batch for group in groups for batch in collator(rows_from_arrow(group)))
-    empty = SparseBatch(
-        users=np.zeros(0, np.int64),
-        items=np.zeros(0, np.int64) if collator.negative_sampling else None,
-        rows=np.zeros(0, np.int64),
-        cols=np.zeros(0, np.int64),
-        values=np.zeros(0, np.float32),
-        shape=(0, 0 if collator.negative_sampling else collator.num_items),
-    )
-    for step, batch in enumerate(itertools.chain(batches, itertools.repeat(None))):
-        if step == steps:
-            return
-        if batch is None:
-            logger.warning("rank %d ran out of rows at step %d of %d", rank, step, steps)
-            batch = empty
-        yield batch
 
 
 def _check_gradients_are_where_expected(model, sparse_names: list[str]) -> None:

@@ -1,0 +1,63 @@
+"""How many steps an epoch has on every rank, and the batches of one rank's epoch."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from recoder_dist.data.collator import Collator, SparseBatch, batches_per_group
+from recoder_dist.data.ray_dataset import rows_from_arrow
+from recoder_dist.training.config import TrainSettings
+
+logger = logging.getLogger(__name__)
+
+
+def agreed_steps(settings: TrainSettings, collator: Collator, world: int, device) -> int:
+    """Steps every rank runs this epoch. ``streaming_split(equal=True)`` gives each rank
+    ``rows // world`` rows; the all-reduce (min) makes any disagreement impossible."""
+    rows = settings.num_train_rows // world
+    group = collator.num_sampling_users
+    steps = (rows // group) * (group // settings.batch_size)
+    steps += batches_per_group(rows % group, settings.batch_size)
+    if settings.iters_per_epoch:
+        steps = min(steps, settings.iters_per_epoch)
+    if world > 1 and dist.is_initialized():
+        agreed = torch.tensor([steps], device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        steps = int(agreed.item())
+    if steps < 1:
+        raise ValueError(
+            f"{settings.num_train_rows} training users over {world} workers leave no batch"
+        )
+    return steps
+
+
+def epoch_batches(shard, collator: Collator, steps: int, rank: int, shuffle_seed: int):
+    """Exactly ``steps`` batches; a rank whose shard runs dry pads with empty batches (zero
+    gradient) so that the collectives of the other ranks still find a partner."""
+    groups = shard.iter_batches(
+        batch_size=collator.num_sampling_users,
+        batch_format="pyarrow",
+        local_shuffle_buffer_size=max(4 * collator.num_sampling_users, 1024),
+        local_shuffle_seed=shuffle_seed,
+    )
+    batches = (batch for group in groups for batch in collator(rows_from_arrow(group)))
+    empty = SparseBatch(
+        users=np.zeros(0, np.int64),
+        items=np.zeros(0, np.int64) if collator.negative_sampling else None,
+        rows=np.zeros(0, np.int64),
+        cols=np.zeros(0, np.int64),
+        values=np.zeros(0, np.float32),
+        shape=(0, 0 if collator.negative_sampling else collator.num_items),
+    )
+    for step, batch in enumerate(itertools.chain(batches, itertools.repeat(None))):
+        if step == steps:
+            return
+        if batch is None:
+            logger.warning("rank %d ran out of rows at step %d of %d", rank, step, steps)
+            batch = empty
+        yield batch

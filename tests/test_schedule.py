@@ -1,0 +1,101 @@
+"""The steps of an epoch: their count from the batch geometry, and padding a short shard."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from recoder_dist.data import Collator, RecommendationDataset
+from recoder_dist.data.ray_dataset import user_rows_table
+from recoder_dist.losses import build_loss
+from recoder_dist.nn import DynamicAutoencoder, MatrixFactorization
+from recoder_dist.training.config import TrainSettings
+from recoder_dist.training.schedule import agreed_steps, epoch_batches
+from recoder_dist.training.step import batch_loss
+
+
+class FakeShard:
+    """What ``ray.train.get_dataset_shard`` returns, reduced to ``iter_batches``, over a table."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def iter_batches(self, batch_size, batch_format, **_):
+        for start in range(0, self.table.num_rows, batch_size):
+            yield self.table.slice(start, batch_size)
+
+
+def settings(rows, batch_size, sampling_users=0, iters=None) -> TrainSettings:
+    return TrainSettings(
+        lr=0.1,
+        weight_decay=0.0,
+        num_epochs=1,
+        batch_size=batch_size,
+        num_sampling_users=sampling_users or batch_size,
+        negative_sampling=True,
+        iters_per_epoch=iters,
+        num_train_rows=rows,
+    )
+
+
+@pytest.mark.parametrize(
+    ("rows", "world", "batch", "group", "iters", "expected"),
+    [
+        (100, 1, 10, 10, None, 10),
+        (101, 1, 10, 10, None, 11),  # a short last batch
+        (100, 2, 10, 10, None, 5),  # 50 rows per rank
+        (100, 1, 10, 40, None, 10),  # groups 40, 40, 20 -> 4 + 4 + 2 batches
+        (95, 1, 10, 40, None, 10),  # groups 40, 40, 15 -> 4 + 4 + 2
+        (100, 1, 10, 10, 3, 3),  # iters_per_epoch caps
+    ],
+)
+def test_steps_follow_the_batch_geometry(rows, world, batch, group, iters, expected):
+    collator = Collator(num_items=5, batch_size=batch, num_sampling_users=group)
+    assert agreed_steps(settings(rows, batch, group, iters), collator, world, "cpu") == expected
+
+
+def test_no_batch_at_all_is_an_error():
+    collator = Collator(num_items=5, batch_size=10)
+    with pytest.raises(ValueError, match="3 training users over 4 workers leave no batch"):
+        agreed_steps(settings(3, 10), collator, 4, "cpu")
+
+
+def data(users=23, items=12):
+    matrix = sp.random(users, items, density=0.3, format="csr", random_state=1)
+    return RecommendationDataset(matrix)
+
+
+@pytest.mark.parametrize("negative_sampling", [True, False])
+def test_a_short_shard_is_padded_with_empty_batches(negative_sampling):
+    dataset = data()
+    collator = Collator(num_items=12, batch_size=5, negative_sampling=negative_sampling)
+    shard = FakeShard(user_rows_table(dataset))
+    batches = list(epoch_batches(shard, collator, steps=7, rank=0, shuffle_seed=0))
+    assert len(batches) == 7
+    assert [b.shape[0] for b in batches] == [5, 5, 5, 5, 3, 0, 0]
+    users = np.concatenate([b.users for b in batches])
+    assert sorted(users.tolist()) == dataset.users.tolist()
+
+
+def test_a_long_shard_is_cut_at_the_agreed_steps():
+    collator = Collator(num_items=12, batch_size=5)
+    shard = FakeShard(user_rows_table(data()))
+    assert len(list(epoch_batches(shard, collator, steps=2, rank=0, shuffle_seed=0))) == 2
+
+
+@pytest.mark.parametrize("negative_sampling", [True, False])
+@pytest.mark.parametrize("model", [DynamicAutoencoder([4], sparse=True), MatrixFactorization(4)])
+def test_an_empty_batch_has_zero_loss_and_gradient(model, negative_sampling):
+    model.init_model(num_items=12, num_users=23)
+    collator = Collator(num_items=12, batch_size=5, negative_sampling=negative_sampling)
+    shard = FakeShard(user_rows_table(data()).slice(0, 0))
+    (empty,) = epoch_batches(shard, collator, steps=1, rank=0, shuffle_seed=0)
+    loss = batch_loss(model, build_loss("logloss"), empty, torch.device("cpu"))
+    loss.backward()
+    assert loss.item() == 0.0
+    for param in model.parameters():
+        if param.grad is not None:
+            grad = param.grad.to_dense() if param.grad.is_sparse else param.grad
+            assert not grad.any()
