@@ -64,12 +64,15 @@ def epoch_seconds(matrix, sparse: bool, use_cuda: bool) -> float:
     from recoder_dist.model import Recoder
     from recoder_dist.nn import DynamicAutoencoder
 
-    model = DynamicAutoencoder(hidden_layers=[200], activation_type="tanh", noise_prob=0.5,
-                               sparse=sparse)
-    recoder = Recoder(model, optimizer_type="adam", loss="logloss", use_cuda=use_cuda,
-                      num_workers=0, seed=0)
-    history = recoder.train(RecommendationDataset(matrix), batch_size=500, num_epochs=2,
-                            negative_sampling=True)
+    model = DynamicAutoencoder(
+        hidden_layers=[200], activation_type="tanh", noise_prob=0.5, sparse=sparse
+    )
+    recoder = Recoder(
+        model, optimizer_type="adam", loss="logloss", use_cuda=use_cuda, num_workers=0, seed=0
+    )
+    history = recoder.train(
+        RecommendationDataset(matrix), batch_size=500, num_epochs=2, negative_sampling=True
+    )
     return history[-1]["seconds"]  # the second epoch: warm
 
 
@@ -78,8 +81,10 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="CPU smoke run on a small dataset")
     args = parser.parse_args()
     use_cuda = torch.cuda.is_available() and not args.small
-    rows = [("torch", torch.__version__), ("device", torch.cuda.get_device_name(0) if use_cuda
-                                            else "cpu")]
+    rows = [
+        ("torch", torch.__version__),
+        ("device", torch.cuda.get_device_name(0) if use_cuda else "cpu"),
+    ]
     if use_cuda:
         rows.append(("nccl", ".".join(map(str, torch.cuda.nccl.version()))))
 
@@ -99,13 +104,20 @@ def main() -> None:
     shape = (13_600, 2_000, 1_000_000) if args.small else (136_000, 20_000, 10_000_000)
     started = time.perf_counter()
     matrix = synthetic_ml20m(*shape)
-    rows.append(("dataset", f"{matrix.shape[0]:,} x {matrix.shape[1]:,}, nnz {matrix.nnz:,} "
-                            f"({time.perf_counter() - started:.1f} s to build)"))
+    rows.append(
+        (
+            "dataset",
+            f"{matrix.shape[0]:,} x {matrix.shape[1]:,}, nnz {matrix.nnz:,} "
+            f"({time.perf_counter() - started:.1f} s to build)",
+        )
+    )
     dense_s = epoch_seconds(matrix, sparse=False, use_cuda=use_cuda)
     sparse_s = epoch_seconds(matrix, sparse=True, use_cuda=use_cuda)
-    rows += [("epoch, dense embeddings (s)", f"{dense_s:.2f}"),
-             ("epoch, sparse embeddings (s)", f"{sparse_s:.2f}"),
-             ("dense / sparse", f"{dense_s / sparse_s:.2f}x")]
+    rows += [
+        ("epoch, dense embeddings (s)", f"{dense_s:.2f}"),
+        ("epoch, sparse embeddings (s)", f"{sparse_s:.2f}"),
+        ("dense / sparse", f"{dense_s / sparse_s:.2f}x"),
+    ]
     ray.shutdown()
     width = max(len(k) for k, _ in rows)
     print()

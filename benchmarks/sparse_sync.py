@@ -58,14 +58,16 @@ def worker(rank, world, port, args, results):
             dense_grad /= world
             dense_times.append(time.perf_counter() - start)
         if rank == 0:
-            results.put(dict(
-                items=num_items,
-                rows=statistics.mean(rows[1:]),
-                dense_bytes=dense_grad.numel() * dense_grad.element_size(),
-                sparse_bytes=sync.bytes_sent / (args.steps + 1),
-                dense_s=statistics.median(dense_times[1:]),
-                sparse_s=statistics.median(sparse_times[1:]),
-            ))
+            results.put(
+                dict(
+                    items=num_items,
+                    rows=statistics.mean(rows[1:]),
+                    dense_bytes=dense_grad.numel() * dense_grad.element_size(),
+                    sparse_bytes=sync.bytes_sent / (args.steps + 1),
+                    dense_s=statistics.median(dense_times[1:]),
+                    sparse_s=statistics.median(sparse_times[1:]),
+                )
+            )
         del table, dense_grad
     dist.destroy_process_group()
 
@@ -83,18 +85,30 @@ def main():
         port = s.getsockname()[1]
     results = mp.get_context("spawn").SimpleQueue()
     mp.spawn(worker, args=(2, port, args, results), nprocs=2, join=True)
-    print(f"\n2 gloo workers, {args.dim}-dim item embeddings, {args.batch_users} users x "
-          f"{args.items_per_user} Zipf draws per rank per step; median of {args.steps} steps\n")
-    header = ("items", "rows/step", "dense MB", "sparse MB", "bytes ratio", "dense ms",
-              "sparse ms", "speed-up")
+    print(
+        f"\n2 gloo workers, {args.dim}-dim item embeddings, {args.batch_users} users x "
+        f"{args.items_per_user} Zipf draws per rank per step; median of {args.steps} steps\n"
+    )
+    header = (
+        "items",
+        "rows/step",
+        "dense MB",
+        "sparse MB",
+        "bytes ratio",
+        "dense ms",
+        "sparse ms",
+        "speed-up",
+    )
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     while not results.empty():
         r = results.get()
-        print(f"| {r['items']:,} | {r['rows']:,.0f} | {r['dense_bytes'] / 1e6:,.1f} | "
-              f"{r['sparse_bytes'] / 1e6:,.2f} | {r['dense_bytes'] / r['sparse_bytes']:,.1f}x | "
-              f"{r['dense_s'] * 1e3:,.1f} | {r['sparse_s'] * 1e3:,.1f} | "
-              f"{r['dense_s'] / r['sparse_s']:,.1f}x |")
+        print(
+            f"| {r['items']:,} | {r['rows']:,.0f} | {r['dense_bytes'] / 1e6:,.1f} | "
+            f"{r['sparse_bytes'] / 1e6:,.2f} | {r['dense_bytes'] / r['sparse_bytes']:,.1f}x | "
+            f"{r['dense_s'] * 1e3:,.1f} | {r['sparse_s'] * 1e3:,.1f} | "
+            f"{r['dense_s'] / r['sparse_s']:,.1f}x |"
+        )
 
 
 if __name__ == "__main__":
