@@ -42,6 +42,9 @@ class Recoder:
         cpus_per_worker: CPUs reserved for each worker.
         storage_path: where Ray Train keeps the run's checkpoints (shared storage on a
             multi-node cluster); a temporary folder by default.
+        max_failures: worker-group failures (a worker process dying, a node lost) that a
+            training run survives by restarting from its last checkpoint, taken every
+            ``checkpoint_freq`` epochs; with ``checkpoint_freq=0`` it restarts from the start.
         seed: seed of the data order and dropout noise.
     """
 
@@ -60,6 +63,7 @@ class Recoder:
         num_workers: int = 1,
         cpus_per_worker: float = 1,
         storage_path: str | None = None,
+        max_failures: int = 0,
         seed: int | None = None,
     ):
         if not isinstance(model, FactorizationModel):
@@ -82,6 +86,7 @@ class Recoder:
         self.num_workers = num_workers
         self.cpus_per_worker = cpus_per_worker
         self.storage_path = storage_path
+        self.max_failures = max_failures
         self.seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else int(seed)
         self.current_epoch = 0
         self.history: list[dict] = []
@@ -363,6 +368,7 @@ class Recoder:
             num_workers=self.num_workers,
             cpus_per_worker=self.cpus_per_worker,
             storage_path=self.storage_path,
+            max_failures=self.max_failures,
         )
 
     def _snapshot(self) -> Snapshot:
@@ -391,7 +397,10 @@ class Recoder:
             if snapshot.loss is not None:
                 self.loss, self.loss_params = snapshot.loss, dict(snapshot.loss_params)
         if restore_model:
-            self.model.load_state_dict(snapshot.model_state)
+            try:
+                self.model.load_state_dict(snapshot.model_state)
+            except RuntimeError as e:  # torch lists every missing key and size mismatch
+                raise ValueError(f"the snapshot does not fit the model: {e}") from None
         self.model.cpu()
         self.current_epoch = snapshot.epoch
         self._optimizer_state = snapshot.optimizer_state

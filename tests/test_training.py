@@ -199,3 +199,13 @@ def _coo(data, mask, shape):
     import scipy.sparse as sp
 
     return sp.csr_matrix((data.data[mask], (data.row[mask], data.col[mask])), shape=shape)
+
+
+def test_in_process_training_leaves_the_callers_rng_alone(ray_session):
+    """The loop seeds torch for dropout noise; in-process that must not leak to the caller."""
+    recoder = autoencoder_recoder(num_workers=0)
+    train = ml100k_split().train
+    recoder.train(train, batch_size=100, num_epochs=1, negative_sampling=True)  # initializes
+    state = torch.get_rng_state()
+    recoder.train(train, batch_size=100, num_epochs=1, negative_sampling=True)
+    assert torch.equal(torch.get_rng_state(), state)

@@ -9,7 +9,7 @@ import tempfile
 import uuid
 
 import ray
-from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from recoder_dist.training.config import WorkerJob
@@ -51,6 +51,7 @@ def run_job(
     num_workers: int,
     cpus_per_worker: float,
     storage_path: str | None,
+    max_failures: int = 0,
 ) -> RunOutput:
     """Runs ``job`` on ``num_workers`` Ray Train workers (in this process when 0), logging
     rank 0's per-epoch progress on the driver as it arrives."""
@@ -78,7 +79,8 @@ def run_job(
             run_config=RunConfig(
                 name=f"recoder-dist-{uuid.uuid4().hex[:8]}",
                 storage_path=storage_path,
-                checkpoint_config=CheckpointConfig(num_to_keep=1),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                failure_config=FailureConfig(max_failures=max_failures),
             ),
         )
         result = trainer.fit()

@@ -7,6 +7,7 @@ file intact, and read with ``torch.load(weights_only=True)``, which refuses pick
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 
@@ -47,6 +48,23 @@ def save_snapshot(snapshot: Snapshot, path: str | os.PathLike) -> str:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def copy_snapshot(source: str | os.PathLike, path: str | os.PathLike) -> str:
+    """Copies a snapshot file to ``path`` atomically (a reader never sees half a file)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".snapshot-", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -27,7 +27,13 @@ from recoder_dist.training.config import EvalSettings, TrainSettings, WorkerJob
 from recoder_dist.training.evaluation import metric_sums
 from recoder_dist.training.optimizers import build_optimizers, lr_at_epoch, sparse_parameter_names
 from recoder_dist.training.schedule import agreed_steps, epoch_batches
-from recoder_dist.training.snapshot import Snapshot, model_class_name, save_snapshot
+from recoder_dist.training.snapshot import (
+    Snapshot,
+    copy_snapshot,
+    load_snapshot,
+    model_class_name,
+    save_snapshot,
+)
 from recoder_dist.training.sparse_sync import SparseGradSync
 from recoder_dist.training.step import batch_loss
 
@@ -43,7 +49,8 @@ def worker_loop(config: dict) -> None:
         job = ray.get(job)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    if not job.in_process:  # in-process, logging is the caller's to configure
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     device = ray.train.torch.get_device() if job.use_cuda else torch.device("cpu")
     model = job.model.to(device)
 
@@ -53,11 +60,14 @@ def worker_loop(config: dict) -> None:
         if rank == 0:
             ray.get(job.progress.append.remote(results))
         return
-    _train(model, job, job.train, device, rank, world)
+    # In-process, the loop seeds torch's global RNG: give the caller's RNG state back after.
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda, enabled=job.in_process):
+        _train(model, job, job.train, device, rank, world)
 
 
 def _train(model, job: WorkerJob, settings: TrainSettings, device, rank: int, world: int):
-    torch.manual_seed(settings.seed * 7919 + rank)  # distinct dropout noise on every rank
+    start_epoch, optimizer_state = _resume(model, job, rank)
     sparse_names = sparse_parameter_names(model)
     distributed = world > 1 and dist.is_initialized()
     dense_names = [n for n, p in model.named_parameters() if n not in sparse_names]
@@ -72,7 +82,7 @@ def _train(model, job: WorkerJob, settings: TrainSettings, device, rank: int, wo
         sync = SparseGradSync([model.get_parameter(n) for n in sparse_names])
 
     optimizers = build_optimizers(model, job.optimizer_type, settings.lr, settings.weight_decay)
-    optimizers.load_state_dict(job.optimizer_state)
+    optimizers.load_state_dict(optimizer_state)
     loss_fn = build_loss(job.loss, job.loss_params).to(device)
     collator = Collator(
         num_items=job.num_items,
@@ -84,13 +94,16 @@ def _train(model, job: WorkerJob, settings: TrainSettings, device, rank: int, wo
     shard = ray.train.get_dataset_shard("train")
 
     last_epoch = job.start_epoch + settings.num_epochs
-    for epoch in range(job.start_epoch + 1, last_epoch + 1):
+    for epoch in range(start_epoch + 1, last_epoch + 1):
         started = time.perf_counter()
+        # Seeds that depend only on (seed, epoch, rank): a run resumed at an epoch boundary
+        # draws the same data order and dropout noise as one that never stopped.
+        epoch_seed = (settings.seed * 1_000_003 + epoch * 1_009 + rank) % 2**31
+        torch.manual_seed(epoch_seed)
         optimizers.set_lr(lr_at_epoch(settings.lr, settings.lr_milestones, epoch))
         model.train()
         loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # (loss x users, users)
-        shuffle_seed = (settings.seed * 1_000_003 + epoch * 1_009 + rank) % 2**31
-        batches = epoch_batches(shard, collator, steps, rank, shuffle_seed)
+        batches = epoch_batches(shard, collator, steps, rank, epoch_seed)
         for step, batch in enumerate(batches):
             optimizers.zero_grad()
             loss = batch_loss(net, loss_fn, batch, device)
@@ -129,13 +142,22 @@ def _train(model, job: WorkerJob, settings: TrainSettings, device, rank: int, wo
         wants_checkpoint = epoch == last_epoch or (
             settings.checkpoint_freq > 0 and epoch % settings.checkpoint_freq == 0
         )
-        if rank == 0 and job.checkpoint_prefix and wants_checkpoint:
-            save_snapshot(
-                _snapshot(model, optimizers, job, epoch),
-                f"{job.checkpoint_prefix}_epoch_{epoch}.model",
-            )
         if evaluated or wants_checkpoint:  # what Ray Train (and Tune) must see
-            _report(metrics, model, optimizers, job, epoch, rank, final=epoch == last_epoch)
+            _report(metrics, model, optimizers, job, epoch, rank, wants_checkpoint)
+
+
+def _resume(model, job: WorkerJob, rank: int) -> tuple[int, dict]:
+    """After a worker failure Ray Train restarts the loop with the last reported checkpoint:
+    load its weights, optimizer states and epoch. Otherwise start from the job."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return job.start_epoch, job.optimizer_state
+    with checkpoint.as_directory() as folder:
+        snapshot = load_snapshot(os.path.join(folder, SNAPSHOT_FILE))
+    model.load_state_dict(snapshot.model_state)
+    if rank == 0:
+        logger.warning("resuming after a failure from the checkpoint of epoch %d", snapshot.epoch)
+    return snapshot.epoch, snapshot.optimizer_state
 
 
 def _check_gradients_are_where_expected(model, sparse_names: list[str]) -> None:
@@ -201,14 +223,18 @@ def _snapshot(model, optimizers, job: WorkerJob, epoch: int) -> Snapshot:
     )
 
 
-def _report(metrics, model, optimizers, job: WorkerJob, epoch: int, rank: int, final: bool):
-    """Every rank reports; at the last epoch rank 0 attaches the snapshot that the driver
-    loads when ``fit`` returns."""
-    if not (final and rank == 0):
+def _report(metrics, model, optimizers, job: WorkerJob, epoch: int, rank: int, checkpoint: bool):
+    """Every rank reports; with ``checkpoint`` rank 0 attaches a snapshot, which Ray Train keeps
+    for restarts and the driver loads at the end, and copies it to the user's prefix."""
+    if not (checkpoint and rank == 0):
         ray.train.report(metrics)
         return
     folder = tempfile.mkdtemp(prefix="recoder-dist-ckpt-")
-    save_snapshot(_snapshot(model, optimizers, job, epoch), os.path.join(folder, SNAPSHOT_FILE))
+    path = save_snapshot(
+        _snapshot(model, optimizers, job, epoch), os.path.join(folder, SNAPSHOT_FILE)
+    )
+    if job.checkpoint_prefix:
+        copy_snapshot(path, f"{job.checkpoint_prefix}_epoch_{epoch}.model")
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
     if not job.in_process:  # Ray has copied it into the run's storage
         shutil.rmtree(folder, ignore_errors=True)
