@@ -288,8 +288,29 @@ class Recoder:
             raise ValueError(
                 f"{model_file} holds a {snapshot.model_class}, not a {model_class_name(self.model)}"
             )
+        self._check_fits(snapshot, model_file)
         self._restore(snapshot, restore_model=True, load_params=True)
         logger.info("loaded %s (epoch %d)", model_file, self.current_epoch)
+
+    def _check_fits(self, snapshot: Snapshot, model_file: str) -> None:
+        """A snapshot replaces the hyper-parameters of a fresh model, but must not silently
+        replace what this Recoder was explicitly built or trained for."""
+        for attr in ("num_items", "num_users"):
+            mine, theirs = getattr(self, attr), getattr(snapshot, attr)
+            if mine is not None and theirs is not None and mine != theirs:
+                raise ValueError(
+                    f"{model_file} was trained with {attr}={theirs}, this Recoder has {mine}"
+                )
+        if self._model_initialized and snapshot.model_params is not None:
+            mine = self.model.model_params()
+            differ = sorted(
+                k for k in snapshot.model_params if mine.get(k) != snapshot.model_params[k]
+            )
+            if differ:
+                details = ", ".join(
+                    f"{k}={snapshot.model_params[k]!r} (model: {mine.get(k)!r})" for k in differ
+                )
+                raise ValueError(f"{model_file} does not fit the initialized model: {details}")
 
     # ---------------------------------------------------------------- internals
 

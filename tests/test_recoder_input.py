@@ -144,3 +144,16 @@ def test_snapshot_files(ray_session, tmp_path):
     path = trained_recoder(ray_session).save_state(str(tmp_path / "ae"))
     with pytest.raises(ValueError, match="holds a recoder_dist.nn.autoencoder.DynamicAutoencoder"):
         Recoder(MatrixFactorization(), num_workers=0).init_from_model_file(path)
+
+
+def test_incompatible_snapshots_name_the_mismatch(ray_session, tmp_path):
+    path = trained_recoder(ray_session).save_state(str(tmp_path / "ae"))  # 30 items, [8]
+    with pytest.raises(ValueError, match="trained with num_items=30, this Recoder has 40"):
+        Recoder(DynamicAutoencoder([8]), num_items=40, num_workers=0).init_from_model_file(path)
+    other = Recoder(DynamicAutoencoder([16], sparse=True), optimizer_type="adam", num_workers=0)
+    other.train(RecommendationDataset(matrix()), batch_size=5, num_epochs=1)
+    with pytest.raises(ValueError, match=r"hidden_layers=\[8\] \(model: \[16\]\)"):
+        other.init_from_model_file(path)
+    fresh = Recoder(DynamicAutoencoder([16]), num_workers=0)
+    fresh.init_from_model_file(path)  # a fresh model takes the snapshot's hyper-parameters
+    assert fresh.model.hidden_layers == [8]
