@@ -18,7 +18,13 @@ from recoder_dist.training.config import EvalSettings, TrainSettings, WorkerJob
 from recoder_dist.training.evaluation import check_metrics, predict_scores, recommend_top_k
 from recoder_dist.training.launcher import cluster_gpus, ensure_ray, run_job
 from recoder_dist.training.optimizers import build_optimizers, check_optimizer_type
-from recoder_dist.training.snapshot import Snapshot, load_snapshot, model_class_name, save_snapshot
+from recoder_dist.training.snapshot import (
+    Snapshot,
+    load_snapshot,
+    model_class_name,
+    save_snapshot,
+    snapshot_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -393,17 +399,15 @@ class Recoder:
         )
 
     def _snapshot(self) -> Snapshot:
-        return Snapshot(
-            model_class=model_class_name(self.model),
-            model_params=self.model.model_params(),
-            model_state=self.model.state_dict(),
+        return snapshot_of(
+            self.model,
             num_items=self.num_items,
             num_users=self.num_users,
             epoch=self.current_epoch,
             optimizer_type=self.optimizer_type,
             optimizer_state=self._optimizer_state,
-            loss=self.loss if isinstance(self.loss, str) else None,
-            loss_params=self.loss_params if isinstance(self.loss, str) else {},
+            loss=self.loss,
+            loss_params=self.loss_params,
         )
 
     def _restore(self, snapshot: Snapshot, restore_model: bool, load_params: bool = False):

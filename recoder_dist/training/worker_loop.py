@@ -31,8 +31,8 @@ from recoder_dist.training.snapshot import (
     Snapshot,
     copy_snapshot,
     load_snapshot,
-    model_class_name,
     save_snapshot,
+    snapshot_of,
 )
 from recoder_dist.training.sparse_sync import SparseGradSync
 from recoder_dist.training.step import batch_loss
@@ -209,17 +209,15 @@ def _evaluate(model, job: WorkerJob, device, rank: int, world: int) -> dict:
 
 
 def _snapshot(model, optimizers, job: WorkerJob, epoch: int) -> Snapshot:
-    return Snapshot(
-        model_class=model_class_name(model),
-        model_params=model.model_params(),
-        model_state=model.state_dict(),
+    return snapshot_of(
+        model,
         num_items=job.num_items,
         num_users=job.num_users,
         epoch=epoch,
         optimizer_type=job.optimizer_type,
         optimizer_state=optimizers.state_dict(),
-        loss=job.loss if isinstance(job.loss, str) else None,
-        loss_params=job.loss_params if isinstance(job.loss, str) else {},
+        loss=job.loss,
+        loss_params=job.loss_params,
     )
 
 
