@@ -1,17 +1,156 @@
-"""MovieLens 100K: the main job's default dataset."""
+"""MovieLens ratings: 100K (``u.data``), 1M (``ratings.dat``), 20M, 25M and latest
+(``ratings.csv``), read from a local folder or downloaded once into the cache folder.
+
+Every loader returns a DataFrame with columns ``user``, ``item``, ``value`` (the rating),
+``rating`` and ``timestamp``, one row per rating, ids as in the files.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from recoder_dist.datasets._parsing import check_count, read_delimited
 from recoder_dist.datasets.download import fetch_zip_member, verify
 
-ML100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
-ML100K_RATINGS_SHA256 = "06416e597f82b7342361e41163890c81036900f418ad91315590814211dca490"
+_COLUMNS = {"user": "id", "item": "id", "rating": "float", "timestamp": "int"}
+
+
+def read_ml100k_ratings(path: str | os.PathLike) -> pd.DataFrame:
+    """``u.data``: ``user \\t item \\t rating \\t timestamp``, no header."""
+    return _frame(read_delimited(path, sep="\t", columns=_COLUMNS))
+
+
+def read_ml1m_ratings(path: str | os.PathLike) -> pd.DataFrame:
+    """``ratings.dat`` of MovieLens 1M (and 10M): ``user::item::rating::timestamp``."""
+    return _frame(read_delimited(path, sep="::", columns=_COLUMNS))
+
+
+def read_ratings_csv(path: str | os.PathLike) -> pd.DataFrame:
+    """``ratings.csv`` of MovieLens 20M, 25M, 32M, latest and latest-small:
+    ``userId,movieId,rating,timestamp`` with that header."""
+    header = ("userId", "movieId", "rating", "timestamp")
+    return _frame(read_delimited(path, sep=",", columns=_COLUMNS, header=header))
+
+
+def _frame(df: pd.DataFrame) -> pd.DataFrame:
+    rating = df["rating"].to_numpy(dtype=np.float32)
+    return pd.DataFrame(
+        {
+            "user": df["user"].to_numpy(np.int64),
+            "item": df["item"].to_numpy(np.int64),
+            "value": rating,
+            "rating": rating.copy(),
+            "timestamp": df["timestamp"].to_numpy(np.int64),
+        }
+    )
+
+
+@dataclass(frozen=True)
+class MovieLensRelease:
+    """Where a release's ratings are, how to read them, and how to recognize them.
+
+    Attributes:
+        url: the official zip.
+        member: the ratings file inside the zip.
+        sha256: digest of ``member``; None where we know none (a download then needs one).
+        num_ratings: the number of ratings GroupLens publishes; None for releases that change.
+        read: the parser of ``member``.
+    """
+
+    url: str
+    member: str
+    sha256: str | None
+    num_ratings: int | None
+    read: Callable[[str | os.PathLike], pd.DataFrame]
+
+
+_GROUPLENS = "https://files.grouplens.org/datasets/movielens"
+
+# Digests: ml-100k's u.data and ml-latest-small's ratings.csv are those of the copies in
+# ../shared/data, which are the official files (ml-latest-small of 2018-09-26, unchanged since).
+# UNKNOWN, so a download needs sha256=...: ml-1m ratings.dat, ml-20m and ml-25m ratings.csv (no
+# trusted copy to take them from), and ml-latest, which GroupLens regenerates over time.
+RELEASES: dict[str, MovieLensRelease] = {
+    "ml-100k": MovieLensRelease(
+        f"{_GROUPLENS}/ml-100k.zip",
+        "ml-100k/u.data",
+        "06416e597f82b7342361e41163890c81036900f418ad91315590814211dca490",
+        100_000,
+        read_ml100k_ratings,
+    ),
+    "ml-1m": MovieLensRelease(
+        f"{_GROUPLENS}/ml-1m.zip", "ml-1m/ratings.dat", None, 1_000_209, read_ml1m_ratings
+    ),
+    "ml-20m": MovieLensRelease(
+        f"{_GROUPLENS}/ml-20m.zip", "ml-20m/ratings.csv", None, 20_000_263, read_ratings_csv
+    ),
+    "ml-25m": MovieLensRelease(
+        f"{_GROUPLENS}/ml-25m.zip", "ml-25m/ratings.csv", None, 25_000_095, read_ratings_csv
+    ),
+    "ml-latest-small": MovieLensRelease(
+        f"{_GROUPLENS}/ml-latest-small.zip",
+        "ml-latest-small/ratings.csv",
+        "aa289ca83157595d0df6aea1be6a4ded676ddc4385472e8313a8ed9805352646",
+        100_836,
+        read_ratings_csv,
+    ),
+    "ml-latest": MovieLensRelease(
+        f"{_GROUPLENS}/ml-latest.zip", "ml-latest/ratings.csv", None, None, read_ratings_csv
+    ),
+}
+
+ML100K_URL = RELEASES["ml-100k"].url
+ML100K_RATINGS_SHA256 = RELEASES["ml-100k"].sha256
 DATA_DIR_ENV = "RECODER_DIST_ML100K"
+
+
+def movielens_ratings_path(
+    name: str, data_dir: str | os.PathLike | None = None, *, sha256: str | None = None
+) -> Path:
+    """The ratings file of release ``name``, verified by SHA-256 where a digest is known.
+
+    Args:
+        name: a key of :data:`RELEASES` (``"ml-100k"``, ``"ml-1m"``, ``"ml-20m"``, ...).
+        data_dir: a folder holding the ratings file (``u.data``, ``ratings.dat`` or
+            ``ratings.csv``); when None, the official zip is downloaded once into the cache.
+        sha256: the digest to check instead of the pinned one; required to download a release
+            whose digest is unknown.
+    """
+    if name not in RELEASES:
+        raise ValueError(f"unknown MovieLens release {name!r}; known: {sorted(RELEASES)}")
+    release = RELEASES[name]
+    digest = sha256 or release.sha256
+    if data_dir is None:
+        return fetch_zip_member(release.url, release.member, digest)
+    path = Path(data_dir) / Path(release.member).name
+    if digest:
+        return verify(path, digest)
+    if not path.is_file():
+        raise FileNotFoundError(f"no file at {path}")
+    return path
+
+
+def load_movielens(
+    name: str, data_dir: str | os.PathLike | None = None, *, sha256: str | None = None
+) -> pd.DataFrame:
+    """Ratings of a MovieLens release: columns user, item, value, rating, timestamp.
+
+    See :func:`movielens_ratings_path` for the arguments. Without a digest, a truncated local
+    file is still caught by the published number of ratings (except for ``ml-latest``).
+
+    Raises:
+        ValueError: a malformed line (named), a digest or a number of ratings that differs.
+    """
+    path = movielens_ratings_path(name, data_dir, sha256=sha256)
+    ratings = RELEASES[name].read(path)
+    check_count(path, "ratings", len(ratings), RELEASES[name].num_ratings)
+    return ratings
 
 
 def ml100k_ratings_path(data_dir: str | os.PathLike | None = None) -> Path:
@@ -21,17 +160,9 @@ def ml100k_ratings_path(data_dir: str | os.PathLike | None = None) -> Path:
         data_dir: a folder holding ``u.data`` (default ``$RECODER_DIST_ML100K``); when neither
             is set, the official zip is downloaded once into the cache folder.
     """
-    data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
-    if data_dir:
-        return verify(Path(data_dir) / "u.data", ML100K_RATINGS_SHA256)
-    return fetch_zip_member(ML100K_URL, "ml-100k/u.data", ML100K_RATINGS_SHA256)
+    return movielens_ratings_path("ml-100k", data_dir or os.environ.get(DATA_DIR_ENV))
 
 
 def load_ml100k(data_dir: str | os.PathLike | None = None) -> pd.DataFrame:
-    """Ratings of MovieLens 100K: columns user, item, rating, timestamp (100,000 rows)."""
-    return pd.read_csv(
-        ml100k_ratings_path(data_dir),
-        sep="\t",
-        names=["user", "item", "rating", "timestamp"],
-        dtype={"user": "int64", "item": "int64", "rating": "float32", "timestamp": "int64"},
-    )
+    """Ratings of MovieLens 100K (100,000 rows); ``data_dir`` as in :func:`ml100k_ratings_path`."""
+    return load_movielens("ml-100k", data_dir or os.environ.get(DATA_DIR_ENV))

@@ -1,0 +1,294 @@
+"""``recoder-dist`` (also ``python -m recoder_dist``): prepare, train, evaluate, recommend, demo.
+
+Every command connects to ``RAY_ADDRESS`` when it is set (as under ``ray job submit``) and
+otherwise starts a local embedded Ray. A user mistake (a bad flag, a missing file, a value
+out of range) prints one line and exits 2; any other failure exits 1 with its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("recoder_dist")
+
+MODELS = ("autoencoder", "mf")
+DATASETS = ("ml-100k", "ml-1m", "ml-20m", "ml-25m", "ml-latest-small", "ml-latest", "events")
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for: reported in one line, exit status 2."""
+
+
+def _prepare(args) -> int:
+    from recoder_dist.datasets import StrongSplitConfig, WeakSplitConfig, load_events, prepare
+    from recoder_dist.datasets.movielens import load_movielens
+
+    if args.dataset == "events":
+        if not args.input:
+            raise UsageError("--dataset events needs --input FILE (CSV or Parquet)")
+        events = load_events(args.input)
+    else:
+        events = load_movielens(args.dataset, args.data_dir)
+    if args.split == "strong":
+        split = StrongSplitConfig(args.val_users, args.test_users, seed=args.seed)
+    else:
+        split = WeakSplitConfig(seed=args.seed, val_fraction=args.val_fraction)
+    prepared = prepare(events, args.output, split, positive_above=args.positive_above)
+    print(
+        json.dumps(
+            {
+                "output": str(args.output),
+                "users": len(prepared.user_id_map),
+                "items": len(prepared.item_id_map),
+                "train_users": len(prepared.split.train),
+                "test_users": len(prepared.split.test),
+            }
+        )
+    )
+    return 0
+
+
+def _model(args):
+    from recoder_dist.nn import DynamicAutoencoder, MatrixFactorization
+
+    if args.model == "autoencoder":
+        return DynamicAutoencoder(
+            hidden_layers=args.hidden,
+            activation_type=args.activation,
+            noise_prob=args.noise,
+            dropout_prob=args.dropout,
+            sparse=args.sparse,
+        )
+    return MatrixFactorization(
+        embedding_size=args.embedding_size,
+        activation_type=args.activation,
+        dropout_prob=args.dropout,
+        sparse=args.sparse,
+    )
+
+
+def _metrics(ks: list[int]):
+    from recoder_dist.metrics import NDCG, Recall
+
+    return [*(Recall(k=k) for k in ks[:-1]), NDCG(k=ks[-1])]
+
+
+def _train(args) -> int:
+    from recoder_dist.datasets import load_prepared
+    from recoder_dist.model import Recoder
+
+    split = load_prepared(args.data).split
+    recoder = Recoder(
+        _model(args),
+        optimizer_type=args.optimizer,
+        loss=args.loss,
+        use_cuda=args.gpus,
+        num_workers=args.workers,
+        seed=args.seed,
+        max_failures=args.max_failures,
+    )
+    metrics = _metrics(args.metrics)
+    prefix = str(Path(args.checkpoint_dir) / "model")
+    recoder.train(
+        train_dataset=split.train,
+        val_dataset=split.validation,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        num_epochs=args.epochs,
+        batch_size=args.batch_size,
+        negative_sampling=args.negative_sampling,
+        num_sampling_users=args.sampling_users,
+        model_checkpoint_prefix=prefix,
+        checkpoint_freq=args.checkpoint_freq,
+        eval_freq=args.eval_freq if split.validation is not None else 0,
+        metrics=metrics,
+        eval_num_recommendations=max(args.metrics),
+    )
+    results = recoder.evaluate(split.test, max(args.metrics), metrics)
+    print(
+        json.dumps(
+            {
+                "checkpoint": f"{prefix}_epoch_{recoder.current_epoch}.model",
+                "epoch": recoder.current_epoch,
+                "test": results,
+            }
+        )
+    )
+    return 0
+
+
+def _restored(checkpoint: str, workers: int, gpus: bool):
+    from recoder_dist.model import Recoder
+    from recoder_dist.nn import DynamicAutoencoder, MatrixFactorization
+    from recoder_dist.training.snapshot import load_snapshot
+
+    known = {"DynamicAutoencoder": DynamicAutoencoder, "MatrixFactorization": MatrixFactorization}
+    name = load_snapshot(checkpoint).model_class.rsplit(".", 1)[-1]
+    if name not in known:
+        raise UsageError(f"{checkpoint} holds a {name}; the CLI restores {sorted(known)}")
+    recoder = Recoder(known[name](), num_workers=workers, use_cuda=gpus)
+    recoder.init_from_model_file(checkpoint)
+    return recoder
+
+
+def _evaluate(args) -> int:
+    from recoder_dist.datasets import load_prepared
+
+    recoder = _restored(args.checkpoint, args.workers, args.gpus)
+    split = load_prepared(args.data).split
+    dataset = split.test if args.split == "test" else split.validation
+    if dataset is None:
+        raise UsageError(f"{args.data} has no validation part")
+    print(json.dumps(recoder.evaluate(dataset, max(args.metrics), _metrics(args.metrics))))
+    return 0
+
+
+def _recommend(args) -> int:
+    from recoder_dist.datasets import load_prepared
+    from recoder_dist.inference import write_recommendations
+
+    prepared = load_prepared(args.data)
+    recoder = _restored(args.checkpoint, 0, False)
+    rows = write_recommendations(
+        recoder, prepared, args.output, k=args.top_k, part=args.split, workers=max(args.workers, 1)
+    )
+    print(json.dumps({"output": str(args.output), "users": rows}))
+    return 0
+
+
+def _demo(args) -> int:
+    from recoder_dist.demo import run_demo
+
+    return run_demo(args)
+
+
+def _add_common(parser, workers_default=1) -> None:
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=workers_default,
+        help="Ray Train workers (0: in this process)",
+    )
+    parser.add_argument("--gpus", action="store_true", help="one GPU per worker")
+    parser.add_argument(
+        "--metrics",
+        type=int,
+        nargs="+",
+        default=[20, 50, 100],
+        help="Recall at each k but the last, NDCG at the last",
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    main = argparse.ArgumentParser(prog="recoder-dist", description=__doc__.splitlines()[0])
+    main.add_argument("--config", help="YAML or JSON file of defaults for the command's flags")
+    commands = main.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("prepare", help="split a dataset into train/validation/test")
+    p.add_argument("--dataset", choices=DATASETS, required=True)
+    p.add_argument("--data-dir", help="local copy of the dataset (default: download)")
+    p.add_argument("--input", help="event table for --dataset events")
+    p.add_argument("--output", required=True)
+    p.add_argument("--split", choices=("strong", "weak"), default="strong")
+    p.add_argument("--val-users", type=int, default=100)
+    p.add_argument("--test-users", type=int, default=100)
+    p.add_argument("--val-fraction", type=float, default=0.0)
+    p.add_argument("--positive-above", type=float, default=3.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_prepare)
+
+    t = commands.add_parser("train", help="train a model on a prepared split")
+    t.add_argument("--data", required=True, help="folder written by prepare")
+    t.add_argument("--checkpoint-dir", required=True)
+    t.add_argument("--model", choices=MODELS, default="autoencoder")
+    t.add_argument("--hidden", type=int, nargs="+", default=[200])
+    t.add_argument("--embedding-size", type=int, default=200)
+    t.add_argument("--activation", default="tanh")
+    t.add_argument("--noise", type=float, default=0.5)
+    t.add_argument("--dropout", type=float, default=0.0)
+    t.add_argument("--sparse", action=argparse.BooleanOptionalAction, default=True)
+    t.add_argument("--loss", default="logloss")
+    t.add_argument("--optimizer", default="adam")
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--epochs", type=int, default=20)
+    t.add_argument("--batch-size", type=int, default=500)
+    t.add_argument("--sampling-users", type=int, default=0)
+    t.add_argument("--negative-sampling", action=argparse.BooleanOptionalAction, default=True)
+    t.add_argument("--checkpoint-freq", type=int, default=0)
+    t.add_argument("--eval-freq", type=int, default=0)
+    t.add_argument("--max-failures", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0)
+    _add_common(t)
+    t.set_defaults(run=_train)
+
+    e = commands.add_parser("evaluate", help="evaluate a checkpoint on a prepared split")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--data", required=True)
+    e.add_argument("--split", choices=("test", "validation"), default="test")
+    _add_common(e)
+    e.set_defaults(run=_evaluate)
+
+    r = commands.add_parser("recommend", help="top-K items of every user to Parquet")
+    r.add_argument("--checkpoint", required=True)
+    r.add_argument("--data", required=True)
+    r.add_argument("--split", choices=("train", "test", "validation"), default="test")
+    r.add_argument("--output", required=True)
+    r.add_argument("--top-k", type=int, default=100)
+    _add_common(r)
+    r.set_defaults(run=_recommend)
+
+    d = commands.add_parser("demo", help="train and evaluate an autoencoder on MovieLens 100K")
+    d.add_argument(
+        "--data-dir",
+        help="folder with MovieLens 100K's u.data "
+        "(default: $RECODER_DIST_ML100K, else download into the cache)",
+    )
+    d.add_argument("--num-workers", type=int, default=2)
+    d.add_argument("--epochs", type=int, default=40)
+    d.add_argument("--batch-size", type=int, default=100)
+    d.add_argument("--lr", type=float, default=1e-3)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(run=_demo)
+    return main
+
+
+def _with_config(argv: list[str]) -> argparse.Namespace:
+    """Flags on the command line win over the ``--config`` file, which wins over defaults."""
+    cli = parser()
+    args = cli.parse_args(argv)
+    if not args.config:
+        return args
+    path = Path(args.config)
+    if not path.is_file():
+        raise UsageError(f"--config {path}: no such file")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        values = yaml.safe_load(text)
+    else:
+        values = json.loads(text)
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path}: expected a mapping of flag names to values")
+    known = vars(args)
+    unknown = sorted(k for k in values if k.replace("-", "_") not in known)
+    if unknown:
+        raise UsageError(f"--config {path}: unknown settings {unknown} for '{args.command}'")
+    sub = cli._subparsers._group_actions[0].choices[args.command]
+    sub.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
+    return cli.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        args = _with_config(sys.argv[1:] if argv is None else argv)
+        return args.run(args)
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        print(f"recoder-dist: error: {e}", file=sys.stderr)
+        return 2

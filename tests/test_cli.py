@@ -1,0 +1,131 @@
+"""The command line on real data: prepare, train, evaluate, recommend; and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from recoder_dist.cli import main
+from recoder_dist.datasets import load_prepared
+from tests.conftest import shared_data
+
+
+def run(capsys, *argv) -> tuple[int, dict | None, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    return code, json.loads(lines[-1]) if lines else None, err
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("prepared")
+    assert (
+        main(
+            [
+                "prepare",
+                "--dataset",
+                "ml-100k",
+                "--data-dir",
+                str(shared_data("ml-100k")),
+                "--output",
+                str(folder),
+                "--val-users",
+                "50",
+                "--test-users",
+                "100",
+            ]
+        )
+        == 0
+    )
+    return folder
+
+
+def test_train_evaluate_recommend(ray_session, prepared, tmp_path, capsys):
+    config = tmp_path / "train.yaml"
+    config.write_text("epochs: 2\nbatch-size: 100\nhidden: [64]\n")
+    code, trained, _ = run(
+        capsys,
+        "--config",
+        str(config),
+        "train",
+        "--data",
+        str(prepared),
+        "--checkpoint-dir",
+        str(tmp_path / "ck"),
+        "--workers",
+        "0",
+    )
+    assert code == 0 and trained["epoch"] == 2  # the config file's epochs
+    assert trained["test"]["eval_users"] == 100
+
+    code, evaluated, _ = run(
+        capsys,
+        "evaluate",
+        "--checkpoint",
+        trained["checkpoint"],
+        "--data",
+        str(prepared),
+        "--workers",
+        "0",
+    )
+    assert code == 0 and evaluated == trained["test"]
+
+    code, written, _ = run(
+        capsys,
+        "recommend",
+        "--checkpoint",
+        trained["checkpoint"],
+        "--data",
+        str(prepared),
+        "--output",
+        str(tmp_path / "recs"),
+        "--top-k",
+        "10",
+    )
+    assert code == 0 and written["users"] == 100
+    table = pq.read_table(tmp_path / "recs").to_pylist()
+    data = load_prepared(prepared)
+    item_index, user_index = data.item_id_map, data.user_id_map
+    assert len(table) == 100
+    for row in table:
+        seen = set(data.split.test.interactions[user_index[row["user"]]].indices.tolist())
+        recommended = [item_index[item] for item in row["rank_items"]]
+        assert len(recommended) == 10 and not seen & set(recommended)
+    assert {row["user"] for row in table} == {
+        raw for raw, i in user_index.items() if data.split.test.interactions[i].nnz
+    }
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--data", "missing-folder", "--checkpoint-dir", "x"], "no split.json"),
+        (["evaluate", "--checkpoint", "missing.model", "--data", "x"], "no snapshot file"),
+        (["--config", "missing.yaml", "demo"], "no such file"),
+    ],
+)
+def test_user_mistakes_are_one_line_and_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and err[0].startswith("recoder-dist: error:")
+
+
+def test_bad_flags_exit_2(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", "x", "--checkpoint-dir", "y", "--model", "svd"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'svd'" in capsys.readouterr().err
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps({"epochz": 3}))
+    assert main(["--config", str(config), "train", "--data", "x", "--checkpoint-dir", "y"]) == 2
+    assert "unknown settings ['epochz']" in capsys.readouterr().err
+
+
+def test_prepare_writes_disjoint_users(prepared):
+    split = load_prepared(prepared).split
+    parts = [split.train.users, split.validation.users, split.test.users]
+    assert sum(len(p) for p in parts) == len(np.unique(np.concatenate(parts)))
