@@ -52,6 +52,8 @@ class Recoder:
             training run survives by restarting from its last checkpoint, taken every
             ``checkpoint_freq`` epochs; with ``checkpoint_freq=0`` it restarts from the start.
         seed: seed of the data order and dropout noise.
+        callbacks: Ray Train ``UserCallback``s for the runs, e.g. Ray Tune's
+            ``TuneReportCallback`` so that a Tune trial sees the evaluations.
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class Recoder:
         storage_path: str | None = None,
         max_failures: int = 0,
         seed: int | None = None,
+        callbacks: list | None = None,
     ):
         if not isinstance(model, FactorizationModel):
             raise TypeError(
@@ -93,6 +96,7 @@ class Recoder:
         self.cpus_per_worker = cpus_per_worker
         self.storage_path = storage_path
         self.max_failures = max_failures
+        self.callbacks = list(callbacks or [])
         self.seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else int(seed)
         self.current_epoch = 0
         self.history: list[dict] = []
@@ -396,6 +400,7 @@ class Recoder:
             cpus_per_worker=self.cpus_per_worker,
             storage_path=self.storage_path,
             max_failures=self.max_failures,
+            callbacks=self.callbacks,
         )
 
     def _snapshot(self) -> Snapshot:

@@ -52,6 +52,7 @@ def run_job(
     cpus_per_worker: float,
     storage_path: str | None,
     max_failures: int = 0,
+    callbacks: list | None = None,
 ) -> RunOutput:
     """Runs ``job`` on ``num_workers`` Ray Train workers (in this process when 0), logging
     rank 0's per-epoch progress on the driver as it arrives."""
@@ -81,6 +82,7 @@ def run_job(
                 storage_path=storage_path,
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 failure_config=FailureConfig(max_failures=max_failures),
+                callbacks=list(callbacks or []),
             ),
         )
         result = trainer.fit()

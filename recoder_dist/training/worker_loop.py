@@ -136,12 +136,14 @@ def _train(model, job: WorkerJob, settings: TrainSettings, device, rank: int, wo
             model.eval()
             metrics.update(_evaluate(model, job, device, rank, world))
         evaluated = "eval_users" in metrics
-        metrics["seconds"] = time.perf_counter() - started
-        if rank == 0:
-            job.progress.append.remote(metrics)
         wants_checkpoint = epoch == last_epoch or (
             settings.checkpoint_freq > 0 and epoch % settings.checkpoint_freq == 0
         )
+        if wants_checkpoint and job.checkpoint_prefix:
+            metrics["snapshot"] = f"{job.checkpoint_prefix}_epoch_{epoch}.model"
+        metrics["seconds"] = time.perf_counter() - started
+        if rank == 0:
+            job.progress.append.remote(metrics)
         if evaluated or wants_checkpoint:  # what Ray Train (and Tune) must see
             _report(metrics, model, optimizers, job, epoch, rank, wants_checkpoint)
 
@@ -231,8 +233,8 @@ def _report(metrics, model, optimizers, job: WorkerJob, epoch: int, rank: int, c
     path = save_snapshot(
         _snapshot(model, optimizers, job, epoch), os.path.join(folder, SNAPSHOT_FILE)
     )
-    if job.checkpoint_prefix:
-        copy_snapshot(path, f"{job.checkpoint_prefix}_epoch_{epoch}.model")
+    if "snapshot" in metrics:  # the user's own copy, named by model_checkpoint_prefix
+        copy_snapshot(path, metrics["snapshot"])
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
     if not job.in_process:  # Ray has copied it into the run's storage
         shutil.rmtree(folder, ignore_errors=True)

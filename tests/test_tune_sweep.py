@@ -1,0 +1,68 @@
+"""A real 2-trial Ray Tune sweep: each trial a distributed training run, the best exported."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from recoder_dist.cli import main as cli
+from recoder_dist.datasets import load_prepared
+from recoder_dist.metrics import NDCG
+from recoder_dist.model import Recoder
+from recoder_dist.nn import DynamicAutoencoder
+from tests.conftest import shared_data
+from tune.sweep import main as sweep
+
+
+@pytest.mark.slow
+def test_two_trial_sweep_exports_a_snapshot_that_evaluates_to_its_score(ray_session, tmp_path):
+    data = tmp_path / "prepared"
+    assert (
+        cli(
+            [
+                "prepare",
+                "--dataset",
+                "ml-100k",
+                "--data-dir",
+                str(shared_data("ml-100k")),
+                "--output",
+                str(data),
+                "--val-users",
+                "100",
+                "--test-users",
+                "100",
+            ]
+        )
+        == 0
+    )
+    summary = sweep(
+        [
+            "--data",
+            str(data),
+            "--output",
+            str(tmp_path / "sweep"),
+            "--lrs",
+            "1e-3",
+            "--batch-sizes",
+            "50",
+            "100",
+            "--epochs",
+            "4",
+            "--eval-freq",
+            "2",
+            "--hidden",
+            "64",
+            "--cpus-per-worker",
+            "0.5",
+        ]
+    )
+    table = pd.read_csv(tmp_path / "sweep" / "results.csv")
+    assert len(table) == 2 and table["NDCG@100"].notna().all()
+    assert sorted(table["config/batch_size"]) == [50, 100]
+    assert summary["NDCG@100"] == table["NDCG@100"].max()
+
+    recoder = Recoder(DynamicAutoencoder(), num_workers=0)
+    recoder.init_from_model_file(summary["snapshot"])
+    validation = load_prepared(data).split.validation
+    score = recoder.evaluate(validation, 100, [NDCG(k=100)])["NDCG@100"]
+    assert score == pytest.approx(summary["NDCG@100"], abs=1e-9)
