@@ -129,3 +129,16 @@ def test_prepare_writes_disjoint_users(prepared):
     split = load_prepared(prepared).split
     parts = [split.train.users, split.validation.users, split.test.users]
     assert sum(len(p) for p in parts) == len(np.unique(np.concatenate(parts)))
+
+
+def test_demo_prints_the_three_metrics(ray_session, capsys):
+    code = main(
+        ["demo", "--data-dir", str(shared_data("ml-100k")), "--epochs", "2", "--num-workers", "1"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    for name in ("Recall@20", "Recall@50", "NDCG@100"):
+        value = float(
+            next(ln for ln in out.splitlines() if ln.strip().startswith(name)).split()[-1]
+        )
+        assert 0.0 < value < 1.0

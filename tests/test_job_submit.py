@@ -37,13 +37,28 @@ def cluster():
     dashboard = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(PATH=f"{BIN}:{env['PATH']}", RAY_AUTH_MODE="disabled")
+    # Every port explicit and free: the defaults (agent 52365, client server 10001, ...) may be
+    # held by the test session's own Ray, and a head without its agent takes no job.
+    ports = {
+        name: free_port()
+        for name in (
+            "port",
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "ray-client-server-port",
+            "runtime-env-agent-port",
+            "metrics-export-port",
+            "node-manager-port",
+            "object-manager-port",
+        )
+    }
     head = subprocess.Popen(
         [
             BIN / "ray",
             "start",
             "--head",
             "--block",
-            f"--port={free_port()}",
+            *(f"--{name}={port}" for name, port in ports.items()),
             f"--dashboard-port={dashboard}",
             "--dashboard-host=127.0.0.1",
             "--num-cpus=3",

@@ -61,6 +61,10 @@ def test_two_trial_sweep_exports_a_snapshot_that_evaluates_to_its_score(ray_sess
     assert sorted(table["config/batch_size"]) == [50, 100]
     assert summary["NDCG@100"] == table["NDCG@100"].max()
 
+    # Resuming a finished sweep restores its results instead of running the trials again.
+    resumed = sweep(["--data", str(data), "--output", str(tmp_path / "sweep"), "--resume"])
+    assert resumed == summary
+
     recoder = Recoder(DynamicAutoencoder(), num_workers=0)
     recoder.init_from_model_file(summary["snapshot"])
     validation = load_prepared(data).split.validation

@@ -1,0 +1,365 @@
+"""cluster.yaml: Ray's own schema accepts it and refuses a misspelt key; its head runs no
+training; its GPU node types, on Ray's fake multi-node provider, are added when a job asks for
+a GPU and removed when idle."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
+VENV_BIN = Path(sys.executable).parent
+# The fake provider hard-codes this name for the head node it finds at start-up.
+FAKE_HEAD_NODE_TYPE = "ray.head.default"
+
+
+def _load(text: str | None = None) -> dict:
+    return yaml.safe_load(CLUSTER_YAML.read_text() if text is None else text)
+
+
+def _validate(config: dict) -> dict:
+    """What `ray up` does to a config before anything reaches the cloud."""
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+def _node_types(config: dict) -> tuple[dict, dict]:
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    workers = {name: t for name, t in types.items() if name != config["head_node_type"]}
+    return head, workers
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Fails any connection or DNS look-up: validation must work offline."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access during validation: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+def test_cluster_yaml_passes_rays_validation(no_network):
+    config = _load()
+    prepared = _validate(config)
+    assert prepared["provider"]["type"] == "aws"
+    # prepare_config fills any missing top-level key from Ray's AWS defaults, whose
+    # setup_commands install a nightly Ray wheel: every key must be ours.
+    assert set(prepared) == set(config)
+
+
+@pytest.mark.parametrize(
+    "key, typo",
+    [
+        ("max_workers", "max_worker"),  # top level
+        ("idle_timeout_minutes", "idle_timout_minutes"),  # top level
+        ("min_workers", "min_worker"),  # its first occurrence: the first GPU node type
+        ("head_image", "head_imag"),  # the docker section
+    ],
+)
+def test_a_copy_with_a_misspelt_key_fails_validation(tmp_path, no_network, key, typo):
+    text, count = re.subn(
+        rf"^(\s*){key}:", rf"\g<1>{typo}:", CLUSTER_YAML.read_text(), count=1, flags=re.M
+    )
+    assert count == 1, f"no {key} key in cluster.yaml"
+    misspelt = tmp_path / "cluster.yaml"
+    misspelt.write_text(text)
+    with pytest.raises(jsonschema.ValidationError, match=f"'{typo}' was unexpected"):
+        _validate(_load(misspelt.read_text()))
+
+
+def test_head_runs_no_training_and_gpu_workers_scale_from_zero():
+    config = _load()
+    head, workers = _node_types(config)
+    # No CPU on the head: Ray Train workers and Ray Data tasks (>= 1 CPU each) cannot land there.
+    assert head["resources"].get("CPU") == 0
+    assert head["resources"].get("GPU", 0) == 0
+    head_start = " ".join(config["head_start_ray_commands"])
+    assert "--num-cpus=0" in head_start
+    assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in head_start
+    # The dashboard (and its job API, which runs what it is sent) listens on localhost only.
+    assert "--dashboard-host=127.0.0.1" in head_start
+    assert "0.0.0.0" not in head_start
+
+    assert workers
+    for name, node_type in workers.items():
+        assert node_type["resources"].get("GPU", 0) >= 1, name
+        assert node_type["min_workers"] == 0, f"{name} would run (and bill) with no job"
+        assert 1 <= node_type["max_workers"] <= config["max_workers"], name
+    assert config["idle_timeout_minutes"] > 0
+
+    # The package is synced to every node and installed there.
+    assert config["file_mounts"] == {"~/recoder_dist": "."}
+    assert any("pip install" in cmd and "~/recoder_dist" in cmd for cmd in config["setup_commands"])
+    assert ".venv" in config["rsync_exclude"]
+
+
+# --- Autoscaling on Ray's fake multi-node provider -------------------------------------------
+
+# Runs in a separate process (the pytest process may hold a Ray of its own): checks that the
+# cluster starts with the head alone, runs a 1-GPU task, then waits for the idle worker to go.
+DRIVER = textwrap.dedent(
+    """
+    import json, os, time
+    import ray
+
+    ray.init(address=os.environ["RAY_ADDRESS"], logging_level="WARNING")
+    head = ray.get_runtime_context().get_node_id()
+
+    def alive():
+        return sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+
+    report = {"head": head, "alive_before": alive()}
+
+    @ray.remote(num_gpus=1)
+    def where():
+        return ray.get_runtime_context().get_node_id(), ray.get_gpu_ids()
+
+    start = time.monotonic()
+    node, gpus = ray.get(where.remote(), timeout=float(os.environ["UP_TIMEOUT_S"]))
+    report.update(
+        task_node=node,
+        task_gpus=[str(g) for g in gpus],
+        up_s=time.monotonic() - start,
+        task_node_resources={n["NodeID"]: n["Resources"] for n in ray.nodes()}[node],
+    )
+    start = time.monotonic()
+    deadline = start + float(os.environ["DOWN_TIMEOUT_S"])
+    while alive() != [head] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    report.update(alive_after=alive(), down_s=time.monotonic() - start)
+    print("REPORT " + json.dumps(report))
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _fake_config(config: dict, gcs_address: str) -> dict:
+    """cluster.yaml's node types (names, resources, min/max) on the fake provider, with every
+    key that the autoscaler reads (it does not fill defaults: the provider's example.yaml, where
+    they would come from, is not shipped in the wheel)."""
+    node_types = {}
+    for name, node_type in config["available_node_types"].items():
+        resources = dict(node_type["resources"])
+        if name != config["head_node_type"]:
+            # Each fake node is a real raylet on this machine: keep its object store small.
+            resources["object_store_memory"] = 100 * 1024**2
+        node_types[name] = {
+            "resources": resources,
+            "node_config": {},
+            "min_workers": node_type.get("min_workers", 0),
+            "max_workers": node_type.get("max_workers", 0),
+        }
+    return {
+        "cluster_name": "recoder-dist-fake",
+        "max_workers": config["max_workers"],
+        "provider": {
+            "type": "fake_multinode",
+            # Fake nodes join this GCS; the default would be <ip>:6379.
+            "gcs_address": gcs_address,
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+        },
+        "available_node_types": node_types,
+        "head_node_type": config["head_node_type"],
+        "upscaling_speed": config["upscaling_speed"],
+        "idle_timeout_minutes": 0.1,  # 6 s instead of cluster.yaml's minutes
+        "auth": {},
+        "docker": {},
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": [],
+        "rsync_filter": [],
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
+    }
+
+
+def _session_processes(sid: int) -> list[int]:
+    """Live processes of session `sid` (zombies left to a non-reaping init are skipped)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        pid = int(entry)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            if state != "Z" and os.getsid(pid) == sid:
+                pids.append(pid)
+        except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
+            pass
+    return pids
+
+
+def _stop_cluster(leader: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """Stops the fake cluster and nothing else.
+
+    `ray stop` (and AutoscalingCluster.shutdown) kill Ray processes by name, every cluster of
+    the machine, other tests' included; a process group is not enough either, since the raylet
+    puts each worker process in a group of its own. So `ray start` runs as the leader of a new
+    session (start_new_session) and every process of the cluster, fake worker nodes and their
+    workers included, inherits that session id: we signal exactly those. `--block` keeps the
+    leader alive until now, so the session id cannot have been reused by another process.
+    """
+    sid = leader.pid
+    members = [pid for pid in _session_processes(sid) if pid != sid]
+    for pid in members:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and [p for p in _session_processes(sid) if p != sid]:
+        time.sleep(0.2)
+    for pid in _session_processes(sid):
+        _signal(pid, signal.SIGKILL)
+    leader.kill()
+    leader.wait(timeout=30)
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def _log_tail(temp_dir: str, name: str, lines: int = 40) -> str:
+    path = Path(temp_dir) / "session_latest" / "logs" / name
+    if not path.exists():
+        return f"({path} is absent)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _monitor(fake_cluster) -> str:
+    return "monitor.log:\n" + _log_tail(fake_cluster["temp_dir"], "monitor.log")
+
+
+@pytest.fixture
+def fake_cluster():
+    """A head started from cluster.yaml's node types with the fake provider; yields its GCS
+    address, the child environment, the node types and the temp dir; always torn down."""
+    config = _load()
+    assert config["head_node_type"] == FAKE_HEAD_NODE_TYPE, (
+        "the fake provider names its head ray.head.default: keep that name in cluster.yaml"
+    )
+    import ray.util
+
+    # Unix socket paths are limited to 107 bytes: a short temp dir under /tmp, not tmp_path.
+    temp_dir = tempfile.mkdtemp(prefix="rdfake-", dir="/tmp")
+    gcs_address = f"{ray.util.get_node_ip_address()}:{_free_port()}"
+    fake_yaml = Path(temp_dir) / "fake_cluster.yaml"
+    fake_yaml.write_text(yaml.safe_dump(_fake_config(config, gcs_address)))
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(
+        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+        # Ray >= 2.59 turns on token auth for local clusters when a token exists; the head,
+        # its fake nodes and the driver must agree.
+        RAY_AUTH_MODE="disabled",
+        RAY_USAGE_STATS_ENABLED="0",
+    )
+    head_env = dict(env, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
+    head_resources = config["available_node_types"][FAKE_HEAD_NODE_TYPE]["resources"]
+    # `ray start` (the CLI's module, so that no script has to be on PATH). Every port it would
+    # take by default is chosen free, since other Ray clusters may run on this machine, and the
+    # temp dir keeps its address file (ray_current_cluster) out of /tmp/ray: a plain
+    # `ray.init()` elsewhere never joins this cluster.
+    command = [
+        sys.executable,
+        "-m",
+        "ray.scripts.scripts",
+        "start",
+        "--head",
+        "--block",
+        f"--port={gcs_address.rsplit(':', 1)[1]}",
+        f"--temp-dir={temp_dir}",
+        f"--autoscaling-config={fake_yaml}",
+        f"--num-cpus={head_resources.get('CPU', 0)}",
+        f"--num-gpus={head_resources.get('GPU', 0)}",
+        "--object-store-memory=100000000",
+        "--include-dashboard=false",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={_free_port()}",
+        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--ray-client-server-port={_free_port()}",
+        "--disable-usage-stats",
+    ]
+    log_path = Path(temp_dir) / "ray_start.log"
+    with open(log_path, "w") as log:
+        leader = subprocess.Popen(
+            command, env=head_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 90
+        while "Ray runtime started" not in log_path.read_text(errors="replace"):
+            if leader.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"ray start failed:\n{log_path.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.5)
+        yield {"address": gcs_address, "env": env, "config": config, "temp_dir": temp_dir}
+    finally:
+        _stop_cluster(leader)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_gpu_demand_scales_the_fake_cluster_up_and_back_to_the_head(fake_cluster):
+    env = dict(
+        fake_cluster["env"],
+        RAY_ADDRESS=fake_cluster["address"],
+        UP_TIMEOUT_S="60",
+        DOWN_TIMEOUT_S="60",
+    )
+    try:
+        run = subprocess.run(
+            [sys.executable, "-c", DRIVER], env=env, capture_output=True, text=True, timeout=180
+        )
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"driver hung:\n{e.stdout}\n{e.stderr}\n{_monitor(fake_cluster)}")
+    reports = [line for line in run.stdout.splitlines() if line.startswith("REPORT ")]
+    assert run.returncode == 0 and reports, (
+        f"driver failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}\n{_monitor(fake_cluster)}"
+    )
+    report = json.loads(reports[-1].removeprefix("REPORT "))
+    head = report["head"]
+
+    # min_workers 0: no GPU node before a job asks for one.
+    assert report["alive_before"] == [head]
+    # The task needed a GPU, the head has none: a worker node of a GPU type was added for it.
+    assert report["task_node"] != head
+    assert len(report["task_gpus"]) == 1
+    _, workers = _node_types(fake_cluster["config"])
+    added = report["task_node_resources"]
+    assert any(
+        all(added.get(k) == v for k, v in t["resources"].items()) for t in workers.values()
+    ), f"{added} is none of the GPU node types {workers}"
+    # Idle after the task: the autoscaler removed it, back to the head alone.
+    assert report["alive_after"] == [head], f"{report}\n{_monitor(fake_cluster)}"
