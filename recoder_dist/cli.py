@@ -23,6 +23,13 @@ class UsageError(Exception):
     """A mistake in what the user asked for: reported in one line, exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (not the usage block), still exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _prepare(args) -> int:
     from recoder_dist.datasets import StrongSplitConfig, WeakSplitConfig, load_events, prepare
     from recoder_dist.datasets.movielens import load_movielens
@@ -184,7 +191,7 @@ def _add_common(parser, workers_default=1) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    main = argparse.ArgumentParser(prog="recoder-dist", description=__doc__.splitlines()[0])
+    main = _Parser(prog="recoder-dist", description=__doc__.splitlines()[0])
     main.add_argument("--config", help="YAML or JSON file of defaults for the command's flags")
     commands = main.add_subparsers(dest="command", required=True)
 

@@ -118,7 +118,8 @@ def test_bad_flags_exit_2(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--data", "x", "--checkpoint-dir", "y", "--model", "svd"])
     assert exit_info.value.code == 2
-    assert "invalid choice: 'svd'" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "invalid choice: 'svd'" in err[0]
     config = tmp_path / "bad.json"
     config.write_text(json.dumps({"epochz": 3}))
     assert main(["--config", str(config), "train", "--data", "x", "--checkpoint-dir", "y"]) == 2
