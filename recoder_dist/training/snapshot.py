@@ -66,33 +66,32 @@ def snapshot_of(
 
 def save_snapshot(snapshot: Snapshot, path: str | os.PathLike) -> str:
     """Writes ``snapshot`` to ``path`` atomically and returns the path."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     payload = {"format": FORMAT, "version": VERSION, **asdict(snapshot)}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".snapshot-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return _write_atomically(path, lambda f: torch.save(payload, f))
 
 
 def copy_snapshot(source: str | os.PathLike, path: str | os.PathLike) -> str:
     """Copies a snapshot file to ``path`` atomically (a reader never sees half a file)."""
+
+    def copy(f):
+        with open(source, "rb") as src:
+            shutil.copyfileobj(src, f)
+
+    return _write_atomically(path, copy)
+
+
+def _write_atomically(path: str | os.PathLike, write) -> str:
+    """``write(file)`` into a temporary file beside ``path``, fsync, then rename over
+    ``path``: a crash leaves either the old file or the new one, never half of one."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".snapshot-", suffix=".tmp")
-    os.close(fd)
     try:
-        shutil.copyfile(source, tmp)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
