@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -126,6 +127,7 @@ def _train(model, job: WorkerJob, settings: TrainSettings, device, rank: int, wo
             raise FloatingPointError(f"epoch {epoch}: training loss is {loss_value}; lower lr")
 
         metrics = {"epoch": epoch, "last_epoch": last_epoch, "loss": loss_value, "seconds": 0.0}
+        metrics["peak_rss_mb"] = _peak_rss_mb(distributed, device)
         if sync is not None:
             # Bytes this rank contributed to the sparse sync, against the dense gradients that
             # DDP would all-reduce for the same parameters.
@@ -146,6 +148,18 @@ def _train(model, job: WorkerJob, settings: TrainSettings, device, rank: int, wo
             job.progress.append.remote(metrics)
         if evaluated or wants_checkpoint:  # what Ray Train (and Tune) must see
             _report(metrics, model, optimizers, job, epoch, rank, wants_checkpoint)
+
+
+def _peak_rss_mb(distributed: bool, device) -> float:
+    """The largest peak resident memory of any rank's process so far, in MB."""
+    peak = torch.tensor(
+        [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0],
+        dtype=torch.float64,
+        device=device,
+    )  # ru_maxrss is in KB on Linux
+    if distributed:
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return float(peak.item())
 
 
 def _resume(model, job: WorkerJob, rank: int) -> tuple[int, dict]:
