@@ -38,3 +38,27 @@ def ray_session():
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prepared_ml100k(tmp_path_factory) -> Path:
+    """MovieLens 100K as `recoder-dist prepare` writes it: 100 validation and 100 test users."""
+    from recoder_dist.cli import main
+
+    folder = tmp_path_factory.mktemp("prepared-ml100k")
+    argv = [
+        "prepare",
+        "--dataset",
+        "ml-100k",
+        "--data-dir",
+        str(shared_data("ml-100k")),
+        "--output",
+        str(folder),
+        "--val-users",
+        "100",
+        "--test-users",
+        "100",
+    ]
+    if main(argv) != 0:
+        raise RuntimeError("recoder-dist prepare failed on ml-100k")
+    return folder

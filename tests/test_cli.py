@@ -21,27 +21,8 @@ def run(capsys, *argv) -> tuple[int, dict | None, str]:
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("prepared")
-    assert (
-        main(
-            [
-                "prepare",
-                "--dataset",
-                "ml-100k",
-                "--data-dir",
-                str(shared_data("ml-100k")),
-                "--output",
-                str(folder),
-                "--val-users",
-                "50",
-                "--test-users",
-                "100",
-            ]
-        )
-        == 0
-    )
-    return folder
+def prepared(prepared_ml100k):
+    return prepared_ml100k
 
 
 def test_train_evaluate_recommend(ray_session, prepared, tmp_path, capsys):

@@ -14,10 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from recoder_dist.cli import main as cli
 from recoder_dist.model import Recoder
 from recoder_dist.nn import DynamicAutoencoder
-from tests.conftest import shared_data
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: `ray`, `recoder-dist`, `python`
@@ -109,22 +107,8 @@ def submit(cluster, *entrypoint, timeout=300) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_training_job_succeeds_and_its_checkpoint_loads(cluster, tmp_path):
-    prepared = tmp_path / "prepared"
-    assert (
-        cli(
-            [
-                "prepare",
-                "--dataset",
-                "ml-100k",
-                "--data-dir",
-                str(shared_data("ml-100k")),
-                "--output",
-                str(prepared),
-            ]
-        )
-        == 0
-    )
+def test_training_job_succeeds_and_its_checkpoint_loads(cluster, prepared_ml100k, tmp_path):
+    prepared = prepared_ml100k
     result = submit(
         cluster,
         "recoder-dist",

@@ -5,36 +5,18 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from recoder_dist.cli import main as cli
 from recoder_dist.datasets import load_prepared
 from recoder_dist.metrics import NDCG
 from recoder_dist.model import Recoder
 from recoder_dist.nn import DynamicAutoencoder
-from tests.conftest import shared_data
 from tune.sweep import main as sweep
 
 
 @pytest.mark.slow
-def test_two_trial_sweep_exports_a_snapshot_that_evaluates_to_its_score(ray_session, tmp_path):
-    data = tmp_path / "prepared"
-    assert (
-        cli(
-            [
-                "prepare",
-                "--dataset",
-                "ml-100k",
-                "--data-dir",
-                str(shared_data("ml-100k")),
-                "--output",
-                str(data),
-                "--val-users",
-                "100",
-                "--test-users",
-                "100",
-            ]
-        )
-        == 0
-    )
+def test_two_trial_sweep_exports_a_snapshot_that_evaluates_to_its_score(
+    ray_session, prepared_ml100k, tmp_path
+):
+    data = prepared_ml100k
     summary = sweep(
         [
             "--data",

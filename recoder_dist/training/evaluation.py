@@ -25,7 +25,10 @@ def _as_batch(rows: UserRows, num_items: int) -> SparseBatch:
 @torch.no_grad()
 def predict_scores(model, rows: UserRows, num_items: int, device) -> torch.Tensor:
     """Scores of all items for the users of ``rows``, from their interactions."""
-    batch = _as_batch(rows, num_items)
+    return _scores(model, _as_batch(rows, num_items), device)
+
+
+def _scores(model, batch: SparseBatch, device) -> torch.Tensor:
     users = to_device(batch.users, device)
     return model(densify(batch, device), input_users=users, target_users=users)
 
@@ -38,8 +41,8 @@ def recommend_top_k(model, rows: UserRows, num_items: int, k: int, device):
         ``(items, valid)``: ``users x k`` item ids and a mask that is False where a user has
         fewer than ``k`` items left to recommend.
     """
-    scores = predict_scores(model, rows, num_items, device)
     batch = _as_batch(rows, num_items)
+    scores = _scores(model, batch, device)
     scores[to_device(batch.rows, device), to_device(batch.cols, device)] = -torch.inf
     top_scores, top_items = torch.topk(scores, min(k, num_items), dim=1)
     return top_items, top_scores > -torch.inf
@@ -71,15 +74,16 @@ def metric_sums(
     target_batch = _as_batch(targets, num_items)
     relevant[to_device(target_batch.rows, device), to_device(target_batch.cols, device)] = True
     hits = (relevant.gather(1, top_items) & valid).cpu().numpy()
-    top_items = top_items.cpu().numpy()
+    lists = relevant_lists = None  # only metrics without evaluate_hits read these
 
     sums = np.empty(len(metrics))
     for i, metric in enumerate(metrics):
         if metric.vectorized:
             values = metric.evaluate_hits(hits, num_relevant)
         else:
-            lists = [items[ok] for items, ok in zip(top_items, valid.cpu().numpy())]
-            relevant_lists = np.split(targets.indices, targets.indptr[1:-1])
+            if lists is None:
+                lists = [row[ok] for row, ok in zip(top_items.cpu().numpy(), valid.cpu().numpy())]
+                relevant_lists = np.split(targets.indices, targets.indptr[1:-1])
             values = metric.evaluate_lists(lists, relevant_lists)
         sums[i] = float(np.sum(values, dtype=np.float64))
     return sums, int(keep.sum())

@@ -103,7 +103,7 @@ def _train(model, job: WorkerJob, settings: TrainSettings, device, rank: int, wo
         torch.manual_seed(epoch_seed)
         optimizers.set_lr(lr_at_epoch(settings.lr, settings.lr_milestones, epoch))
         model.train()
-        loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # (loss x users, users)
+        loss_total, users = torch.zeros((), dtype=torch.float64, device=device), 0
         batches = epoch_batches(shard, collator, steps, rank, epoch_seed)
         for step, batch in enumerate(batches):
             optimizers.zero_grad()
@@ -114,12 +114,9 @@ def _train(model, job: WorkerJob, settings: TrainSettings, device, rank: int, wo
             if sync is not None:
                 sync.synchronize()
             optimizers.step()
-            loss_sum += torch.stack(
-                [
-                    loss.detach().double() * batch.shape[0],
-                    torch.tensor(float(batch.shape[0]), device=device),
-                ]
-            )
+            loss_total += loss.detach() * batch.shape[0]  # stays on device: no sync per step
+            users += batch.shape[0]
+        loss_sum = torch.stack([loss_total, torch.tensor(float(users), device=device).double()])
         if distributed:
             dist.all_reduce(loss_sum)
         loss_value = (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
