@@ -95,7 +95,7 @@ class Collator:
     def __call__(self, group: UserRows) -> Iterator[SparseBatch]:
         if self.negative_sampling:
             # Columns are positions in the sorted union of the group's items.
-            items, cols = np.unique(group.indices, return_inverse=True)
+            items, cols = _sampled_items(group.indices)
             num_cols = len(items)
         else:
             items, cols, num_cols = None, group.indices, self.num_items
@@ -113,6 +113,28 @@ class Collator:
                 values=group.values[lo:hi],
                 shape=(stop - start, num_cols),
             )
+
+
+def _sampled_items(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(indices, return_inverse=True)``: the sorted distinct items, and the position
+    of each entry's item among them.
+
+    ``np.unique`` sorts the group's entries (an ml-1m group of 500 users: ~48,000 entries,
+    ~2 ms). Marking the items in a table as long as the largest item id is linear instead
+    (~0.1 ms); it is used while that table is not much longer than the list of entries.
+    """
+    if len(indices) == 0:
+        return np.zeros(0, dtype=indices.dtype), np.zeros(0, dtype=np.int64)
+    size = int(indices.max()) + 1
+    if size > 16 * len(indices):  # a huge catalog and a small group: sorting is cheaper
+        items, positions = np.unique(indices, return_inverse=True)
+        return items, positions.reshape(-1)
+    present = np.zeros(size, dtype=bool)
+    present[indices] = True
+    items = np.flatnonzero(present).astype(indices.dtype, copy=False)
+    position = np.empty(size, dtype=np.int64)
+    position[items] = np.arange(len(items))
+    return items, np.take(position, indices)  # np.take: faster than fancy indexing
 
 
 def resolve_sampling_users(batch_size: int, num_sampling_users: int) -> int:

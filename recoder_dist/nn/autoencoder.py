@@ -123,8 +123,12 @@ class DynamicAutoencoder(FactorizationModel):
         target_users: torch.Tensor | None = None,
         target_items: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        z = self.noise(F.normalize(input, p=2, dim=1))
-        z = self.act(z @ embedding_rows(self.encoder_embedding, input_items) + self.encoder_bias)
+        encoder = embedding_rows(self.encoder_embedding, input_items)
+        if input.device.type == "cpu" and not input.requires_grad:
+            z = self._encode_nonzeros(input, encoder)
+        else:
+            z = self.noise(F.normalize(input, p=2, dim=1)) @ encoder
+        z = self.act(z + self.encoder_bias)
         for layer in self.encoder_layers:
             z = self.act(layer(z))
         z = self.dropout(z)
@@ -137,3 +141,59 @@ class DynamicAutoencoder(FactorizationModel):
         weight = embedding_rows(self.decoder_embedding, target_items)
         bias = embedding_rows(self.decoder_bias, target_items).squeeze(1)
         return torch.addmm(bias, z, weight.t())
+
+    def _encode_nonzeros(self, input: torch.Tensor, encoder: torch.Tensor) -> torch.Tensor:
+        """``noise(normalize(input)) @ encoder``, computed on the non-zeros of ``input`` only.
+
+        Interaction rows are a few percent dense: on CPU, the dense product and a dropout mask
+        drawn for every zero cost much of a training step (an ml-1m batch of 500 users over
+        ~2,600 sampled items, one thread: 64 ms of CPU a step that way, 39 ms this way). Zeros
+        contribute nothing to either, so this normalizes, drops out and sums the non-zeros
+        alone (``embedding_bag`` with per-entry weights): the same result up to rounding, each
+        non-zero dropped with the same probability (the random draws differ from the dense
+        path's). On CUDA the dense path stays: ``nonzero`` would force a host sync every step.
+        """
+        rows, cols = input.nonzero(as_tuple=True)  # row-major: a row's entries are contiguous
+        values = input[rows, cols]
+        # F.normalize: each row divided by max(its L2 norm, 1e-12).
+        norms = torch.zeros(len(input), dtype=values.dtype).index_add_(0, rows, values * values)
+        values = self.noise(values / norms.sqrt_().clamp_min_(1e-12)[rows])
+        return _SparseRowsTimes.apply(encoder, rows, cols, values, len(input))
+
+
+class _SparseRowsTimes(torch.autograd.Function):
+    """``S @ weight`` for the ``rows x len(weight)`` sparse matrix ``S`` whose entries are
+    ``(rows[j], cols[j], values[j])`` in row-major order, differentiable in ``weight`` only.
+
+    Both directions are ``embedding_bag`` sums over the entries: the forward groups them by
+    row, the backward (``S.T @ grad``) by column. Autograd's own backward of ``embedding_bag``
+    takes ~8x longer than a forward (ml-1m batch: 4.1 ms against 0.5 ms).
+    """
+
+    @staticmethod
+    def forward(ctx, weight, rows, cols, values, num_rows):
+        ctx.save_for_backward(rows, cols, values)
+        ctx.num_weight_rows = len(weight)
+        return F.embedding_bag(
+            cols, weight, _bag_offsets(rows, num_rows), mode="sum", per_sample_weights=values
+        )
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        rows, cols, values = ctx.saved_tensors
+        by_column = torch.argsort(cols, stable=True)
+        grad_weight = F.embedding_bag(
+            rows[by_column],
+            grad,
+            _bag_offsets(cols[by_column], ctx.num_weight_rows),
+            mode="sum",
+            per_sample_weights=values[by_column],
+        )
+        return grad_weight, None, None, None, None
+
+
+def _bag_offsets(sorted_bags: torch.Tensor, num_bags: int) -> torch.Tensor:
+    """Start of each bag in a list of entries sorted by bag (empty bags included)."""
+    counts = torch.bincount(sorted_bags, minlength=num_bags)
+    return counts.cumsum(0) - counts

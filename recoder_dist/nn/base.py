@@ -74,10 +74,11 @@ def embedding_rows(embedding: nn.Embedding, items: torch.Tensor | None) -> torch
     """Rows ``items`` of an embedding table (all rows when None).
 
     A sparse embedding is always looked up, never read through ``.weight``: reading the weight
-    directly would give it a dense gradient, which SparseAdam and the sparse sync refuse.
+    directly would give it a dense gradient, which SparseAdam and the sparse sync refuse. Where
+    no gradient is recorded (evaluation), all rows are the weight itself, not a copy.
     """
     if items is not None:
         return embedding(items)
-    if embedding.sparse:
+    if embedding.sparse and torch.is_grad_enabled():
         return embedding(torch.arange(embedding.num_embeddings, device=embedding.weight.device))
     return embedding.weight
