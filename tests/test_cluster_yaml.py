@@ -1,6 +1,6 @@
 """cluster.yaml: Ray's own schema accepts it and refuses a misspelt key; its head runs no
-training; its GPU node types, on Ray's fake multi-node provider, are added when a job asks for
-a GPU and removed when idle."""
+training; its GPU node types, on Ray's fake multi-node provider, are added when a training job
+asks for GPU workers and removed when idle."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -23,6 +22,9 @@ import jsonschema
 import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
+
+from recoder_dist.model import Recoder
+from recoder_dist.nn import DynamicAutoencoder
 
 CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
 VENV_BIN = Path(sys.executable).parent
@@ -116,42 +118,6 @@ def test_head_runs_no_training_and_gpu_workers_scale_from_zero():
 
 
 # --- Autoscaling on Ray's fake multi-node provider -------------------------------------------
-
-# Runs in a separate process (the pytest process may hold a Ray of its own): checks that the
-# cluster starts with the head alone, runs a 1-GPU task, then waits for the idle worker to go.
-DRIVER = textwrap.dedent(
-    """
-    import json, os, time
-    import ray
-
-    ray.init(address=os.environ["RAY_ADDRESS"], logging_level="WARNING")
-    head = ray.get_runtime_context().get_node_id()
-
-    def alive():
-        return sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
-
-    report = {"head": head, "alive_before": alive()}
-
-    @ray.remote(num_gpus=1)
-    def where():
-        return ray.get_runtime_context().get_node_id(), ray.get_gpu_ids()
-
-    start = time.monotonic()
-    node, gpus = ray.get(where.remote(), timeout=float(os.environ["UP_TIMEOUT_S"]))
-    report.update(
-        task_node=node,
-        task_gpus=[str(g) for g in gpus],
-        up_s=time.monotonic() - start,
-        task_node_resources={n["NodeID"]: n["Resources"] for n in ray.nodes()}[node],
-    )
-    start = time.monotonic()
-    deadline = start + float(os.environ["DOWN_TIMEOUT_S"])
-    while alive() != [head] and time.monotonic() < deadline:
-        time.sleep(0.5)
-    report.update(alive_after=alive(), down_s=time.monotonic() - start)
-    print("REPORT " + json.dumps(report))
-    """
-)
 
 
 def _free_port() -> int:
@@ -265,8 +231,9 @@ def _monitor(fake_cluster) -> str:
 
 @pytest.fixture
 def fake_cluster():
-    """A head started from cluster.yaml's node types with the fake provider; yields its GCS
-    address, the child environment, the node types and the temp dir; always torn down."""
+    """A head started from cluster.yaml's node types with the fake provider; yields its
+    dashboard address (jobs, state API), the child environment, the config and the temp dir;
+    always torn down."""
     config = _load()
     assert config["head_node_type"] == FAKE_HEAD_NODE_TYPE, (
         "the fake provider names its head ray.head.default: keep that name in cluster.yaml"
@@ -292,7 +259,17 @@ def fake_cluster():
     # `ray start` (the CLI's module, so that no script has to be on PATH). Every port it would
     # take by default is chosen free, since other Ray clusters may run on this machine, and the
     # temp dir keeps its address file (ray_current_cluster) out of /tmp/ray: a plain
-    # `ray.init()` elsewhere never joins this cluster.
+    # `ray.init()` elsewhere never joins this cluster. The dashboard serves `ray job submit`.
+    dashboard_port = _free_port()
+    ports = (
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "ray-client-server-port",
+        "runtime-env-agent-port",
+        "metrics-export-port",
+        "node-manager-port",
+        "object-manager-port",
+    )
     command = [
         sys.executable,
         "-m",
@@ -306,11 +283,9 @@ def fake_cluster():
         f"--num-cpus={head_resources.get('CPU', 0)}",
         f"--num-gpus={head_resources.get('GPU', 0)}",
         "--object-store-memory=100000000",
-        "--include-dashboard=false",
         "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={_free_port()}",
-        f"--dashboard-agent-listen-port={_free_port()}",
-        f"--ray-client-server-port={_free_port()}",
+        f"--dashboard-port={dashboard_port}",
+        *(f"--{name}={_free_port()}" for name in ports),
         "--disable-usage-stats",
     ]
     log_path = Path(temp_dir) / "ray_start.log"
@@ -324,42 +299,94 @@ def fake_cluster():
             if leader.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"ray start failed:\n{log_path.read_text(errors='replace')[-3000:]}")
             time.sleep(0.5)
-        yield {"address": gcs_address, "env": env, "config": config, "temp_dir": temp_dir}
+        yield {
+            "dashboard": f"http://127.0.0.1:{dashboard_port}",
+            "env": env,
+            "config": config,
+            "temp_dir": temp_dir,
+        }
     finally:
         _stop_cluster(leader)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.mark.slow
-def test_gpu_demand_scales_the_fake_cluster_up_and_back_to_the_head(fake_cluster):
-    env = dict(
-        fake_cluster["env"],
-        RAY_ADDRESS=fake_cluster["address"],
-        UP_TIMEOUT_S="60",
-        DOWN_TIMEOUT_S="60",
-    )
-    try:
-        run = subprocess.run(
-            [sys.executable, "-c", DRIVER], env=env, capture_output=True, text=True, timeout=180
-        )
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"driver hung:\n{e.stdout}\n{e.stderr}\n{_monitor(fake_cluster)}")
-    reports = [line for line in run.stdout.splitlines() if line.startswith("REPORT ")]
-    assert run.returncode == 0 and reports, (
-        f"driver failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}\n{_monitor(fake_cluster)}"
-    )
-    report = json.loads(reports[-1].removeprefix("REPORT "))
-    head = report["head"]
+def _nodes(fake_cluster) -> list:
+    """Every node the cluster has had, dead ones included (Ray's state API)."""
+    from ray.util.state import list_nodes
 
-    # min_workers 0: no GPU node before a job asks for one.
-    assert report["alive_before"] == [head]
-    # The task needed a GPU, the head has none: a worker node of a GPU type was added for it.
-    assert report["task_node"] != head
-    assert len(report["task_gpus"]) == 1
-    _, workers = _node_types(fake_cluster["config"])
-    added = report["task_node_resources"]
-    assert any(
-        all(added.get(k) == v for k, v in t["resources"].items()) for t in workers.values()
-    ), f"{added} is none of the GPU node types {workers}"
-    # Idle after the task: the autoscaler removed it, back to the head alone.
-    assert report["alive_after"] == [head], f"{report}\n{_monitor(fake_cluster)}"
+    return list_nodes(address=fake_cluster["dashboard"], limit=1000, raise_on_missing_output=False)
+
+
+def _gpus(resources: dict) -> float:
+    """GPUs of an actor's resources; in a placement group bundle they are named
+    GPU_group_<bundle index>_<group id>, with the same amount under GPU_group_<group id>."""
+    return sum(v for k, v in resources.items() if re.fullmatch(r"GPU(_group_[0-9a-f]+)?", k))
+
+
+def _alive(fake_cluster) -> list[str]:
+    return sorted(n.node_id for n in _nodes(fake_cluster) if n.state == "ALIVE")
+
+
+@pytest.mark.slow
+def test_a_gpu_training_job_scales_the_fake_cluster_up_and_back_to_the_head(
+    fake_cluster, prepared_ml100k, tmp_path
+):
+    from ray.util.state import list_actors
+
+    from tests.test_job_submit import submit
+
+    # min_workers 0: the head alone (0 CPUs, 0 GPUs) until a job asks for GPUs.
+    (head,) = _alive(fake_cluster)
+    result = submit(
+        (fake_cluster["dashboard"], fake_cluster["env"]),
+        "recoder-dist",
+        "train",
+        "--data",
+        str(prepared_ml100k),
+        "--checkpoint-dir",
+        str(tmp_path / "ck"),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "100",
+        "--workers",
+        "2",
+        "--hidden",
+        "32",
+        "--gpus",
+    )
+    assert result.returncode == 0, (
+        f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n{_monitor(fake_cluster)}"
+    )
+    # The job trained and its snapshot loads.
+    report = json.loads([ln for ln in result.stdout.splitlines() if ln.startswith("{")][-1])
+    recoder = Recoder(DynamicAutoencoder(), num_workers=0)
+    recoder.init_from_model_file(report["checkpoint"])
+    assert recoder.current_epoch == 2 and recoder.model.hidden_layers == [32]
+    # Ray gave the workers GPU ids; the GPUs being fake, they trained on CPU over gloo.
+    assert "the workers train on CPU" in result.stdout
+
+    # Its Ray Train workers (training, then evaluation: 2 + 2) held one GPU each, on nodes that
+    # the autoscaler added for them: nodes of cluster.yaml's GPU types.
+    workers = list_actors(
+        address=fake_cluster["dashboard"],
+        filters=[("class_name", "=", "RayTrainWorker")],
+        detail=True,
+        raise_on_missing_output=False,
+    )
+    assert len(workers) >= 4, workers
+    assert all(_gpus(w.required_resources) == 1 for w in workers), workers
+    added = {n.node_id: n for n in _nodes(fake_cluster) if n.node_id != head}
+    assert added and {w.node_id for w in workers} <= set(added), f"{workers}\n{added}"
+    _, node_types = _node_types(fake_cluster["config"])
+    for node in added.values():
+        assert any(
+            all(node.resources_total.get(k) == v for k, v in t["resources"].items())
+            for t in node_types.values()
+        ), f"{node.resources_total} is none of the GPU node types {node_types}"
+
+    # Idle after the job: the autoscaler removes the GPU nodes, back to the head alone.
+    deadline = time.monotonic() + 60
+    while _alive(fake_cluster) != [head] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _alive(fake_cluster) == [head], _monitor(fake_cluster)

@@ -5,6 +5,9 @@ validation users reach Tune through ``TuneReportCallback``; ASHA stops the weak 
 The best trial's final snapshot is exported as a normal snapshot file, loadable with
 ``Recoder.init_from_model_file``, and the results are written as CSV and printed.
 
+Everything lives under ``--output`` (on a multi-node cluster: storage that every node reaches):
+Tune's experiment state in ``tune/``, each trial's snapshots in ``snapshots/<trial id>/``.
+
     python tune/sweep.py --data data/ml-1m --output sweeps/ml-1m --epochs 50 --workers 2
     python tune/sweep.py --data data/ml-1m --output sweeps/ml-1m --resume   # after a crash
     ray job submit --working-dir . -- python tune/sweep.py --data ... --output ...
@@ -62,13 +65,19 @@ def run_trial(config: dict) -> None:
         eval_freq=config["eval_freq"],
         metrics=list(METRICS),
         eval_num_recommendations=100,
-        model_checkpoint_prefix=os.path.join(tune.get_context().get_trial_dir(), "model"),
+        # Not in the trial dir: that is a staging folder in the driver node's Ray session, which
+        # Tune copies whole to --output at every experiment checkpoint. Under --output,
+        # snapshots outlive the cluster, are reachable from any node and are written once.
+        model_checkpoint_prefix=os.path.join(
+            config["snapshots"], tune.get_context().get_trial_id(), "model"
+        ),
     )
 
 
 def search_space(args) -> dict:
     space = {
         "data": str(Path(args.data).resolve()),
+        "snapshots": str(Path(args.output).resolve() / "snapshots"),
         "lr": tune.grid_search(args.lrs),
         "batch_size": tune.grid_search(args.batch_sizes),
         "hidden_layers": args.hidden,

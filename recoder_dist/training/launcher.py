@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -9,8 +10,10 @@ import tempfile
 import uuid
 
 import ray
+import torch
+import torch.distributed as dist
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from recoder_dist.training.config import WorkerJob
 from recoder_dist.training.progress import ProgressPrinter
@@ -44,6 +47,32 @@ def cluster_gpus() -> float:
     return ray.cluster_resources().get("GPU", 0.0)
 
 
+def _torch_backend(use_cuda: bool) -> str:
+    """NCCL between GPU workers, gloo otherwise. Ray would pick NCCL for any worker that holds
+    a GPU, but a CPU build of torch has none (as on Ray's fake multi-node GPUs)."""
+    return "nccl" if use_cuda and dist.is_nccl_available() else "gloo"
+
+
+def _worker_entry(config: dict) -> None:
+    """The worker loop, on CPU when Ray's fake multi-node provider gave this worker a GPU that
+    does not exist."""
+    job = config["job"]
+    if isinstance(job, ray.ObjectRef):
+        job = ray.get(job)
+    if job.use_cuda and not torch.cuda.is_available():
+        gpus = ray.get_gpu_ids()
+        # RAY_FAKE_CLUSTER=1 is how the fake provider's head is started; its nodes inherit it.
+        if os.environ.get("RAY_FAKE_CLUSTER") != "1":
+            raise RuntimeError(
+                f"use_cuda=True: Ray gave this worker GPU {gpus} but torch "
+                f"{torch.__version__} sees no CUDA device on {ray.util.get_node_ip_address()}"
+            )
+        if ray.train.get_context().get_world_rank() == 0:
+            logger.warning("fake GPU %s (RAY_FAKE_CLUSTER=1): the workers train on CPU", gpus)
+        job = dataclasses.replace(job, use_cuda=False)
+    worker_loop({"job": job})
+
+
 def run_job(
     job: WorkerJob,
     datasets: dict,
@@ -70,8 +99,9 @@ def run_job(
     with ProgressPrinter() as progress:
         job.progress = progress.log
         trainer = TorchTrainer(
-            worker_loop,
+            _worker_entry,
             train_loop_config={"job": job if job.in_process else ray.put(job)},
+            torch_config=TorchConfig(backend=_torch_backend(job.use_cuda)),
             scaling_config=ScalingConfig(
                 num_workers=num_workers, use_gpu=job.use_cuda, resources_per_worker=resources
             ),
