@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import markdown_table
 
 from recoder_dist.baselines import EASE, Popularity, evaluate_scores
 from recoder_dist.datasets import load_events, load_train_test, strong_generalization_split
@@ -142,59 +143,58 @@ def fold_in_scores(recoder: Recoder, lam: float):
     return scores
 
 
+def result_row(dataset: str, model: str, workers, seconds: float, metrics: dict) -> dict:
+    return dict(dataset=dataset, model=model, workers=workers, seconds=seconds, **metrics)
+
+
+def baseline_row(dataset: str, name: str, baseline, train_set, test, metrics) -> dict:
+    started = time.perf_counter()
+    baseline.fit(train_set.interactions)
+    seconds = time.perf_counter() - started
+    return result_row(dataset, name, "-", seconds, evaluate_scores(baseline.scores, test, metrics))
+
+
 def ml1m_rows(args) -> list[dict]:
     events = load_events(args.data_root / "ml-1m-implicit" / "interactions.csv")
     matrix = dataframe_to_csr_matrix(events, "user", "item", "value")[0]
     split = strong_generalization_split(matrix, num_val_users=600, num_test_users=600, seed=0)
     train_set, test = split.train, split.test
     rows = []
-
-    def add(name, workers, seconds, results):
-        rows.append(dict(dataset="ml-1m", model=name, workers=workers, seconds=seconds, **results))
-
     worker_counts = [args.workers]
     if args.compare_workers and args.compare_workers != args.workers:
         worker_counts.append(args.compare_workers)
     for workers in worker_counts:
         dae = DynamicAutoencoder(**DAE_ML1M.model)
         recoder, seconds = train(dae, DAE_ML1M, train_set, workers, args.seed, args.epochs)
-        add("DynamicAutoencoder", workers, seconds, recoder.evaluate(test, metrics=ML1M_METRICS))
+        results = recoder.evaluate(test, metrics=ML1M_METRICS)
+        rows.append(result_row("ml-1m", "DynamicAutoencoder", workers, seconds, results))
 
     mf = MatrixFactorization(**MF_ML1M.model)
     recoder, seconds = train(mf, MF_ML1M, train_set, args.workers, args.seed, args.epochs)
-    scores = fold_in_scores(recoder, MF_FOLD_IN_LAMBDA)
-    add("MF + ridge fold-in", args.workers, seconds, evaluate_scores(scores, test, ML1M_METRICS))
+    results = evaluate_scores(fold_in_scores(recoder, MF_FOLD_IN_LAMBDA), test, ML1M_METRICS)
+    rows.append(result_row("ml-1m", "MF + ridge fold-in", args.workers, seconds, results))
 
     for name, baseline in (("EASE", EASE(EASE_LAMBDA)), ("popularity", Popularity())):
-        started = time.perf_counter()
-        baseline.fit(train_set.interactions)
-        seconds = time.perf_counter() - started
-        add(name, "-", seconds, evaluate_scores(baseline.scores, test, ML1M_METRICS))
+        rows.append(baseline_row("ml-1m", name, baseline, train_set, test, ML1M_METRICS))
     return rows
 
 
 def gowalla_rows(args) -> list[dict]:
     train_set, test = load_train_test(args.data_root / "gowalla").datasets()
     rows = []
-
-    def add(name, workers, seconds, results):
-        rows.append(
-            dict(dataset="gowalla", model=name, workers=workers, seconds=seconds, **results)
-        )
-
     for name, model, run in (
         ("DynamicAutoencoder", DynamicAutoencoder(**DAE_GOWALLA.model), DAE_GOWALLA),
         ("MatrixFactorization", MatrixFactorization(**MF_GOWALLA.model), MF_GOWALLA),
     ):
         recoder, seconds = train(model, run, train_set, args.workers, args.seed, args.epochs)
-        add(name, args.workers, seconds, recoder.evaluate(test, metrics=GOWALLA_METRICS))
+        results = recoder.evaluate(test, metrics=GOWALLA_METRICS)
+        rows.append(result_row("gowalla", name, args.workers, seconds, results))
 
     # EASE's dense 40,981 x 40,981 inverse would take ~13 GB: refused.
     rows.append(dict(dataset="gowalla", model="EASE", note="n/a (too many items)"))
-    started = time.perf_counter()
-    popularity = Popularity().fit(train_set.interactions)
-    seconds = time.perf_counter() - started
-    add("popularity", "-", seconds, evaluate_scores(popularity.scores, test, GOWALLA_METRICS))
+    rows.append(
+        baseline_row("gowalla", "popularity", Popularity(), train_set, test, GOWALLA_METRICS)
+    )
     return rows
 
 
@@ -203,19 +203,12 @@ def print_table(rows: list[dict]) -> None:
     lines = []
     for row in rows:
         if "note" in row:
-            lines.append([row["dataset"], row["model"], "-", row["note"]])  # spans the metrics
+            lines.append([row["dataset"], row["model"], "-", row["note"]])
             continue
         metrics = [f"{row[c]:.4f}" if c in row else "" for c in COLUMNS]
-        lines.append(
-            [row["dataset"], row["model"], str(row["workers"]), *metrics, f"{row['seconds']:.1f}"]
-        )
-    widths = [
-        max(len(h), *(len(line[i]) for line in lines if len(line) == len(header)))
-        for i, h in enumerate(header)
-    ]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    for line in lines:
-        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
+        seconds = f"{row['seconds']:.1f}"
+        lines.append([row["dataset"], row["model"], row["workers"], *metrics, seconds])
+    print(markdown_table(header, lines))
 
 
 def main() -> None:
