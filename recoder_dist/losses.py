@@ -1,4 +1,9 @@
-"""Reconstruction losses, summed over the batch (the trainer divides by the number of users)."""
+"""Reconstruction losses, summed over the batch (the trainer divides by the number of users).
+
+A loss that sets ``accepts_sparse_target`` also takes the target as a coalesced sparse COO
+tensor: the trainer then never builds the dense batch on CPU. Its value is the dense formula's,
+summed over the non-zeros in another order (equal up to rounding).
+"""
 
 from __future__ import annotations
 
@@ -10,11 +15,19 @@ from torch import nn
 class MSELoss(nn.Module):
     """Squared error, weighted by ``1 + confidence`` on observed interactions (target > 0)."""
 
+    accepts_sparse_target = True
+
     def __init__(self, confidence: float = 0.0):
         super().__init__()
         self.confidence = confidence
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if target.is_sparse:
+            # Every entry costs input**2 as if its target were 0; the non-zeros are corrected.
+            scores, values = _at_entries(input, target)
+            weights = 1 + self.confidence * (values > 0).to(input.dtype)
+            correction = weights * (scores - values) ** 2 - scores**2
+            return (input**2).sum() + correction.sum()
         weights = 1 + self.confidence * (target > 0).to(input.dtype)
         return (weights * (input - target) ** 2).sum()
 
@@ -22,8 +35,21 @@ class MSELoss(nn.Module):
 class MultinomialNLLLoss(nn.Module):
     """Multinomial log-likelihood of the row (Mult-DAE/Mult-VAE): ``-sum(target * log_softmax)``."""
 
+    accepts_sparse_target = True
+
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return -(target * F.log_softmax(input, dim=1)).sum()
+        log_probabilities = F.log_softmax(input, dim=1)
+        if target.is_sparse:
+            entries, values = _at_entries(log_probabilities, target)
+            return -(values * entries).sum()
+        return -(target * log_probabilities).sum()
+
+
+def _at_entries(dense: torch.Tensor, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The entries of ``dense`` where ``sparse`` has entries, and ``sparse``'s values."""
+    sparse = sparse.coalesce()
+    rows, cols = sparse.indices()
+    return dense[rows, cols], sparse.values()
 
 
 def _logistic(**params) -> nn.Module:

@@ -148,3 +148,22 @@ def test_loss_of_wrong_type(loss, type_name):
     """Neither a name nor a Module instance: TypeError naming the type."""
     with pytest.raises(TypeError, match=type_name):
         build_loss(loss)
+
+
+@pytest.mark.parametrize(
+    "name, params", [("mse", {}), ("mse", {"confidence": 3.0}), ("logloss", {})]
+)
+def test_sparse_target_gives_the_dense_value_and_gradient(name, params):
+    """A sparse COO target (what the trainer passes on CPU) costs and differentiates as the
+    dense one: same naive value, same gradient."""
+    loss = build_loss(name, params)
+    assert loss.accepts_sparse_target
+    naive = naive_logloss() if name == "logloss" else naive_mse(params.get("confidence", 0.0))
+    grads = {}
+    for layout, target in (("dense", TARGET), ("sparse", TARGET.to_sparse().coalesce())):
+        x = INPUT.clone().requires_grad_(True)
+        value = loss(x, target)
+        value.backward()
+        assert float(value) == pytest.approx(naive, rel=1e-12), layout
+        grads[layout] = x.grad
+    torch.testing.assert_close(grads["sparse"], grads["dense"], rtol=1e-12, atol=1e-12)

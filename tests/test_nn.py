@@ -402,3 +402,36 @@ def test_init_model_needs_sizes():
         MatrixFactorization(4).init_model(num_items=5)
     with pytest.raises(ValueError, match="num_items"):
         MatrixFactorization(4).init_model(num_users=5)
+
+
+@pytest.mark.parametrize("items", [None, torch.tensor([2, 9, 14, 20])])
+@pytest.mark.parametrize("constrained, sparse", [(False, False), (True, True)])
+def test_autoencoder_sparse_input_equals_dense_input(items, constrained, sparse):
+    """A sparse COO input (the trainer's CPU batches) gives the dense input's output and
+    parameter gradients."""
+    assert DynamicAutoencoder.accepts_sparse_input
+    x = rows() if items is None else rows()[:, items]
+    results = {}
+    for layout, input in (("dense", x), ("sparse", x.to_sparse())):
+        model = autoencoder([8, 4], constrained=constrained, sparse=sparse)
+        output = model(input, input_items=items, target_items=items)
+        output.pow(2).sum().backward()
+        grads = {
+            n: p.grad.to_dense() if p.grad.is_sparse else p.grad
+            for n, p in model.named_parameters()
+        }
+        results[layout] = output, grads
+    assert_close(results["sparse"][0], results["dense"][0], **EXACT)
+    for name, grad in results["dense"][1].items():
+        assert_close(results["sparse"][1][name], grad, **EXACT, msg=name)
+
+
+def test_autoencoder_sparse_input_that_needs_a_gradient_is_densified():
+    """An input that requires a gradient takes the dense path and receives its gradient (on
+    its entries: a sparse tensor's gradient has no others)."""
+    model = autoencoder([8])
+    dense = rows().requires_grad_(True)
+    model(dense).sum().backward()
+    sparse = rows().to_sparse().requires_grad_(True)
+    model(sparse).sum().backward()
+    assert_close(sparse.grad.to_dense(), dense.grad * (rows() != 0), **EXACT)

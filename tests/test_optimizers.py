@@ -14,6 +14,7 @@ from recoder_dist.training.optimizers import (
     lr_at_epoch,
     sparse_parameter_names,
 )
+from recoder_dist.training.sparse_adam import RowwiseSparseAdam
 
 NUM_ITEMS, NUM_USERS = 20, 7
 
@@ -128,7 +129,7 @@ def owners(opt: torch.optim.Optimizer | None) -> list[int]:
 
 
 SPLITS = [
-    ("adam", torch.optim.Adam, torch.optim.SparseAdam),
+    ("adam", torch.optim.Adam, RowwiseSparseAdam),
     ("adagrad", torch.optim.Adagrad, torch.optim.Adagrad),
 ]
 
@@ -187,7 +188,7 @@ def test_only_sparse_parameters():
     """A model of sparse tables only gets a SparseAdam and no dense optimizer."""
     opts = build_optimizers(nn.Embedding(5, 2, sparse=True), "adam", lr=0.1, weight_decay=0.0)
     assert opts.dense is None
-    assert type(opts.sparse) is torch.optim.SparseAdam
+    assert type(opts.sparse) is RowwiseSparseAdam
 
 
 def decay_by_name(model, opts) -> dict[str, float]:

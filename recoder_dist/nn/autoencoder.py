@@ -27,6 +27,8 @@ class DynamicAutoencoder(FactorizationModel):
         sparse: give the item embeddings sparse gradients (updated with SparseAdam).
     """
 
+    accepts_sparse_input = True  # on CPU, encoded from its entries; elsewhere densified
+
     def __init__(
         self,
         hidden_layers: list[int] | None = None,
@@ -124,8 +126,15 @@ class DynamicAutoencoder(FactorizationModel):
         target_items: torch.Tensor | None = None,
     ) -> torch.Tensor:
         encoder = embedding_rows(self.encoder_embedding, input_items)
-        if input.device.type == "cpu" and not input.requires_grad:
-            z = self._encode_nonzeros(input, encoder)
+        if input.is_sparse and (input.device.type != "cpu" or input.requires_grad):
+            input = input.to_dense()
+        if input.is_sparse:
+            input = input.coalesce()  # a no-op for the trainer's batches, built coalesced
+            rows, cols = input.indices()
+            z = self._encode_entries(rows, cols, input.values(), input.shape[0], encoder)
+        elif input.device.type == "cpu" and not input.requires_grad:
+            rows, cols = input.nonzero(as_tuple=True)  # row-major: a row's entries contiguous
+            z = self._encode_entries(rows, cols, input[rows, cols], len(input), encoder)
         else:
             z = self.noise(F.normalize(input, p=2, dim=1)) @ encoder
         z = self.act(z + self.encoder_bias)
@@ -142,8 +151,9 @@ class DynamicAutoencoder(FactorizationModel):
         bias = embedding_rows(self.decoder_bias, target_items).squeeze(1)
         return torch.addmm(bias, z, weight.t())
 
-    def _encode_nonzeros(self, input: torch.Tensor, encoder: torch.Tensor) -> torch.Tensor:
-        """``noise(normalize(input)) @ encoder``, computed on the non-zeros of ``input`` only.
+    def _encode_entries(self, rows, cols, values, num_rows: int, encoder) -> torch.Tensor:
+        """``noise(normalize(input)) @ encoder`` from the entries ``(rows, cols, values)`` of
+        ``input`` (row-major order), its non-zeros only.
 
         Interaction rows are a few percent dense: on CPU, the dense product and a dropout mask
         drawn for every zero cost much of a training step (an ml-1m batch of 500 users over
@@ -153,12 +163,10 @@ class DynamicAutoencoder(FactorizationModel):
         non-zero dropped with the same probability (the random draws differ from the dense
         path's). On CUDA the dense path stays: ``nonzero`` would force a host sync every step.
         """
-        rows, cols = input.nonzero(as_tuple=True)  # row-major: a row's entries are contiguous
-        values = input[rows, cols]
         # F.normalize: each row divided by max(its L2 norm, 1e-12).
-        norms = torch.zeros(len(input), dtype=values.dtype).index_add_(0, rows, values * values)
+        norms = torch.zeros(num_rows, dtype=values.dtype).index_add_(0, rows, values * values)
         values = self.noise(values / norms.sqrt_().clamp_min_(1e-12)[rows])
-        return _SparseRowsTimes.apply(encoder, rows, cols, values, len(input))
+        return _SparseRowsTimes.apply(encoder, rows, cols, values, num_rows)
 
 
 class _SparseRowsTimes(torch.autograd.Function):

@@ -34,6 +34,10 @@ class FactorizationModel(nn.Module):
     training data, or from a snapshot). Subclasses implement the four methods below.
     """
 
+    #: True when ``forward`` also takes ``input`` as a sparse COO tensor: the trainer then hands
+    #: CPU batches to the model without densifying them (a dense batch is mostly zeros).
+    accepts_sparse_input = False
+
     def init_model(self, num_items: int | None = None, num_users: int | None = None) -> None:
         """Creates the model's parameters for ``num_items`` items and ``num_users`` users."""
         raise NotImplementedError
@@ -58,7 +62,8 @@ class FactorizationModel(nn.Module):
 
         Args:
             input: dense ``batch x len(input_items)`` matrix (``batch x num_items`` when
-                ``input_items`` is None) of the users' interactions.
+                ``input_items`` is None) of the users' interactions; a sparse COO tensor of
+                that shape for a model that sets ``accepts_sparse_input``.
             input_users: the users of the batch (row ``r`` is user ``input_users[r]``).
             input_items: the items that the columns of ``input`` stand for.
             target_users: the users to score (the same as ``input_users`` in Recoder).

@@ -70,6 +70,8 @@ class MatrixFactorization(FactorizationModel):
         nn.init.normal_(self.item_embedding.weight, std=0.1)
         nn.init.zeros_(self.item_bias.weight)
 
+    accepts_sparse_input = True  # the input rows are not read: users have their own embedding
+
     def forward(
         self,
         input: torch.Tensor,

@@ -7,7 +7,7 @@ import torch
 
 from recoder_dist.data.collator import SparseBatch, UserRows
 from recoder_dist.metrics import Metric
-from recoder_dist.training.step import densify, to_device
+from recoder_dist.training.step import model_input, to_device
 
 
 def _as_batch(rows: UserRows, num_items: int) -> SparseBatch:
@@ -30,7 +30,7 @@ def predict_scores(model, rows: UserRows, num_items: int, device) -> torch.Tenso
 
 def _scores(model, batch: SparseBatch, device) -> torch.Tensor:
     users = to_device(batch.users, device)
-    return model(densify(batch, device), input_users=users, target_users=users)
+    return model(model_input(model, batch, device), input_users=users, target_users=users)
 
 
 @torch.no_grad()

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from recoder_dist.training.sparse_adam import RowwiseSparseAdam
+
 
 @dataclass(frozen=True)
 class _OptimizerKind:
@@ -19,7 +21,7 @@ class _OptimizerKind:
 OPTIMIZERS = {
     "adam": _OptimizerKind(
         build=lambda groups, lr: torch.optim.Adam(groups, lr=lr),
-        build_sparse=lambda groups, lr: torch.optim.SparseAdam(groups, lr=lr),
+        build_sparse=lambda groups, lr: RowwiseSparseAdam(groups, lr=lr),
     ),
     # SGD keeps a dense momentum buffer, so sparse rows get exactly the dense update.
     "sgd": _OptimizerKind(

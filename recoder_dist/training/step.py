@@ -23,15 +23,37 @@ def densify(batch: SparseBatch, device: torch.device) -> torch.Tensor:
     return dense
 
 
+def sparse_tensor(batch: SparseBatch) -> torch.Tensor:
+    """The batch as a CPU sparse COO tensor, flagged coalesced: its entries are row-major and
+    distinct (the collator's order), so nothing is sorted again."""
+    indices = torch.from_numpy(np.stack([batch.rows, batch.cols]))
+    values = torch.from_numpy(batch.values)
+    return torch.sparse_coo_tensor(
+        indices, values, batch.shape, is_coalesced=True, check_invariants=False
+    )
+
+
+def model_input(model, batch: SparseBatch, device: torch.device) -> torch.Tensor:
+    """The batch as ``model`` reads it: sparse on CPU when the model takes a sparse input
+    (building the dense batch costs more than the encoder itself there), otherwise dense."""
+    model = getattr(model, "module", model)  # the model inside DistributedDataParallel
+    if device.type == "cpu" and getattr(model, "accepts_sparse_input", False):
+        return sparse_tensor(batch)
+    return densify(batch, device)
+
+
 def batch_loss(model, loss_fn, batch: SparseBatch, device: torch.device) -> torch.Tensor:
     """Reconstruction loss of one batch, averaged over its users.
 
     The model reads the batch's rows over the sampled items and is scored on the same items.
     """
-    dense = densify(batch, device)
+    input = model_input(model, batch, device)
+    target = input
+    if input.is_sparse and not getattr(loss_fn, "accepts_sparse_target", False):
+        target = densify(batch, device)
     users = to_device(batch.users, device)
     items = None if batch.items is None else to_device(batch.items.astype(np.int64), device)
     output = model(
-        dense, input_users=users, input_items=items, target_users=users, target_items=items
+        input, input_users=users, input_items=items, target_users=users, target_items=items
     )
-    return loss_fn(output, dense) / max(batch.shape[0], 1)
+    return loss_fn(output, target) / max(batch.shape[0], 1)

@@ -1,0 +1,69 @@
+"""One training step's loss: the sparse CPU path against the dense formula."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from recoder_dist.data.collator import Collator, UserRows
+from recoder_dist.losses import build_loss
+from recoder_dist.nn import DynamicAutoencoder
+from recoder_dist.training.step import batch_loss, model_input, sparse_tensor
+
+CPU = torch.device("cpu")
+pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+
+
+def sampled_batch():
+    """The first training batch of a 6-user group over 12 items, negative sampling on."""
+    rng = np.random.default_rng(3)
+    dense = (rng.random((6, 12)) < 0.3) * rng.integers(1, 4, (6, 12))
+    dense[:, 0] = 1
+    indptr = np.concatenate([[0], np.cumsum((dense > 0).sum(1))])
+    group = UserRows(
+        users=np.arange(6, dtype=np.int64),
+        indptr=indptr.astype(np.int64),
+        indices=np.nonzero(dense)[1].astype(np.int64),
+        values=dense[dense > 0].astype(np.float32),
+    )
+    return next(iter(Collator(num_items=12, batch_size=4)(group)))
+
+
+def model():
+    torch.manual_seed(0)
+    net = DynamicAutoencoder([5], noise_prob=0.0)
+    net.init_model(num_items=12)
+    return net
+
+
+def test_sparse_tensor_holds_the_batch():
+    batch = sampled_batch()
+    tensor = sparse_tensor(batch)
+    assert tensor.is_coalesced()
+    np.testing.assert_array_equal(tensor.to_dense().numpy(), batch.to_dense())
+
+
+@pytest.mark.parametrize("loss_name", ["mse", "logistic", "logloss"])
+def test_batch_loss_equals_the_dense_formula(loss_name):
+    """On CPU the autoencoder reads the batch sparse (and logloss/mse take a sparse target,
+    logistic a dense one); the loss is still loss(model(X), X) / users on the dense X."""
+    batch = sampled_batch()
+    net, loss_fn = model(), build_loss(loss_name)
+    assert model_input(net, batch, CPU).is_sparse
+    dense = torch.from_numpy(batch.to_dense())
+    items = torch.from_numpy(batch.items)
+    expected = loss_fn(net(dense, input_items=items, target_items=items), dense) / len(dense)
+    got = batch_loss(net, loss_fn, batch, CPU)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_models_without_sparse_input_get_the_dense_batch():
+    class DenseOnly(torch.nn.Module):
+        def forward(self, input, **_):
+            return input
+
+    batch = sampled_batch()
+    input = model_input(DenseOnly(), batch, CPU)
+    assert not input.is_sparse
+    np.testing.assert_array_equal(input.numpy(), batch.to_dense())
