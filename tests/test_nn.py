@@ -435,3 +435,14 @@ def test_autoencoder_sparse_input_that_needs_a_gradient_is_densified():
     sparse = rows().to_sparse().requires_grad_(True)
     model(sparse).sum().backward()
     assert_close(sparse.grad.to_dense(), dense.grad * (rows() != 0), **EXACT)
+
+
+@pytest.mark.parametrize("num_keys", [7, 2**16, 2**16 + 1])
+def test_stable_order_is_a_stable_argsort(num_keys):
+    """The radix path (keys below 2**16) and torch's path give the same stable order."""
+    from recoder_dist.nn.autoencoder import _stable_order
+
+    keys = torch.randint(0, min(num_keys, 7), (500,), generator=torch.Generator().manual_seed(0))
+    keys[::3] += num_keys - 7  # the largest keys of the range, repeated
+    expected = torch.argsort(keys, stable=True)
+    assert torch.equal(_stable_order(keys, num_keys), expected)
