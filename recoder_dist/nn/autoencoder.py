@@ -195,7 +195,7 @@ class _SparseRowsTimes(torch.autograd.Function):
         grad_weight = F.embedding_bag(
             rows[by_column],
             grad,
-            _bag_offsets(cols[by_column], ctx.num_weight_rows),
+            _bag_offsets(cols, ctx.num_weight_rows),  # counts need no sorting
             mode="sum",
             per_sample_weights=values[by_column],
         )
@@ -210,7 +210,7 @@ def _stable_order(keys: torch.Tensor, num_keys: int) -> torch.Tensor:
     return torch.argsort(keys, stable=True)
 
 
-def _bag_offsets(sorted_bags: torch.Tensor, num_bags: int) -> torch.Tensor:
-    """Start of each bag in a list of entries sorted by bag (empty bags included)."""
-    counts = torch.bincount(sorted_bags, minlength=num_bags)
+def _bag_offsets(bags: torch.Tensor, num_bags: int) -> torch.Tensor:
+    """Start of each bag in the list of ``bags``'s entries sorted by bag (empty bags included)."""
+    counts = torch.bincount(bags, minlength=num_bags)
     return counts.cumsum(0) - counts
