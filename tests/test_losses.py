@@ -164,6 +164,6 @@ def test_sparse_target_gives_the_dense_value_and_gradient(name, params):
         x = INPUT.clone().requires_grad_(True)
         value = loss(x, target)
         value.backward()
-        assert float(value) == pytest.approx(naive, rel=1e-12), layout
+        assert value.item() == pytest.approx(naive, rel=1e-12), layout
         grads[layout] = x.grad
     torch.testing.assert_close(grads["sparse"], grads["dense"], rtol=1e-12, atol=1e-12)
