@@ -9,9 +9,9 @@ negative sampling (batch_size 500, num_sampling_users 500), on ml-1m-implicit an
   (dataset indexing and ``BatchCollator``: torch sparse batches), and the same plus the
   ``to_dense`` of its training step; in a subprocess of its own environment, timed inside.
 - ours: ``rows_from_arrow`` on the group's Arrow rows (what a worker reads from Ray Data) and
-  ``Collator``, which yields sparse batches (rows, cols, values over the sampled items); the
-  dense matrix is built later, on the device. The column "ours + densify" adds that
-  densification (``step.densify`` on CPU) for a like-for-like count.
+  ``Collator``, which yields sparse batches (rows, cols, values over the sampled items); a GPU
+  densifies them on the device, and on CPU the autoencoder reads them sparse. The column
+  "ours + densify" adds a densification (``step.densify`` on CPU) for a like-for-like count.
 
 The Arrow groups are taken from the table beforehand (Ray Data's work, not the collator's).
 Rounds interleave the sides; medians of per-epoch wall-clock (``perf_counter``) times.

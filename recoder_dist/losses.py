@@ -2,7 +2,7 @@
 
 A loss that sets ``accepts_sparse_target`` also takes the target as a coalesced sparse COO
 tensor: the trainer then never builds the dense batch on CPU. Its value is the dense formula's,
-summed over the non-zeros in another order (equal up to rounding).
+with the terms at the target's entries computed from those entries alone (equal up to rounding).
 """
 
 from __future__ import annotations

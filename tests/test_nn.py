@@ -437,12 +437,21 @@ def test_autoencoder_sparse_input_that_needs_a_gradient_is_densified():
     assert_close(sparse.grad.to_dense(), dense.grad * (rows() != 0), **EXACT)
 
 
-@pytest.mark.parametrize("num_keys", [7, 2**16, 2**16 + 1])
-def test_stable_order_is_a_stable_argsort(num_keys):
-    """The radix path (keys below 2**16) and torch's path give the same stable order."""
-    from recoder_dist.nn.autoencoder import _stable_order
-
-    keys = torch.randint(0, min(num_keys, 7), (500,), generator=torch.Generator().manual_seed(0))
-    keys[::3] += num_keys - 7  # the largest keys of the range, repeated
-    expected = torch.argsort(keys, stable=True)
-    assert torch.equal(_stable_order(keys, num_keys), expected)
+@pytest.mark.parametrize("num_items", [2**16, 2**16 + 1])
+def test_sparse_input_gradient_on_either_side_of_the_radix_sort_limit(num_items):
+    """The sparse-input backward orders entries by input column with a 16-bit radix sort up to
+    2**16 columns and with torch's argsort beyond; both give the gradients of the plain dense
+    product (the path of an input that itself requires a gradient), last columns included."""
+    x = torch.zeros(3, num_items, dtype=torch.float64)
+    x[[0, 0, 1, 2, 2], [0, num_items - 1, 5, num_items - 2, num_items - 1]] = 1.0
+    scored = torch.tensor([0, 5, num_items - 1])
+    grads = {}
+    for layout, input in (("dense", x.clone().requires_grad_(True)), ("sparse", x.to_sparse())):
+        torch.manual_seed(0)
+        model = DynamicAutoencoder([2])
+        model.init_model(num_items=num_items)
+        model.double()
+        model(input, target_items=scored).pow(2).sum().backward()
+        grads[layout] = model.encoder_embedding.weight.grad
+    assert grads["dense"][num_items - 1].abs().sum() > 0
+    assert_close(grads["sparse"], grads["dense"], **EXACT)

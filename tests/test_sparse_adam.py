@@ -62,18 +62,27 @@ def test_same_weights_and_state_as_torch_sparse_adam(options):
         assert torch.equal(our_state[key], their_state[key]), key
 
 
-def test_state_dict_loads_into_torch_sparse_adam_and_back():
-    """Snapshots written by either optimizer resume with the other."""
-    param = torch.nn.Parameter(torch.zeros(ROWS, DIM))
-    ours = RowwiseSparseAdam([param], lr=0.1)
-    param.grad = sparse_grad(torch.Generator().manual_seed(0), [1, 2, 5])
-    ours.step()
-    theirs = torch.optim.SparseAdam([param], lr=0.1)
-    theirs.load_state_dict(ours.state_dict())
-    assert theirs.state[param]["step"] == 1
-    back = RowwiseSparseAdam([param], lr=0.1)
-    back.load_state_dict(theirs.state_dict())
-    assert torch.equal(back.state[param]["exp_avg"], ours.state[param]["exp_avg"])
+@pytest.mark.parametrize(
+    "first, second",
+    [(RowwiseSparseAdam, torch.optim.SparseAdam), (torch.optim.SparseAdam, RowwiseSparseAdam)],
+)
+def test_a_run_resumed_with_the_other_optimizer_ends_where_one_run_does(first, second):
+    """Snapshots written by either optimizer resume with the other: 6 steps, then its
+    state_dict into the other for 6 more, give exactly the weights of 12 uninterrupted steps."""
+    grads = gradient_sequence(seed=3)
+    start = torch.randn(ROWS, DIM, generator=torch.Generator().manual_seed(4))
+    resumed, uninterrupted = (torch.nn.Parameter(start.clone()) for _ in range(2))
+    one_run = torch.optim.SparseAdam([uninterrupted], lr=0.02)
+    optimizer = first([resumed], lr=0.02)
+    for step, grad in enumerate(grads):
+        if step == 6:
+            state = optimizer.state_dict()
+            optimizer = second([resumed], lr=0.02)
+            optimizer.load_state_dict(state)
+        for param, opt in ((resumed, optimizer), (uninterrupted, one_run)):
+            param.grad = grad.clone()
+            opt.step()
+    assert torch.equal(resumed, uninterrupted)
 
 
 def test_dense_gradient_is_refused():

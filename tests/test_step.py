@@ -12,11 +12,10 @@ from recoder_dist.nn import DynamicAutoencoder
 from recoder_dist.training.step import batch_loss, model_input, sparse_tensor
 
 CPU = torch.device("cpu")
-pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks")
 
 
-def sampled_batch():
-    """The first training batch of a 6-user group over 12 items, negative sampling on."""
+def sampled_batch(negative_sampling=True):
+    """The first training batch of a 6-user group over 12 items."""
     rng = np.random.default_rng(3)
     dense = (rng.random((6, 12)) < 0.3) * rng.integers(1, 4, (6, 12))
     dense[:, 0] = 1
@@ -27,7 +26,8 @@ def sampled_batch():
         indices=np.nonzero(dense)[1].astype(np.int64),
         values=dense[dense > 0].astype(np.float32),
     )
-    return next(iter(Collator(num_items=12, batch_size=4)(group)))
+    collator = Collator(num_items=12, batch_size=4, negative_sampling=negative_sampling)
+    return next(iter(collator(group)))
 
 
 def model():
@@ -37,10 +37,18 @@ def model():
     return net
 
 
-def test_sparse_tensor_holds_the_batch():
-    batch = sampled_batch()
+@pytest.mark.parametrize("negative_sampling", [True, False])
+def test_sparse_tensor_holds_the_batch_really_coalesced(negative_sampling):
+    """The tensor is flagged coalesced without sorting: its entries must already be in the
+    order and uniqueness that ``coalesce`` would give (else losses would count duplicates)."""
+    batch = sampled_batch(negative_sampling)
     tensor = sparse_tensor(batch)
-    assert tensor.is_coalesced()
+    rebuilt = torch.sparse_coo_tensor(
+        tensor._indices(), tensor._values(), tensor.shape, check_invariants=True
+    )
+    reference = rebuilt.coalesce()  # sorts and merges for real
+    assert torch.equal(tensor._indices(), reference._indices())
+    assert torch.equal(tensor._values(), reference._values())
     np.testing.assert_array_equal(tensor.to_dense().numpy(), batch.to_dense())
 
 

@@ -124,8 +124,8 @@ def test_continued_training_carries_epoch_and_optimizer_state(ray_session, tmp_p
     steps_per_epoch = -(-len(split.train) // 100)
     path = first.save_state(str(tmp_path / "ae"))
 
-    second = Recoder(DynamicAutoencoder(), num_workers=0)
-    second.init_from_model_file(path)
+    second = Recoder(DynamicAutoencoder(), optimizer_type="sgd", loss="mse", num_workers=0)
+    second.init_from_model_file(path)  # the snapshot's optimizer and loss win
     assert second.optimizer_type == "adam" and second.loss == "logloss"
     history = second.train(split.train, batch_size=100, num_epochs=1, negative_sampling=True)
     assert [h["epoch"] for h in history] == [3]

@@ -20,7 +20,11 @@ import numpy as np
 @dataclass(frozen=True)
 class UserRows:
     """A CSR block of user rows: row ``r`` is user ``users[r]`` with
-    ``indices[indptr[r]:indptr[r+1]]`` and the matching ``values``."""
+    ``indices[indptr[r]:indptr[r+1]]`` and the matching ``values``.
+
+    A row's indices are sorted and distinct (``RecommendationDataset`` keeps its matrix in
+    canonical CSR form); the batches built from them rely on it.
+    """
 
     users: np.ndarray
     indptr: np.ndarray
@@ -51,7 +55,7 @@ class SparseBatch:
     """A batch as a sparse ``shape`` matrix: entry ``(rows[j], cols[j])`` is ``values[j]``.
 
     Column ``c`` stands for item ``items[c]``; when ``items`` is None the columns are all items
-    of the catalog in order.
+    of the catalog in order. Entries are row-major and distinct (a coalesced COO matrix).
     """
 
     users: np.ndarray

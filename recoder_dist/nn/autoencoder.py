@@ -153,8 +153,8 @@ class DynamicAutoencoder(FactorizationModel):
         return torch.addmm(bias, z, weight.t())
 
     def _encode_entries(self, rows, cols, values, num_rows: int, encoder) -> torch.Tensor:
-        """``noise(normalize(input)) @ encoder`` from the entries ``(rows, cols, values)`` of
-        ``input`` (row-major order), its non-zeros only.
+        """``noise(normalize(input)) @ encoder`` from the stored entries ``(rows, cols,
+        values)`` of ``input`` (row-major order); the zeros of ``input`` are never read.
 
         Interaction rows are a few percent dense: on CPU, the dense product and a dropout mask
         drawn for every zero cost much of a training step (an ml-1m batch of 500 users over

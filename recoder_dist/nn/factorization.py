@@ -18,6 +18,8 @@ class MatrixFactorization(FactorizationModel):
         sparse: give the embeddings sparse gradients (updated with SparseAdam).
     """
 
+    accepts_sparse_input = True  # the input rows are not read: users have their own embedding
+
     def __init__(
         self,
         embedding_size: int = 200,
@@ -69,8 +71,6 @@ class MatrixFactorization(FactorizationModel):
         nn.init.normal_(self.user_embedding.weight, std=0.1)
         nn.init.normal_(self.item_embedding.weight, std=0.1)
         nn.init.zeros_(self.item_bias.weight)
-
-    accepts_sparse_input = True  # the input rows are not read: users have their own embedding
 
     def forward(
         self,

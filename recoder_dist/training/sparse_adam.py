@@ -16,7 +16,11 @@ import torch
 
 
 class RowwiseSparseAdam(torch.optim.SparseAdam):
-    """``torch.optim.SparseAdam`` (same arguments, same state, same results), faster."""
+    """``torch.optim.SparseAdam`` (same arguments, same state, same results), faster.
+
+    Its gradients are row-sparse, as an embedding table's: a gradient sparse in more than one
+    dimension is refused (torch's accepts it).
+    """
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -40,7 +44,8 @@ class RowwiseSparseAdam(torch.optim.SparseAdam):
                     )
                 grad = -param.grad if group.get("maximize", False) else param.grad
                 state = self.state[param]
-                self._update(param, grad, state, group["lr"], beta1, beta2, group["eps"])
+                lr = float(group["lr"])  # torch reads a tensor lr as a number too
+                self._update(param, grad, state, lr, beta1, beta2, group["eps"])
         return loss
 
     @staticmethod

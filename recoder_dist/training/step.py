@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from recoder_dist.data.collator import SparseBatch
 
@@ -27,7 +28,7 @@ def sparse_tensor(batch: SparseBatch) -> torch.Tensor:
     """The batch as a CPU sparse COO tensor, flagged coalesced: its entries are row-major and
     distinct (the collator's order), so nothing is sorted again."""
     indices = torch.from_numpy(np.stack([batch.rows, batch.cols]))
-    values = torch.from_numpy(batch.values)
+    values = torch.from_numpy(batch.values).to(torch.float32)  # no copy when already float32
     return torch.sparse_coo_tensor(
         indices, values, batch.shape, is_coalesced=True, check_invariants=False
     )
@@ -36,7 +37,8 @@ def sparse_tensor(batch: SparseBatch) -> torch.Tensor:
 def model_input(model, batch: SparseBatch, device: torch.device) -> torch.Tensor:
     """The batch as ``model`` reads it: sparse on CPU when the model takes a sparse input
     (building the dense batch costs more than the encoder itself there), otherwise dense."""
-    model = getattr(model, "module", model)  # the model inside DistributedDataParallel
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
     if device.type == "cpu" and getattr(model, "accepts_sparse_input", False):
         return sparse_tensor(batch)
     return densify(batch, device)
