@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 import re
 import shutil
@@ -22,9 +21,6 @@ import jsonschema
 import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
-
-from recoder_dist.model import Recoder
-from recoder_dist.nn import DynamicAutoencoder
 
 CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
 VENV_BIN = Path(sys.executable).parent
@@ -333,35 +329,19 @@ def test_a_gpu_training_job_scales_the_fake_cluster_up_and_back_to_the_head(
 ):
     from ray.util.state import list_actors
 
-    from tests.test_job_submit import submit
+    from tests.test_job_submit import job_snapshot, small_training_job, submit
 
     # min_workers 0: the head alone (0 CPUs, 0 GPUs) until a job asks for GPUs.
     (head,) = _alive(fake_cluster)
     result = submit(
         (fake_cluster["dashboard"], fake_cluster["env"]),
-        "recoder-dist",
-        "train",
-        "--data",
-        str(prepared_ml100k),
-        "--checkpoint-dir",
-        str(tmp_path / "ck"),
-        "--epochs",
-        "2",
-        "--batch-size",
-        "100",
-        "--workers",
-        "2",
-        "--hidden",
-        "32",
-        "--gpus",
+        *small_training_job(prepared_ml100k, tmp_path / "ck", "--gpus"),
     )
     assert result.returncode == 0, (
         f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n{_monitor(fake_cluster)}"
     )
     # The job trained and its snapshot loads.
-    report = json.loads([ln for ln in result.stdout.splitlines() if ln.startswith("{")][-1])
-    recoder = Recoder(DynamicAutoencoder(), num_workers=0)
-    recoder.init_from_model_file(report["checkpoint"])
+    recoder = job_snapshot(result)
     assert recoder.current_epoch == 2 and recoder.model.hidden_layers == [32]
     # Ray gave the workers GPU ids; the GPUs being fake, they trained on CPU over gloo.
     assert "the workers train on CPU" in result.stdout

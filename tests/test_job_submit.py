@@ -115,17 +115,15 @@ def submit(cluster, *entrypoint, options=(), timeout=300) -> subprocess.Complete
         time.sleep(1)
 
 
-@pytest.mark.slow
-def test_training_job_succeeds_and_its_checkpoint_loads(cluster, prepared_ml100k, tmp_path):
-    prepared = prepared_ml100k
-    result = submit(
-        cluster,
+def small_training_job(prepared: Path, checkpoint_dir: Path, *extra: str) -> list[str]:
+    """`recoder-dist train` on prepared ml-100k: 2 epochs, batch 100, 2 workers, hidden [32]."""
+    return [
         "recoder-dist",
         "train",
         "--data",
         str(prepared),
         "--checkpoint-dir",
-        str(tmp_path / "ck"),
+        str(checkpoint_dir),
         "--epochs",
         "2",
         "--batch-size",
@@ -134,11 +132,23 @@ def test_training_job_succeeds_and_its_checkpoint_loads(cluster, prepared_ml100k
         "2",
         "--hidden",
         "32",
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        *extra,
+    ]
+
+
+def job_snapshot(result: subprocess.CompletedProcess) -> Recoder:
+    """The snapshot that a training job reported (its last JSON line), loaded in-process."""
     report = json.loads([ln for ln in result.stdout.splitlines() if ln.startswith("{")][-1])
     recoder = Recoder(DynamicAutoencoder(), num_workers=0)
     recoder.init_from_model_file(report["checkpoint"])
+    return recoder
+
+
+@pytest.mark.slow
+def test_training_job_succeeds_and_its_checkpoint_loads(cluster, prepared_ml100k, tmp_path):
+    result = submit(cluster, *small_training_job(prepared_ml100k, tmp_path / "ck"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    recoder = job_snapshot(result)
     assert recoder.current_epoch == 2 and recoder.model.hidden_layers == [32]
 
 
