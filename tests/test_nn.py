@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from recoder_dist.nn import DynamicAutoencoder, FactorizationModel, MatrixFactorization
+from recoder_dist.nn.base import embedding_rows
 
 NUM_ITEMS = 30
 NUM_USERS = 12
@@ -455,3 +456,63 @@ def test_sparse_input_gradient_on_either_side_of_the_radix_sort_limit(num_items)
         grads[layout] = model.encoder_embedding.weight.grad
     assert grads["dense"][num_items - 1].abs().sum() > 0
     assert_close(grads["sparse"], grads["dense"], **EXACT)
+
+
+@pytest.mark.parametrize("noise_prob", [0.25, 0.5])
+def test_sparse_input_noise_drops_entries_at_the_rate_and_rescales_the_rest(noise_prob):
+    """In training, input noise on the sparse path zeroes each stored entry with probability
+    ``noise_prob`` and divides the kept ones by ``1 - noise_prob``: read back through an
+    identity encoder and a linear activation, the code is the normalized row with some entries
+    dropped. 12,000 entries: the kept fraction is within 5 standard deviations of 1 - p."""
+    num_users, num_items = 400, 60
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.rand(num_users, num_items, generator=gen, dtype=torch.float64) < 0.5).double()
+    x[:, 0] = 1.0  # no empty row
+    model = DynamicAutoencoder([num_items], activation_type="none", noise_prob=noise_prob)
+    model.init_model(num_items=num_items)
+    model.double()
+    with torch.no_grad():
+        model.encoder_embedding.weight.copy_(torch.eye(num_items, dtype=torch.float64))
+    codes = []
+    model.act.register_forward_hook(lambda module, args, out: codes.append(args[0]))
+    model.train()(x.to_sparse())
+    code = codes[0]  # act's input: noise(normalize(x)) @ I + bias, the bias zero
+    normalized = F.normalize(x, p=2, dim=1)
+    kept = code != 0
+    assert not kept[x == 0].any()
+    assert_close(code[kept], normalized[kept] / (1 - noise_prob), **EXACT)
+    entries = int((x != 0).sum())
+    rate, spread = (1 - noise_prob), (noise_prob * (1 - noise_prob) / entries) ** 0.5
+    assert abs(int(kept.sum()) / entries - rate) < 5 * spread
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        torch.arange(NUM_ITEMS),  # every row: the weight itself, no copy
+        torch.arange(1, NUM_ITEMS),  # every row but the first: looked up
+        torch.tensor([0, 2, 2, *range(3, NUM_ITEMS)]),  # first and last right, a repeat
+        torch.tensor([*range(NUM_ITEMS - 2), NUM_ITEMS - 1, NUM_ITEMS - 2]),  # out of order
+        None,
+    ],
+)
+def test_embedding_rows_reads_every_row_without_a_copy_and_the_same_sparse_gradient(items):
+    """``embedding_rows`` of a sparse table gives what the lookup ``embedding(items)`` gives,
+    forward and backward (a sparse gradient); for ``0..n-1`` (or None) it is the weight's
+    memory, not a gathered copy."""
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(NUM_ITEMS, 4, sparse=True).double()
+    lookup = torch.arange(NUM_ITEMS) if items is None else items
+    scale = torch.randn(len(lookup), 4, dtype=torch.float64)
+    grads = {}
+    for way in ("embedding_rows", "lookup"):
+        table.weight.grad = None
+        rows = embedding_rows(table, items) if way == "embedding_rows" else table(lookup)
+        (rows * scale).sum().backward()
+        assert table.weight.grad.is_sparse, way
+        grads[way] = table.weight.grad.to_dense()
+        if way == "embedding_rows":
+            every_row = items is None or torch.equal(items, torch.arange(NUM_ITEMS))
+            assert (rows.data_ptr() == table.weight.data_ptr()) == every_row
+            assert_close(rows, table(lookup), **EXACT)
+    assert_close(grads["embedding_rows"], grads["lookup"], **EXACT)

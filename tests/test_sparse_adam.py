@@ -31,6 +31,10 @@ def gradient_sequence(seed: int) -> list[torch.Tensor]:
             rows = [2, 2, 5, 40]  # sorted, yet not distinct
         elif step in (9, 10):
             rows = [1, 4, 7, 30, 49]  # sorted and distinct, as an embedding lookup of the items
+        elif step in (5, 11):
+            # Every row (the in-place whole-table update): in order, as an ml-1m batch's items,
+            # and reversed with a duplicate, which coalescing turns into every row.
+            rows = list(range(ROWS)) if step == 11 else [0, *reversed(range(ROWS))]
         else:
             rows = torch.randint(0, ROWS, (20,), generator=generator).tolist()
         steps.append(sparse_grad(generator, rows))

@@ -82,8 +82,38 @@ def embedding_rows(embedding: nn.Embedding, items: torch.Tensor | None) -> torch
     directly would give it a dense gradient, which SparseAdam and the sparse sync refuse. Where
     no gradient is recorded (evaluation), all rows are the weight itself, not a copy.
     """
-    if items is not None:
+    if items is not None and not _every_row(embedding, items):
         return embedding(items)
     if embedding.sparse and torch.is_grad_enabled():
-        return embedding(torch.arange(embedding.num_embeddings, device=embedding.weight.device))
+        return _EveryRow.apply(embedding.weight)
     return embedding.weight
+
+
+def _every_row(embedding: nn.Embedding, items: torch.Tensor) -> bool:
+    """Whether ``items`` is ``0, 1, ..., num_embeddings - 1`` (every ml-1m batch of 500 users
+    samples all 2,810 items), checked on CPU only: on CUDA the check would wait for the device."""
+    last = embedding.num_embeddings - 1
+    return (
+        items.device.type == "cpu"
+        and embedding.max_norm is None
+        and items.shape == (last + 1,)
+        and int(items[0]) == 0
+        and int(items[-1]) == last
+        and bool((items[1:] > items[:-1]).all())
+    )
+
+
+class _EveryRow(torch.autograd.Function):
+    """``embedding(arange(num_embeddings))`` without the copy: the weight itself, and in the
+    backward the sparse gradient that the lookup gives (rows 0..n-1, values the gradient)."""
+
+    @staticmethod
+    def forward(ctx, weight):
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows = torch.arange(len(grad), device=grad.device)
+        return torch.sparse_coo_tensor(
+            rows[None], grad.contiguous(), grad.shape, check_invariants=False
+        )

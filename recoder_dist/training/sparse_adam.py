@@ -5,7 +5,8 @@ writes them back by adding sparse tensors, which sorts and merges index lists se
 step. Gathering the rows once (``index_select``), updating them densely and scattering them back
 (``index_copy_``/``index_add_``) does the same float operations in the same order, so the
 result is bit-for-bit torch's, in about half the time (ml-1m decoder table, 2,700 of 2,810 rows
-touched, one thread: 2.6 ms a step against 5.2 ms).
+touched, one thread: 2.6 ms a step against 5.2 ms). A gradient that has every row is applied in
+place on the whole table, with the same operations and no gathering at all.
 """
 
 from __future__ import annotations
@@ -59,6 +60,12 @@ class RowwiseSparseAdam(torch.optim.SparseAdam):
         if values.numel() == 0:  # torch counts the step and updates nothing
             return
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        bias_correction1 = 1 - beta1 ** state["step"]
+        bias_correction2 = 1 - beta2 ** state["step"]
+        step_size = lr * math.sqrt(bias_correction2) / bias_correction1
+        if len(rows) == len(param):  # distinct rows, all of them: 0, 1, ..., len(param) - 1
+            _update_every_row(param, values, exp_avg, exp_avg_sq, beta1, beta2, eps, step_size)
+            return
 
         old_avg = exp_avg.index_select(0, rows)
         old_avg_sq = exp_avg_sq.index_select(0, rows)
@@ -67,11 +74,15 @@ class RowwiseSparseAdam(torch.optim.SparseAdam):
         avg_sq = values.pow(2).sub_(old_avg_sq).mul_(1 - beta2).add_(old_avg_sq)
         exp_avg.index_copy_(0, rows, avg)
         exp_avg_sq.index_copy_(0, rows, avg_sq)
-
-        bias_correction1 = 1 - beta1 ** state["step"]
-        bias_correction2 = 1 - beta2 ** state["step"]
-        step_size = lr * math.sqrt(bias_correction2) / bias_correction1
         param.index_add_(0, rows, avg.div_(avg_sq.sqrt_().add_(eps)).mul_(-step_size))
+
+
+def _update_every_row(param, values, exp_avg, exp_avg_sq, beta1, beta2, eps, step_size):
+    """The update above when the gradient has every row (every ml-1m batch touches all 2,810
+    items): the same float operations done in place, without gathering or scattering rows."""
+    exp_avg.add_(values.sub(exp_avg).mul_(1 - beta1))
+    exp_avg_sq.add_(values.pow(2).sub_(exp_avg_sq).mul_(1 - beta2))
+    param.add_(exp_avg.div(exp_avg_sq.sqrt().add_(eps)).mul_(-step_size))
 
 
 def _distinct_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
