@@ -97,23 +97,25 @@ def trained_recoder(train: sp.csr_matrix, epochs: int):
 def our_worker_batches(model, inputs, targets) -> tuple[float, dict]:
     """Seconds of ``metric_sums`` over all batches (a worker's evaluation work) and the means."""
     from recoder_dist.data.collator import UserRows
+    from recoder_dist.training.allocator import reuse_freed_memory
     from recoder_dist.training.evaluation import metric_sums
 
     found = metrics()
     sums, count = np.zeros(len(found)), 0
     start = time.perf_counter()
-    for lo in range(0, inputs.shape[0], BATCH):
-        users = np.arange(lo, min(lo + BATCH, inputs.shape[0]))
-        batch_sums, batch_count = metric_sums(
-            model,
-            UserRows.from_csr(inputs, users),
-            UserRows.from_csr(targets, users),
-            found,
-            K,
-            inputs.shape[1],
-            torch.device("cpu"),
-        )
-        sums, count = sums + batch_sums, count + batch_count
+    with reuse_freed_memory():  # as the worker loop runs it
+        for lo in range(0, inputs.shape[0], BATCH):
+            users = np.arange(lo, min(lo + BATCH, inputs.shape[0]))
+            batch_sums, batch_count = metric_sums(
+                model,
+                UserRows.from_csr(inputs, users),
+                UserRows.from_csr(targets, users),
+                found,
+                K,
+                inputs.shape[1],
+                torch.device("cpu"),
+            )
+            sums, count = sums + batch_sums, count + batch_count
     seconds = time.perf_counter() - start
     return seconds, {m.name: s / count for m, s in zip(found, sums)}
 
