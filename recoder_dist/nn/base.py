@@ -95,6 +95,7 @@ def _every_row(embedding: nn.Embedding, items: torch.Tensor) -> bool:
     last = embedding.num_embeddings - 1
     return (
         items.device.type == "cpu"
+        and last >= 0
         and embedding.max_norm is None
         and items.shape == (last + 1,)
         and int(items[0]) == 0
