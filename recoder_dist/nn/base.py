@@ -76,7 +76,8 @@ class FactorizationModel(nn.Module):
 
 
 def embedding_rows(embedding: nn.Embedding, items: torch.Tensor | None) -> torch.Tensor:
-    """Rows ``items`` of an embedding table (all rows when None).
+    """Rows ``items`` of an embedding table (all rows when None, or when ``items`` is
+    ``0..n-1``: then the weight itself is read, not a gathered copy).
 
     A sparse embedding is always looked up, never read through ``.weight``: reading the weight
     directly would give it a dense gradient, which SparseAdam and the sparse sync refuse. Where

@@ -4,9 +4,9 @@ Every step allocates and frees the same large tensors (an ml-1m batch's logits a
 gradients: 5.6 MB each; Gowalla's: up to ~40 MB). With glibc's defaults, blocks above its
 mmap threshold (adaptive, at most 32 MB) are mapped fresh on every allocation, and the top of
 the heap is given back whenever more than twice that threshold is free: the next step then
-page-faults the same memory in again, and the kernel zeroes it. On ml-1m (one thread) that was
-6,000-10,000 page faults and 17-33 ms of system time per epoch; with the settings below,
-800-1,700 and 8-13 ms.
+page-faults the same memory in again, and the kernel zeroes it. On ml-1m (one thread, 8 runs)
+that was 4,500-11,600 page faults and 17-33 ms of system time per epoch; with the settings
+below, 800-1,700 and 8-14 ms.
 
 PyTorch's CUDA allocator caches freed blocks for the same reason; on CPU this is the glibc
 equivalent. The settings are process-wide (``mallopt``): they stay for the life of the process,
