@@ -126,6 +126,17 @@ class DynamicAutoencoder(FactorizationModel):
         target_users: torch.Tensor | None = None,
         target_items: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        codes = self._codes(input, input_items)
+        weight = embedding_rows(self.decoder_embedding, target_items)
+        bias = embedding_rows(self.decoder_bias, target_items).squeeze(1)
+        return torch.addmm(bias, codes, weight.t())
+
+    def score_factors(self, input, input_users=None, input_items=None):
+        codes = self._codes(input, input_items)
+        return codes, self.decoder_embedding.weight, self.decoder_bias.weight.squeeze(1)
+
+    def _codes(self, input: torch.Tensor, input_items: torch.Tensor | None) -> torch.Tensor:
+        """The decoder's last hidden layer for the rows of ``input``."""
         encoder = embedding_rows(self.encoder_embedding, input_items)
         if input.is_sparse and (input.device.type != "cpu" or input.requires_grad):
             input = input.to_dense()
@@ -148,9 +159,7 @@ class DynamicAutoencoder(FactorizationModel):
         else:
             for layer in self.decoder_layers:
                 z = self.act(layer(z))
-        weight = embedding_rows(self.decoder_embedding, target_items)
-        bias = embedding_rows(self.decoder_bias, target_items).squeeze(1)
-        return torch.addmm(bias, z, weight.t())
+        return z
 
     def _encode_entries(self, rows, cols, values, num_rows: int, encoder) -> torch.Tensor:
         """``noise(normalize(input)) @ encoder`` from the stored entries ``(rows, cols,

@@ -80,9 +80,15 @@ class MatrixFactorization(FactorizationModel):
         target_users: torch.Tensor | None = None,
         target_items: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if input_users is None:
-            raise ValueError("MatrixFactorization scores known users: pass input_users")
-        users = self.dropout(self.act(self.user_embedding(input_users)))
         items = self.act(embedding_rows(self.item_embedding, target_items))
         bias = embedding_rows(self.item_bias, target_items).squeeze(1)
-        return torch.addmm(bias, users, items.t())
+        return torch.addmm(bias, self._user_codes(input_users), items.t())
+
+    def score_factors(self, input, input_users=None, input_items=None):
+        items = self.act(self.item_embedding.weight)
+        return self._user_codes(input_users), items, self.item_bias.weight.squeeze(1)
+
+    def _user_codes(self, input_users: torch.Tensor | None) -> torch.Tensor:
+        if input_users is None:
+            raise ValueError("MatrixFactorization scores known users: pass input_users")
+        return self.dropout(self.act(self.user_embedding(input_users)))

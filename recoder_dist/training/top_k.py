@@ -1,0 +1,117 @@
+"""Exact top-k over every item for a batch of users, fast on CPU.
+
+Two costs dominate evaluation on CPU (batches of 500 users, top 100, one thread):
+``torch.topk`` itself, 25 us a row on ml-1m's 2,810 items and 90 us on Gowalla's 40,981; and,
+on a large catalog, the score product written whole. Gowalla's is 82 MB, past the caches, and
+runs at ~44 GFLOPS against ~90 in slices of 1,024 items.
+
+So the product is taken slice by slice (``top_k_of_product``), and the top k is found in rounds
+of block maxima (``top_k``). The top k of a row lies in the k blocks of consecutive entries
+that have the largest maxima. Proof: the k largest block maxima are k distinct entries, so
+the row's k-th largest entry is at least the k-th largest block maximum ``t``. An entry of the
+top k is then ``>= t``, hence so is its block's maximum, and only the top k blocks have a
+maximum ``>= t`` (up to ties at ``t``). A round is one pass for the maxima (made while each
+slice is still cached), a top k of the maxima, and a gather of the chosen blocks.
+Gowalla: 40,981 entries, blocks of 32 give 3,200 candidates, blocks of 4 give 400, then
+``torch.topk`` sorts the top 100 of those.
+
+The values are ``torch.topk``'s, bit for bit. Among entries tied at the k-th value, the ones
+picked may differ, as they may between any two top-k implementations. Off CPU, ``torch.topk``
+runs on the whole matrix (one kernel on a GPU; no device here to measure more).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Block sizes of the rounds, each used where it pays (measured, 500 x 40,981 and 500 x 2,810
+# scores, k 20 and 100: the largest gain, against torch.topk, of the pairs of sizes tried).
+BLOCKS = (32, 4)
+SLICE = 1024  # items per slice of the product: 500 users x 1,024 floats (2 MB) stay cached
+
+
+def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(scores, k, dim=1)`` (values sorted, largest first) for a 2-D matrix."""
+    num_items = scores.shape[1]
+    if scores.device.type != "cpu" or not _round_sizes(num_items, k):
+        return torch.topk(scores, k, dim=1)
+    padded = F.pad(scores, (0, _padded_width(num_items) - num_items), value=-torch.inf)
+    return _top_k_in_blocks(padded, k, num_items)
+
+
+def top_k_of_product(
+    codes: torch.Tensor,
+    vectors: torch.Tensor,
+    bias: torch.Tensor,
+    k: int,
+    excluded_rows: torch.Tensor,
+    excluded_cols: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``top_k`` of ``bias + codes @ vectors.T`` with the entries ``(excluded_rows[j],
+    excluded_cols[j])`` set to -inf; on a large catalog, computed in slices of ``SLICE`` items."""
+    num_users, num_items = len(codes), len(vectors)
+    block = BLOCKS[0]
+    if codes.device.type != "cpu" or _round_sizes(num_items, k)[:1] != [block]:
+        scores = torch.addmm(bias, codes, vectors.t())
+        scores.view(-1).index_fill_(0, excluded_rows * num_items + excluded_cols, -torch.inf)
+        return top_k(scores, k)
+
+    scores = torch.empty((num_users, _padded_width(num_items)), dtype=codes.dtype)
+    scores[:, num_items:] = -torch.inf
+    maxima = torch.empty((num_users, scores.shape[1] // block), dtype=codes.dtype)
+    # The excluded entries in slice order, so that each slice masks its own while cached.
+    slice_of = excluded_cols // SLICE
+    order = torch.argsort(slice_of, stable=True)
+    excluded_rows, excluded_cols = excluded_rows[order], excluded_cols[order]
+    ends = torch.bincount(slice_of, minlength=-(-num_items // SLICE)).cumsum(0).tolist()
+    for number, lo in enumerate(range(0, num_items, SLICE)):
+        hi = min(lo + SLICE, num_items)
+        part = scores[:, lo:hi]
+        torch.addmm(bias[lo:hi], codes, vectors[lo:hi].t(), out=part)
+        start = ends[number - 1] if number else 0
+        rows, cols = excluded_rows[start : ends[number]], excluded_cols[start : ends[number]]
+        part.index_put_((rows, cols - lo), torch.tensor(-torch.inf))
+        width = -(-(hi - lo) // block) * block  # the last slice's padding joins its last block
+        cached = scores[:, lo : lo + width]
+        maxima[:, lo // block : (lo + width) // block] = cached.unflatten(1, (-1, block)).amax(2)
+    return _top_k_in_blocks(scores, k, num_items, maxima)
+
+
+def _round_sizes(width: int, k: int) -> list[int]:
+    """The block sizes of the rounds for rows of ``width`` entries: a round pays when its
+    candidates (k blocks) are at most a quarter of the entries before it. (Blocks of 4 alone
+    over ml-1m's 2,810 items, k 100, beat torch.topk by a third on random scores but not on a
+    trained model's: 25,200 against 25,800 users/s.)"""
+    sizes = []
+    for size in BLOCKS:
+        if width < 4 * k * size:
+            break
+        sizes.append(size)
+        width = k * size
+    return sizes
+
+
+def _padded_width(num_items: int) -> int:
+    return -(-num_items // BLOCKS[0]) * BLOCKS[0]
+
+
+def _top_k_in_blocks(scores, k: int, num_items: int, first_maxima=None):
+    """Rounds of block selection over ``scores`` (contiguous, ``_padded_width`` columns, those
+    past ``num_items`` at -inf), then ``torch.topk``. ``first_maxima``: the maxima of the
+    first round's blocks, when already taken."""
+    rows = len(scores)
+    values, positions = scores, None  # positions: the column of scores that each value is
+    for size in _round_sizes(num_items, k):
+        maxima = values.unflatten(1, (-1, size)).amax(2) if first_maxima is None else first_maxima
+        first_maxima = None
+        _, blocks = torch.topk(maxima, k, dim=1, sorted=False)
+        per_row = values.shape[1] // size
+        flat_blocks = (torch.arange(rows)[:, None] * per_row + blocks).view(-1)
+        values = values.reshape(-1, size).index_select(0, flat_blocks).view(rows, k * size)
+        columns = (blocks[:, :, None] * size + torch.arange(size)).view(rows, k * size)
+        positions = columns if positions is None else positions.gather(1, columns)
+    top_values, picked = torch.topk(values, k, dim=1)
+    items = picked if positions is None else positions.gather(1, picked)
+    # A padding column is picked only at -inf, when a row has fewer than k finite scores.
+    return top_values, items.clamp_max_(num_items - 1)
