@@ -66,14 +66,17 @@ def test_ties_and_excluded_entries_keep_torch_topk_values():
     assert int((values[7] > -torch.inf).sum()) == 11
 
 
-@pytest.mark.parametrize("num_items", [3001, 1500, 1000])
-def test_sliced_product_matches_the_whole_product(num_items):
+@pytest.mark.parametrize(
+    "num_items, dtype",
+    [(3001, torch.float32), (1500, torch.float32), (1000, torch.float32), (3001, torch.float64)],
+)
+def test_sliced_product_matches_the_whole_product(num_items, dtype):
     """3,001 items: three slices, the last one 953 items (not a whole number of blocks); 1,000
     items: too few for blocks, one product and torch.topk."""
     generator = torch.Generator().manual_seed(2)
-    codes = torch.randn(40, 16, generator=generator)
-    vectors = torch.randn(num_items, 16, generator=generator)
-    bias = torch.randn(num_items, generator=generator)
+    codes = torch.randn(40, 16, generator=generator, dtype=dtype)
+    vectors = torch.randn(num_items, 16, generator=generator, dtype=dtype)
+    bias = torch.randn(num_items, generator=generator, dtype=dtype)
     rows = torch.randint(0, 40, (600,), generator=generator)
     cols = torch.randint(0, num_items, (600,), generator=generator)
     k = 10

@@ -65,13 +65,14 @@ def top_k_of_product(
     order = torch.argsort(slice_of, stable=True)
     excluded_rows, excluded_cols = excluded_rows[order], excluded_cols[order]
     ends = torch.bincount(slice_of, minlength=-(-num_items // SLICE)).cumsum(0).tolist()
+    minus_inf = torch.tensor(-torch.inf, dtype=codes.dtype)
     for number, lo in enumerate(range(0, num_items, SLICE)):
         hi = min(lo + SLICE, num_items)
         part = scores[:, lo:hi]
         torch.addmm(bias[lo:hi], codes, vectors[lo:hi].t(), out=part)
         start = ends[number - 1] if number else 0
         rows, cols = excluded_rows[start : ends[number]], excluded_cols[start : ends[number]]
-        part.index_put_((rows, cols - lo), torch.tensor(-torch.inf))
+        part.index_put_((rows, cols - lo), minus_inf)
         width = -(-(hi - lo) // block) * block  # the last slice's padding joins its last block
         cached = scores[:, lo : lo + width]
         maxima[:, lo // block : (lo + width) // block] = cached.unflatten(1, (-1, block)).amax(2)
