@@ -78,8 +78,9 @@ class RowwiseSparseAdam(torch.optim.SparseAdam):
 
 
 def _update_every_row(param, values, exp_avg, exp_avg_sq, beta1, beta2, eps, step_size):
-    """The update above when the gradient has every row (every ml-1m batch touches all 2,810
-    items): the same float operations done in place, without gathering or scattering rows."""
+    """The update above when the gradient has every row (negative sampling off, or a group
+    that touched every item): the same float operations in place, without gathering or
+    scattering rows."""
     exp_avg.add_(values.sub(exp_avg).mul_(1 - beta1))
     exp_avg_sq.add_(values.pow(2).sub_(exp_avg_sq).mul_(1 - beta2))
     param.add_(exp_avg.div(exp_avg_sq.sqrt().add_(eps)).mul_(-step_size))
