@@ -25,8 +25,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Block sizes of the rounds, each used where it pays (measured, 500 x 40,981 and 500 x 2,810
-# scores, k 20 and 100: the largest gain, against torch.topk, of the pairs of sizes tried).
+# Block sizes of the rounds, each used where it pays (measured on random 500 x 40,981 and
+# 500 x 2,810 scores, k 20 and 100: the largest gain, against torch.topk, of the pairs of sizes
+# tried; on a trained Gowalla model (32, 4) and (32, 8) are within 1%).
 BLOCKS = (32, 4)
 SLICE = 1024  # items per slice of the product: 500 users x 1,024 floats (2 MB) stay cached
 
