@@ -15,8 +15,10 @@ must agree.
 Timed: recsys-recoder's ``RecommenderEvaluator(InferenceRecommender(...)).evaluate`` (what its
 ``Recoder.evaluate`` runs) inside a subprocess of its own environment, repeated, the first
 dropped; ours (a) the per-batch work of a worker, ``metric_sums`` over batches of
-``UserRows``, and (b) the whole ``Recoder(num_workers=0).evaluate`` call (Ray Data set-up and
-the Train controller included). Rounds interleave the sides; medians.
+``UserRows``, as it runs here (on a CPU with native bf16 products, a large catalog's product in
+bf16 and its candidates rescored in fp32) and with the fp32 product only
+(``bf16_candidates.ENABLED = False``), and (b) the whole ``Recoder(num_workers=0).evaluate``
+call (Ray Data set-up and the Train controller included). Rounds interleave the sides; medians.
 
     python benchmarks/eval_speed.py             # ml-1m and Gowalla, ~5 min
     python benchmarks/eval_speed.py --quick     # ml-1m, < 1 min warm
@@ -43,6 +45,8 @@ from _common import (
     save_bar_plot,
 )
 from _reference_venv import run_reference
+
+from recoder_dist.training import bf16_candidates
 
 MODEL = dict(hidden_layers=[200], activation_type="tanh", noise_prob=0.5, sparse=True)
 K = 100
@@ -149,7 +153,7 @@ def measure(name: str, args) -> dict:
         batch_size=BATCH,
         repeats=args.repeats + 1,
     )
-    times = {"ref": [], "worker": [], "call": []}
+    times = {"ref": [], "worker": [], "fp32": [], "call": []}
     means = {}
     for round_ in range(args.rounds):
         print(f"[{name}] round {round_ + 1}/{args.rounds}", flush=True)
@@ -159,6 +163,10 @@ def measure(name: str, args) -> dict:
         for _ in range(args.repeats):
             seconds, means["ours"] = our_worker_batches(model, inputs, targets)
             times["worker"].append(seconds)
+            bf16_candidates.ENABLED = False
+            seconds, means["ours, fp32 product only"] = our_worker_batches(model, inputs, targets)
+            bf16_candidates.ENABLED = True
+            times["fp32"].append(seconds)
         seconds, means["ours, Recoder.evaluate"] = our_evaluate_call(recoder, inputs, targets)
         times["call"].append(seconds)
     users = inputs.shape[0]
@@ -183,13 +191,15 @@ def main():
 
     print(f"\nmachine load when the tables were taken: {load_average()}")
     print(f"torch threads: {args.threads}; top-{K} over all items, batches of {BATCH} users")
+    native = bf16_candidates.applies(torch.zeros(1, MODEL["hidden_layers"][-1]))
+    print(f"bf16 candidate pass: {'on' if native else 'off (no native bf16 products)'}")
     labels, series = (
         [],
         {"recsys-recoder 0.4.0": [], "ours (worker)": [], "ours (evaluate call)": []},
     )
     for name, r in results.items():
         users = r["users"]
-        ref, worker, call = (median(r["times"][k]) for k in ("ref", "worker", "call"))
+        ref, worker, fp32, call = (median(r["times"][k]) for k in ("ref", "worker", "fp32", "call"))
         print(
             f"\n### {name}: {users:,} evaluation users "
             f"(recsys-recoder counted {r['ref_users']:,})\n"
@@ -201,6 +211,12 @@ def main():
                 f"{worker:.3f}",
                 f"{users / worker:,.0f}",
                 ratio(ref, worker),
+            ],
+            [
+                "ours: the same, fp32 product only (no bf16 candidates)",
+                f"{fp32:.3f}",
+                f"{users / fp32:,.0f}",
+                ratio(ref, fp32),
             ],
             [
                 "ours: Recoder.evaluate, num_workers=0",

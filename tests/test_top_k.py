@@ -10,6 +10,7 @@ import torch
 from recoder_dist.data.collator import UserRows
 from recoder_dist.metrics import NDCG, AveragePrecision, Recall
 from recoder_dist.nn import DynamicAutoencoder, MatrixFactorization
+from recoder_dist.training import bf16_candidates
 from recoder_dist.training import top_k as top_k_module
 from recoder_dist.training.evaluation import (
     _as_batch,
@@ -18,6 +19,7 @@ from recoder_dist.training.evaluation import (
     predict_scores,
 )
 from recoder_dist.training.top_k import top_k, top_k_of_product
+from tests.test_bf16_candidates import use_bf16_path
 from tests.test_metrics import naive
 
 CPU = torch.device("cpu")
@@ -25,6 +27,17 @@ CPU = torch.device("cpu")
 
 def _rounds(num_items: int, k: int) -> list[int]:
     return top_k_module._round_sizes(num_items, k)
+
+
+@pytest.fixture(params=["fp32", "bf16"])
+def product_path(request, monkeypatch):
+    """The sliced fp32 product, or the bf16 product with fp32 rescoring (where the CPU's bf16
+    products accumulate in fp32), whichever this CPU would take."""
+    if request.param == "fp32":
+        monkeypatch.setattr(bf16_candidates, "ENABLED", False)
+    else:
+        use_bf16_path(monkeypatch, 8)
+    return request.param
 
 
 @pytest.mark.parametrize(
@@ -70,7 +83,7 @@ def test_ties_and_excluded_entries_keep_torch_topk_values():
     "num_items, dtype",
     [(3001, torch.float32), (1500, torch.float32), (1000, torch.float32), (3001, torch.float64)],
 )
-def test_sliced_product_matches_the_whole_product(num_items, dtype):
+def test_sliced_product_matches_the_whole_product(num_items, dtype, product_path):
     """3,001 items: three slices, the last one 953 items (not a whole number of blocks); 1,000
     items: too few for blocks, one product and torch.topk."""
     generator = torch.Generator().manual_seed(2)
@@ -122,7 +135,7 @@ def test_score_factors_give_the_forward_scores(model_index):
 
 
 @pytest.mark.parametrize("model_index", [0, 1, 2])
-def test_metric_sums_match_a_naive_loop_on_a_large_catalog(model_index):
+def test_metric_sums_match_a_naive_loop_on_a_large_catalog(model_index, product_path):
     """3,001 items and k=20: the sliced product and block top-k run; every user's metrics are
     recomputed from a full argsort of ``forward``'s scores."""
     num_users, num_items, k = 120, 3001, 20
