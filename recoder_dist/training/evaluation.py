@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from recoder_dist.data.collator import SparseBatch, UserRows
 from recoder_dist.metrics import Metric
-from recoder_dist.training.step import model_input, to_device
+from recoder_dist.training.step import model_input, to_device, unwrapped
 from recoder_dist.training.top_k import top_k, top_k_of_product
 
 
@@ -58,8 +57,7 @@ def recommend_top_k(model, rows: UserRows, num_items: int, k: int, device):
 
 def _score_factors(model, batch: SparseBatch, device):
     """The model's ``score_factors`` on CPU (where slicing the product pays), else None."""
-    if isinstance(model, DistributedDataParallel):
-        model = model.module
+    model = unwrapped(model)
     if device.type != "cpu" or not hasattr(model, "score_factors"):
         return None
     users = to_device(batch.users, device)

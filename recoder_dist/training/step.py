@@ -34,12 +34,15 @@ def sparse_tensor(batch: SparseBatch) -> torch.Tensor:
     )
 
 
+def unwrapped(model):
+    """The model inside a DistributedDataParallel wrapper, or ``model`` itself."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
 def model_input(model, batch: SparseBatch, device: torch.device) -> torch.Tensor:
     """The batch as ``model`` reads it: sparse on CPU when the model takes a sparse input
     (building the dense batch costs more than the encoder itself there), otherwise dense."""
-    if isinstance(model, DistributedDataParallel):
-        model = model.module
-    if device.type == "cpu" and getattr(model, "accepts_sparse_input", False):
+    if device.type == "cpu" and getattr(unwrapped(model), "accepts_sparse_input", False):
         return sparse_tensor(batch)
     return densify(batch, device)
 

@@ -62,7 +62,7 @@ def top_k_of_product(
     block = BLOCKS[0]
     if codes.device.type != "cpu" or _round_sizes(num_items, k)[:1] != [block]:
         scores = torch.addmm(bias, codes, vectors.t())
-        scores.view(-1).index_fill_(0, excluded_rows * num_items + excluded_cols, -torch.inf)
+        scores[excluded_rows, excluded_cols] = -torch.inf
         return top_k(scores, k)
 
     slices = _slices(num_items, excluded_rows, excluded_cols)
