@@ -354,10 +354,12 @@ def test_a_gpu_training_job_scales_the_fake_cluster_up_and_back_to_the_head(
         detail=True,
         raise_on_missing_output=False,
     )
-    assert len(workers) >= 4, workers
     assert all(_gpus(w.required_resources) == 1 for w in workers), workers
+    # A worker whose node the autoscaler removed before it started was never placed (no node).
+    placed = [w for w in workers if w.node_id is not None]
+    assert len(placed) >= 4, workers
     added = {n.node_id: n for n in _nodes(fake_cluster) if n.node_id != head}
-    assert added and {w.node_id for w in workers} <= set(added), f"{workers}\n{added}"
+    assert added and {w.node_id for w in placed} <= set(added), f"{workers}\n{added}"
     _, node_types = _node_types(fake_cluster["config"])
     for node in added.values():
         assert any(

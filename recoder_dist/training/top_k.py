@@ -71,10 +71,11 @@ def top_k_of_product(
     scores = torch.empty((num_users, _padded_width(num_items)), dtype=codes.dtype)
     scores[:, num_items:] = -torch.inf
     maxima = torch.empty((num_users, scores.shape[1] // block), dtype=codes.dtype)
+    minus_inf = torch.tensor(-torch.inf, dtype=codes.dtype)
     for lo, hi, rows, cols in slices:
         part = scores[:, lo:hi]
         torch.addmm(bias[lo:hi], codes, vectors[lo:hi].t(), out=part)
-        part.index_put_((rows, cols - lo), torch.tensor(-torch.inf, dtype=codes.dtype))
+        part.index_put_((rows, cols - lo), minus_inf)
         width = -(-(hi - lo) // block) * block  # the last slice's padding joins its last block
         blocks = scores[:, lo : lo + width].unflatten(1, (-1, block))
         maxima[:, lo // block : (lo + width) // block] = blocks.amax(2)  # while still cached
