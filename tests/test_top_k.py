@@ -59,6 +59,18 @@ def test_distinct_scores_match_torch_topk(num_items, k, rounds):
     assert _rounds(num_items, k) == rounds
 
 
+def test_the_short_last_block_is_read_in_place():
+    """5,000 items: the last block holds 8 items, which here are every row's largest; a block
+    past the last column must not read the last item again."""
+    scores = torch.randn(20, 5000, generator=torch.Generator().manual_seed(7))
+    scores[:, -8:] += 10.0
+    assert _rounds(5000, 20) == [32, 4]
+    values, items = top_k(scores, 20)
+    expected_values, expected_items = torch.topk(scores, 20, dim=1)
+    assert torch.equal(values, expected_values)
+    assert torch.equal(items, expected_items)
+
+
 def test_ties_and_excluded_entries_keep_torch_topk_values():
     """Integer scores tie everywhere; which tied items are picked may differ, their values not."""
     generator = torch.Generator().manual_seed(1)
