@@ -67,7 +67,7 @@ def top_k_of_product(codes, vectors, bias, k: int, slices: list, block: int):
     thresholds = _minus(_kth_largest(maxima, k), 2 * _margins(codes, vectors, bias))
     rows, items = _entries_at_least(products, padded_bias, maxima, thresholds, block)
     scores = _rescore(codes, vectors, bias, rows, items)
-    padded, positions = _padded_rows(rows, scores, len(codes), k, -torch.inf)
+    padded, positions = _padded_rows(rows, scores, len(codes), k)
     padded_items = torch.zeros(padded.shape, dtype=torch.long)
     padded_items[rows, positions] = items
     top_values, picked = torch.topk(padded, k, dim=1)
@@ -99,7 +99,8 @@ def _approximate(codes, vectors, bias, slices: list, block: int):
 
 
 def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Each row's k-th largest value (numpy's introselect: twice as fast as torch.topk here)."""
+    """Each row's k-th largest value (numpy's introselect: 1.5x as fast as torch.topk on
+    Gowalla's 500 x 1,281 block maxima)."""
     width = values.shape[1]
     return torch.from_numpy(np.partition(values.numpy(), width - k, axis=1)[:, width - k])
 
@@ -136,14 +137,14 @@ def _entries_at_least(products, padded_bias, maxima, thresholds, block: int):
     return block_rows.index_select(0, which), items
 
 
-def _padded_rows(rows, values, num_rows: int, min_width: int, fill: float):
+def _padded_rows(rows, values, num_rows: int, min_width: int):
     """Ragged ``values`` (grouped by row, ``rows`` ascending) as a ``num_rows`` x width matrix
-    padded with ``fill``, and each value's column."""
+    padded with -inf, at least ``min_width`` wide, and each value's column."""
     counts = torch.bincount(rows, minlength=num_rows)
     width = max(int(counts.max()) if len(rows) else 0, min_width)
     starts = torch.cumsum(counts, 0) - counts
     positions = torch.arange(len(rows)) - starts[rows]
-    padded = torch.full((num_rows, width), fill, dtype=values.dtype)
+    padded = torch.full((num_rows, width), -torch.inf, dtype=values.dtype)
     padded[rows, positions] = values
     return padded, positions
 
