@@ -164,8 +164,12 @@ def measure(name: str, args) -> dict:
             seconds, means["ours"] = our_worker_batches(model, inputs, targets)
             times["worker"].append(seconds)
             bf16_candidates.ENABLED = False
-            seconds, means["ours, fp32 product only"] = our_worker_batches(model, inputs, targets)
-            bf16_candidates.ENABLED = True
+            try:
+                seconds, means["ours, fp32 product only"] = our_worker_batches(
+                    model, inputs, targets
+                )
+            finally:
+                bf16_candidates.ENABLED = True
             times["fp32"].append(seconds)
         seconds, means["ours, Recoder.evaluate"] = our_evaluate_call(recoder, inputs, targets)
         times["call"].append(seconds)

@@ -66,7 +66,7 @@ def top_k_of_product(
     excluded_cols[j])`` set to -inf; on a large catalog, computed in slices of ``SLICE`` items."""
     num_users, num_items = len(codes), len(vectors)
     block = BLOCKS[0]
-    if codes.device.type != "cpu" or _round_sizes(num_items, k)[:1] != [block]:
+    if codes.device.type != "cpu" or not _round_sizes(num_items, k):
         scores = torch.addmm(bias, codes, vectors.t())
         scores[excluded_rows, excluded_cols] = -torch.inf
         return top_k(scores, k)
