@@ -195,8 +195,10 @@ def main():
 
     print(f"\nmachine load when the tables were taken: {load_average()}")
     print(f"torch threads: {args.threads}; top-{K} over all items, batches of {BATCH} users")
-    native = bf16_candidates.applies(torch.zeros(1, MODEL["hidden_layers"][-1]))
-    print(f"bf16 candidate pass: {'on' if native else 'off (no native bf16 products)'}")
+    large = 4 * K * bf16_candidates.BLOCK  # the smallest catalog that it takes
+    native = bf16_candidates.applies(torch.zeros(1, MODEL["hidden_layers"][-1]), large, K)
+    state = f"on from {large:,} items" if native else "off (no native bf16 products)"
+    print(f"bf16 candidate pass: {state}")
     labels, series = (
         [],
         {"recsys-recoder 0.4.0": [], "ours (worker)": [], "ours (evaluate call)": []},

@@ -18,7 +18,7 @@ def use_bf16_path(monkeypatch, width: int) -> None:
     monkeypatch.setattr(bf16_candidates, "_native_bf16", lambda: True)
     if not bf16_candidates._accumulates_in_fp32(width):
         pytest.skip("this CPU's bf16 products do not accumulate in fp32: the bf16 path is off")
-    assert bf16_candidates.applies(torch.zeros(1, width))
+    assert bf16_candidates.applies(torch.zeros(1, width), 1280, 10)
 
 
 def test_the_approximate_pass_against_the_whole_bf16_product(monkeypatch):
@@ -174,5 +174,7 @@ def test_the_bf16_copy_follows_in_place_updates():
     assert not torch.equal(after, before)
 
 
-def test_the_path_is_fp32_scores_only():
-    assert not bf16_candidates.applies(torch.zeros(3, 8, dtype=torch.float64))
+def test_the_path_is_fp32_scores_only_on_a_large_catalog(monkeypatch):
+    monkeypatch.setattr(bf16_candidates, "_native_bf16", lambda: True)
+    assert not bf16_candidates.applies(torch.zeros(3, 8, dtype=torch.float64), 1280, 10)
+    assert not bf16_candidates.applies(torch.zeros(3, 8), 1279, 10)  # 10 blocks of 32: > 1/4

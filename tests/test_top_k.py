@@ -1,4 +1,4 @@
-"""Block top-k and the sliced score product against torch.topk and naive per-user loops."""
+"""top_k and the sliced score product against torch.topk and naive per-user loops."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import torch
 from recoder_dist.data.collator import UserRows
 from recoder_dist.metrics import NDCG, AveragePrecision, Recall
 from recoder_dist.nn import DynamicAutoencoder, MatrixFactorization
-from recoder_dist.training import bf16_candidates
-from recoder_dist.training import top_k as top_k_module
+from recoder_dist.training import bf16_candidates, top_k_kernel
 from recoder_dist.training.evaluation import (
     _as_batch,
+    _is_target,
     _score_factors,
+    _searched_hits,
     metric_sums,
     predict_scores,
 )
@@ -23,10 +24,6 @@ from tests.test_bf16_candidates import use_bf16_path
 from tests.test_metrics import naive
 
 CPU = torch.device("cpu")
-
-
-def _rounds(num_items: int, k: int) -> list[int]:
-    return top_k_module._round_sizes(num_items, k)
 
 
 @pytest.fixture(params=["fp32", "bf16"])
@@ -41,54 +38,23 @@ def product_path(request, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "num_items, k, rounds",
+    "num_items, dtype, kernel",
     [
-        (5000, 20, [32, 4]),
-        (20_000, 100, [32, 4]),
-        (1300, 10, [32, 4]),
-        (1279, 10, []),
-        (2810, 100, []),
+        (2810, torch.float32, True),
+        (5000, torch.float32, True),
+        (600, torch.float32, False),  # 75 blocks of 8: fewer than k
+        (2810, torch.float64, False),
     ],
 )
-def test_distinct_scores_match_torch_topk(num_items, k, rounds):
-    scores = torch.randn(37, num_items, generator=torch.Generator().manual_seed(num_items))
+def test_top_k_matches_torch_topk(num_items, dtype, kernel):
+    generator = torch.Generator().manual_seed(num_items)
+    scores = torch.randn(37, num_items, generator=generator, dtype=dtype)
+    k = 100
+    assert top_k_kernel.applies(scores, k) == kernel
     values, items = top_k(scores, k)
     expected_values, expected_items = torch.topk(scores, k, dim=1)
     assert torch.equal(values, expected_values)
     assert torch.equal(items, expected_items)
-    assert _rounds(num_items, k) == rounds
-
-
-def test_the_short_last_block_is_read_in_place():
-    """5,000 items: the last block holds 8 items, which here are every row's largest; a block
-    past the last column must not read the last item again."""
-    scores = torch.randn(20, 5000, generator=torch.Generator().manual_seed(7))
-    scores[:, -8:] += 10.0
-    assert _rounds(5000, 20) == [32, 4]
-    values, items = top_k(scores, 20)
-    expected_values, expected_items = torch.topk(scores, 20, dim=1)
-    assert torch.equal(values, expected_values)
-    assert torch.equal(items, expected_items)
-
-
-def test_ties_and_excluded_entries_keep_torch_topk_values():
-    """Integer scores tie everywhere; which tied items are picked may differ, their values not."""
-    generator = torch.Generator().manual_seed(1)
-    scores = torch.randint(0, 6, (50, 3001), generator=generator).float()
-    scores[torch.rand(scores.shape, generator=generator) < 0.3] = -torch.inf
-    scores[7, :2990] = -torch.inf
-    scores[7, 2990:] = 1.0  # 11 items left: fewer than k
-    k = 20
-    assert _rounds(3001, k) == [32, 4]
-    values, items = top_k(scores, k)
-    assert torch.equal(values, torch.topk(scores, k, dim=1).values)
-    finite = values > -torch.inf  # a -inf value may stand for a padding column, not an item
-    assert torch.equal(scores.gather(1, items)[finite], values[finite])
-    assert int(items.min()) >= 0 and int(items.max()) < 3001
-    for row, value_row in zip(items, values):
-        finite = row[value_row > -torch.inf]
-        assert len(set(finite.tolist())) == len(finite)  # no item twice
-    assert int((values[7] > -torch.inf).sum()) == 11
 
 
 @pytest.mark.parametrize(
@@ -96,8 +62,9 @@ def test_ties_and_excluded_entries_keep_torch_topk_values():
     [(3001, torch.float32), (1500, torch.float32), (1000, torch.float32), (3001, torch.float64)],
 )
 def test_sliced_product_matches_the_whole_product(num_items, dtype, product_path):
-    """3,001 items: three slices, the last one 953 items (not a whole number of blocks); 1,000
-    items: too few for blocks, one product and torch.topk."""
+    """3,001 items: three slices, the last one 953 items (not a whole number of blocks of 32);
+    1,000 items: one slice, and too few items for the bf16 pass (k = 10 blocks of 32 are more
+    than a quarter of them)."""
     generator = torch.Generator().manual_seed(2)
     codes = torch.randn(40, 16, generator=generator, dtype=dtype)
     vectors = torch.randn(num_items, 16, generator=generator, dtype=dtype)
@@ -112,7 +79,6 @@ def test_sliced_product_matches_the_whole_product(num_items, dtype, product_path
     torch.testing.assert_close(values, expected_values, rtol=1e-6, atol=1e-6)
     assert torch.equal(items, expected_items)
     assert not bool(torch.isinf(values).any())
-    assert _rounds(num_items, k) == ([32, 4] if num_items > 1000 else [])
 
 
 def _models(num_items: int, num_users: int):
@@ -148,8 +114,8 @@ def test_score_factors_give_the_forward_scores(model_index):
 
 @pytest.mark.parametrize("model_index", [0, 1, 2])
 def test_metric_sums_match_a_naive_loop_on_a_large_catalog(model_index, product_path):
-    """3,001 items and k=20: the sliced product and block top-k run; every user's metrics are
-    recomputed from a full argsort of ``forward``'s scores."""
+    """3,001 items and k=20: the sliced product and the top-k kernel run; every user's metrics
+    are recomputed from a full argsort of ``forward``'s scores."""
     num_users, num_items, k = 120, 3001, 20
     inputs = _rows(num_users, num_items, 0.01, seed=5)
     targets = _rows(num_users, num_items, 0.004, seed=6)
@@ -157,7 +123,6 @@ def test_metric_sums_match_a_naive_loop_on_a_large_catalog(model_index, product_
     targets.eliminate_zeros()
     metrics = [Recall(20), Recall(10, normalize=False), NDCG(20), AveragePrecision(15)]
     model = _models(num_items, num_users)[model_index]
-    assert _rounds(num_items, k) == [32, 4]
 
     sums, count = metric_sums(
         model, UserRows.from_csr(inputs), UserRows.from_csr(targets), metrics, k, num_items, CPU
@@ -176,3 +141,22 @@ def test_metric_sums_match_a_naive_loop_on_a_large_catalog(model_index, product_
         counted += 1
     assert count == counted
     np.testing.assert_allclose(sums, expected, rtol=1e-9)
+
+
+def test_the_hit_tables_of_cpu_and_device_agree_with_set_lookups():
+    """``_is_target`` marks targets in a table on CPU and binary-searches keys on a device;
+    both against a set lookup per user (the device path run here on CPU tensors)."""
+    rng = np.random.default_rng(8)
+    num_items = 700
+    targets = _rows(60, num_items, 0.05, seed=8)
+    targets.data[targets.indptr[5] : targets.indptr[6]] = 0  # a user with no targets
+    targets.eliminate_zeros()
+    items = torch.from_numpy(rng.integers(0, num_items, (60, 40)))
+    items[:, :5] = torch.from_numpy(targets[:, :5].toarray().argmax(1))[:, None]  # some hits
+    rows = UserRows.from_csr(targets)
+    expected = np.array(
+        [[item in set(targets[u].indices) for item in items[u].tolist()] for u in range(60)]
+    )
+    assert 0 < expected.sum() < expected.size
+    assert np.array_equal(_is_target(items, rows, num_items, CPU).numpy(), expected)
+    assert np.array_equal(_searched_hits(items, rows, num_items, CPU).numpy(), expected)

@@ -42,13 +42,16 @@ import torch
 BF16_ROUNDOFF = 2.0**-8
 FP32_ROUNDOFF = 2.0**-24
 ENABLED = True  # False: score with the fp32 product only (the same top k, slower)
+BLOCK = 32  # items a block of the approx scores' maxima
 
 
-def applies(codes: torch.Tensor) -> bool:
-    """Whether the bf16 pass is on and exact here: fp32 scores, a CPU with native bf16
-    products."""
+def applies(codes: torch.Tensor, num_items: int, k: int) -> bool:
+    """Whether the bf16 pass is on, exact and worth it here: fp32 scores, a CPU with native
+    bf16 products, and a catalog where the k blocks that reach the threshold are at most a
+    quarter of the items."""
     return (
         ENABLED
+        and num_items >= 4 * k * BLOCK
         and codes.device.type == "cpu"
         and codes.dtype == torch.float32
         and _native_bf16()
@@ -56,17 +59,17 @@ def applies(codes: torch.Tensor) -> bool:
     )
 
 
-def top_k_of_product(codes, vectors, bias, k: int, slices: list, block: int):
+def top_k_of_product(codes, vectors, bias, k: int, slices: list):
     """The top k (values, items) of the exact scores ``bias + codes @ vectors.T``.
 
     ``slices``: ``(lo, hi, rows, cols)`` for consecutive slices of items (each a whole number
-    of blocks of ``block`` items, but the last), with the entries ``(rows, cols)`` to exclude.
+    of blocks of ``BLOCK`` items, but the last), with the entries ``(rows, cols)`` to exclude.
     """
-    products, maxima = _approximate(codes, vectors, bias, slices, block)
+    products, maxima = _approximate(codes, vectors, bias, slices, BLOCK)
     padded_bias = torch.zeros(products.shape[1], dtype=bias.dtype)
     padded_bias[: len(bias)] = bias
     thresholds = _minus(_kth_largest(maxima, k), 2 * _margins(codes, vectors, bias))
-    rows, items = _entries_at_least(products, padded_bias, maxima, thresholds, block)
+    rows, items = _entries_at_least(products, padded_bias, maxima, thresholds, BLOCK)
     scores = _rescore(codes, vectors, bias, rows, items)
     padded, positions = _padded_rows(rows, scores, len(codes), k)
     padded_items = torch.zeros(padded.shape, dtype=torch.long)

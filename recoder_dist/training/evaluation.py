@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import torch
 
@@ -103,9 +104,32 @@ def metric_sums(
 
 
 def _is_target(items: torch.Tensor, targets: UserRows, num_items: int, device) -> torch.Tensor:
-    """Whether ``items[r, j]`` is a target of row ``r``: a binary search of the keys
-    ``row * num_items + item`` among the targets', not a users x items table to clear and fill
-    (Gowalla: 20 MB a batch of 500 users). ``metric_sums`` only asks with some targets."""
+    """Whether ``items[r, j]`` is a target of row ``r``. ``metric_sums`` only asks with some
+    targets."""
+    if items.device.type == "cpu":
+        hits = _marked_hits(items.numpy(), targets.indptr, targets.indices, num_items)
+        return torch.from_numpy(hits)
+    return _searched_hits(items, targets, num_items, device)
+
+
+@numba.njit(nogil=True, cache=True)
+def _marked_hits(items, indptr, indices, num_items):
+    """Row ``r`` marks its targets with ``r + 1`` in one table of the items, so nothing is
+    cleared between rows (ml-1m, 500 users, top 100: ~0.1 ms, against 1.1 for the search)."""
+    mark = np.zeros(num_items, np.int64)
+    hits = np.empty(items.shape, np.bool_)
+    for r in range(len(items)):
+        for j in range(indptr[r], indptr[r + 1]):
+            mark[indices[j]] = r + 1
+        for j in range(items.shape[1]):
+            hits[r, j] = mark[items[r, j]] == r + 1
+    return hits
+
+
+def _searched_hits(items, targets: UserRows, num_items: int, device) -> torch.Tensor:
+    """``_is_target`` on a device: a binary search of the keys ``row * num_items + item``
+    among the targets', not a users x items table to clear and fill (Gowalla: 20 MB a batch
+    of 500 users)."""
     target_rows = np.repeat(np.arange(len(targets), dtype=np.int64), np.diff(targets.indptr))
     target_keys = to_device(np.sort(target_rows * num_items + targets.indices), device)
     keys = torch.arange(len(items), device=device)[:, None] * num_items + items
