@@ -10,6 +10,7 @@ from recoder_dist.data.collator import (
     Collator,
     SparseBatch,
     UserRows,
+    _sampled_items,
     batches_per_group,
     resolve_sampling_users,
 )
@@ -194,3 +195,29 @@ def test_sampling_users_not_multiple(batch_size, num_sampling_users):
     """num_sampling_users that is not a positive multiple of batch_size is a ValueError."""
     with pytest.raises(ValueError, match=f"num_sampling_users={num_sampling_users}"):
         Collator(num_items=3, batch_size=batch_size, num_sampling_users=num_sampling_users)
+
+
+@pytest.mark.parametrize(
+    "num_entries, largest",
+    [(1, 0), (50, 10), (5000, 2809), (300, 4799), (300, 4800), (40, 2_000_000)],
+)
+def test_sampled_items_is_np_unique_with_inverse(num_entries, largest):
+    """Both ways, the item table (ids up to 16x the entries) and sorting (beyond), against
+    ``np.unique``; the largest id always occurs."""
+    rng = np.random.default_rng(num_entries)
+    indices = rng.integers(0, largest + 1, num_entries)
+    indices[rng.integers(num_entries)] = largest
+    items, positions = _sampled_items(indices)
+    expected_items, expected_positions = np.unique(indices, return_inverse=True)
+    assert items.dtype == positions.dtype == np.int64
+    np.testing.assert_array_equal(items, expected_items)
+    np.testing.assert_array_equal(positions, expected_positions.reshape(-1))
+
+
+def test_huge_catalog_small_group_matches_reference():
+    """Item ids far beyond the group's entries: the collator sorts instead of marking."""
+    matrix = sp.csr_matrix(
+        (np.ones(5, np.float32), ([0, 0, 1, 2, 2], [3, 1_999_999, 70_000, 3, 5])),
+        shape=(3, 2_000_000),
+    )
+    assert run_collator(matrix, np.array([2, 0, 1]), 2, 0, True) == 2
