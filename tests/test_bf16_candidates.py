@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from recoder_dist.training import bf16_candidates
 from recoder_dist.training import top_k as top_k_module
+from recoder_dist.training.sparse_adam import RowwiseSparseAdam
 from recoder_dist.training.top_k import top_k_of_product
 
 
@@ -163,13 +164,23 @@ def test_a_user_ranks_the_same_in_any_batch(monkeypatch):
     assert torch.equal(part_items, items[10:17])
 
 
-def test_the_bf16_copy_follows_in_place_updates():
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+@pytest.mark.parametrize("step", ["in-place add", "RowwiseSparseAdam"])
+def test_the_bf16_copy_follows_in_place_updates(step):
+    """Also the sparse optimizer's, which writes the weights through numpy on CPU."""
     weights = torch.nn.Parameter(torch.randn(50, 8))
+    optimizer = RowwiseSparseAdam([weights], lr=0.1)
     with torch.no_grad():
         before = bf16_candidates._bf16_copy(weights)
         assert bf16_candidates._bf16_copy(weights) is before  # reused batch after batch
-        weights.add_(1.0)  # an optimizer step
-        after = bf16_candidates._bf16_copy(weights)
+    if step == "in-place add":
+        with torch.no_grad():
+            weights.add_(1.0)
+    else:
+        rows = torch.arange(0, 50, 2)
+        weights.grad = torch.sparse_coo_tensor(rows[None], torch.ones(25, 8), (50, 8))
+        optimizer.step()
+    after = bf16_candidates._bf16_copy(weights)
     assert torch.equal(after, weights.detach().bfloat16())
     assert not torch.equal(after, before)
 

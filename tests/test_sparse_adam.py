@@ -131,6 +131,18 @@ def test_a_run_resumed_with_the_other_optimizer_ends_where_one_run_does(first, s
     assert_same(resumed, uninterrupted, compiled)
 
 
+def test_a_step_counts_as_an_in_place_change(compiled):
+    """Caches keyed on a tensor's version (the bf16 copy of the item vectors that evaluation
+    keeps) see every update, also the compiled loop's, written through numpy."""
+    param = torch.nn.Parameter(torch.zeros(ROWS, DIM))
+    optimizer = RowwiseSparseAdam([param])
+    param.grad = sparse_grad(torch.Generator().manual_seed(6), [1, 4])
+    before = param._version
+    optimizer.step()
+    assert param._version > before
+    assert bool(param[[1, 4]].ne(0).all()) and not bool(param[0].any())
+
+
 def test_dense_gradient_is_refused():
     param = torch.nn.Parameter(torch.zeros(ROWS, DIM))
     optimizer = RowwiseSparseAdam([param])

@@ -24,6 +24,7 @@ import math
 import numba
 import numpy as np
 import torch
+from torch.autograd.graph import increment_version
 
 
 class RowwiseSparseAdam(torch.optim.SparseAdam):
@@ -85,6 +86,10 @@ class RowwiseSparseAdam(torch.optim.SparseAdam):
                 scalar(eps),
                 scalar(-step_size),
             )
+            # Written through numpy: tell torch, as its in-place operations do. Caches keyed
+            # on the version (bf16_candidates' copy of the item vectors) must see the change.
+            for tensor in (param, exp_avg, exp_avg_sq):  # torch 2.3's takes one tensor a call
+                increment_version(tensor)
             return
         if len(rows) == len(param):  # distinct rows, all of them: 0, 1, ..., len(param) - 1
             _update_every_row(param, values, exp_avg, exp_avg_sq, beta1, beta2, eps, step_size)
