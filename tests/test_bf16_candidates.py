@@ -34,7 +34,7 @@ def test_the_approximate_pass_against_the_whole_bf16_product(monkeypatch):
     cols = torch.randint(0, 3001, (600,), generator=generator)
 
     products, maxima = bf16_candidates._approximate(
-        codes, vectors, bias, top_k_module._slices(3001, rows, cols), 32
+        codes, vectors, bias, top_k_module._slices(3001, rows, cols)
     )
 
     whole = codes.bfloat16() @ vectors.bfloat16().t()

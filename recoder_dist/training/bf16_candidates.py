@@ -65,11 +65,11 @@ def top_k_of_product(codes, vectors, bias, k: int, slices: list):
     ``slices``: ``(lo, hi, rows, cols)`` for consecutive slices of items (each a whole number
     of blocks of ``BLOCK`` items, but the last), with the entries ``(rows, cols)`` to exclude.
     """
-    products, maxima = _approximate(codes, vectors, bias, slices, BLOCK)
+    products, maxima = _approximate(codes, vectors, bias, slices)
     padded_bias = torch.zeros(products.shape[1], dtype=bias.dtype)
     padded_bias[: len(bias)] = bias
     thresholds = _minus(_kth_largest(maxima, k), 2 * _margins(codes, vectors, bias))
-    rows, items = _entries_at_least(products, padded_bias, maxima, thresholds, BLOCK)
+    rows, items = _entries_at_least(products, padded_bias, maxima, thresholds)
     scores = _rescore(codes, vectors, bias, rows, items)
     padded, positions = _padded_rows(rows, scores, len(codes), k)
     padded_items = torch.zeros(padded.shape, dtype=torch.long)
@@ -79,27 +79,32 @@ def top_k_of_product(codes, vectors, bias, k: int, slices: list):
     return top_values, padded_items.gather(1, picked)
 
 
-def _approximate(codes, vectors, bias, slices: list, block: int):
+def _approximate(codes, vectors, bias, slices: list):
     """The bf16 products (users x items padded to whole blocks; excluded entries and padding
     at -inf) and the maxima of the approx scores over blocks (step 1)."""
     num_users, num_items = len(codes), len(vectors)
-    width = -(-num_items // block) * block
+    width = _whole_blocks(num_items)
     products = torch.empty((num_users, width), dtype=torch.bfloat16)
     products[:, num_items:] = -torch.inf
-    maxima = torch.empty((num_users, width // block))
-    scratch = torch.empty((num_users, -(-(slices[0][1] - slices[0][0]) // block) * block))
+    maxima = torch.empty((num_users, width // BLOCK))
+    scratch = torch.empty((num_users, _whole_blocks(slices[0][1] - slices[0][0])))
     codes16, vectors16 = codes.bfloat16(), _bf16_copy(vectors)
     minus_inf = torch.tensor(-torch.inf, dtype=torch.bfloat16)
     for lo, hi, rows, cols in slices:
         product = products[:, lo:hi]
         torch.mm(codes16, vectors16[lo:hi].t(), out=product)
         product.index_put_((rows, cols - lo), minus_inf)
-        span = -(-(hi - lo) // block) * block  # the last slice's padding joins its last block
+        span = _whole_blocks(hi - lo)  # the last slice's padding joins its last block
         approx = scratch[:, :span]
         approx[:, hi - lo :] = -torch.inf
         approx[:, : hi - lo].copy_(product).add_(bias[lo:hi])  # bf16 to fp32 is exact
-        maxima[:, lo // block : (lo + span) // block] = approx.unflatten(1, (-1, block)).amax(2)
+        maxima[:, lo // BLOCK : (lo + span) // BLOCK] = approx.unflatten(1, (-1, BLOCK)).amax(2)
     return products, maxima
+
+
+def _whole_blocks(width: int) -> int:
+    """``width`` rounded up to a whole number of blocks."""
+    return -(-width // BLOCK) * BLOCK
 
 
 def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -126,18 +131,18 @@ def _minus(values: torch.Tensor, margins: torch.Tensor) -> torch.Tensor:
     return torch.nextafter(lower, torch.tensor(-torch.inf))
 
 
-def _entries_at_least(products, padded_bias, maxima, thresholds, block: int):
+def _entries_at_least(products, padded_bias, maxima, thresholds):
     """``(rows, items)`` of the finite approx scores ``>= thresholds[row]``, row by row. Only
     the blocks whose maximum reaches the threshold are read."""
     thresholds = thresholds.clamp_min(torch.finfo(maxima.dtype).min)  # -inf never passes
     block_rows, blocks = (maxima >= thresholds[:, None]).nonzero(as_tuple=True)
     flat_blocks = block_rows * maxima.shape[1] + blocks
-    entries = products.view(-1, block).index_select(0, flat_blocks).float()
-    entries += padded_bias.view(-1, block).index_select(0, blocks)
+    entries = products.view(-1, BLOCK).index_select(0, flat_blocks).float()
+    entries += padded_bias.view(-1, BLOCK).index_select(0, blocks)
     kept = entries >= thresholds.index_select(0, block_rows)[:, None]
     flat = torch.from_numpy(np.flatnonzero(kept.numpy()))  # 2x torch's nonzero here
-    which = flat // block
-    items = blocks.index_select(0, which) * block + flat % block
+    which = flat // BLOCK
+    items = blocks.index_select(0, which) * BLOCK + flat % BLOCK
     return block_rows.index_select(0, which), items
 
 

@@ -80,7 +80,7 @@ class RowwiseSparseAdam(torch.optim.SparseAdam):
             _adam_rows(
                 *flat,
                 rows.numpy(),
-                values.contiguous().view(len(values), -1).numpy(),
+                values.view(len(values), -1).numpy(),
                 scalar(1 - beta1),
                 scalar(1 - beta2),
                 scalar(eps),

@@ -42,21 +42,25 @@ def top_k_of_product(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``top_k`` of ``bias + codes @ vectors.T`` with the entries ``(excluded_rows[j],
     excluded_cols[j])`` set to -inf; on CPU, computed in slices of ``SLICE`` items."""
-    num_users, num_items = len(codes), len(vectors)
-    if codes.device.type != "cpu":
-        scores = torch.addmm(bias, codes, vectors.t())
-        scores[excluded_rows, excluded_cols] = -torch.inf
-        return top_k(scores, k)
-
-    if bf16_candidates.applies(codes, num_items, k):
+    num_items = len(vectors)
+    if bf16_candidates.applies(codes, num_items, k):  # CPU only
         slices = _slices(num_items, excluded_rows, excluded_cols)
         return bf16_candidates.top_k_of_product(codes, vectors, bias, k, slices)
-    scores = torch.empty((num_users, num_items), dtype=codes.dtype)
-    for lo in range(0, num_items, SLICE):
-        hi = min(lo + SLICE, num_items)
-        torch.addmm(bias[lo:hi], codes, vectors[lo:hi].t(), out=scores[:, lo:hi])
+    scores = _scores(codes, vectors, bias)
     scores[excluded_rows, excluded_cols] = -torch.inf
     return top_k(scores, k)
+
+
+def _scores(codes, vectors, bias) -> torch.Tensor:
+    """``bias + codes @ vectors.T``: on CPU slice by slice, each slice's product written while
+    it stays in cache; elsewhere whole."""
+    if codes.device.type != "cpu":
+        return torch.addmm(bias, codes, vectors.t())
+    scores = torch.empty((len(codes), len(vectors)), dtype=codes.dtype)
+    for lo in range(0, len(vectors), SLICE):
+        hi = min(lo + SLICE, len(vectors))
+        torch.addmm(bias[lo:hi], codes, vectors[lo:hi].t(), out=scores[:, lo:hi])
+    return scores
 
 
 def _slices(num_items: int, excluded_rows, excluded_cols) -> list:
