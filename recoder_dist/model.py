@@ -8,7 +8,7 @@ import os
 import numpy as np
 import torch
 
-from recoder_dist.data.collator import UserRows, resolve_sampling_users
+from recoder_dist.data.collator import UserRows, resolve_sampling_users, row_numbers
 from recoder_dist.data.dataset import RecommendationDataset
 from recoder_dist.data.ray_dataset import to_ray_dataset, user_rows_table
 from recoder_dist.losses import build_loss
@@ -270,7 +270,7 @@ class Recoder:
         if not return_input:
             return scores
         dense = np.zeros((len(rows), self.num_items), dtype=np.float32)
-        dense[np.repeat(np.arange(len(rows)), np.diff(rows.indptr)), rows.indices] = rows.values
+        dense[row_numbers(rows.indptr), rows.indices] = rows.values
         return scores, dense
 
     def recommend(self, users_interactions, num_recommendations: int) -> list[list[int]]:

@@ -13,6 +13,7 @@ from recoder_dist.data.collator import (
     _sampled_items,
     batches_per_group,
     resolve_sampling_users,
+    row_numbers,
 )
 
 
@@ -201,17 +202,42 @@ def test_sampling_users_not_multiple(batch_size, num_sampling_users):
     "num_entries, largest",
     [(1, 0), (50, 10), (5000, 2809), (300, 4799), (300, 4800), (40, 2_000_000)],
 )
-def test_sampled_items_is_np_unique_with_inverse(num_entries, largest):
+@pytest.mark.parametrize("dtype", [np.int64, np.int32])
+def test_sampled_items_is_np_unique_with_inverse(num_entries, largest, dtype):
     """Both ways, the item table (ids up to 16x the entries) and sorting (beyond), against
-    ``np.unique``; the largest id always occurs."""
+    ``np.unique``; the largest id always occurs. int32 read-only ids are the Arrow column's."""
     rng = np.random.default_rng(num_entries)
-    indices = rng.integers(0, largest + 1, num_entries)
+    indices = rng.integers(0, largest + 1, num_entries).astype(dtype)
     indices[rng.integers(num_entries)] = largest
+    indices.flags.writeable = False
     items, positions = _sampled_items(indices)
     expected_items, expected_positions = np.unique(indices, return_inverse=True)
     assert items.dtype == positions.dtype == np.int64
     np.testing.assert_array_equal(items, expected_items)
     np.testing.assert_array_equal(positions, expected_positions.reshape(-1))
+
+
+@pytest.mark.parametrize("spacing", [1, 100])  # ids up to the entries: marked; 100x: sorted
+@pytest.mark.parametrize("bad", [-1, -(2**31)])
+def test_negative_item_id_is_a_value_error(spacing, bad):
+    """A negative id is refused both ways; the table would index with it unchecked."""
+    indices = np.arange(1000, dtype=np.int32) * spacing
+    indices[500] = bad
+    with pytest.raises(ValueError, match="item ids must be >= 0"):
+        _sampled_items(indices)
+
+
+@pytest.mark.parametrize(
+    "lengths",
+    [[], [0], [3], [2, 0, 5, 1], [0, 0, 4, 0], list(range(0, 300, 7))],
+)
+@pytest.mark.parametrize("first", [0, 11])  # a slice of a larger block's indptr
+def test_row_numbers_is_np_repeat(lengths, first):
+    """The row of each entry, counted from the slice's first offset, as ``np.repeat``."""
+    indptr = first + np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
+    rows = row_numbers(indptr)
+    assert rows.dtype == np.int64
+    np.testing.assert_array_equal(rows, np.repeat(np.arange(len(lengths)), lengths))
 
 
 def test_huge_catalog_small_group_matches_reference():

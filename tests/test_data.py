@@ -197,11 +197,12 @@ def naive_rows(dense, users):
 
 
 def assert_rows_equal(got, expected):
-    """Same users, indptr, indices and values, with the collator's dtypes."""
+    """Same users, indptr, indices and values, with ``rows_from_arrow``'s dtypes (the indices
+    stay the Arrow column's int32)."""
     for name, dtype in [
         ("users", np.int64),
         ("indptr", np.int64),
-        ("indices", np.int64),
+        ("indices", np.int32),
         ("values", np.float32),
     ]:
         array = getattr(got, name)

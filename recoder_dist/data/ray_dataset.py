@@ -60,7 +60,7 @@ def rows_from_arrow(batch: pa.Table | pa.RecordBatch, prefix: str = "") -> UserR
     return UserRows(
         users=batch.column("user").to_numpy().astype(np.int64),
         indptr=offsets - start,
-        indices=items.values.to_numpy()[start:stop].astype(np.int64),
+        indices=items.values.to_numpy()[start:stop],  # int32, read-only: the collator reads it
         values=values.values.to_numpy()[start:stop].astype(np.float32),  # a writable copy
     )
 

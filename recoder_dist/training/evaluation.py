@@ -6,19 +6,18 @@ import numba
 import numpy as np
 import torch
 
-from recoder_dist.data.collator import SparseBatch, UserRows
+from recoder_dist.data.collator import SparseBatch, UserRows, row_numbers
 from recoder_dist.metrics import Metric
 from recoder_dist.training.step import model_input, to_device, unwrapped
 from recoder_dist.training.top_k import top_k, top_k_of_product
 
 
 def _as_batch(rows: UserRows, num_items: int) -> SparseBatch:
-    lengths = np.diff(rows.indptr)
     return SparseBatch(
         users=rows.users,
         items=None,
-        rows=np.repeat(np.arange(len(rows), dtype=np.int64), lengths),
-        cols=rows.indices,
+        rows=row_numbers(rows.indptr),
+        cols=rows.indices.astype(np.int64, copy=False),
         values=rows.values,
         shape=(len(rows), num_items),
     )
@@ -130,8 +129,8 @@ def _searched_hits(items, targets: UserRows, num_items: int, device) -> torch.Te
     """``_is_target`` on a device: a binary search of the keys ``row * num_items + item``
     among the targets', not a users x items table to clear and fill (Gowalla: 20 MB a batch
     of 500 users)."""
-    target_rows = np.repeat(np.arange(len(targets), dtype=np.int64), np.diff(targets.indptr))
-    target_keys = to_device(np.sort(target_rows * num_items + targets.indices), device)
+    target_keys = row_numbers(targets.indptr) * num_items + targets.indices
+    target_keys = to_device(np.sort(target_keys), device)
     keys = torch.arange(len(items), device=device)[:, None] * num_items + items
     found = torch.searchsorted(target_keys, keys).clamp_max_(len(target_keys) - 1)
     return target_keys[found] == keys
