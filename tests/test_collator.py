@@ -210,7 +210,7 @@ def test_sampled_items_is_np_unique_with_inverse(num_entries, largest, dtype):
     indices = rng.integers(0, largest + 1, num_entries).astype(dtype)
     indices[rng.integers(num_entries)] = largest
     indices.flags.writeable = False
-    items, positions = _sampled_items(indices)
+    items, positions = _sampled_items(indices, largest + 1)
     expected_items, expected_positions = np.unique(indices, return_inverse=True)
     assert items.dtype == positions.dtype == np.int64
     np.testing.assert_array_equal(items, expected_items)
@@ -218,13 +218,14 @@ def test_sampled_items_is_np_unique_with_inverse(num_entries, largest, dtype):
 
 
 @pytest.mark.parametrize("spacing", [1, 100])  # ids up to the entries: marked; 100x: sorted
-@pytest.mark.parametrize("bad", [-1, -(2**31)])
-def test_negative_item_id_is_a_value_error(spacing, bad):
-    """A negative id is refused both ways; the table would index with it unchecked."""
+@pytest.mark.parametrize("bad", [-1, -(2**31), 1000 * 100, 2**31 - 1])
+def test_item_id_outside_the_catalog_is_a_value_error(spacing, bad):
+    """An id below 0 or at num_items and beyond is refused both ways; the table would index
+    with it unchecked."""
     indices = np.arange(1000, dtype=np.int32) * spacing
     indices[500] = bad
-    with pytest.raises(ValueError, match="item ids must be >= 0"):
-        _sampled_items(indices)
+    with pytest.raises(ValueError, match=r"item ids must be in \[0, num_items"):
+        _sampled_items(indices, 1000 * spacing)
 
 
 @pytest.mark.parametrize(

@@ -102,7 +102,7 @@ class Collator:
     def __call__(self, group: UserRows) -> Iterator[SparseBatch]:
         if self.negative_sampling:
             # Columns are positions in the sorted union of the group's items.
-            items, cols = _sampled_items(group.indices)
+            items, cols = _sampled_items(group.indices, self.num_items)
             num_cols = len(items)
         else:
             items, num_cols = None, self.num_items
@@ -121,24 +121,21 @@ class Collator:
             )
 
 
-def _sampled_items(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _sampled_items(indices: np.ndarray, num_items: int) -> tuple[np.ndarray, np.ndarray]:
     """``np.unique(indices, return_inverse=True)``: the sorted distinct items, and the position
-    of each entry's item among them, both int64.
+    of each entry's item among them, both int64. An id outside ``[0, num_items)`` is a
+    ValueError.
 
     ``np.unique`` sorts the group's entries (an ml-1m group of 500 users: ~48,000 entries,
-    ~2 ms). Marking the items in a table as long as the largest item id is linear instead
-    (``_marked_items``); it is used while that table is not much longer than the list of
-    entries.
+    ~2 ms). Marking the items in a table of the catalog is linear instead (``_marked_items``);
+    it is used while that table is not much longer than the list of entries.
     """
-    if len(indices) == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    size = int(indices.max()) + 1
-    if size > 16 * len(indices):  # a huge catalog and a small group: sorting is cheaper
-        if (lowest := indices.min()) < 0:
-            raise ValueError(f"item ids must be >= 0, got {lowest}")
+    if num_items > 16 * len(indices):  # a huge catalog and a small group: sorting is cheaper
         items, positions = np.unique(indices, return_inverse=True)
+        if len(items) and not 0 <= items[0] <= items[-1] < num_items:
+            raise ValueError(f"item ids must be in [0, num_items={num_items})")
         return items.astype(np.int64), positions.reshape(-1).astype(np.int64, copy=False)
-    return _marked_items(indices, size)
+    return _marked_items(indices, num_items)
 
 
 # The compiled loops below index with unsigned integers: numba then leaves out the wrap-around
@@ -154,7 +151,7 @@ def _marked_items(indices, size):
     marks = np.zeros(size, np.uint8)
     for item in indices:
         if np.uint64(item) >= np.uint64(size):  # a negative id too; predicted, so ~free
-            raise ValueError("item ids must be >= 0 and below the table's size")
+            raise ValueError("item ids must be in [0, num_items)")
         marks[np.uint64(item)] = 1
     items = np.empty(min(size, len(indices) + 1), np.int64)
     count = 0
