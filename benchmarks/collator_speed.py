@@ -17,7 +17,9 @@ negative sampling (batch_size 500, num_sampling_users 500), on ml-1m-implicit an
   it; the gap between it and ours is the marking of the items and each entry's lookup.
 
 The Arrow groups are taken from the table beforehand (Ray Data's work, not the collator's).
-Rounds interleave the sides; medians of per-epoch wall-clock (``perf_counter``) times.
+Rounds interleave the sides; medians of per-epoch wall-clock (``perf_counter``) times. Each side
+starts with the caches cleared (a 64 MB buffer written), as a worker's rows come from Ray's
+object store: otherwise a side would find what the side before it read still cached.
 
     python benchmarks/collator_speed.py            # ml-1m and Gowalla, ~1 min
     python benchmarks/collator_speed.py --quick
@@ -63,6 +65,13 @@ def our_epoch(collator, tables, densify: bool) -> None:
                 to_dense(batch, cpu)
 
 
+_CACHE_SWEEP = np.zeros(64 << 20, dtype=np.uint8)  # larger than this machine's caches
+
+
+def clear_caches() -> None:
+    _CACHE_SWEEP[::64] += 1  # a write to every cache line
+
+
 def floor_epoch(tables) -> None:
     for table in tables:
         items = table.column("items").chunk(0).values.to_numpy()
@@ -95,6 +104,7 @@ def measure(name: str, rounds: int, with_reference: bool) -> dict:
     times = {side: [] for side in sides}
     for _ in range(rounds):
         for side, run in sides.items():
+            clear_caches()
             start = time.perf_counter()
             run()
             times[side].append(time.perf_counter() - start)
