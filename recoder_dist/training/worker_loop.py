@@ -28,6 +28,7 @@ from recoder_dist.training.allocator import reuse_freed_memory
 from recoder_dist.training.config import EvalSettings, TrainSettings, WorkerJob
 from recoder_dist.training.evaluation import metric_sums
 from recoder_dist.training.optimizers import build_optimizers, lr_at_epoch, sparse_parameter_names
+from recoder_dist.training.prefetch import EpochPrefetcher
 from recoder_dist.training.schedule import agreed_steps, epoch_batches
 from recoder_dist.training.snapshot import (
     Snapshot,
@@ -97,56 +98,65 @@ def _train(model, job: WorkerJob, settings: TrainSettings, device, rank: int, wo
     shard = ray.train.get_dataset_shard("train")
 
     last_epoch = job.start_epoch + settings.num_epochs
-    for epoch in range(start_epoch + 1, last_epoch + 1):
-        started = time.perf_counter()
-        # Seeds that depend only on (seed, epoch, rank): a run resumed at an epoch boundary
-        # draws the same data order and dropout noise as one that never stopped.
-        epoch_seed = (settings.seed * 1_000_003 + epoch * 1_009 + rank) % 2**31
-        torch.manual_seed(epoch_seed)
-        optimizers.set_lr(lr_at_epoch(settings.lr, settings.lr_milestones, epoch))
-        model.train()
-        loss_total, users = torch.zeros((), dtype=torch.float64, device=device), 0
-        batches = epoch_batches(shard, collator, steps, rank, epoch_seed)
-        for step, batch in enumerate(batches):
-            optimizers.zero_grad()
-            loss = batch_loss(net, loss_fn, batch, device)
-            loss.backward()
-            if step == 0:
-                _check_gradients_are_where_expected(model, sparse_names)
-            if sync is not None:
-                sync.synchronize()
-            optimizers.step()
-            loss_total += loss.detach() * batch.shape[0]  # stays on device: no sync per step
-            users += batch.shape[0]
-        loss_sum = torch.stack([loss_total, torch.tensor(float(users), device=device).double()])
-        if distributed:
-            dist.all_reduce(loss_sum)
-        loss_value = (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
-        if not np.isfinite(loss_value):
-            raise FloatingPointError(f"epoch {epoch}: training loss is {loss_value}; lower lr")
+    epochs = range(start_epoch + 1, last_epoch + 1)
+    # Made ahead in a thread: the next epoch's Ray Data start overlaps this epoch's last steps.
+    data = (
+        epoch_batches(shard, collator, steps, rank, _epoch_seed(settings.seed, epoch, rank))
+        for epoch in epochs
+    )
+    with EpochPrefetcher(data) as prefetcher:
+        for epoch in epochs:
+            started = time.perf_counter()
+            torch.manual_seed(_epoch_seed(settings.seed, epoch, rank))
+            optimizers.set_lr(lr_at_epoch(settings.lr, settings.lr_milestones, epoch))
+            model.train()
+            loss_total, users = torch.zeros((), dtype=torch.float64, device=device), 0
+            for step, batch in enumerate(prefetcher.next_epoch()):
+                optimizers.zero_grad()
+                loss = batch_loss(net, loss_fn, batch, device)
+                loss.backward()
+                if step == 0:
+                    _check_gradients_are_where_expected(model, sparse_names)
+                if sync is not None:
+                    sync.synchronize()
+                optimizers.step()
+                loss_total += loss.detach() * batch.shape[0]  # stays on device: no sync per step
+                users += batch.shape[0]
+            loss_sum = torch.stack([loss_total, torch.tensor(float(users), device=device).double()])
+            if distributed:
+                dist.all_reduce(loss_sum)
+            loss_value = (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
+            if not np.isfinite(loss_value):
+                raise FloatingPointError(f"epoch {epoch}: training loss is {loss_value}; lower lr")
 
-        metrics = {"epoch": epoch, "last_epoch": last_epoch, "loss": loss_value, "seconds": 0.0}
-        metrics["peak_rss_mb"] = _peak_rss_mb(distributed, device)
-        if sync is not None:
-            # Bytes this rank contributed to the sparse sync, against the dense gradients that
-            # DDP would all-reduce for the same parameters.
-            metrics["sync_bytes_per_step"] = sync.bytes_sent / steps
-            metrics["dense_sync_bytes_per_step"] = float(sync.dense_bytes)
-            sync.bytes_sent = 0
-        if job.eval is not None and settings.eval_freq > 0 and epoch % settings.eval_freq == 0:
-            model.eval()
-            metrics.update(_evaluate(model, job, device, rank, world))
-        evaluated = "eval_users" in metrics
-        wants_checkpoint = epoch == last_epoch or (
-            settings.checkpoint_freq > 0 and epoch % settings.checkpoint_freq == 0
-        )
-        if wants_checkpoint and job.checkpoint_prefix:
-            metrics["snapshot"] = f"{job.checkpoint_prefix}_epoch_{epoch}.model"
-        metrics["seconds"] = time.perf_counter() - started
-        if rank == 0:
-            job.progress.append.remote(metrics)
-        if evaluated or wants_checkpoint:  # what Ray Train (and Tune) must see
-            _report(metrics, model, optimizers, job, epoch, rank, wants_checkpoint)
+            metrics = {"epoch": epoch, "last_epoch": last_epoch, "loss": loss_value, "seconds": 0.0}
+            metrics["peak_rss_mb"] = _peak_rss_mb(distributed, device)
+            if sync is not None:
+                # Bytes this rank contributed to the sparse sync, against the dense gradients that
+                # DDP would all-reduce for the same parameters.
+                metrics["sync_bytes_per_step"] = sync.bytes_sent / steps
+                metrics["dense_sync_bytes_per_step"] = float(sync.dense_bytes)
+                sync.bytes_sent = 0
+            if job.eval is not None and settings.eval_freq > 0 and epoch % settings.eval_freq == 0:
+                model.eval()
+                metrics.update(_evaluate(model, job, device, rank, world))
+            evaluated = "eval_users" in metrics
+            wants_checkpoint = epoch == last_epoch or (
+                settings.checkpoint_freq > 0 and epoch % settings.checkpoint_freq == 0
+            )
+            if wants_checkpoint and job.checkpoint_prefix:
+                metrics["snapshot"] = f"{job.checkpoint_prefix}_epoch_{epoch}.model"
+            metrics["seconds"] = time.perf_counter() - started
+            if rank == 0:
+                job.progress.append.remote(metrics)
+            if evaluated or wants_checkpoint:  # what Ray Train (and Tune) must see
+                _report(metrics, model, optimizers, job, epoch, rank, wants_checkpoint)
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """A seed that depends only on (seed, epoch, rank): a run resumed at an epoch boundary
+    draws the same data order and dropout noise as one that never stopped."""
+    return (seed * 1_000_003 + epoch * 1_009 + rank) % 2**31
 
 
 def _peak_rss_mb(distributed: bool, device) -> float:

@@ -1,0 +1,93 @@
+"""Training batches made ahead in a background thread, across epoch boundaries.
+
+Ray Data takes 20-70 ms to hand over an epoch's first rows (its streaming executor starts, then
+polls in 10 ms sleeps), and each later group ~1-2 ms: on ml-1m the training step waited 34-81 ms
+of each ~0.45 s epoch. A thread that runs ahead of the step does that waiting while the step's
+torch operations run (they release the GIL). It runs into the next epoch as soon as this one's
+batches are made, so the next epoch's start overlaps this epoch's last steps. ml-1m, in-process,
+9 alternating runs of 6 epochs: median 0.436 s an epoch against 0.479 s.
+
+The batches and their order are those of iterating in the step's own thread: every epoch's
+order is fixed by its seed, not by when it is read.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+_END_OF_EPOCH = object()
+# How long the producer waits on a full queue before it looks at the stop flag again.
+_POLL_SECONDS = 0.05
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class EpochPrefetcher:
+    """Iterates ``epochs`` (one iterable of batches per epoch, in order) in a daemon thread,
+    keeping at most ``depth`` batches made ahead of the consumer.
+
+    The consumer calls :meth:`next_epoch` once per epoch, in order, and must call
+    :meth:`close` when it stops, finished or not (``with EpochPrefetcher(...) as batches``).
+    An error raised while making a batch is raised again where the consumer would have
+    received that batch.
+    """
+
+    def __init__(self, epochs: Iterable[Iterable[Any]], depth: int = 2):
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._produce, args=(epochs,), name="recoder-dist-prefetch", daemon=True
+        )
+        self._thread.start()
+
+    def next_epoch(self) -> Iterator[Any]:
+        """The batches of the next epoch, as they are made."""
+        while True:
+            item = self._queue.get()
+            if item is _END_OF_EPOCH:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+
+    def close(self) -> None:
+        """Stops the producer: it ends at its next batch, or on its own if it is blocked inside
+        the epochs' iterables (it is a daemon thread, so it never holds the process up)."""
+        self._stop.set()
+        self._thread.join(timeout=1.0)
+
+    def __enter__(self) -> EpochPrefetcher:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _produce(self, epochs: Iterable[Iterable[Any]]) -> None:
+        try:
+            for batches in epochs:
+                for batch in batches:
+                    if not self._put(batch):
+                        return
+                if not self._put(_END_OF_EPOCH):
+                    return
+            self._put(_Failure(RuntimeError("next_epoch called after the last epoch")))
+        except BaseException as error:  # handed to the consumer, which raises it
+            self._put(_Failure(error))
+
+    def _put(self, item) -> bool:
+        """Puts ``item`` when there is room; False once the consumer has closed."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=_POLL_SECONDS)
+                return True
+            except queue.Full:
+                pass
+        return False
