@@ -1,6 +1,6 @@
 """Mini-batch negative sampling: turning groups of user rows into sparse training batches.
 
-numpy and one compiled loop (numba), no torch and no Ray, so it is tested in milliseconds
+numpy and two compiled loops (numba), no torch and no Ray, so it is tested in milliseconds
 against a scipy reference.
 
 For a sampling group of users, the item set is the union of their items (``np.unique`` of the

@@ -38,7 +38,7 @@ from recoder_dist.training.snapshot import (
     snapshot_of,
 )
 from recoder_dist.training.sparse_sync import SparseGradSync
-from recoder_dist.training.step import batch_loss
+from recoder_dist.training.step import batch_loss, unwrapped
 
 logger = logging.getLogger(__name__)
 SNAPSHOT_FILE = "snapshot.pt"
@@ -110,18 +110,9 @@ def _train(model, job: WorkerJob, settings: TrainSettings, device, rank: int, wo
             torch.manual_seed(_epoch_seed(settings.seed, epoch, rank))
             optimizers.set_lr(lr_at_epoch(settings.lr, settings.lr_milestones, epoch))
             model.train()
-            loss_total, users = torch.zeros((), dtype=torch.float64, device=device), 0
-            for step, batch in enumerate(prefetcher.next_epoch()):
-                optimizers.zero_grad()
-                loss = batch_loss(net, loss_fn, batch, device)
-                loss.backward()
-                if step == 0:
-                    _check_gradients_are_where_expected(model, sparse_names)
-                if sync is not None:
-                    sync.synchronize()
-                optimizers.step()
-                loss_total += loss.detach() * batch.shape[0]  # stays on device: no sync per step
-                users += batch.shape[0]
+            loss_total, users = _run_steps(
+                net, loss_fn, optimizers, sync, prefetcher.next_epoch(), device, sparse_names
+            )
             loss_sum = torch.stack([loss_total, torch.tensor(float(users), device=device).double()])
             if distributed:
                 dist.all_reduce(loss_sum)
@@ -151,6 +142,24 @@ def _train(model, job: WorkerJob, settings: TrainSettings, device, rank: int, wo
                 job.progress.append.remote(metrics)
             if evaluated or wants_checkpoint:  # what Ray Train (and Tune) must see
                 _report(metrics, model, optimizers, job, epoch, rank, wants_checkpoint)
+
+
+def _run_steps(net, loss_fn, optimizers, sync, batches, device, sparse_names):
+    """One epoch's training steps; returns the loss summed over its users (on the device: no
+    sync per step) and the number of users."""
+    loss_total, users = torch.zeros((), dtype=torch.float64, device=device), 0
+    for step, batch in enumerate(batches):
+        optimizers.zero_grad()
+        loss = batch_loss(net, loss_fn, batch, device)
+        loss.backward()
+        if step == 0:
+            _check_gradients_are_where_expected(unwrapped(net), sparse_names)
+        if sync is not None:
+            sync.synchronize()
+        optimizers.step()
+        loss_total += loss.detach() * batch.shape[0]
+        users += batch.shape[0]
+    return loss_total, users
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
