@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -143,9 +145,11 @@ def test_metric_sums_match_a_naive_loop_on_a_large_catalog(model_index, product_
     np.testing.assert_allclose(sums, expected, rtol=1e-9)
 
 
-def test_the_hit_tables_of_cpu_and_device_agree_with_set_lookups():
+@pytest.mark.parametrize("arrow_ids", [False, True])
+def test_the_hit_tables_of_cpu_and_device_agree_with_set_lookups(arrow_ids):
     """``_is_target`` marks targets in a table on CPU and binary-searches keys on a device;
-    both against a set lookup per user (the device path run here on CPU tensors)."""
+    both against a set lookup per user (the device path run here on CPU tensors), also with
+    the read-only int32 ids that ``rows_from_arrow`` gives."""
     rng = np.random.default_rng(8)
     num_items = 700
     targets = _rows(60, num_items, 0.05, seed=8)
@@ -154,6 +158,10 @@ def test_the_hit_tables_of_cpu_and_device_agree_with_set_lookups():
     items = torch.from_numpy(rng.integers(0, num_items, (60, 40)))
     items[:, :5] = torch.from_numpy(targets[:, :5].toarray().argmax(1))[:, None]  # some hits
     rows = UserRows.from_csr(targets)
+    if arrow_ids:
+        indices = rows.indices.astype(np.int32)
+        indices.flags.writeable = False
+        rows = dataclasses.replace(rows, indices=indices)
     expected = np.array(
         [[item in set(targets[u].indices) for item in items[u].tolist()] for u in range(60)]
     )

@@ -33,7 +33,7 @@ class EpochPrefetcher:
     keeping at most ``depth`` batches made ahead of the consumer.
 
     The consumer calls :meth:`next_epoch` once per epoch, in order, and must call
-    :meth:`close` when it stops, finished or not (``with EpochPrefetcher(...) as batches``).
+    :meth:`close` when it stops, finished or not (``with EpochPrefetcher(...) as prefetcher``).
     An error raised while making a batch is raised again where the consumer would have
     received that batch.
     """
