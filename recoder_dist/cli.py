@@ -106,6 +106,8 @@ def _train(args) -> int:
         lr=args.lr,
         weight_decay=args.weight_decay,
         num_epochs=args.epochs,
+        lr_milestones=args.lr_milestones,
+        decay_sparse_lr=args.decay_sparse_lr,
         batch_size=args.batch_size,
         negative_sampling=args.negative_sampling,
         num_sampling_users=args.sampling_users,
@@ -223,6 +225,17 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--epochs", type=int, default=20)
+    t.add_argument(
+        "--lr-milestones",
+        type=int,
+        nargs="+",
+        help="epochs at which the dense learning rate is multiplied by 0.1",
+    )
+    t.add_argument(
+        "--decay-sparse-lr",
+        action="store_true",
+        help="let --lr-milestones decay the sparse embeddings' learning rate too",
+    )
     t.add_argument("--batch-size", type=int, default=500)
     t.add_argument("--sampling-users", type=int, default=0)
     t.add_argument("--negative-sampling", action=argparse.BooleanOptionalAction, default=True)

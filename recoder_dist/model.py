@@ -129,6 +129,8 @@ class Recoder:
         eval_num_users: int | None = None,
         metrics: list[Metric] | None = None,
         eval_batch_size: int | None = None,
+        *,
+        decay_sparse_lr: bool = False,
     ) -> list[dict]:
         """Trains the model for ``num_epochs`` more epochs.
 
@@ -136,10 +138,12 @@ class Recoder:
             train_dataset: the users' interactions to reconstruct.
             val_dataset: users with ``target`` interactions, evaluated every ``eval_freq``
                 epochs with ``metrics``.
-            lr: learning rate; multiplied by 0.1 at each epoch of ``lr_milestones``.
+            lr: learning rate.
             weight_decay: L2 penalty of dense weights (not of biases or sparse embeddings).
             num_epochs: epochs to train, counted from the current epoch: a model restored from
                 a snapshot of epoch 10 and trained with ``num_epochs=5`` ends at epoch 15.
+            lr_milestones: epochs at whose start the dense parameters' learning rate is
+                multiplied by 0.1 (the sparse embeddings' too with ``decay_sparse_lr``).
             iters_per_epoch: cap on the training batches of an epoch (per worker).
             batch_size: users per training batch, per worker.
             negative_sampling: score each batch only on the items its sampling group touched.
@@ -153,6 +157,8 @@ class Recoder:
             eval_num_users: evaluate a fixed random sample of this many users.
             metrics: :class:`~recoder_dist.metrics.Metric` instances.
             eval_batch_size: users per evaluation batch (default ``batch_size``).
+            decay_sparse_lr: let ``lr_milestones`` decay the sparse embeddings' optimizer too.
+                recsys-recoder 0.4.0 decays only the dense optimizer, which is the default.
 
         Returns:
             One dict per epoch: epoch, loss, seconds, and metrics when evaluated.
@@ -196,6 +202,7 @@ class Recoder:
             negative_sampling=bool(negative_sampling),
             iters_per_epoch=iters_per_epoch,
             lr_milestones=tuple(lr_milestones) if lr_milestones else None,
+            decay_sparse_lr=bool(decay_sparse_lr),
             checkpoint_freq=int(checkpoint_freq),
             eval_freq=int(eval_freq) if evaluating else 0,
             num_train_rows=train_table.num_rows,

@@ -11,6 +11,7 @@ from torch import nn
 from recoder_dist.nn import DynamicAutoencoder, MatrixFactorization
 from recoder_dist.training.optimizers import (
     build_optimizers,
+    epoch_lrs,
     lr_at_epoch,
     sparse_parameter_names,
 )
@@ -269,10 +270,9 @@ def test_set_lr_and_zero_grad():
     model = autoencoder()
     opts = build_optimizers(model, "adam", lr=0.01, weight_decay=0.0)
     model(torch.rand(3, NUM_ITEMS)).sum().backward()
-    opts.set_lr(0.5)
-    assert [g["lr"] for o in opts.each() for g in o.param_groups] == [0.5] * (
-        len(opts.dense.param_groups) + len(opts.sparse.param_groups)
-    )
+    opts.set_lr(dense=0.5, sparse=0.25)
+    assert [g["lr"] for g in opts.dense.param_groups] == [0.5] * len(opts.dense.param_groups)
+    assert [g["lr"] for g in opts.sparse.param_groups] == [0.25] * len(opts.sparse.param_groups)
     opts.zero_grad()
     assert all(p.grad is None for p in model.parameters())
 
@@ -285,6 +285,22 @@ def test_lr_at_epoch_milestones(epoch, expected):
     """lr is multiplied by 0.1 at each milestone reached (epochs are 1-based)."""
     assert lr_at_epoch(1.0, [2, 4], epoch) == pytest.approx(expected, rel=1e-12)
     assert lr_at_epoch(0.003, [4, 2], epoch) == pytest.approx(0.003 * expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("decay_sparse", [False, True])
+def test_epoch_lrs_follow_recsys_recoders_scheduler(decay_sparse):
+    """recsys-recoder 0.4.0 wraps only its dense optimizer in MultiStepLR(milestones, 0.1) and
+    steps it at the start of every epoch; its SparseAdam keeps the initial lr. epoch_lrs gives
+    the lr that scheduler sets, epoch by epoch, and the sparse lr unchanged unless asked."""
+    milestones, lr = [3, 5], 0.002
+    dense = torch.optim.Adam([nn.Parameter(torch.zeros(1))], lr=lr)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(dense, milestones=milestones, gamma=0.1)
+    for epoch in range(1, 8):
+        scheduler.step()  # recsys-recoder: the first thing of every epoch
+        expected = dense.param_groups[0]["lr"]
+        dense_lr, sparse_lr = epoch_lrs(lr, milestones, epoch, decay_sparse)
+        assert dense_lr == pytest.approx(expected, rel=1e-12)
+        assert sparse_lr == (dense_lr if decay_sparse else lr)
 
 
 @pytest.mark.parametrize("milestones", [None, []])

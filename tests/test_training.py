@@ -209,3 +209,26 @@ def test_in_process_training_leaves_the_callers_rng_alone(ray_session):
     state = torch.get_rng_state()
     recoder.train(train, batch_size=100, num_epochs=1, negative_sampling=True)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("decay_sparse_lr", [False, True])
+def test_lr_milestones_decay_the_dense_optimizer_only_by_default(ray_session, decay_sparse_lr):
+    """As in recsys-recoder 0.4.0, lr_milestones decay the dense optimizer (Adam); SparseAdam
+    keeps the initial lr unless decay_sparse_lr. Read from the optimizer states that training
+    leaves, after epochs 1-3 with milestones [2, 3]."""
+    data = RecommendationDataset(ml100k_split().train.interactions[:200])
+    recoder = autoencoder_recoder(num_workers=0)
+    recoder.train(
+        data,
+        batch_size=100,
+        lr=1e-3,
+        num_epochs=3,
+        lr_milestones=[2, 3],
+        negative_sampling=True,
+        decay_sparse_lr=decay_sparse_lr,
+    )
+    state = recoder._optimizer_state
+    dense = [g["lr"] for g in state["dense"]["param_groups"]]
+    sparse = [g["lr"] for g in state["sparse"]["param_groups"]]
+    assert dense == pytest.approx([1e-5] * len(dense))
+    assert sparse == pytest.approx([1e-5 if decay_sparse_lr else 1e-3] * len(sparse))

@@ -19,6 +19,7 @@ class TrainSettings:
     negative_sampling: bool
     iters_per_epoch: int | None = None
     lr_milestones: tuple[int, ...] | None = None
+    decay_sparse_lr: bool = False
     checkpoint_freq: int = 0
     eval_freq: int = 0
     num_train_rows: int = 0

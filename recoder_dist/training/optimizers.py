@@ -76,9 +76,10 @@ class Optimizers:
         for opt in self.each():
             opt.step()
 
-    def set_lr(self, lr: float) -> None:
-        for opt in self.each():
-            for group in opt.param_groups:
+    def set_lr(self, dense: float, sparse: float) -> None:
+        """The learning rates of the dense optimizer and of the sparse one."""
+        for opt, lr in ((self.dense, dense), (self.sparse, sparse)):
+            for group in opt.param_groups if opt is not None else ():
                 group["lr"] = lr
 
     def state_dict(self) -> dict:
@@ -135,3 +136,13 @@ def lr_at_epoch(lr: float, milestones: list[int] | None, epoch: int) -> float:
     MultiStepLR stepped at the start of every epoch, as recsys-recoder does)."""
     passed = sum(1 for m in (milestones or []) if epoch >= m)
     return lr * 0.1**passed
+
+
+def epoch_lrs(
+    lr: float, milestones: list[int] | None, epoch: int, decay_sparse: bool
+) -> tuple[float, float]:
+    """``(dense, sparse)`` learning rates of ``epoch``. As in recsys-recoder 0.4.0, whose
+    ``MultiStepLR`` wraps the dense optimizer only, the milestones decay the dense optimizer;
+    the sparse embeddings keep ``lr`` unless ``decay_sparse``."""
+    dense = lr_at_epoch(lr, milestones, epoch)
+    return dense, dense if decay_sparse else lr

@@ -27,7 +27,7 @@ from recoder_dist.losses import build_loss
 from recoder_dist.training.allocator import reuse_freed_memory
 from recoder_dist.training.config import EvalSettings, TrainSettings, WorkerJob
 from recoder_dist.training.evaluation import metric_sums
-from recoder_dist.training.optimizers import build_optimizers, lr_at_epoch, sparse_parameter_names
+from recoder_dist.training.optimizers import build_optimizers, epoch_lrs, sparse_parameter_names
 from recoder_dist.training.prefetch import EpochPrefetcher
 from recoder_dist.training.schedule import agreed_steps, epoch_batches
 from recoder_dist.training.snapshot import (
@@ -108,7 +108,9 @@ def _train(model, job: WorkerJob, settings: TrainSettings, device, rank: int, wo
         for epoch in epochs:
             started = time.perf_counter()
             torch.manual_seed(_epoch_seed(settings.seed, epoch, rank))
-            optimizers.set_lr(lr_at_epoch(settings.lr, settings.lr_milestones, epoch))
+            optimizers.set_lr(
+                *epoch_lrs(settings.lr, settings.lr_milestones, epoch, settings.decay_sparse_lr)
+            )
             model.train()
             loss_total, users = _run_steps(
                 net, loss_fn, optimizers, sync, prefetcher.next_epoch(), device, sparse_names
