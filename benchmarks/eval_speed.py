@@ -15,10 +15,9 @@ must agree.
 Timed: recsys-recoder's ``RecommenderEvaluator(InferenceRecommender(...)).evaluate`` (what its
 ``Recoder.evaluate`` runs) inside a subprocess of its own environment, repeated, the first
 dropped; ours (a) the per-batch work of a worker, ``metric_sums`` over batches of
-``UserRows``, as it runs here (on a CPU with native bf16 products, a large catalog's product in
-bf16 and its candidates rescored in fp32) and with the fp32 product only
-(``bf16_candidates.ENABLED = False``), and (b) the whole ``Recoder(num_workers=0).evaluate``
-call (Ray Data set-up and the Train controller included). Rounds interleave the sides; medians.
+``UserRows``, with the compiled loops and with their numpy/torch references
+(``recoder_dist.kernels``), and (b) the whole ``Recoder(num_workers=0).evaluate`` call (Ray
+Data set-up and the Train controller included). Rounds interleave the sides; medians.
 
     python benchmarks/eval_speed.py             # ml-1m and Gowalla, ~5 min
     python benchmarks/eval_speed.py --quick     # ml-1m, < 1 min warm
@@ -46,7 +45,7 @@ from _common import (
 )
 from _reference_venv import run_reference
 
-from recoder_dist.training import bf16_candidates
+from recoder_dist import kernels
 
 MODEL = dict(hidden_layers=[200], activation_type="tanh", noise_prob=0.5, sparse=True)
 K = 100
@@ -101,25 +100,23 @@ def trained_recoder(train: sp.csr_matrix, epochs: int):
 def our_worker_batches(model, inputs, targets) -> tuple[float, dict]:
     """Seconds of ``metric_sums`` over all batches (a worker's evaluation work) and the means."""
     from recoder_dist.data.collator import UserRows
-    from recoder_dist.training.allocator import reuse_freed_memory
     from recoder_dist.training.evaluation import metric_sums
 
     found = metrics()
     sums, count = np.zeros(len(found)), 0
     start = time.perf_counter()
-    with reuse_freed_memory():  # as the worker loop runs it
-        for lo in range(0, inputs.shape[0], BATCH):
-            users = np.arange(lo, min(lo + BATCH, inputs.shape[0]))
-            batch_sums, batch_count = metric_sums(
-                model,
-                UserRows.from_csr(inputs, users),
-                UserRows.from_csr(targets, users),
-                found,
-                K,
-                inputs.shape[1],
-                torch.device("cpu"),
-            )
-            sums, count = sums + batch_sums, count + batch_count
+    for lo in range(0, inputs.shape[0], BATCH):
+        users = np.arange(lo, min(lo + BATCH, inputs.shape[0]))
+        batch_sums, batch_count = metric_sums(
+            model,
+            UserRows.from_csr(inputs, users),
+            UserRows.from_csr(targets, users),
+            found,
+            K,
+            inputs.shape[1],
+            torch.device("cpu"),
+        )
+        sums, count = sums + batch_sums, count + batch_count
     seconds = time.perf_counter() - start
     return seconds, {m.name: s / count for m, s in zip(found, sums)}
 
@@ -153,7 +150,7 @@ def measure(name: str, args) -> dict:
         batch_size=BATCH,
         repeats=args.repeats + 1,
     )
-    times = {"ref": [], "worker": [], "fp32": [], "call": []}
+    times = {"ref": [], "worker": [], "reference": [], "call": []}
     means = {}
     for round_ in range(args.rounds):
         print(f"[{name}] round {round_ + 1}/{args.rounds}", flush=True)
@@ -163,14 +160,11 @@ def measure(name: str, args) -> dict:
         for _ in range(args.repeats):
             seconds, means["ours"] = our_worker_batches(model, inputs, targets)
             times["worker"].append(seconds)
-            bf16_candidates.ENABLED = False
-            try:
-                seconds, means["ours, fp32 product only"] = our_worker_batches(
+            with kernels.use("reference"):
+                seconds, means["ours, reference kernels"] = our_worker_batches(
                     model, inputs, targets
                 )
-            finally:
-                bf16_candidates.ENABLED = True
-            times["fp32"].append(seconds)
+            times["reference"].append(seconds)
         seconds, means["ours, Recoder.evaluate"] = our_evaluate_call(recoder, inputs, targets)
         times["call"].append(seconds)
     users = inputs.shape[0]
@@ -195,17 +189,15 @@ def main():
 
     print(f"\nmachine load when the tables were taken: {load_average()}")
     print(f"torch threads: {args.threads}; top-{K} over all items, batches of {BATCH} users")
-    large = 4 * K * bf16_candidates.BLOCK  # the smallest catalog that it takes
-    native = bf16_candidates.applies(torch.zeros(1, MODEL["hidden_layers"][-1]), large, K)
-    state = f"on from {large:,} items" if native else "off (no native bf16 products)"
-    print(f"bf16 candidate pass: {state}")
     labels, series = (
         [],
         {"recsys-recoder 0.4.0": [], "ours (worker)": [], "ours (evaluate call)": []},
     )
     for name, r in results.items():
         users = r["users"]
-        ref, worker, fp32, call = (median(r["times"][k]) for k in ("ref", "worker", "fp32", "call"))
+        ref, worker, reference, call = (
+            median(r["times"][k]) for k in ("ref", "worker", "reference", "call")
+        )
         print(
             f"\n### {name}: {users:,} evaluation users "
             f"(recsys-recoder counted {r['ref_users']:,})\n"
@@ -219,10 +211,10 @@ def main():
                 ratio(ref, worker),
             ],
             [
-                "ours: the same, fp32 product only (no bf16 candidates)",
-                f"{fp32:.3f}",
-                f"{users / fp32:,.0f}",
-                ratio(ref, fp32),
+                "ours: the same, numpy/torch references of the compiled loops",
+                f"{reference:.3f}",
+                f"{users / reference:,.0f}",
+                ratio(ref, reference),
             ],
             [
                 "ours: Recoder.evaluate, num_workers=0",

@@ -24,6 +24,15 @@ def shared_data(name: str) -> Path:
     return folder
 
 
+@pytest.fixture(params=["compiled", "reference"])
+def kernel_mode(request):
+    """Runs a test once with the compiled loops and once with their numpy/torch references."""
+    from recoder_dist import kernels
+
+    with kernels.use(request.param):
+        yield request.param
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray with more logical CPUs than cores, so that Ray Data tasks are never starved

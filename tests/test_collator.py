@@ -16,6 +16,9 @@ from recoder_dist.data.collator import (
     row_numbers,
 )
 
+# Every test runs with the compiled loops and with their numpy references.
+pytestmark = pytest.mark.usefixtures("kernel_mode")
+
 
 def random_matrix(num_users, num_items, density, seed, empty_rows=()):
     """A random CSR matrix with values in [1, 5] (never an explicit zero) and some empty rows."""

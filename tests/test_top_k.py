@@ -9,10 +9,11 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from recoder_dist import kernels
 from recoder_dist.data.collator import UserRows
 from recoder_dist.metrics import NDCG, AveragePrecision, Recall
 from recoder_dist.nn import DynamicAutoencoder, MatrixFactorization
-from recoder_dist.training import bf16_candidates, top_k_kernel
+from recoder_dist.training import top_k_kernel
 from recoder_dist.training.evaluation import (
     _as_batch,
     _is_target,
@@ -22,21 +23,9 @@ from recoder_dist.training.evaluation import (
     predict_scores,
 )
 from recoder_dist.training.top_k import top_k, top_k_of_product
-from tests.test_bf16_candidates import use_bf16_path
 from tests.test_metrics import naive
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(params=["fp32", "bf16"])
-def product_path(request, monkeypatch):
-    """The sliced fp32 product, or the bf16 product with fp32 rescoring (where the CPU's bf16
-    products accumulate in fp32), whichever this CPU would take."""
-    if request.param == "fp32":
-        monkeypatch.setattr(bf16_candidates, "ENABLED", False)
-    else:
-        use_bf16_path(monkeypatch, 8)
-    return request.param
 
 
 @pytest.mark.parametrize(
@@ -48,11 +37,12 @@ def product_path(request, monkeypatch):
         (2810, torch.float64, False),
     ],
 )
-def test_top_k_matches_torch_topk(num_items, dtype, kernel):
+def test_top_k_matches_torch_topk(num_items, dtype, kernel, kernel_mode):
     generator = torch.Generator().manual_seed(num_items)
     scores = torch.randn(37, num_items, generator=generator, dtype=dtype)
     k = 100
     assert top_k_kernel.applies(scores, k) == kernel
+    assert kernels.compiled() == (kernel_mode == "compiled")
     values, items = top_k(scores, k)
     expected_values, expected_items = torch.topk(scores, k, dim=1)
     assert torch.equal(values, expected_values)
@@ -63,10 +53,9 @@ def test_top_k_matches_torch_topk(num_items, dtype, kernel):
     "num_items, dtype",
     [(3001, torch.float32), (1500, torch.float32), (1000, torch.float32), (3001, torch.float64)],
 )
-def test_sliced_product_matches_the_whole_product(num_items, dtype, product_path):
+def test_sliced_product_matches_the_whole_product(num_items, dtype, kernel_mode):
     """3,001 items: three slices, the last one 953 items (not a whole number of blocks of 32);
-    1,000 items: one slice, and too few items for the bf16 pass (k = 10 blocks of 32 are more
-    than a quarter of them)."""
+    1,000 items: one slice."""
     generator = torch.Generator().manual_seed(2)
     codes = torch.randn(40, 16, generator=generator, dtype=dtype)
     vectors = torch.randn(num_items, 16, generator=generator, dtype=dtype)
@@ -115,7 +104,7 @@ def test_score_factors_give_the_forward_scores(model_index):
 
 
 @pytest.mark.parametrize("model_index", [0, 1, 2])
-def test_metric_sums_match_a_naive_loop_on_a_large_catalog(model_index, product_path):
+def test_metric_sums_match_a_naive_loop_on_a_large_catalog(model_index, kernel_mode):
     """3,001 items and k=20: the sliced product and the top-k kernel run; every user's metrics
     are recomputed from a full argsort of ``forward``'s scores."""
     num_users, num_items, k = 120, 3001, 20
@@ -146,7 +135,7 @@ def test_metric_sums_match_a_naive_loop_on_a_large_catalog(model_index, product_
 
 
 @pytest.mark.parametrize("arrow_ids", [False, True])
-def test_the_hit_tables_of_cpu_and_device_agree_with_set_lookups(arrow_ids):
+def test_the_hit_tables_of_cpu_and_device_agree_with_set_lookups(arrow_ids, kernel_mode):
     """``_is_target`` marks targets in a table on CPU and binary-searches keys on a device;
     both against a set lookup per user (the device path run here on CPU tensors), also with
     the read-only int32 ids that ``rows_from_arrow`` gives."""

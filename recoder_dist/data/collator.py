@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from recoder_dist import kernels
+
 
 @dataclass(frozen=True)
 class UserRows:
@@ -130,7 +132,8 @@ def _sampled_items(indices: np.ndarray, num_items: int) -> tuple[np.ndarray, np.
     ~2 ms). Marking the items in a table of the catalog is linear instead (``_marked_items``);
     it is used while that table is not much longer than the list of entries.
     """
-    if num_items > 16 * len(indices):  # a huge catalog and a small group: sorting is cheaper
+    # The reference; also the faster way for a huge catalog and a small group.
+    if not kernels.compiled() or num_items > 16 * len(indices):
         items, positions = np.unique(indices, return_inverse=True)
         if len(items) and not 0 <= items[0] <= items[-1] < num_items:
             raise ValueError(f"item ids must be in [0, num_items={num_items})")
@@ -167,11 +170,17 @@ def _marked_items(indices, size):
     return items[:count], positions
 
 
+def row_numbers(indptr: np.ndarray) -> np.ndarray:
+    """The row (int64) of each entry of a CSR block, counted from ``indptr[0]`` (``indptr``
+    may be a slice of a larger block's)."""
+    if kernels.compiled():
+        return _filled_row_numbers(indptr)
+    return np.repeat(np.arange(len(indptr) - 1, dtype=np.int64), np.diff(indptr))
+
+
 @numba.njit(nogil=True, cache=True)
-def row_numbers(indptr):
-    """The row of each entry of a CSR block: ``np.repeat(np.arange(len(indptr) - 1),
-    np.diff(indptr))``, counted from ``indptr[0]`` (a slice of a larger block's indptr).
-    Twice as fast as ``np.repeat``: each row is one vectorized fill."""
+def _filled_row_numbers(indptr):
+    """``row_numbers`` with one vectorized fill a row."""
     rows = np.empty(indptr[-1] - indptr[0], np.int64)
     for row in range(len(indptr) - 1):
         entry, stop = np.uint64(indptr[row] - indptr[0]), np.uint64(indptr[row + 1] - indptr[0])

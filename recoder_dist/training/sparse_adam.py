@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch.autograd.graph import increment_version
 
+from recoder_dist import kernels
+
 
 class RowwiseSparseAdam(torch.optim.SparseAdam):
     """``torch.optim.SparseAdam`` (same arguments, same state, same results), faster.
@@ -74,7 +76,7 @@ class RowwiseSparseAdam(torch.optim.SparseAdam):
         bias_correction1 = 1 - beta1 ** state["step"]
         bias_correction2 = 1 - beta2 ** state["step"]
         step_size = lr * math.sqrt(bias_correction2) / bias_correction1
-        if _compiled_update_applies(param, values, exp_avg, exp_avg_sq):
+        if kernels.compiled() and _compiled_update_applies(param, values, exp_avg, exp_avg_sq):
             flat = [t.view(len(t), -1).numpy() for t in (param.detach(), exp_avg, exp_avg_sq)]
             scalar = flat[0].dtype.type  # torch rounds each scalar to the weights' dtype
             _adam_rows(
@@ -86,8 +88,8 @@ class RowwiseSparseAdam(torch.optim.SparseAdam):
                 scalar(eps),
                 scalar(-step_size),
             )
-            # Written through numpy: tell torch, as its in-place operations do. Caches keyed
-            # on the version (bf16_candidates' copy of the item vectors) must see the change.
+            # Written through numpy: bump the version counters as torch's in-place operations
+            # do, so that autograd still notices if a saved tensor was modified.
             for tensor in (param, exp_avg, exp_avg_sq):  # torch 2.3's takes one tensor a call
                 increment_version(tensor)
             return

@@ -7,10 +7,6 @@ of each row, and on a large catalog the score product written whole.
   Gowalla's (40,981); ``top_k_kernel`` takes 7 and 28 (float32 on CPU).
 - Gowalla's product is 82 MB, past the caches, and runs at ~44 GFLOPS against ~90 in slices
   of 1,024 items, so ``top_k_of_product`` takes it slice by slice.
-- Where the CPU multiplies bf16 natively, a large catalog's product is taken in bf16 and its
-  candidates rescored in fp32 (``bf16_candidates``: Gowalla 1.4x faster again). The top k is
-  then that of the rescored fp32 scores, which equal the fp32 product's up to its rounding
-  (each is summed in another order).
 
 Off CPU, ``torch.topk`` runs on the whole matrix (one kernel on a GPU; no device here to
 measure more).
@@ -20,14 +16,15 @@ from __future__ import annotations
 
 import torch
 
-from recoder_dist.training import bf16_candidates, top_k_kernel
+from recoder_dist import kernels
+from recoder_dist.training import top_k_kernel
 
 SLICE = 1024  # items per slice of the product: 500 users x 1,024 floats (2 MB) stay cached
 
 
 def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.topk(scores, k, dim=1)`` (values sorted, largest first) for a 2-D matrix."""
-    if top_k_kernel.applies(scores, k):
+    if kernels.compiled() and top_k_kernel.applies(scores, k):
         return top_k_kernel.top_k_rows(scores, k)
     return torch.topk(scores, k, dim=1)
 
@@ -42,10 +39,6 @@ def top_k_of_product(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``top_k`` of ``bias + codes @ vectors.T`` with the entries ``(excluded_rows[j],
     excluded_cols[j])`` set to -inf; on CPU, computed in slices of ``SLICE`` items."""
-    num_items = len(vectors)
-    if bf16_candidates.applies(codes, num_items, k):  # CPU only
-        slices = _slices(num_items, excluded_rows, excluded_cols)
-        return bf16_candidates.top_k_of_product(codes, vectors, bias, k, slices)
     scores = _scores(codes, vectors, bias)
     scores[excluded_rows, excluded_cols] = -torch.inf
     return top_k(scores, k)
@@ -61,17 +54,3 @@ def _scores(codes, vectors, bias) -> torch.Tensor:
         hi = min(lo + SLICE, len(vectors))
         torch.addmm(bias[lo:hi], codes, vectors[lo:hi].t(), out=scores[:, lo:hi])
     return scores
-
-
-def _slices(num_items: int, excluded_rows, excluded_cols) -> list:
-    """``(lo, hi, rows, cols)`` for each slice ``lo:hi`` of ``SLICE`` items: the excluded
-    entries ``(rows[j], cols[j])`` that fall in it."""
-    slice_of = excluded_cols // SLICE
-    order = torch.argsort(slice_of, stable=True)
-    excluded_rows, excluded_cols = excluded_rows[order], excluded_cols[order]
-    ends = torch.bincount(slice_of, minlength=-(-num_items // SLICE)).cumsum(0).tolist()
-    starts = [0] + ends[:-1]
-    return [
-        (lo, min(lo + SLICE, num_items), excluded_rows[start:end], excluded_cols[start:end])
-        for lo, start, end in zip(range(0, num_items, SLICE), starts, ends)
-    ]

@@ -24,7 +24,6 @@ from torch.nn.parallel import DistributedDataParallel
 from recoder_dist.data.collator import Collator
 from recoder_dist.data.ray_dataset import rows_from_arrow
 from recoder_dist.losses import build_loss
-from recoder_dist.training.allocator import reuse_freed_memory
 from recoder_dist.training.config import EvalSettings, TrainSettings, WorkerJob
 from recoder_dist.training.evaluation import metric_sums
 from recoder_dist.training.optimizers import build_optimizers, epoch_lrs, sparse_parameter_names
@@ -59,14 +58,13 @@ def worker_loop(config: dict) -> None:
 
     if job.train is None:
         model.eval()
-        with reuse_freed_memory():
-            results = _evaluate(model, job, device, rank, world)
+        results = _evaluate(model, job, device, rank, world)
         if rank == 0:
             ray.get(job.progress.append.remote(results))
         return
     # In-process, the loop seeds torch's global RNG: give the caller's RNG state back after.
     cuda = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda, enabled=job.in_process), reuse_freed_memory():
+    with torch.random.fork_rng(devices=cuda, enabled=job.in_process):
         _train(model, job, job.train, device, rank, world)
 
 
