@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -51,6 +53,7 @@ def assert_same_batches(batches, expected, num_items):
     assert len(batches) == len(expected)
     for batch, (users, items, dense) in zip(batches, expected):
         assert isinstance(batch, SparseBatch)
+        batch.check()  # the promises that the step takes on trust
         np.testing.assert_array_equal(batch.users, users)
         if items is None:
             assert batch.items is None
@@ -251,3 +254,46 @@ def test_huge_catalog_small_group_matches_reference():
         shape=(3, 2_000_000),
     )
     assert run_collator(matrix, np.array([2, 0, 1]), 2, 0, True) == 2
+
+
+# ------------------------------------------------------------------ SparseBatch.check
+
+
+def good_batch() -> SparseBatch:
+    """Rows 0 and 2 of a 3 x 4 batch over items [3, 5, 8, 9]; row 1 is empty."""
+    return SparseBatch(
+        users=np.array([7, 1, 4]),
+        items=np.array([3, 5, 8, 9]),
+        rows=np.array([0, 0, 2, 2, 2]),
+        cols=np.array([0, 3, 1, 2, 3]),
+        values=np.ones(5, np.float32),
+        shape=(3, 4),
+    )
+
+
+def test_a_hand_made_batch_keeps_its_promises():
+    good_batch().check()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"rows": np.array([0, 2, 0, 2, 2])}, "sorted"),
+        ({"rows": np.array([0, 0, 2, 2, 3])}, "sorted and in"),
+        ({"cols": np.array([0, 3, 1, 1, 3])}, "distinct columns"),
+        ({"cols": np.array([3, 0, 1, 2, 3])}, "distinct columns"),
+        ({"cols": np.array([0, 3, 1, 2, 4])}, "columns must be in"),
+        ({"cols": np.array([-1, 3, 1, 2, 3])}, "columns must be in"),
+        ({"items": np.array([3, 8, 5, 9])}, "sorted"),
+        ({"items": np.array([3, 5, 5, 9])}, "distinct"),
+        ({"items": np.array([3, 5, 8])}, "3 items for 4 columns"),
+        ({"users": np.array([7, 1])}, "2 users for 3 rows"),
+        ({"values": np.array([1, 1, np.nan, 1, 1], np.float32)}, "finite"),
+        ({"values": np.ones(4, np.float32)}, "values per entry"),
+        ({"rows": np.array([0, 0, 2, 2, 2], np.int32)}, "int64"),
+    ],
+)
+def test_a_broken_promise_is_named(change, message):
+    batch = dataclasses.replace(good_batch(), **change)
+    with pytest.raises(ValueError, match=message):
+        batch.check()

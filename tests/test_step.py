@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -75,3 +77,23 @@ def test_models_without_sparse_input_get_the_dense_batch():
     input = model_input(DenseOnly(), batch, CPU)
     assert not input.is_sparse
     np.testing.assert_array_equal(input.numpy(), batch.to_dense())
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_debug_checks_every_batch_before_the_step(monkeypatch, debug):
+    """A batch whose entries are out of row order is flagged coalesced all the same, and the
+    loss silently counts it wrong; RECODER_DIST_DEBUG=1 (step.DEBUG) refuses it first."""
+    from recoder_dist.training import step
+
+    monkeypatch.setattr(step, "DEBUG", debug)
+    batch = sampled_batch()
+    order = np.argsort(-batch.rows, kind="stable")  # rows descending: not row-major
+    broken = dataclasses.replace(
+        batch, rows=batch.rows[order], cols=batch.cols[order], values=batch.values[order]
+    )
+    net, loss_fn = model(), build_loss("logloss")
+    if debug:
+        with pytest.raises(ValueError, match="sorted"):
+            batch_loss(net, loss_fn, broken, CPU)
+    else:
+        batch_loss(net, loss_fn, broken, CPU)  # no check: nothing stops it

@@ -75,6 +75,44 @@ class SparseBatch:
         dense[self.rows, self.cols] = self.values
         return dense
 
+    def check(self) -> None:
+        """Checks the promises that the training step relies on without checking them (it
+        flags the batch as a coalesced sparse tensor, and the sparse sync and SparseAdam take
+        the embedding rows it touches as sorted and distinct); the tests call it, and
+        ``RECODER_DIST_DEBUG=1`` makes the step call it on every batch.
+
+        Raises:
+            ValueError: naming the first promise that the batch breaks.
+        """
+        num_rows, num_cols = self.shape
+        entries = len(self.rows)
+        if len(self.users) != num_rows:
+            raise ValueError(f"{len(self.users)} users for {num_rows} rows")
+        if len(self.cols) != entries or len(self.values) != entries:
+            raise ValueError(
+                f"{entries} rows, {len(self.cols)} cols and {len(self.values)} values per entry"
+            )
+        if self.rows.dtype != np.int64 or self.cols.dtype != np.int64:
+            raise ValueError(
+                f"rows and cols must be int64, not {self.rows.dtype}/{self.cols.dtype}"
+            )
+        if self.items is not None:
+            if len(self.items) != num_cols:
+                raise ValueError(f"{len(self.items)} items for {num_cols} columns")
+            if np.any(self.items[1:] <= self.items[:-1]) or np.any(self.items < 0):
+                raise ValueError("the sampled items must be distinct non-negative ids, sorted")
+        if entries == 0:
+            return
+        if self.rows[0] < 0 or self.rows[-1] >= num_rows or np.any(np.diff(self.rows) < 0):
+            raise ValueError(f"entry rows must be sorted and in [0, {num_rows})")
+        if self.cols.min() < 0 or self.cols.max() >= num_cols:
+            raise ValueError(f"entry columns must be in [0, {num_cols})")
+        same_row = self.rows[1:] == self.rows[:-1]
+        if np.any(same_row & (self.cols[1:] <= self.cols[:-1])):
+            raise ValueError("a row's entries must have distinct columns, in increasing order")
+        if not np.all(np.isfinite(self.values)):
+            raise ValueError("entry values must be finite")
+
 
 class Collator:
     """Builds the training batches of one sampling group.

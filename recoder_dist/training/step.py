@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from recoder_dist.data.collator import SparseBatch
+
+# RECODER_DIST_DEBUG=1: check every batch's promises (SparseBatch.check) before the step.
+DEBUG = os.environ.get("RECODER_DIST_DEBUG") == "1"
 
 
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -52,6 +57,8 @@ def batch_loss(model, loss_fn, batch: SparseBatch, device: torch.device) -> torc
 
     The model reads the batch's rows over the sampled items and is scored on the same items.
     """
+    if DEBUG:
+        batch.check()
     input = model_input(model, batch, device)
     target = input
     if input.is_sparse and not getattr(loss_fn, "accepts_sparse_target", False):
