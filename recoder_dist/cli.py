@@ -199,7 +199,11 @@ def parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("prepare", help="split a dataset into train/validation/test")
     p.add_argument("--dataset", choices=DATASETS, required=True)
-    p.add_argument("--data-dir", help="local copy of the dataset (default: download)")
+    p.add_argument(
+        "--data-dir",
+        help="folder holding the ratings file (u.data, ratings.dat or ratings.csv) of an "
+        "unzipped copy (default: download into the cache)",
+    )
     p.add_argument("--input", help="event table for --dataset events")
     p.add_argument("--output", required=True)
     p.add_argument("--split", choices=("strong", "weak"), default="strong")
@@ -304,11 +308,21 @@ def _with_config(argv: list[str]) -> argparse.Namespace:
     return cli.parse_args(argv)
 
 
+def _is_user_error(error: Exception) -> bool:
+    # A failed download is the user's to fix too (no network: pass --data-dir). Imported here,
+    # not at the top, so that --help and argparse errors do not pay for importing pandas.
+    from recoder_dist.datasets.download import DownloadError
+
+    return isinstance(error, (UsageError, ValueError, FileNotFoundError, DownloadError))
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         args = _with_config(sys.argv[1:] if argv is None else argv)
         return args.run(args)
-    except (UsageError, ValueError, FileNotFoundError) as e:
+    except Exception as e:
+        if not _is_user_error(e):
+            raise
         print(f"recoder-dist: error: {e}", file=sys.stderr)
         return 2

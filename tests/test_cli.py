@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import socket
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from recoder_dist.cli import main
-from recoder_dist.datasets import load_prepared
+from recoder_dist.datasets import load_prepared, movielens
 from tests.conftest import shared_data
 
 
@@ -105,6 +110,58 @@ def test_bad_flags_exit_2(capsys, tmp_path):
     config.write_text(json.dumps({"epochz": 3}))
     assert main(["--config", str(config), "train", "--data", "x", "--checkpoint-dir", "y"]) == 2
     assert "unknown settings ['epochz']" in capsys.readouterr().err
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """MovieLens zips at a local port bound but not listening, so that every download is refused
+    as without a network; an empty cache and no $RECODER_DIST_ML100K."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        host = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        for name, release in movielens.RELEASES.items():
+            moved = dataclasses.replace(release, url=f"{host}/{name}.zip")
+            monkeypatch.setitem(movielens.RELEASES, name, moved)
+        monkeypatch.setenv("RECODER_DIST_CACHE", str(tmp_path / "cache"))
+        monkeypatch.delenv(movielens.DATA_DIR_ENV, raising=False)
+        yield host
+
+
+@pytest.mark.parametrize(
+    ("argv", "name", "fixes"),
+    [
+        (["prepare", "--dataset", "ml-1m", "--output", "out"], "ml-1m", ["--data-dir DIR"]),
+        (["prepare", "--dataset", "ml-25m", "--output", "out"], "ml-25m", ["--data-dir DIR"]),
+        (["demo"], "ml-100k", ["--data-dir DIR", "RECODER_DIST_ML100K=DIR"]),
+    ],
+)
+def test_no_network_is_one_line_and_exit_2(argv, name, fixes, offline, tmp_path, capsys):
+    assert main([str(tmp_path / a) if a == "out" else a for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("recoder-dist: error: could not download")
+    assert f"{offline}/{name}.zip" in err[0] and all(fix in err[0] for fix in fixes)
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
+
+
+def test_no_network_on_the_real_command_line(offline, tmp_path):
+    """The whole stderr of the command, logging included: one line, no traceback."""
+    out = tmp_path / "out"
+    script = textwrap.dedent(
+        f"""
+        import dataclasses, sys
+        from recoder_dist.cli import main
+        from recoder_dist.datasets import movielens
+        release = movielens.RELEASES["ml-1m"]
+        movielens.RELEASES["ml-1m"] = dataclasses.replace(release, url="{offline}/ml-1m.zip")
+        sys.exit(main(["prepare", "--dataset", "ml-1m", "--output", "{out}"]))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    err = done.stderr.splitlines()
+    assert len(err) == 1, done.stderr
+    assert err[0].startswith(f"recoder-dist: error: could not download {offline}/ml-1m.zip (")
+    assert "refused); " in err[0] and "ratings.dat as --data-dir DIR" in err[0]
 
 
 def test_prepare_writes_disjoint_users(prepared):

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import http.server
 import os
+import socket
 import threading
 import zipfile
 
@@ -27,7 +29,13 @@ from recoder_dist.datasets import (
     read_ratings_csv,
     read_user_items,
 )
-from recoder_dist.datasets.download import fetch_file, fetch_zip_member, sha256_of
+from recoder_dist.datasets.download import (
+    Digest,
+    DownloadError,
+    fetch_file,
+    fetch_zip_member,
+    sha256_of,
+)
 from tests.conftest import shared_data
 
 # ------------------------------------------------------------------ the real files
@@ -367,15 +375,118 @@ def test_a_download_with_another_digest_is_refused(tmp_path, server):
 
 def test_no_download_without_a_pinned_digest(tmp_path, server, cache, monkeypatch):
     url, requests = server(tmp_path)
-    release = dataclasses.replace(movielens.RELEASES["ml-1m"], url=f"{url}/ml-1m.zip")
-    monkeypatch.setitem(movielens.RELEASES, "ml-1m", release)
-    with pytest.raises(ValueError, match="no SHA-256 is pinned"):
-        load_movielens("ml-1m")
-    with pytest.raises(ValueError, match="no SHA-256 is pinned"):
+    release = dataclasses.replace(movielens.RELEASES["ml-latest"], url=f"{url}/ml-latest.zip")
+    monkeypatch.setitem(movielens.RELEASES, "ml-latest", release)
+    with pytest.raises(ValueError, match="no digest is pinned"):
+        load_movielens("ml-latest")
+    with pytest.raises(ValueError, match="no digest is pinned"):
         load_lightgcn("yelp2018")
     with pytest.raises(ValueError, match="64 hex digits"):
-        load_movielens("ml-1m", sha256="abc")
+        load_movielens("ml-latest", sha256="abc")
     assert requests == []
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "value", "message"),
+    [("md5", "c4d9eecf", "32 hex digits"), ("sha1", "0" * 40, "unknown digest algorithm")],
+)
+def test_malformed_digests_are_refused(algorithm, value, message):
+    with pytest.raises(ValueError, match=message):
+        Digest(algorithm, value)
+
+
+# ml-1m's ratings.dat is u.data with '::'; ml-20m's and ml-25m's ratings.csv has ml-latest-small's
+# format. Each zip holds the ratings file where GroupLens' zip holds it, beside another file.
+ZIPPED_RELEASES = {
+    "ml-1m": (
+        lambda: (shared_data("ml-100k") / "u.data").read_text().replace("\t", "::"),
+        lambda: load_ml100k(shared_data("ml-100k")),
+    ),
+    "ml-20m": (
+        lambda: (shared_data("ml-latest-small") / "ratings.csv").read_text(),
+        lambda: load_movielens("ml-latest-small", shared_data("ml-latest-small")),
+    ),
+}
+ZIPPED_RELEASES["ml-25m"] = ZIPPED_RELEASES["ml-20m"]
+
+
+def served_release(name, served, url, monkeypatch):
+    """A zip laid out as GroupLens' ``name``.zip, served at ``url``; returns the release
+    pointing there (expecting the number of ratings written) and the expected ratings."""
+    ratings, expected = ZIPPED_RELEASES[name]
+    release = movielens.RELEASES[name]
+    with zipfile.ZipFile(served / f"{name}.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(f"{name}/README.txt", "not the ratings")
+        zf.writestr(release.member, ratings())
+    expected = expected()
+    release = dataclasses.replace(release, url=f"{url}/{name}.zip", num_ratings=len(expected))
+    monkeypatch.setitem(movielens.RELEASES, name, release)
+    return release, expected
+
+
+@pytest.mark.parametrize("name", sorted(ZIPPED_RELEASES))
+def test_a_zip_whose_md5_is_not_the_published_one_is_refused(
+    name, tmp_path, server, cache, monkeypatch
+):
+    url, requests = server(tmp_path)
+    pinned = movielens.RELEASES[name].archive_digest
+    assert pinned.algorithm == "md5" and movielens.RELEASES[name].sha256 is None
+    release, _ = served_release(name, tmp_path, url, monkeypatch)
+    actual = hashlib.md5((tmp_path / f"{name}.zip").read_bytes()).hexdigest()
+    with pytest.raises(ValueError) as error:
+        load_movielens(name)
+    assert f"refused {name}.zip from {release.url}" in str(error.value)
+    assert f"MD5 is {actual}, expected {pinned.hexdigest}" in str(error.value)
+    assert requests == [f"/{name}.zip"]
+    assert [p for p in cache.rglob("*") if p.is_file()] == []  # nothing of it is kept
+
+
+@pytest.mark.parametrize("name", sorted(ZIPPED_RELEASES))
+def test_a_zip_with_the_published_md5_is_read_and_cached(
+    name, tmp_path, server, cache, monkeypatch
+):
+    url, requests = server(tmp_path)
+    release, expected = served_release(name, tmp_path, url, monkeypatch)
+    # The same zip, now with its own MD5 pinned as the published one.
+    md5 = hashlib.md5((tmp_path / f"{name}.zip").read_bytes()).hexdigest()
+    release = dataclasses.replace(release, archive_digest=Digest("md5", md5))
+    monkeypatch.setitem(movielens.RELEASES, name, release)
+
+    pd.testing.assert_frame_equal(load_movielens(name), expected)
+    cached = cache / release.member
+    assert cached.is_file() and len(requests) == 1
+    assert not list(cache.glob("*.zip")) and not list(cache.glob("tmp*"))
+    pd.testing.assert_frame_equal(load_movielens(name), expected)
+    assert len(requests) == 1  # from the cache, recognized by the SHA-256 recorded beside it
+    with open(cached, "a") as f:
+        f.write(f"1{',' if name != 'ml-1m' else '::'}2\n")  # a cached copy that changed
+    pd.testing.assert_frame_equal(load_movielens(name), expected)
+    assert len(requests) == 2
+
+
+@pytest.fixture
+def unreachable_url():
+    """A URL on a local port bound but not listening: connecting is refused, as without a
+    network, immediately and on any machine."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_a_failed_download_names_the_url_and_leaves_nothing(
+    tmp_path, server, unreachable_url, cache
+):
+    with pytest.raises(DownloadError) as error:
+        fetch_file(f"{unreachable_url}/train.txt", "0" * 64, cache / "gowalla" / "train.txt")
+    assert isinstance(error.value, ConnectionError)
+    assert f"could not download {unreachable_url}/train.txt (" in str(error.value)
+    assert "refused" in error.value.reason and "data_dir" in error.value.fix
+    url, _ = server(tmp_path)  # reachable, but the file is not there
+    with pytest.raises(
+        DownloadError, match=r"missing\.zip \(HTTP Error 404: .*\); --data-dir DIR$"
+    ):
+        fetch_zip_member(f"{url}/missing.zip", "x/u.data", "0" * 64, cache, fix="--data-dir DIR")
+    assert [p for p in cache.rglob("*") if p.is_file()] == []
 
 
 def test_lightgcn_download_checks_the_pinned_digests(server, cache, monkeypatch):

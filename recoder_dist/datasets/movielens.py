@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from recoder_dist.datasets._parsing import check_count, read_delimited
-from recoder_dist.datasets.download import fetch_zip_member, verify
+from recoder_dist.datasets.download import Digest, DownloadError, fetch_zip_member, verify
 
 _COLUMNS = {"user": "id", "item": "id", "rating": "float", "timestamp": "int"}
 
@@ -58,9 +58,11 @@ class MovieLensRelease:
     Attributes:
         url: the official zip.
         member: the ratings file inside the zip.
-        sha256: digest of ``member``; None where we know none (a download then needs one).
+        sha256: digest of ``member``; None where we know none. It also checks a local copy.
         num_ratings: the number of ratings GroupLens publishes; None for releases that change.
         read: the parser of ``member``.
+        archive_digest: digest of the zip as GroupLens publishes it (MD5); None where none is
+            published. A download needs this or ``sha256``.
     """
 
     url: str
@@ -68,14 +70,17 @@ class MovieLensRelease:
     sha256: str | None
     num_ratings: int | None
     read: Callable[[str | os.PathLike], pd.DataFrame]
+    archive_digest: Digest | None = None
 
 
 _GROUPLENS = "https://files.grouplens.org/datasets/movielens"
 
 # Digests: ml-100k's u.data and ml-latest-small's ratings.csv are those of the copies in
 # ../shared/data, which are the official files (ml-latest-small of 2018-09-26, unchanged since).
-# UNKNOWN, so a download needs sha256=...: ml-1m ratings.dat, ml-20m and ml-25m ratings.csv (no
-# trusted copy to take them from), and ml-latest, which GroupLens regenerates over time.
+# ml-1m, ml-20m and ml-25m: the MD5 that GroupLens publishes for each zip; there is no trusted
+# copy of their ratings files to take a SHA-256 from, so a local copy (data_dir) is checked by
+# its number of ratings only. ml-latest: none, GroupLens regenerates it over time, so a download
+# needs sha256=...
 RELEASES: dict[str, MovieLensRelease] = {
     "ml-100k": MovieLensRelease(
         f"{_GROUPLENS}/ml-100k.zip",
@@ -85,13 +90,28 @@ RELEASES: dict[str, MovieLensRelease] = {
         read_ml100k_ratings,
     ),
     "ml-1m": MovieLensRelease(
-        f"{_GROUPLENS}/ml-1m.zip", "ml-1m/ratings.dat", None, 1_000_209, read_ml1m_ratings
+        f"{_GROUPLENS}/ml-1m.zip",
+        "ml-1m/ratings.dat",
+        None,
+        1_000_209,
+        read_ml1m_ratings,
+        archive_digest=Digest("md5", "c4d9eecfca2ab87c1945afe126590906"),
     ),
     "ml-20m": MovieLensRelease(
-        f"{_GROUPLENS}/ml-20m.zip", "ml-20m/ratings.csv", None, 20_000_263, read_ratings_csv
+        f"{_GROUPLENS}/ml-20m.zip",
+        "ml-20m/ratings.csv",
+        None,
+        20_000_263,
+        read_ratings_csv,
+        archive_digest=Digest("md5", "cd245b17a1ae2cc31bb14903e1204af3"),
     ),
     "ml-25m": MovieLensRelease(
-        f"{_GROUPLENS}/ml-25m.zip", "ml-25m/ratings.csv", None, 25_000_095, read_ratings_csv
+        f"{_GROUPLENS}/ml-25m.zip",
+        "ml-25m/ratings.csv",
+        None,
+        25_000_095,
+        read_ratings_csv,
+        archive_digest=Digest("md5", "6b51fb2759a8657d3bfcbfc42b592ada"),
     ),
     "ml-latest-small": MovieLensRelease(
         f"{_GROUPLENS}/ml-latest-small.zip",
@@ -113,21 +133,34 @@ DATA_DIR_ENV = "RECODER_DIST_ML100K"
 def movielens_ratings_path(
     name: str, data_dir: str | os.PathLike | None = None, *, sha256: str | None = None
 ) -> Path:
-    """The ratings file of release ``name``, verified by SHA-256 where a digest is known.
+    """The ratings file of release ``name``, verified by its digests where they are known.
 
     Args:
         name: a key of :data:`RELEASES` (``"ml-100k"``, ``"ml-1m"``, ``"ml-20m"``, ...).
         data_dir: a folder holding the ratings file (``u.data``, ``ratings.dat`` or
-            ``ratings.csv``); when None, the official zip is downloaded once into the cache.
-        sha256: the digest to check instead of the pinned one; required to download a release
-            whose digest is unknown.
+            ``ratings.csv``); when None, the official zip is downloaded once into the cache
+            and checked by the pinned digest of the zip or of the ratings file.
+        sha256: the SHA-256 of the ratings file to check instead of the pinned one; required to
+            download a release with no pinned digest (``ml-latest``).
+
+    Raises:
+        ValueError: an unknown release, no digest to check a download by, or a digest that
+            differs.
+        FileNotFoundError: no ratings file in ``data_dir``.
+        DownloadError: the download failed; its message says to pass ``data_dir`` instead.
     """
     if name not in RELEASES:
         raise ValueError(f"unknown MovieLens release {name!r}; known: {sorted(RELEASES)}")
     release = RELEASES[name]
     digest = sha256 or release.sha256
     if data_dir is None:
-        return fetch_zip_member(release.url, release.member, digest)
+        return fetch_zip_member(
+            release.url,
+            release.member,
+            digest,
+            archive_digest=release.archive_digest,
+            fix=_offline_fix(release),
+        )
     path = Path(data_dir) / Path(release.member).name
     if digest:
         return verify(path, digest)
@@ -146,11 +179,9 @@ def load_movielens(
 
     Raises:
         ValueError: a malformed line (named), a digest or a number of ratings that differs.
+        DownloadError: the download failed (no network).
     """
-    path = movielens_ratings_path(name, data_dir, sha256=sha256)
-    ratings = RELEASES[name].read(path)
-    check_count(path, "ratings", len(ratings), RELEASES[name].num_ratings)
-    return ratings
+    return _read(name, movielens_ratings_path(name, data_dir, sha256=sha256))
 
 
 def ml100k_ratings_path(data_dir: str | os.PathLike | None = None) -> Path:
@@ -159,10 +190,31 @@ def ml100k_ratings_path(data_dir: str | os.PathLike | None = None) -> Path:
     Args:
         data_dir: a folder holding ``u.data`` (default ``$RECODER_DIST_ML100K``); when neither
             is set, the official zip is downloaded once into the cache folder.
+
+    Raises:
+        DownloadError: the download failed; its message names both ways to give a local copy.
     """
-    return movielens_ratings_path("ml-100k", data_dir or os.environ.get(DATA_DIR_ENV))
+    try:
+        return movielens_ratings_path("ml-100k", data_dir or os.environ.get(DATA_DIR_ENV) or None)
+    except DownloadError as e:
+        fix = _offline_fix(RELEASES["ml-100k"], f" or set {DATA_DIR_ENV}=DIR")
+        raise DownloadError(e.url, e.reason, fix) from None
 
 
 def load_ml100k(data_dir: str | os.PathLike | None = None) -> pd.DataFrame:
     """Ratings of MovieLens 100K (100,000 rows); ``data_dir`` as in :func:`ml100k_ratings_path`."""
-    return load_movielens("ml-100k", data_dir or os.environ.get(DATA_DIR_ENV))
+    return _read("ml-100k", ml100k_ratings_path(data_dir))
+
+
+def _read(name: str, path: Path) -> pd.DataFrame:
+    ratings = RELEASES[name].read(path)
+    check_count(path, "ratings", len(ratings), RELEASES[name].num_ratings)
+    return ratings
+
+
+def _offline_fix(release: MovieLensRelease, alternative: str = "") -> str:
+    # Worded for both the command line and Python, which name the same setting differently.
+    return (
+        f"without a network, unzip a copy fetched elsewhere and pass the folder holding "
+        f"{Path(release.member).name} as --data-dir DIR{alternative} (data_dir= in Python)"
+    )
