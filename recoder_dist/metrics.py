@@ -4,11 +4,62 @@ Every built-in metric is a pure function of a ``hits`` matrix (``hits[u, i]`` is
 i-th recommendation of user u is relevant) and the number of relevant items of each user, and
 returns one value per user. Evaluation sums those values and counts users on each worker, then
 all-reduces the sums: the mean over N workers is the mean over one.
+
+recsys-recoder 0.4.0's per-list functions, :func:`average_precision`, :func:`recall`,
+:func:`dcg` and :func:`ndcg` (``x`` the recommended items in order, ``y`` the relevant items),
+compute the same formulas on one list; the classes' ``evaluate(x, y)`` calls them.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+
+def average_precision(x, y, k: int, normalize: bool = True) -> float:
+    """Average precision at ``k`` of one recommendation list, as recsys-recoder 0.4.0's.
+
+    The sum of precision@i over the ranks i <= k of the hits, divided by ``min(k, len(y))``
+    when ``normalize``, else by ``len(y)``.
+
+    Args:
+        x: the recommended items, best first (a list or 1-D array; distinct items).
+        y: the relevant items (a list, set or 1-D array; distinct, at least one).
+        k: the cut-off, a positive int; ``x`` may be shorter.
+        normalize: divide by ``min(k, len(y))`` rather than ``len(y)``.
+
+    Raises:
+        ValueError: ``k`` is not a positive int, ``x`` or ``y`` is not 1-D or repeats an item,
+            or ``y`` is empty (0.4.0 divided by zero and returned nan with a warning).
+    """
+    hits, num_relevant = _one_list(x, y, k, needs_relevant=True)
+    return float(_average_precision_of_hits(hits, num_relevant, k, normalize)[0])
+
+
+def recall(x, y, k: int, normalize: bool = True) -> float:
+    """Recall at ``k`` of one recommendation list, as recsys-recoder 0.4.0's: the hits among
+    the first ``k`` items of ``x``, divided by ``min(k, len(y))`` when ``normalize``, else by
+    ``len(y)``. Arguments and errors as :func:`average_precision`'s."""
+    hits, num_relevant = _one_list(x, y, k, needs_relevant=True)
+    return float(_recall_of_hits(hits, num_relevant, k, normalize)[0])
+
+
+def dcg(x, y, k: int) -> float:
+    """Discounted cumulative gain at ``k`` of one recommendation list, as recsys-recoder
+    0.4.0's: the sum of ``1 / log2(i + 1)`` over the ranks i <= k of the hits (binary gains).
+
+    Arguments and errors as :func:`average_precision`'s, except that ``y`` may be empty
+    (the gain is then 0).
+    """
+    hits, _ = _one_list(x, y, k, needs_relevant=False)
+    return float(_dcg_of_hits(hits, k)[0])
+
+
+def ndcg(x, y, k: int) -> float:
+    """Normalized discounted cumulative gain at ``k`` of one recommendation list, as
+    recsys-recoder 0.4.0's: :func:`dcg` divided by the DCG of a list with every relevant item
+    on top (``min(k, len(y))`` hits). Arguments and errors as :func:`average_precision`'s."""
+    hits, num_relevant = _one_list(x, y, k, needs_relevant=True)
+    return float(_ndcg_of_hits(hits, num_relevant, k)[0])
 
 
 class Metric:
@@ -78,43 +129,97 @@ def _denominator(num_relevant: np.ndarray, k: int, normalize: bool) -> np.ndarra
     return np.minimum(num_relevant, k) if normalize else num_relevant
 
 
+def _recall_of_hits(hits, num_relevant, k, normalize):
+    return hits[:, :k].sum(1) / _denominator(num_relevant, k, normalize)
+
+
+def _dcg_of_hits(hits, k):
+    hits = hits[:, :k]
+    return hits @ _discounts(k)[: hits.shape[1]]
+
+
+def _ndcg_of_hits(hits, num_relevant, k):
+    ideal = np.concatenate([[0.0], np.cumsum(_discounts(k))])[np.minimum(num_relevant, k)]
+    return _dcg_of_hits(hits, k) / ideal
+
+
+def _average_precision_of_hits(hits, num_relevant, k, normalize):
+    hits = hits[:, :k]
+    precision = np.cumsum(hits, axis=1) / np.arange(1, hits.shape[1] + 1)
+    return (precision * hits).sum(1) / _denominator(num_relevant, k, normalize)
+
+
+def _one_list(x, y, k, needs_relevant: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The ``1 x len(x)`` hits matrix of one list and its number of relevant items.
+
+    0.4.0 matched items with ``np.isin(x, y, assume_unique=True)``, whose answer is undefined
+    when either side repeats an item, and counted ``len(y)`` relevant items duplicates
+    included: repeated items are refused rather than given a meaning.
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    x, y = _item_list(x, "x"), _item_list(y, "y")
+    if needs_relevant and not y:
+        raise ValueError("y is empty: the metric is undefined for a user without relevant items")
+    relevant = set(y)
+    hits = np.array([[item in relevant for item in x]], dtype=bool).reshape(1, len(x))
+    return hits, np.array([len(relevant)])
+
+
+def _item_list(items, name: str) -> list:
+    if isinstance(items, (set, frozenset)):
+        items = list(items)  # np.asarray would make a 0-d object array of the set
+    array = np.asarray(items)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D list of items, got shape {array.shape}")
+    items = array.tolist()
+    if len(set(items)) != len(items):
+        raise ValueError(f"{name} repeats items; recommended and relevant items must be distinct")
+    return items
+
+
 class Recall(Metric):
     """Relevant items in the top k, divided by ``min(k, |relevant|)`` when ``normalize``
-    (Mult-VAE; named ``Recall@k``) or by ``|relevant|`` (LightGCN; ``Recall@k/relevant``)."""
+    (Mult-VAE; named ``Recall@k``) or by ``|relevant|`` (LightGCN; ``Recall@k/relevant``).
+    ``evaluate(x, y)`` is :func:`recall`."""
 
     def __init__(self, k: int, normalize: bool = True):
         super().__init__(f"Recall@{k}" + ("" if normalize else "/relevant"), _required_k(k))
         self.normalize = normalize
 
+    def evaluate(self, x, y) -> float:
+        return recall(x, y, self.k, self.normalize)
+
     def evaluate_hits(self, hits, num_relevant):
-        return hits[:, : self.k].sum(1) / _denominator(num_relevant, self.k, self.normalize)
+        return _recall_of_hits(hits, num_relevant, self.k, self.normalize)
 
 
 class NDCG(Metric):
-    """Normalized discounted cumulative gain at k, binary gains and log2 discounts."""
+    """Normalized discounted cumulative gain at k, binary gains and log2 discounts.
+    ``evaluate(x, y)`` is :func:`ndcg`."""
 
     def __init__(self, k: int):
         super().__init__(f"NDCG@{k}", _required_k(k))
 
+    def evaluate(self, x, y) -> float:
+        return ndcg(x, y, self.k)
+
     def evaluate_hits(self, hits, num_relevant):
-        hits = hits[:, : self.k]
-        discounts = _discounts(self.k)
-        dcg = hits @ discounts[: hits.shape[1]]
-        ideal = np.concatenate([[0.0], np.cumsum(discounts)])[np.minimum(num_relevant, self.k)]
-        return dcg / ideal
+        return _ndcg_of_hits(hits, num_relevant, self.k)
 
 
 class AveragePrecision(Metric):
     """Mean of precision@i over the ranks i of the hits in the top k, divided by
     ``min(k, |relevant|)`` when ``normalize`` (``AveragePrecision@k``), else by ``|relevant|``
-    (``AveragePrecision@k/relevant``)."""
+    (``AveragePrecision@k/relevant``). ``evaluate(x, y)`` is :func:`average_precision`."""
 
     def __init__(self, k: int, normalize: bool = True):
         name = f"AveragePrecision@{k}" + ("" if normalize else "/relevant")
         super().__init__(name, _required_k(k))
         self.normalize = normalize
 
+    def evaluate(self, x, y) -> float:
+        return average_precision(x, y, self.k, self.normalize)
+
     def evaluate_hits(self, hits, num_relevant):
-        hits = hits[:, : self.k]
-        precision = np.cumsum(hits, axis=1) / np.arange(1, hits.shape[1] + 1)
-        return (precision * hits).sum(1) / _denominator(num_relevant, self.k, self.normalize)
+        return _average_precision_of_hits(hits, num_relevant, self.k, self.normalize)

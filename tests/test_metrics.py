@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from recoder_dist.metrics import NDCG, AveragePrecision, Metric, Recall
+from recoder_dist.metrics import (
+    NDCG,
+    AveragePrecision,
+    Metric,
+    Recall,
+    average_precision,
+    dcg,
+    ndcg,
+    recall,
+)
 
 L3 = math.log2(3)  # 1 / L3 is the discount of rank 2
 
@@ -226,3 +237,114 @@ def test_normalizations_have_distinct_names():
     assert Recall(5, normalize=False).name == "Recall@5/relevant"
     assert AveragePrecision(5, normalize=False).name == "AveragePrecision@5/relevant"
     assert Recall(5) != Recall(5, normalize=False)
+
+
+# ------------------------------------------------ recsys-recoder 0.4.0's per-list functions
+
+FUNCTIONS_HAND_WORKED = [
+    # The same user as HAND_WORKED: x = [10, 20, 30, 40, 50], y = [20, 40, 99].
+    (lambda x, y: recall(x, y, 2), 1 / 2),
+    (lambda x, y: recall(x, y, 2, normalize=False), 1 / 3),
+    (lambda x, y: recall(x, y, 5), 2 / 3),
+    (lambda x, y: average_precision(x, y, 2), 1 / 4),
+    (lambda x, y: average_precision(x, y, 2, normalize=False), 1 / 6),
+    (lambda x, y: average_precision(x, y, 5), 1 / 3),
+    # DCG@2 = 1/log2(3); DCG@5 = 1/log2(3) + 1/log2(5).
+    (lambda x, y: dcg(x, y, 2), 1 / L3),
+    (lambda x, y: dcg(x, y, 5), 1 / L3 + 1 / math.log2(5)),
+    (lambda x, y: ndcg(x, y, 2), (1 / L3) / (1 + 1 / L3)),
+    (lambda x, y: ndcg(x, y, 5), (1 / L3 + 1 / math.log2(5)) / (1 + 1 / L3 + 1 / 2)),
+    # k past the list's end: the list is read whole, the normalization still uses k.
+    (lambda x, y: recall(x[:3], y, 10), 1 / 3),
+    (lambda x, y: ndcg(x[:3], y, 10), (1 / L3) / (1 + 1 / L3 + 1 / 2)),
+]
+
+
+@pytest.mark.parametrize("as_array", [False, True], ids=["lists", "arrays"])
+@pytest.mark.parametrize(("function", "expected"), FUNCTIONS_HAND_WORKED)
+def test_functions_hand_worked(function, expected, as_array):
+    """The per-list functions give the hand-computed values, on lists and numpy arrays."""
+    x, y = (np.array(X), np.array(Y)) if as_array else (X, Y)
+    got = function(x, y)
+    assert isinstance(got, float)
+    assert got == pytest.approx(expected, rel=1e-12)
+
+
+def test_functions_on_empty_and_missing_hits():
+    """An empty recommendation list, or one without hits, scores 0; dcg of an empty y is 0."""
+    for function in (recall, average_precision, dcg, ndcg):
+        assert function([], [1, 2], 5) == 0.0
+        assert function([3, 4], [1, 2], 5) == 0.0
+    assert dcg([1, 2], [], 5) == 0.0
+
+
+@pytest.mark.parametrize("function", [recall, average_precision, ndcg])
+def test_functions_refuse_empty_relevant(function):
+    """0.4.0 divided by zero for a user without relevant items (nan and a warning): refused."""
+    with pytest.raises(ValueError, match="y is empty"):
+        function([1, 2, 3], [], 3)
+    metric_class = {recall: Recall, average_precision: AveragePrecision, ndcg: NDCG}[function]
+    with pytest.raises(ValueError, match="y is empty"):
+        metric_class(3).evaluate([1, 2, 3], [])
+
+
+@pytest.mark.parametrize("function", [recall, average_precision, dcg, ndcg])
+def test_functions_refuse_bad_input(function):
+    """Repeated items (0.4.0's np.isin(assume_unique=True) is undefined on them), lists that
+    are not 1-D, and a k that is not a positive int raise ValueError naming the problem."""
+    with pytest.raises(ValueError, match="x repeats items"):
+        function([1, 2, 1], [1], 3)
+    with pytest.raises(ValueError, match="y repeats items"):
+        function([1, 2], [1, 1], 3)
+    with pytest.raises(ValueError, match="x must be a 1-D list"):
+        function([[1, 2]], [1], 3)
+    for k in (0, -1, 2.0, True, None, "3"):
+        with pytest.raises(ValueError, match="k must be a positive int"):
+            function([1, 2], [1], k)
+    assert function([1, 2], [1], np.int64(2)) == function([1, 2], [1], 2)
+
+
+@pytest.mark.parametrize("metric", ALL_METRICS, ids=str)
+def test_classes_evaluate_is_the_function(metric):
+    """Recall/NDCG/AveragePrecision.evaluate(x, y) are the per-list functions."""
+    recommended, relevant = random_users(30, 10, 40, seed=3)
+    for x, y in zip(recommended, relevant):
+        y = sorted(y)
+        if isinstance(metric, Recall):
+            expected = recall(x, y, metric.k, metric.normalize)
+        elif isinstance(metric, NDCG):
+            expected = ndcg(x, y, metric.k)
+        else:
+            expected = average_precision(x, y, metric.k, metric.normalize)
+        assert metric.evaluate(x, y) == expected
+
+
+RECODER040 = json.loads((Path(__file__).parent / "data" / "recoder040_metrics.json").read_text())
+
+
+@pytest.mark.parametrize("case", RECODER040["cases"], ids=lambda c: f"k{c['k']}-{len(c['x'])}")
+def test_functions_equal_recoder040(case):
+    """The functions give recsys-recoder 0.4.0's own values (tests/data/recoder040_metrics.json,
+    written by tests/data/make_recoder040_fixtures.py with 0.4.0's functions), from lists and
+    from arrays."""
+    x, y, k = case["x"], case["y"], case["k"]
+    for xs, ys in ((x, y), (np.array(x, dtype=np.int64), np.array(y, dtype=np.int64))):
+        got = dict(
+            average_precision=average_precision(xs, ys, k),
+            average_precision_unnormalized=average_precision(xs, ys, k, normalize=False),
+            recall=recall(xs, ys, k),
+            recall_unnormalized=recall(xs, ys, k, normalize=False),
+            dcg=dcg(xs, ys, k),
+            ndcg=ndcg(xs, ys, k),
+        )
+        for name, value in got.items():
+            assert value == pytest.approx(case[name], rel=1e-12, abs=1e-15), name
+
+
+def test_recoder040_cases_cover_the_edges():
+    """The stored cases include lists shorter than k, fewer relevant items than k, and misses."""
+    cases = RECODER040["cases"]
+    assert RECODER040["recoder_version"] == "0.4.0"
+    assert any(c["k"] > len(c["x"]) for c in cases)
+    assert any(len(c["y"]) < c["k"] for c in cases)
+    assert any(c["recall"] == 0 for c in cases) and any(0 < c["ndcg"] < 1 for c in cases)
