@@ -516,3 +516,102 @@ def test_embedding_rows_reads_every_row_without_a_copy_and_the_same_sparse_gradi
             assert (rows.data_ptr() == table.weight.data_ptr()) == every_row
             assert_close(rows, table(lookup), **EXACT)
     assert_close(grads["embedding_rows"], grads["lookup"], **EXACT)
+
+
+# ------------------------------------------------ recsys-recoder 0.4.0's attribute names
+
+# Our parameter names, written out: 0.4.0's aliases must not add any.
+AUTOENCODER_STATE_KEYS = {
+    (False, 1): ["encoder_bias", "encoder_embedding.weight", "decoder_embedding.weight"],
+    (True, 1): ["encoder_bias", "encoder_embedding.weight", "decoder_embedding.weight"],
+    (False, 2): [
+        "encoder_bias",
+        "encoder_embedding.weight",
+        "encoder_layers.0.weight",
+        "encoder_layers.0.bias",
+        "decoder_layers.0.weight",
+        "decoder_layers.0.bias",
+        "decoder_embedding.weight",
+    ],
+    (True, 2): [
+        "encoder_bias",
+        "encoder_embedding.weight",
+        "encoder_layers.0.weight",
+        "encoder_layers.0.bias",
+        "decoder_biases.0",
+        "decoder_embedding.weight",
+    ],
+}
+
+
+@pytest.mark.parametrize("hidden", [[8], [16, 8]])
+@pytest.mark.parametrize("constrained", [False, True])
+def test_autoencoder_aliases_are_our_modules_and_register_nothing(hidden, constrained):
+    """en/de_embedding_layer, encoding_layers and (unconstrained) decoding_layers are our
+    modules; the state_dict and named parameters/modules keep our names only."""
+    model = autoencoder(hidden, constrained)
+    assert model.en_embedding_layer is model.encoder_embedding
+    assert model.de_embedding_layer is model.decoder_embedding
+    assert model.encoding_layers is model.encoder_layers
+    if not constrained:
+        assert model.decoding_layers is model.decoder_layers
+    expected = AUTOENCODER_STATE_KEYS[constrained, len(hidden)] + ["decoder_bias.weight"]
+    assert sorted(model.state_dict()) == sorted(expected)
+    all_names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    assert sorted(all_names) == sorted(expected)
+    aliases = ("en_embedding", "de_embedding", "encoding_layers", "decoding_layers")
+    module_names = [n for n, _ in model.named_modules(remove_duplicate=False)]
+    assert not [n for n in module_names + all_names if n.startswith(aliases)]
+    for alias in aliases:  # read-only: nn.Module would otherwise register a Module value
+        with pytest.raises(AttributeError, match="read-only name of"):
+            setattr(model, alias + "_layer" if alias.endswith("embedding") else alias, model)
+    assert sorted(model.state_dict()) == sorted(expected)
+
+
+@pytest.mark.parametrize("hidden", [[8], [16, 8], [16, 8, 4]])
+@pytest.mark.parametrize("constrained", [False, True])
+def test_forward_through_the_aliases_is_the_model(hidden, constrained):
+    """0.4.0's forward written with 0.4.0's names (layers applied one by one, the activation
+    after each) gives our model's output: the tied views of a constrained decoder too."""
+    model = autoencoder(hidden, constrained, act="tanh")
+    x = rows()
+    with torch.no_grad():
+        z = torch.tanh(F.normalize(x, dim=1) @ model.en_embedding_layer.weight + model.encoder_bias)
+        for layer in model.encoding_layers:
+            z = torch.tanh(layer(z))
+        for layer in model.decoding_layers:
+            z = torch.tanh(layer(z))
+        expected = z @ model.de_embedding_layer.weight.T + model.decoder_bias.weight[:, 0]
+        assert_close(model(x), expected, **EXACT)
+
+
+def test_constrained_decoding_layers_are_views_of_our_parameters():
+    """With is_constrained the decoding layers' weights are the encoder's transposed and
+    their biases our decoder_biases (the same Parameters: an update shows through)."""
+    model = autoencoder([16, 8, 4], constrained=True)
+    layers = model.decoding_layers
+    assert len(layers) == 2
+    for i, layer in enumerate(layers):
+        encoder_layer = model.encoder_layers[-1 - i]
+        assert layer.bias is model.decoder_biases[i]
+        assert torch.equal(layer.weight, encoder_layer.weight.t())
+        assert (layer.in_features, layer.out_features) == tuple(layer.weight.T.shape)
+        assert not list(layer.children())  # the encoder layer is not a submodule of the view
+    assert [tuple(layer.weight.shape) for layer in layers] == [(8, 4), (16, 8)]
+    with torch.no_grad():
+        model.encoder_layers[0].weight.add_(1.0)
+    assert torch.equal(layers[1].weight, model.encoder_layers[0].weight.t())
+
+
+def test_factorization_aliases():
+    """user/item_embedding_layer are our embeddings and add no parameter name."""
+    model = factorization()
+    assert model.user_embedding_layer is model.user_embedding
+    assert model.item_embedding_layer is model.item_embedding
+    expected = ["item_bias.weight", "item_embedding.weight", "user_embedding.weight"]
+    assert sorted(model.state_dict()) == expected
+    assert sorted(n for n, _ in model.named_parameters(remove_duplicate=False)) == expected
+    for alias in ("user_embedding_layer", "item_embedding_layer"):
+        with pytest.raises(AttributeError, match="read-only name of"):
+            setattr(model, alias, torch.nn.Embedding(3, 3))
+    assert sorted(model.state_dict()) == expected

@@ -14,6 +14,14 @@ from torch import nn
 
 from recoder_dist.nn.base import FactorizationModel, activation, embedding_rows
 
+# recsys-recoder 0.4.0's names -> ours.
+_ALIASES = {
+    "en_embedding_layer": "encoder_embedding",
+    "de_embedding_layer": "decoder_embedding",
+    "encoding_layers": "encoder_layers",
+    "decoding_layers": "decoder_layers (decoder_biases when is_constrained)",
+}
+
 
 class DynamicAutoencoder(FactorizationModel):
     """An item-based autoencoder over users' interaction rows.
@@ -118,6 +126,55 @@ class DynamicAutoencoder(FactorizationModel):
                 nn.init.zeros_(module.bias)
         nn.init.zeros_(self.decoder_bias.weight)
 
+    # recsys-recoder 0.4.0's attribute names, read-only. Properties register nothing: the
+    # state_dict and named_parameters keep our names only.
+
+    def __setattr__(self, name, value):
+        # nn.Module.__setattr__ registers a Module value without consulting the class's
+        # properties: assigning to an alias would silently add a second, unused submodule.
+        if name in _ALIASES:
+            raise AttributeError(
+                f"{name} is recsys-recoder 0.4.0's read-only name of {_ALIASES[name]}"
+            )
+        super().__setattr__(name, value)
+
+    @property
+    def en_embedding_layer(self) -> nn.Embedding:
+        """0.4.0's name of :attr:`encoder_embedding` (the input items' embedding)."""
+        return self.encoder_embedding
+
+    @property
+    def de_embedding_layer(self) -> nn.Embedding:
+        """0.4.0's name of :attr:`decoder_embedding` (the output items' embedding; the
+        encoder's own when ``is_constrained``)."""
+        return self.decoder_embedding
+
+    @property
+    def encoding_layers(self) -> nn.ModuleList:
+        """0.4.0's name of :attr:`encoder_layers` (the hidden ``nn.Linear`` layers after the
+        embedding; empty with one hidden layer). A ModuleList where 0.4.0 had nn.Sequential:
+        indexing and iteration are the same (neither model calls it as one function)."""
+        return self.encoder_layers
+
+    @property
+    def decoding_layers(self) -> nn.ModuleList:
+        """0.4.0's ``decoding_layers``: the hidden layers of the decoder, in order.
+
+        Unconstrained, this is :attr:`decoder_layers`. With ``is_constrained`` the decoder
+        owns only biases (:attr:`decoder_biases`), so this builds, at each access, read-only
+        views shaped as 0.4.0's tied layers: layer ``i`` has ``weight`` the transposed weight
+        of encoder layer ``-1 - i`` (a view, no parameter of its own) and ``bias`` the
+        parameter ``decoder_biases[i]``, and computes ``F.linear(x, weight, bias)`` (the
+        activation is applied by the model, as in 0.4.0). The views are not registered on the
+        model: its state_dict and parameters are unchanged.
+        """
+        if not self.is_constrained:
+            return self.decoder_layers
+        return nn.ModuleList(
+            _TiedDecoderLayer(layer, bias)
+            for layer, bias in zip(reversed(self.encoder_layers), self.decoder_biases)
+        )
+
     def forward(
         self,
         input: torch.Tensor,
@@ -182,6 +239,26 @@ class DynamicAutoencoder(FactorizationModel):
             keep = torch.rand_like(values) >= self.noise_prob
             values = values.mul_(keep).div_(1 - self.noise_prob)
         return _SparseRowsTimes.apply(encoder, rows, cols, values, num_rows)
+
+
+class _TiedDecoderLayer(nn.Module):
+    """A constrained decoder layer as 0.4.0 exposed it: ``weight`` is the encoder layer's
+    weight transposed, ``bias`` the decoder's bias parameter (shared, not copied)."""
+
+    def __init__(self, encoder_layer: nn.Linear, bias: nn.Parameter):
+        super().__init__()
+        self.bias = bias
+        # In a tuple so that the encoder layer is not registered as a submodule of the view.
+        self._encoder_layer = (encoder_layer,)
+        self.in_features = encoder_layer.out_features
+        self.out_features = encoder_layer.in_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._encoder_layer[0].weight.t()
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.linear(input, self.weight, self.bias)
 
 
 class _SparseRowsTimes(torch.autograd.Function):

@@ -7,6 +7,9 @@ from torch import nn
 
 from recoder_dist.nn.base import FactorizationModel, activation, embedding_rows
 
+# recsys-recoder 0.4.0's names -> ours.
+_ALIASES = {"user_embedding_layer": "user_embedding", "item_embedding_layer": "item_embedding"}
+
 
 class MatrixFactorization(FactorizationModel):
     """Scores ``act(user) . act(item) + bias(item)`` for the users of the batch.
@@ -71,6 +74,29 @@ class MatrixFactorization(FactorizationModel):
         nn.init.normal_(self.user_embedding.weight, std=0.1)
         nn.init.normal_(self.item_embedding.weight, std=0.1)
         nn.init.zeros_(self.item_bias.weight)
+
+    # recsys-recoder 0.4.0's attribute names, read-only. Properties register nothing: the
+    # state_dict and named_parameters keep our names only.
+
+    def __setattr__(self, name, value):
+        # nn.Module.__setattr__ registers a Module value without consulting the class's
+        # properties: assigning to an alias would silently add a second, unused submodule.
+        if name in _ALIASES:
+            raise AttributeError(
+                f"{name} is recsys-recoder 0.4.0's read-only name of {_ALIASES[name]}"
+            )
+        super().__setattr__(name, value)
+
+    @property
+    def user_embedding_layer(self) -> nn.Embedding:
+        """0.4.0's name of :attr:`user_embedding`."""
+        return self.user_embedding
+
+    @property
+    def item_embedding_layer(self) -> nn.Embedding:
+        """0.4.0's name of :attr:`item_embedding`. (0.4.0's item bias, ``bias``, a vector of
+        ``num_items``, is ``item_bias.weight[:, 0]`` here; it has no alias.)"""
+        return self.item_embedding
 
     def forward(
         self,
