@@ -11,6 +11,7 @@ import torch
 from recoder_dist.data.collator import UserRows, resolve_sampling_users, row_numbers
 from recoder_dist.data.dataset import RecommendationDataset
 from recoder_dist.data.ray_dataset import to_ray_dataset, user_rows_table
+from recoder_dist.legacy import NotARecoder040File, load_recoder040_file
 from recoder_dist.losses import build_loss
 from recoder_dist.metrics import Metric
 from recoder_dist.nn.base import FactorizationModel
@@ -303,8 +304,30 @@ class Recoder:
 
     def init_from_model_file(self, model_file: str) -> None:
         """Loads a snapshot: hyper-parameters, weights, optimizer states and epoch, so that
-        ``train`` continues where the snapshot stopped."""
-        snapshot = load_snapshot(model_file)
+        ``train`` continues where the snapshot stopped.
+
+        Also reads a model file written by recsys-recoder 0.4.0's ``save_state`` (see
+        :func:`recoder_dist.legacy.load_recoder040_file`): its DynamicAutoencoder or
+        MatrixFactorization (``activation_type='none'``), epoch, optimizer type and loss, but
+        not its optimizer states (training continues with fresh ones); the model's own
+        ``sparse`` setting is kept. Either kind is read with ``torch.load(weights_only=True)``.
+
+        Raises:
+            FileNotFoundError: no file at ``model_file``.
+            ValueError: the file is neither kind, cannot be read safely, or does not fit this
+                Recoder's model.
+        """
+        try:
+            snapshot = load_snapshot(model_file)
+        except ValueError as not_a_snapshot:
+            # A 0.4.0 file fails our reader (its numpy arrays are not allowed there); it is read
+            # again with numpy's integer arrays allowed, and converted.
+            try:
+                snapshot = load_recoder040_file(
+                    model_file, sparse=bool(getattr(self.model, "sparse", False))
+                )
+            except NotARecoder040File:
+                raise not_a_snapshot from None
         if snapshot.model_class != model_class_name(self.model):
             raise ValueError(
                 f"{model_file} holds a {snapshot.model_class}, not a {model_class_name(self.model)}"
