@@ -49,7 +49,7 @@ def _at_entries(dense: torch.Tensor, sparse: torch.Tensor) -> tuple[torch.Tensor
     """The entries of ``dense`` where ``sparse`` has entries, and ``sparse``'s values."""
     sparse = sparse.coalesce()
     rows, cols = sparse.indices()
-    # One flat index_select: 2-D advanced indexing costs ~2x as much (53,000 entries: 209 us).
+    # One flat index_select: cheaper than 2-D advanced indexing.
     flat = torch.add(cols, rows, alpha=dense.shape[1])
     return dense.reshape(-1).index_select(0, flat), sparse.values()
 

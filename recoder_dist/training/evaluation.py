@@ -115,7 +115,7 @@ def _is_target(items: torch.Tensor, targets: UserRows, num_items: int, device) -
 @numba.njit(nogil=True, cache=True)
 def _marked_hits(items, indptr, indices, num_items):
     """Row ``r`` marks its targets with ``r + 1`` in one table of the items, so nothing is
-    cleared between rows (ml-1m, 500 users, top 100: ~0.1 ms, against 1.1 for the search)."""
+    cleared between rows (its reference: ``_searched_hits``)."""
     mark = np.zeros(num_items, np.int64)
     hits = np.empty(items.shape, np.bool_)
     for r in range(len(items)):

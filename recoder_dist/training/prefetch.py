@@ -1,11 +1,10 @@
 """Training batches made ahead in a background thread, across epoch boundaries.
 
-Ray Data takes 20-70 ms to hand over an epoch's first rows (its streaming executor starts, then
-polls in 10 ms sleeps), and each later group ~1-2 ms: on ml-1m the training step waited 34-81 ms
-of each ~0.45 s epoch. A thread that runs ahead of the step does that waiting while the step's
-torch operations run (they release the GIL). It runs into the next epoch as soon as this one's
-batches are made, so the next epoch's start overlaps this epoch's last steps. ml-1m, in-process,
-9 alternating runs of 6 epochs: median 0.436 s an epoch against 0.479 s.
+Ray Data takes tens of milliseconds to hand over an epoch's first rows (its streaming executor
+starts, then polls in sleeps), which the training step would otherwise wait for. A thread that
+runs ahead of the step does that waiting while the step's torch operations run (they release
+the GIL). It runs into the next epoch as soon as this one's batches are made, so the next
+epoch's start overlaps this epoch's last steps.
 
 The batches and their order are those of iterating in the step's own thread: every epoch's
 order is fixed by its seed, not by when it is read.

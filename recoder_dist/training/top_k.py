@@ -1,15 +1,13 @@
 """Exact top-k over every item for a batch of users, fast on CPU.
 
-Two costs dominate evaluation on CPU (batches of 500 users, top 100, one thread): the top k
-of each row, and on a large catalog the score product written whole.
+Two costs dominate evaluation on CPU: the top k of each row, and on a large catalog the score
+product written whole, past the caches.
 
-- ``torch.topk`` takes 17 us a row on a trained model's ml-1m scores (2,810 items) and 83 on
-  Gowalla's (40,981); ``top_k_kernel`` takes 7 and 28 (float32 on CPU).
-- Gowalla's product is 82 MB, past the caches, and runs at ~44 GFLOPS against ~90 in slices
-  of 1,024 items, so ``top_k_of_product`` takes it slice by slice.
+- ``top_k_kernel`` (compiled; its reference is ``torch.topk``) takes the top k of float32 rows.
+- ``top_k_of_product`` computes a factored model's scores slice by slice of ``SLICE`` items,
+  each slice written while it stays in cache.
 
-Off CPU, ``torch.topk`` runs on the whole matrix (one kernel on a GPU; no device here to
-measure more).
+Off CPU, ``torch.topk`` runs on the whole matrix.
 """
 
 from __future__ import annotations

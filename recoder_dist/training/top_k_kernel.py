@@ -1,9 +1,9 @@
 """Exact top k of each row of a float32 matrix on CPU, compiled with numba.
 
 ``torch.topk`` on CPU copies each row into (value, index) pairs and runs ``nth_element`` on
-them: ~17 us a row on a trained ml-1m model's 2,810 scores (k 100), nearly half of an
-evaluation batch, and ~83 on Gowalla's 40,981. This kernel takes ~7 and ~28 (500 rows: 3.4-3.7
-against 8.8 ms, and 14.2 against 41.7).
+them; this kernel reads each row a few times in vectorized passes instead (measured in
+``benchmarks/eval_speed.py``; figures in ``benchmarks/RESULTS.md``). Its reference is
+``torch.topk`` (``recoder_dist.kernels``).
 
 Per row:
 
