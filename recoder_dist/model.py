@@ -16,7 +16,7 @@ from recoder_dist.losses import build_loss
 from recoder_dist.metrics import Metric
 from recoder_dist.nn.base import FactorizationModel
 from recoder_dist.training.config import EvalSettings, TrainSettings, WorkerJob
-from recoder_dist.training.evaluation import check_metrics, predict_scores, recommend_top_k
+from recoder_dist.training.evaluation import predict_scores, recommend_top_k
 from recoder_dist.training.launcher import cluster_gpus, ensure_ray, run_job
 from recoder_dist.training.optimizers import build_optimizers, check_optimizer_type
 from recoder_dist.training.snapshot import (
@@ -24,7 +24,6 @@ from recoder_dist.training.snapshot import (
     load_snapshot,
     model_class_name,
     save_snapshot,
-    snapshot_of,
 )
 
 logger = logging.getLogger(__name__)
@@ -56,7 +55,8 @@ class Recoder:
         max_failures: worker-group failures (a worker process dying, a node lost) that a
             training run survives by restarting from its last checkpoint, taken every
             ``checkpoint_freq`` epochs; with ``checkpoint_freq=0`` it restarts from the start.
-        seed: seed of the data order and dropout noise.
+        seed: seed of the initial weights, the data order and the dropout noise; by default a
+            random one, or the one saved in the snapshot that ``init_from_model_file`` loads.
         callbacks: Ray Train ``UserCallback``s for the runs, e.g. Ray Tune's
             ``TuneReportCallback`` so that a Tune trial sees the evaluations.
     """
@@ -102,6 +102,7 @@ class Recoder:
         self.storage_path = storage_path
         self.max_failures = max_failures
         self.callbacks = list(callbacks or [])
+        self._seed_given = seed is not None
         self.seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else int(seed)
         self.current_epoch = 0
         self.history: list[dict] = []
@@ -167,25 +168,31 @@ class Recoder:
         _check_dataset(train_dataset, "train_dataset")
         if train_dataset.interactions.nnz == 0:
             raise ValueError("train_dataset has no interactions")
-        _check_positive_int(num_epochs, "num_epochs")
-        num_sampling_users = resolve_sampling_users(batch_size, num_sampling_users)
-        if iters_per_epoch is not None:
-            _check_positive_int(iters_per_epoch, "iters_per_epoch")
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         evaluating = val_dataset is not None and eval_freq > 0
+        settings = TrainSettings(  # validates every setting
+            lr=lr,
+            weight_decay=weight_decay,
+            num_epochs=num_epochs,
+            batch_size=batch_size,
+            num_sampling_users=resolve_sampling_users(batch_size, num_sampling_users),
+            negative_sampling=bool(negative_sampling),
+            iters_per_epoch=iters_per_epoch,
+            lr_milestones=tuple(lr_milestones) if lr_milestones else None,
+            decay_sparse_lr=bool(decay_sparse_lr),
+            checkpoint_freq=checkpoint_freq,
+            eval_freq=eval_freq if evaluating else 0,
+            num_train_rows=len(train_dataset.users),
+        )
         eval_settings = None
         if evaluating:
             _check_dataset(val_dataset, "val_dataset", needs_target=True)
-            eval_settings = self._eval_settings(
+            eval_settings = EvalSettings.of(
                 metrics, eval_num_recommendations, eval_batch_size or batch_size
             )
         self._init_training(train_dataset)
         if evaluating:
             self._check_eval_items(val_dataset)
-        self._check_devices()
+        use_gpus = self._use_gpus()
         # Builds the optimizers once here so that a model/optimizer mismatch fails now.
         build_optimizers(self.model, self.optimizer_type, lr, weight_decay)
 
@@ -194,21 +201,6 @@ class Recoder:
         datasets = {"train": to_ray_dataset(train_table)}
         if evaluating:
             datasets["eval"] = self._eval_dataset(val_dataset, eval_num_users)
-        settings = TrainSettings(
-            lr=float(lr),
-            weight_decay=float(weight_decay),
-            num_epochs=int(num_epochs),
-            batch_size=int(batch_size),
-            num_sampling_users=num_sampling_users,
-            negative_sampling=bool(negative_sampling),
-            iters_per_epoch=iters_per_epoch,
-            lr_milestones=tuple(lr_milestones) if lr_milestones else None,
-            decay_sparse_lr=bool(decay_sparse_lr),
-            checkpoint_freq=int(checkpoint_freq),
-            eval_freq=int(eval_freq) if evaluating else 0,
-            num_train_rows=train_table.num_rows,
-            seed=self.seed + self.current_epoch,
-        )
         prefix = os.path.abspath(model_checkpoint_prefix) if model_checkpoint_prefix else None
         if prefix:
             os.makedirs(os.path.dirname(prefix), exist_ok=True)
@@ -221,14 +213,16 @@ class Recoder:
             self.current_epoch + 1,
             self.current_epoch + num_epochs,
         )
-        job = self._job(train=settings, eval=eval_settings, checkpoint_prefix=prefix)
+        job = self._job(
+            use_cuda=use_gpus, train=settings, eval=eval_settings, checkpoint_prefix=prefix
+        )
         output = self._run(job, datasets)
         try:
             self._restore(load_snapshot(output.snapshot_path), restore_model=True)
         finally:
             output.discard()
-        self.history.extend(output.records)
-        return output.records
+        self.history.extend(output.history)
+        return output.history
 
     # -------------------------------------------------------------- evaluation
 
@@ -250,15 +244,13 @@ class Recoder:
         """
         self._require_model()
         _check_dataset(eval_dataset, "eval_dataset", needs_target=True)
-        _check_positive_int(batch_size, "batch_size")
-        settings = self._eval_settings(metrics, num_recommendations, batch_size)
+        settings = EvalSettings.of(metrics, num_recommendations, batch_size)
         self._check_eval_items(eval_dataset)
-        self._check_devices()
-        ensure_ray()
-        job = self._job(eval=settings)
+        job = self._job(use_cuda=self._use_gpus(), eval=settings)
         output = self._run(job, {"eval": self._eval_dataset(eval_dataset, num_users)})
         output.discard()
-        return output.records[-1]
+        # What the run reported to Ray Train: each metric's mean, and the users counted.
+        return {key: output.metrics[key] for key in [*settings.metric_names, "eval_users"]}
 
     def predict(self, users_interactions, return_input: bool = False):
         """Scores of every item for each row of ``users_interactions``.
@@ -374,7 +366,10 @@ class Recoder:
         if self.num_items is None or self.num_items < dataset.num_items:
             self.num_items = dataset.num_items
         if not self._model_initialized:
-            self.model.init_model(num_items=self.num_items, num_users=self.num_users)
+            # The initial weights are drawn from the seed too: one seed, one run.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                self.model.init_model(num_items=self.num_items, num_users=self.num_users)
             self._model_initialized = True
 
     def _check_eval_items(self, dataset: RecommendationDataset) -> None:
@@ -384,24 +379,28 @@ class Recoder:
                 f"{self.num_items}"
             )
 
-    def _check_devices(self) -> None:
+    def _use_gpus(self) -> bool:
+        """Whether the run's workers ask for a GPU each. ``use_cuda=True`` means GPUs where
+        present: in this process or on the local Ray when it has them; on a cluster reached at
+        ``RAY_ADDRESS`` always, since its autoscaler may add GPU nodes on demand. Without any,
+        training runs on CPU, with a warning."""
         if not self.use_cuda:
-            return
-        if self.num_workers == 0 and not torch.cuda.is_available():
-            raise ValueError("use_cuda=True but torch sees no CUDA device on this machine")
+            return False
         ensure_ray()
-        if cluster_gpus() < max(self.num_workers, 1) and not os.environ.get("RAY_ADDRESS"):
-            raise ValueError(
-                f"use_cuda=True needs {self.num_workers} GPU(s) but the local Ray cluster has "
-                f"{cluster_gpus():g}; pass use_cuda=False to train on CPU"
-            )
-
-    def _eval_settings(self, metrics, num_recommendations, batch_size) -> EvalSettings:
-        if metrics is None:
-            raise ValueError("evaluation needs metrics, e.g. [Recall(k=20), NDCG(k=100)]")
-        _check_positive_int(batch_size, "eval batch_size")
-        k = check_metrics(metrics, num_recommendations)
-        return EvalSettings(metrics=tuple(metrics), num_recommendations=k, batch_size=batch_size)
+        if self.num_workers == 0:
+            present = torch.cuda.is_available()
+        elif os.environ.get("RAY_ADDRESS"):
+            return True
+        else:
+            present = cluster_gpus() > 0
+            if present and cluster_gpus() < self.num_workers:
+                raise ValueError(
+                    f"use_cuda=True with {self.num_workers} workers needs as many GPUs, but the "
+                    f"local Ray cluster has {cluster_gpus():g}; lower num_workers"
+                )
+        if not present:
+            logger.warning("use_cuda=True but no GPU is present here: running on CPU")
+        return present
 
     def _eval_dataset(self, dataset: RecommendationDataset, num_users: int | None):
         users = np.flatnonzero(np.diff(dataset.target.indptr))
@@ -411,7 +410,7 @@ class Recoder:
             users = np.sort(np.random.default_rng(self.seed).choice(users, num_users, False))
         return to_ray_dataset(user_rows_table(dataset, users))
 
-    def _job(self, **kwargs) -> WorkerJob:
+    def _job(self, *, use_cuda: bool = False, **kwargs) -> WorkerJob:
         return WorkerJob(
             model=self.model,
             num_items=self.num_items,
@@ -419,8 +418,9 @@ class Recoder:
             optimizer_type=self.optimizer_type,
             loss=self.loss,
             loss_params=self.loss_params,
-            use_cuda=self.use_cuda,
+            use_cuda=use_cuda,
             in_process=self.num_workers == 0,
+            seed=self.seed,
             start_epoch=self.current_epoch,
             optimizer_state=self._optimizer_state,
             **kwargs,
@@ -438,16 +438,7 @@ class Recoder:
         )
 
     def _snapshot(self) -> Snapshot:
-        return snapshot_of(
-            self.model,
-            num_items=self.num_items,
-            num_users=self.num_users,
-            epoch=self.current_epoch,
-            optimizer_type=self.optimizer_type,
-            optimizer_state=self._optimizer_state,
-            loss=self.loss,
-            loss_params=self.loss_params,
-        )
+        return self._job().snapshot(self.model, self.current_epoch, self._optimizer_state)
 
     def _restore(self, snapshot: Snapshot, restore_model: bool, load_params: bool = False):
         if load_params:
@@ -460,6 +451,8 @@ class Recoder:
                 self.optimizer_type = snapshot.optimizer_type
             if snapshot.loss is not None:
                 self.loss, self.loss_params = snapshot.loss, dict(snapshot.loss_params)
+            if snapshot.seed is not None and not self._seed_given:
+                self.seed = snapshot.seed  # the seeds that a run that never stopped uses
         if restore_model:
             try:
                 self.model.load_state_dict(snapshot.model_state)

@@ -232,3 +232,24 @@ def test_lr_milestones_decay_the_dense_optimizer_only_by_default(ray_session, de
     sparse = [g["lr"] for g in state["sparse"]["param_groups"]]
     assert dense == pytest.approx([1e-5] * len(dense))
     assert sparse == pytest.approx([1e-5 if decay_sparse_lr else 1e-3] * len(sparse))
+
+
+def test_a_resumed_run_ends_with_the_weights_of_a_straight_one(ray_session, tmp_path):
+    """The seed travels in the snapshot: 2 epochs, a snapshot, 2 more epochs in a Recoder made
+    without a seed end with the weights of 4 epochs in one run, to the bit."""
+    data = RecommendationDataset(ml100k_split().train.interactions[:300])
+    settings = dict(batch_size=100, lr=1e-3, negative_sampling=True, lr_milestones=[3])
+    straight = autoencoder_recoder(num_workers=0, seed=5)
+    straight.train(data, num_epochs=4, **settings)
+    first = autoencoder_recoder(num_workers=0, seed=5)
+    first.train(data, num_epochs=2, **settings)
+    path = first.save_state(str(tmp_path / "half"))
+
+    model = DynamicAutoencoder(hidden_layers=[200], activation_type="tanh", noise_prob=0.5)
+    resumed = Recoder(model, num_workers=0)  # no seed: the snapshot's
+    resumed.init_from_model_file(path)
+    assert resumed.seed == 5
+    resumed.train(data, num_epochs=2, **settings)
+    assert resumed.current_epoch == 4
+    for name, tensor in straight.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], tensor), name

@@ -55,7 +55,7 @@ def snippets() -> list[str]:
     converted = []
     for block in blocks:
         block = block.replace("from recoder.", "from recoder_dist.")
-        block = block.replace("use_cuda=True", "use_cuda=False")
+        # use_cuda=True stays: it means GPUs where present, the CPU here.
         block = block.replace("num_epochs=100", f"num_epochs={EPOCHS}")
         block = re.sub(
             r"class YourModel\(FactorizationModel\):.*?(?=\n# Load)", OWN_MODEL, block, flags=re.S

@@ -1,15 +1,23 @@
-"""What the driver sends to every worker: plain, picklable settings."""
+"""What the driver sends to every worker: plain, picklable settings, validated once, here."""
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
+from recoder_dist.data.collator import resolve_sampling_users
 from recoder_dist.metrics import Metric
+from recoder_dist.training.evaluation import check_metrics
+from recoder_dist.training.snapshot import Snapshot, model_class_name
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """The arguments of ``Recoder.train`` that shape the training loop."""
+    """The arguments of ``Recoder.train`` that shape the training loop.
+
+    Raises:
+        ValueError: a setting out of range (named).
+    """
 
     lr: float
     weight_decay: float
@@ -23,20 +31,62 @@ class TrainSettings:
     checkpoint_freq: int = 0
     eval_freq: int = 0
     num_train_rows: int = 0
-    seed: int = 0
+
+    def __post_init__(self):
+        if not (isinstance(self.lr, numbers.Real) and self.lr > 0):
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if not (isinstance(self.weight_decay, numbers.Real) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        _check_int(self.num_epochs, "num_epochs", 1)
+        # The batch geometry: batch_size >= 1, num_sampling_users a multiple of it.
+        resolve_sampling_users(self.batch_size, self.num_sampling_users)
+        if self.iters_per_epoch is not None:
+            _check_int(self.iters_per_epoch, "iters_per_epoch", 1)
+        for milestone in self.lr_milestones or ():
+            _check_int(milestone, "every lr_milestones entry", 1)
+        _check_int(self.checkpoint_freq, "checkpoint_freq", 0)
+        _check_int(self.eval_freq, "eval_freq", 0)
 
 
 @dataclass(frozen=True)
 class EvalSettings:
+    """How evaluation runs: ``metrics`` of the top ``num_recommendations`` items of each user,
+    ``batch_size`` users at a time.
+
+    Raises:
+        ValueError, TypeError: no metrics, a non-Metric, a list shorter than a metric's k, or a
+            batch size below 1.
+    """
+
     metrics: tuple[Metric, ...]
     num_recommendations: int
     batch_size: int
 
+    @classmethod
+    def of(cls, metrics, num_recommendations: int | None, batch_size: int) -> EvalSettings:
+        """Settings whose list length defaults to the largest k of ``metrics``."""
+        if metrics is None:
+            raise ValueError("evaluation needs metrics, e.g. [Recall(k=20), NDCG(k=100)]")
+        k = check_metrics(metrics, num_recommendations)
+        return cls(metrics=tuple(metrics), num_recommendations=k, batch_size=batch_size)
 
-@dataclass
+    def __post_init__(self):
+        check_metrics(self.metrics, self.num_recommendations)
+        _check_int(self.batch_size, "eval batch_size", 1)
+
+    @property
+    def metric_names(self) -> list[str]:
+        return [metric.name for metric in self.metrics]
+
+
+@dataclass(frozen=True)
 class WorkerJob:
-    """Everything a worker needs. ``model`` is the initialized model with its current weights
-    (identical on every rank); ``train`` is None for an evaluation-only job."""
+    """Everything a worker needs, built once by the driver and never changed.
+
+    ``model`` is the initialized model with its current weights (identical on every rank);
+    ``train`` is None for an evaluation-only job. ``seed`` fixes the data order and dropout
+    noise of every (epoch, rank), so that a resumed run repeats what a straight one does.
+    """
 
     model: object
     num_items: int
@@ -46,9 +96,33 @@ class WorkerJob:
     loss_params: dict
     use_cuda: bool
     in_process: bool
+    seed: int
     start_epoch: int = 0
     checkpoint_prefix: str | None = None
-    progress: object = None  # ProgressLog actor handle: rank 0 sends per-epoch metrics there
     optimizer_state: dict = field(default_factory=dict)
     train: TrainSettings | None = None
     eval: EvalSettings | None = None
+
+    def snapshot(self, model, epoch: int, optimizer_state: dict) -> Snapshot:
+        """The snapshot of ``model`` (this job's model, or its copy on a worker) at ``epoch``.
+        A loss given as a Module is not saved (only names are): restoring it is the caller's
+        business."""
+        named_loss = isinstance(self.loss, str)
+        return Snapshot(
+            model_class=model_class_name(model),
+            model_params=model.model_params(),
+            model_state=model.state_dict(),
+            num_items=self.num_items,
+            num_users=self.num_users,
+            epoch=epoch,
+            optimizer_type=self.optimizer_type,
+            optimizer_state=optimizer_state,
+            loss=self.loss if named_loss else None,
+            loss_params=dict(self.loss_params) if named_loss else {},
+            seed=self.seed,
+        )
+
+
+def _check_int(value, name: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")

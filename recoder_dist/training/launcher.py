@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import shutil
@@ -10,7 +9,6 @@ import tempfile
 import uuid
 
 import ray
-import torch
 import torch.distributed as dist
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
@@ -53,26 +51,6 @@ def _torch_backend(use_cuda: bool) -> str:
     return "nccl" if use_cuda and dist.is_nccl_available() else "gloo"
 
 
-def _worker_entry(config: dict) -> None:
-    """The worker loop, on CPU when Ray's fake multi-node provider gave this worker a GPU that
-    does not exist."""
-    job = config["job"]
-    if isinstance(job, ray.ObjectRef):
-        job = ray.get(job)
-    if job.use_cuda and not torch.cuda.is_available():
-        gpus = ray.get_gpu_ids()
-        # RAY_FAKE_CLUSTER=1 is how the fake provider's head is started; its nodes inherit it.
-        if os.environ.get("RAY_FAKE_CLUSTER") != "1":
-            raise RuntimeError(
-                f"use_cuda=True: Ray gave this worker GPU {gpus} but torch "
-                f"{torch.__version__} sees no CUDA device on {ray.util.get_node_ip_address()}"
-            )
-        if ray.train.get_context().get_world_rank() == 0:
-            logger.warning("fake GPU %s (RAY_FAKE_CLUSTER=1): the workers train on CPU", gpus)
-        job = dataclasses.replace(job, use_cuda=False)
-    worker_loop({"job": job})
-
-
 def run_job(
     job: WorkerJob,
     datasets: dict,
@@ -83,10 +61,11 @@ def run_job(
     max_failures: int = 0,
     callbacks: list | None = None,
 ) -> RunOutput:
-    """Runs ``job`` on ``num_workers`` Ray Train workers (in this process when 0), logging
-    rank 0's per-epoch progress on the driver as it arrives."""
+    """Runs ``job`` on ``num_workers`` Ray Train workers (in this process when 0, which the
+    job must say too), logging rank 0's per-epoch progress on the driver as it arrives."""
+    if job.in_process != (num_workers == 0):
+        raise ValueError(f"a job with in_process={job.in_process} on {num_workers} workers")
     ensure_ray()
-    job.in_process = num_workers == 0
     for dataset in datasets.values():
         dataset.context.print_on_execution_start = False
         dataset.context.enable_progress_bars = False
@@ -97,10 +76,12 @@ def run_job(
     if own_storage:
         storage_path = tempfile.mkdtemp(prefix="recoder-dist-run-")
     with ProgressPrinter() as progress:
-        job.progress = progress.log
         trainer = TorchTrainer(
-            _worker_entry,
-            train_loop_config={"job": job if job.in_process else ray.put(job)},
+            worker_loop,
+            train_loop_config={
+                "job": job if job.in_process else ray.put(job),
+                "progress": progress.log,
+            },
             torch_config=TorchConfig(backend=_torch_backend(job.use_cuda)),
             scaling_config=ScalingConfig(
                 num_workers=num_workers, use_gpu=job.use_cuda, resources_per_worker=resources
@@ -117,16 +98,18 @@ def run_job(
         )
         result = trainer.fit()
     return RunOutput(
-        result, progress.records, storage_path if own_storage else None, job.in_process
+        result, progress.history(), storage_path if own_storage else None, job.in_process
     )
 
 
 class RunOutput:
-    """What a run left: rank 0's records (one per epoch, or the evaluation results) and, for
-    training, the final snapshot."""
+    """What a run left: ``metrics``, the last results it reported to Ray Train (a training
+    run's last epoch, or an evaluation's results); ``history``, one record per epoch (the last
+    one of an epoch that a restart repeated); and, for training, the final snapshot."""
 
-    def __init__(self, result, records: list[dict], own_storage: str | None, in_process: bool):
-        self.records = records
+    def __init__(self, result, history: list[dict], own_storage: str | None, in_process: bool):
+        self.metrics = dict(result.metrics or {})
+        self.history = history
         self._checkpoint_dir = result.checkpoint.path if result.checkpoint else None
         self._own_storage = own_storage
         self._in_process = in_process

@@ -71,3 +71,9 @@ class ProgressPrinter:
         for record in ray.get(self.log.unread.remote()):
             self.records.append(record)
             logger.info(format_record(record))
+
+    def history(self) -> list[dict]:
+        """One record per epoch, in order: after a restart from a checkpoint, the epochs
+        trained again replace their first records."""
+        by_epoch = {record["epoch"]: record for record in self.records}
+        return [by_epoch[epoch] for epoch in sorted(by_epoch)]

@@ -29,39 +29,12 @@ class Snapshot:
     optimizer_state: dict = field(default_factory=dict)
     loss: str | None = None
     loss_params: dict = field(default_factory=dict)
+    seed: int | None = None  # of the data order and noise; None in files older than it
 
 
 def model_class_name(model) -> str:
     cls = type(model)
     return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def snapshot_of(
-    model,
-    *,
-    num_items: int | None,
-    num_users: int | None,
-    epoch: int,
-    optimizer_type: str,
-    optimizer_state: dict,
-    loss,
-    loss_params: dict,
-) -> Snapshot:
-    """The snapshot of a model and its training state. A loss given as a Module is not saved
-    (only names are): restoring it is the caller's business."""
-    named_loss = isinstance(loss, str)
-    return Snapshot(
-        model_class=model_class_name(model),
-        model_params=model.model_params(),
-        model_state=model.state_dict(),
-        num_items=num_items,
-        num_users=num_users,
-        epoch=epoch,
-        optimizer_type=optimizer_type,
-        optimizer_state=optimizer_state,
-        loss=loss if named_loss else None,
-        loss_params=dict(loss_params) if named_loss else {},
-    )
 
 
 def save_snapshot(snapshot: Snapshot, path: str | os.PathLike) -> str:

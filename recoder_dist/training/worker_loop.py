@@ -7,6 +7,7 @@ rank 0 writes the snapshots.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import resource
@@ -29,46 +30,58 @@ from recoder_dist.training.evaluation import metric_sums
 from recoder_dist.training.optimizers import build_optimizers, epoch_lrs, sparse_parameter_names
 from recoder_dist.training.prefetch import EpochPrefetcher
 from recoder_dist.training.schedule import agreed_steps, epoch_batches
-from recoder_dist.training.snapshot import (
-    Snapshot,
-    copy_snapshot,
-    load_snapshot,
-    save_snapshot,
-    snapshot_of,
-)
+from recoder_dist.training.snapshot import copy_snapshot, load_snapshot, save_snapshot
 from recoder_dist.training.sparse_sync import SparseGradSync
 from recoder_dist.training.step import batch_loss, unwrapped
 
 logger = logging.getLogger(__name__)
 SNAPSHOT_FILE = "snapshot.pt"
+RESULTS_FILE = "results.json"
 
 
 def worker_loop(config: dict) -> None:
-    """Entry point of ``TorchTrainer(train_loop_per_worker=...)``; ``config["job"]`` is a
-    :class:`WorkerJob` or an ObjectRef to one (a large model crosses the object store once)."""
+    """Entry point of ``TorchTrainer(train_loop_per_worker=...)``.
+
+    ``config["job"]`` is a :class:`WorkerJob` or an ObjectRef to one (a large model crosses the
+    object store once); ``config["progress"]`` the actor that rank 0 sends each epoch's record
+    to. An evaluation job reports its results (every rank, as Ray Train requires); a training
+    job reports the epochs that evaluate or checkpoint, the last one always.
+    """
     job = config["job"]
     if isinstance(job, ray.ObjectRef):
         job = ray.get(job)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    if not job.in_process:  # in-process, logging is the caller's to configure
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-    device = ray.train.torch.get_device() if job.use_cuda else torch.device("cpu")
+    device = _device(job.use_cuda, rank)
     model = job.model.to(device)
 
     if job.train is None:
         model.eval()
         results = _evaluate(model, job, device, rank, world)
-        if rank == 0:
-            ray.get(job.progress.append.remote(results))
+        _report(results, job, rank, _results_writer(results))
         return
     # In-process, the loop seeds torch's global RNG: give the caller's RNG state back after.
     cuda = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda, enabled=job.in_process):
-        _train(model, job, job.train, device, rank, world)
+        _train(model, job, config["progress"], device, rank, world)
 
 
-def _train(model, job: WorkerJob, settings: TrainSettings, device, rank: int, world: int):
+def _device(use_cuda: bool, rank: int) -> torch.device:
+    """This worker's GPU when ``use_cuda`` and torch sees one; otherwise the CPU, with a
+    warning when a GPU was asked for (``use_cuda=True`` means GPUs where present)."""
+    if use_cuda and torch.cuda.is_available():
+        return ray.train.torch.get_device()
+    if use_cuda and rank == 0:
+        logger.warning(
+            "use_cuda=True but torch %s sees no CUDA device on %s: training on CPU",
+            torch.__version__,
+            ray.util.get_node_ip_address(),
+        )
+    return torch.device("cpu")
+
+
+def _train(model, job: WorkerJob, progress, device, rank: int, world: int):
+    settings: TrainSettings = job.train
     start_epoch, optimizer_state = _resume(model, job, rank)
     sparse_names = sparse_parameter_names(model)
     distributed = world > 1 and dist.is_initialized()
@@ -99,13 +112,13 @@ def _train(model, job: WorkerJob, settings: TrainSettings, device, rank: int, wo
     epochs = range(start_epoch + 1, last_epoch + 1)
     # Made ahead in a thread: the next epoch's Ray Data start overlaps this epoch's last steps.
     data = (
-        epoch_batches(shard, collator, steps, rank, _epoch_seed(settings.seed, epoch, rank))
+        epoch_batches(shard, collator, steps, rank, _epoch_seed(job.seed, epoch, rank))
         for epoch in epochs
     )
     with EpochPrefetcher(data) as prefetcher:
         for epoch in epochs:
             started = time.perf_counter()
-            torch.manual_seed(_epoch_seed(settings.seed, epoch, rank))
+            torch.manual_seed(_epoch_seed(job.seed, epoch, rank))
             optimizers.set_lr(
                 *epoch_lrs(settings.lr, settings.lr_milestones, epoch, settings.decay_sparse_lr)
             )
@@ -128,7 +141,13 @@ def _train(model, job: WorkerJob, settings: TrainSettings, device, rank: int, wo
                 metrics["sync_bytes_per_step"] = sync.bytes_sent / steps
                 metrics["dense_sync_bytes_per_step"] = float(sync.dense_bytes)
                 sync.bytes_sent = 0
-            if job.eval is not None and settings.eval_freq > 0 and epoch % settings.eval_freq == 0:
+            # Every eval_freq epochs, and the last epoch: a run's (and a Tune trial's) last
+            # report always carries its metrics.
+            if (
+                job.eval is not None
+                and settings.eval_freq > 0
+                and (epoch % settings.eval_freq == 0 or epoch == last_epoch)
+            ):
                 model.eval()
                 metrics.update(_evaluate(model, job, device, rank, world))
             evaluated = "eval_users" in metrics
@@ -139,9 +158,15 @@ def _train(model, job: WorkerJob, settings: TrainSettings, device, rank: int, wo
                 metrics["snapshot"] = f"{job.checkpoint_prefix}_epoch_{epoch}.model"
             metrics["seconds"] = time.perf_counter() - started
             if rank == 0:
-                job.progress.append.remote(metrics)
-            if evaluated or wants_checkpoint:  # what Ray Train (and Tune) must see
-                _report(metrics, model, optimizers, job, epoch, rank, wants_checkpoint)
+                sent = progress.append.remote(metrics)
+                if epoch == last_epoch:  # the driver reads the history once the run ends
+                    ray.get(sent)
+            if wants_checkpoint:  # what Ray Train (and Tune) must see
+                _report(
+                    metrics, job, rank, _snapshot_writer(metrics, model, optimizers, job, epoch)
+                )
+            elif evaluated:
+                _report(metrics, job, rank)
 
 
 def _run_steps(net, loss_fn, optimizers, sync, batches, device, sparse_names):
@@ -242,31 +267,38 @@ def _evaluate(model, job: WorkerJob, device, rank: int, world: int) -> dict:
     return results
 
 
-def _snapshot(model, optimizers, job: WorkerJob, epoch: int) -> Snapshot:
-    return snapshot_of(
-        model,
-        num_items=job.num_items,
-        num_users=job.num_users,
-        epoch=epoch,
-        optimizer_type=job.optimizer_type,
-        optimizer_state=optimizers.state_dict(),
-        loss=job.loss,
-        loss_params=job.loss_params,
-    )
-
-
-def _report(metrics, model, optimizers, job: WorkerJob, epoch: int, rank: int, checkpoint: bool):
-    """Every rank reports; with ``checkpoint`` rank 0 attaches a snapshot, which Ray Train keeps
-    for restarts and the driver loads at the end, and copies it to the user's prefix."""
-    if not (checkpoint and rank == 0):
+def _report(metrics: dict, job: WorkerJob, rank: int, write_checkpoint=None) -> None:
+    """Every rank reports ``metrics``. With ``write_checkpoint(folder)``, rank 0 attaches a
+    checkpoint that it writes there: Ray Train keeps it for restarts, and its metrics are the
+    ones that the run's Result holds (Ray Train 2.60 keeps metrics with checkpoints only)."""
+    if write_checkpoint is None or rank != 0:
         ray.train.report(metrics)
         return
     folder = tempfile.mkdtemp(prefix="recoder-dist-ckpt-")
-    path = save_snapshot(
-        _snapshot(model, optimizers, job, epoch), os.path.join(folder, SNAPSHOT_FILE)
-    )
-    if "snapshot" in metrics:  # the user's own copy, named by model_checkpoint_prefix
-        copy_snapshot(path, metrics["snapshot"])
+    write_checkpoint(folder)
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
     if not job.in_process:  # Ray has copied it into the run's storage
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _snapshot_writer(metrics: dict, model, optimizers, job: WorkerJob, epoch: int):
+    """Writes the snapshot of ``epoch`` into a checkpoint folder, and the user's own copy
+    (``metrics["snapshot"]``, named by model_checkpoint_prefix) when there is one."""
+
+    def write(folder: str) -> None:
+        snapshot = job.snapshot(model, epoch, optimizers.state_dict())
+        path = save_snapshot(snapshot, os.path.join(folder, SNAPSHOT_FILE))
+        if "snapshot" in metrics:
+            copy_snapshot(path, metrics["snapshot"])
+
+    return write
+
+
+def _results_writer(results: dict):
+    """Writes an evaluation's results into its checkpoint folder, as JSON."""
+
+    def write(folder: str) -> None:
+        with open(os.path.join(folder, RESULTS_FILE), "w") as f:
+            json.dump(results, f)
+
+    return write
