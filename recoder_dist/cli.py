@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 logger = logging.getLogger("recoder_dist")
+VERBOSE_ENV = "RECODER_DIST_VERBOSE"  # read by recoder_dist.training.launcher
 
 MODELS = ("autoencoder", "mf")
 DATASETS = ("ml-100k", "ml-1m", "ml-20m", "ml-25m", "ml-latest-small", "ml-latest", "events")
@@ -195,6 +197,9 @@ def _add_common(parser, workers_default=1) -> None:
 def parser() -> argparse.ArgumentParser:
     main = _Parser(prog="recoder-dist", description=__doc__.splitlines()[0])
     main.add_argument("--config", help="YAML or JSON file of defaults for the command's flags")
+    main.add_argument(
+        "--verbose", action="store_true", help="also show Ray's own logs (always in its log files)"
+    )
     commands = main.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("prepare", help="split a dataset into train/validation/test")
@@ -320,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         args = _with_config(sys.argv[1:] if argv is None else argv)
+        if args.verbose:  # before Ray starts: its workers' logs reach this console too
+            os.environ[VERBOSE_ENV] = "1"
         return args.run(args)
     except Exception as e:
         if not _is_user_error(e):

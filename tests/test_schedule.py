@@ -72,9 +72,11 @@ def test_a_short_shard_is_padded_with_empty_batches(negative_sampling):
     dataset = data()
     collator = Collator(num_items=12, batch_size=5, negative_sampling=negative_sampling)
     shard = FakeShard(user_rows_table(dataset))
-    batches = list(epoch_batches(shard, collator, steps=7, rank=0, shuffle_seed=0))
+    notes = []
+    batches = list(epoch_batches(shard, collator, steps=7, shuffle_seed=0, note=notes.append))
     assert len(batches) == 7
     assert [b.shape[0] for b in batches] == [5, 5, 5, 5, 3, 0, 0]
+    assert notes == ["a worker ran out of rows at step 5 of 7: empty batches pad it"]
     users = np.concatenate([b.users for b in batches])
     assert sorted(users.tolist()) == dataset.users.tolist()
 
@@ -82,7 +84,10 @@ def test_a_short_shard_is_padded_with_empty_batches(negative_sampling):
 def test_a_long_shard_is_cut_at_the_agreed_steps():
     collator = Collator(num_items=12, batch_size=5)
     shard = FakeShard(user_rows_table(data()))
-    assert len(list(epoch_batches(shard, collator, steps=2, rank=0, shuffle_seed=0))) == 2
+    notes = []
+    batches = epoch_batches(shard, collator, steps=2, shuffle_seed=0, note=notes.append)
+    assert len(list(batches)) == 2
+    assert notes == []
 
 
 @pytest.mark.parametrize("negative_sampling", [True, False])
@@ -91,7 +96,7 @@ def test_an_empty_batch_has_zero_loss_and_gradient(model, negative_sampling):
     model.init_model(num_items=12, num_users=23)
     collator = Collator(num_items=12, batch_size=5, negative_sampling=negative_sampling)
     shard = FakeShard(user_rows_table(data()).slice(0, 0))
-    (empty,) = epoch_batches(shard, collator, steps=1, rank=0, shuffle_seed=0)
+    (empty,) = epoch_batches(shard, collator, steps=1, shuffle_seed=0)
     loss = batch_loss(model, build_loss("logloss"), empty, torch.device("cpu"))
     loss.backward()
     assert loss.item() == 0.0

@@ -14,7 +14,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from recoder_dist.training.config import WorkerJob
-from recoder_dist.training.progress import ProgressPrinter
+from recoder_dist.training.progress import ProgressPrinter, epochs_between_lines
 from recoder_dist.training.worker_loop import SNAPSHOT_FILE, worker_loop
 
 logger = logging.getLogger(__name__)
@@ -25,12 +25,21 @@ logger = logging.getLogger(__name__)
 LOCAL_RUNTIME_ENV = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}}
 
 
+# RECODER_DIST_VERBOSE=1 (the CLI's --verbose): Ray's own logs on the console too. Otherwise
+# they go to Ray's log files only, and the console shows this library's lines.
+VERBOSE_ENV = "RECODER_DIST_VERBOSE"
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
 def ensure_ray() -> None:
     """Connects to ``RAY_ADDRESS`` when set, else starts a local embedded Ray."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+        ray.init(**_console_settings())
     else:
         init_local_ray()
 
@@ -38,7 +47,27 @@ def ensure_ray() -> None:
 def init_local_ray(**kwargs) -> None:
     """Starts a local embedded Ray tuned for this library (``kwargs`` go to ``ray.init``)."""
     kwargs.setdefault("include_dashboard", False)
+    for key, value in _console_settings().items():
+        kwargs.setdefault(key, value)
+    if not verbose():
+        # Ray >= 2.59 turns token authentication on for a new local cluster, and says so with a
+        # warning that this local cluster makes no decision about.
+        logging.getLogger(_AUTH_LOGGER).addFilter(_drop_token_auth_notice)
     ray.init(runtime_env=LOCAL_RUNTIME_ENV, **kwargs)
+
+
+_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def _drop_token_auth_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled")
+
+
+def _console_settings() -> dict:
+    """Workers' output (Ray Data's and Ray Train's logs, which are in Ray's log files anyway)
+    reaches the driver's console only when verbose."""
+    loud = verbose()
+    return {"log_to_driver": loud, "logging_level": logging.INFO if loud else logging.WARNING}
 
 
 def cluster_gpus() -> float:
@@ -75,7 +104,9 @@ def run_job(
     own_storage = storage_path is None
     if own_storage:
         storage_path = tempfile.mkdtemp(prefix="recoder-dist-run-")
-    with ProgressPrinter() as progress:
+    num_epochs = job.train.num_epochs if job.train else 1
+    every = 1 if verbose() else epochs_between_lines(num_epochs)
+    with ProgressPrinter(every) as progress:
         trainer = TorchTrainer(
             worker_loop,
             train_loop_config={

@@ -1,54 +1,68 @@
-"""Per-epoch progress from rank 0 to the driver.
+"""Live progress from the workers to the driver's console: epoch records and notes.
 
 ``ray.train.report`` hands results to the Train controller through a one-slot queue that the
 controller empties every 2 s, so reporting every epoch would stall short epochs. Rank 0 instead
-appends each epoch's metrics to this small actor (a non-blocking call) and reports to Ray Train
-only what Ray Train must keep: checkpoints and evaluation results.
+appends each epoch's record to this small actor (a non-blocking call), and any rank may add a
+note (a warning the user must see: the workers' own logs stay in Ray's log files). What a run
+returns comes from Ray Train's Result; this actor only carries what is shown while it runs.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 
 import ray
 
 logger = logging.getLogger("recoder_dist")
 
+# Record keys that are bookkeeping, not figures to show.
+_NOT_SHOWN = {"epoch", "last_epoch", "loss", "seconds", "peak_rss_mb", "eval_users", "snapshot"}
+_NOT_SHOWN |= {"sync_bytes_per_step", "dense_sync_bytes_per_step"}
+
 
 @ray.remote(num_cpus=0)
 class ProgressLog:
+    """Epoch records and notes, in the order they arrive."""
+
     def __init__(self):
-        self._records: list[dict] = []
+        self._items: list[tuple[str, object]] = []
         self._read = 0
 
     def append(self, record: dict) -> None:
-        self._records.append(record)
+        self._items.append(("record", record))
 
-    def unread(self) -> list[dict]:
-        new = self._records[self._read :]
-        self._read = len(self._records)
+    def note(self, message: str) -> None:
+        self._items.append(("note", message))
+
+    def unread(self) -> list[tuple[str, object]]:
+        new = self._items[self._read :]
+        self._read = len(self._items)
         return new
 
 
 def format_record(record: dict) -> str:
-    fields = "  ".join(
-        f"{key}={value:.4f}" if isinstance(value, float) else f"{key}={value}"
-        for key, value in record.items()
-        if key not in ("epoch", "last_epoch")
-    )
-    if "epoch" in record:
-        return f"epoch {record['epoch']}/{record.get('last_epoch', '?')}  {fields}"
-    return fields
+    """``epoch 3/40  loss 512.3456  0.42 s  712 MB  NDCG@100 0.4012 (600 users)``."""
+    parts = [f"epoch {record['epoch']}/{record['last_epoch']}", f"loss {record['loss']:.4f}"]
+    parts.append(f"{record['seconds']:.2f} s")
+    if "peak_rss_mb" in record:
+        parts.append(f"{record['peak_rss_mb']:,.0f} MB")
+    metrics = [f"{k} {v:.4f}" for k, v in record.items() if k not in _NOT_SHOWN]
+    if metrics:
+        parts.append("  ".join(metrics) + f" ({record['eval_users']} users)")
+    return "  ".join(parts)
 
 
 class ProgressPrinter:
-    """Logs the records of a :class:`ProgressLog` on the driver while a run goes on, and
-    collects them."""
+    """Logs what a :class:`ProgressLog` receives on the driver while a run goes on: every note,
+    and the epoch records of every ``every``-th epoch, of the first and last epochs and of the
+    epochs that evaluate."""
 
-    def __init__(self, interval_s: float = 0.5):
+    def __init__(self, every: int = 1, interval_s: float = 0.5):
         self.log = ProgressLog.remote()
         self.records: list[dict] = []
+        self._every = max(1, every)
         self._interval_s = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -63,17 +77,32 @@ class ProgressPrinter:
         self._drain()
         ray.kill(self.log)
 
-    def _poll(self) -> None:
-        while not self._stop.wait(self._interval_s):
-            self._drain()
-
-    def _drain(self) -> None:
-        for record in ray.get(self.log.unread.remote()):
-            self.records.append(record)
-            logger.info(format_record(record))
-
     def history(self) -> list[dict]:
         """One record per epoch, in order: after a restart from a checkpoint, the epochs
         trained again replace their first records."""
         by_epoch = {record["epoch"]: record for record in self.records}
         return [by_epoch[epoch] for epoch in sorted(by_epoch)]
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self._drain()
+
+    def _drain(self) -> None:
+        for kind, item in ray.get(self.log.unread.remote()):
+            if kind == "note":
+                logger.warning(item)
+                continue
+            self.records.append(item)
+            if self._shown(item):
+                logger.info(format_record(item))
+
+    def _shown(self, record: dict) -> bool:
+        epoch = record["epoch"]
+        return (
+            epoch % self._every == 0 or epoch in (1, record["last_epoch"]) or "eval_users" in record
+        )
+
+
+def epochs_between_lines(num_epochs: int, lines: int = 10) -> int:
+    """Show about ``lines`` epoch lines in a run of ``num_epochs`` epochs."""
+    return max(1, math.ceil(num_epochs / lines))

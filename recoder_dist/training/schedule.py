@@ -36,9 +36,10 @@ def agreed_steps(settings: TrainSettings, collator: Collator, world: int, device
     return steps
 
 
-def epoch_batches(shard, collator: Collator, steps: int, rank: int, shuffle_seed: int):
+def epoch_batches(shard, collator: Collator, steps: int, shuffle_seed: int, note=logger.warning):
     """Exactly ``steps`` batches; a rank whose shard runs dry pads with empty batches (zero
-    gradient) so that the collectives of the other ranks still find a partner."""
+    gradient) so that the collectives of the other ranks still find a partner, and says so
+    once through ``note``."""
     groups = shard.iter_batches(
         batch_size=collator.num_sampling_users,
         batch_format="pyarrow",
@@ -54,10 +55,11 @@ def epoch_batches(shard, collator: Collator, steps: int, rank: int, shuffle_seed
         values=np.zeros(0, np.float32),
         shape=(0, 0 if collator.negative_sampling else collator.num_items),
     )
-    for step, batch in enumerate(itertools.chain(batches, itertools.repeat(None))):
+    for step, batch in enumerate(itertools.chain(batches, [None])):
         if step == steps:
             return
         if batch is None:
-            logger.warning("rank %d ran out of rows at step %d of %d", rank, step, steps)
-            batch = empty
+            note(f"a worker ran out of rows at step {step} of {steps}: empty batches pad it")
+            yield from itertools.repeat(empty, steps - step)
+            return
         yield batch

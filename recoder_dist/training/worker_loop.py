@@ -52,7 +52,8 @@ def worker_loop(config: dict) -> None:
         job = ray.get(job)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    device = _device(job.use_cuda, rank)
+    progress = config["progress"]
+    device = _device(job.use_cuda, rank, progress)
     model = job.model.to(device)
 
     if job.train is None:
@@ -63,26 +64,34 @@ def worker_loop(config: dict) -> None:
     # In-process, the loop seeds torch's global RNG: give the caller's RNG state back after.
     cuda = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda, enabled=job.in_process):
-        _train(model, job, config["progress"], device, rank, world)
+        _train(model, job, progress, device, rank, world)
 
 
-def _device(use_cuda: bool, rank: int) -> torch.device:
+def _device(use_cuda: bool, rank: int, progress) -> torch.device:
     """This worker's GPU when ``use_cuda`` and torch sees one; otherwise the CPU, with a
     warning when a GPU was asked for (``use_cuda=True`` means GPUs where present)."""
     if use_cuda and torch.cuda.is_available():
         return ray.train.torch.get_device()
     if use_cuda and rank == 0:
-        logger.warning(
-            "use_cuda=True but torch %s sees no CUDA device on %s: training on CPU",
-            torch.__version__,
-            ray.util.get_node_ip_address(),
+        node = ray.util.get_node_ip_address()
+        _note(
+            progress,
+            f"use_cuda=True but torch {torch.__version__} sees no CUDA device on "
+            f"{node}: training on CPU",
         )
     return torch.device("cpu")
 
 
+def _note(progress, message: str) -> None:
+    """A warning for the user: on the driver's console (this worker's own log is not shown
+    there), and in this worker's log."""
+    logger.warning(message)
+    progress.note.remote(message)
+
+
 def _train(model, job: WorkerJob, progress, device, rank: int, world: int):
     settings: TrainSettings = job.train
-    start_epoch, optimizer_state = _resume(model, job, rank)
+    start_epoch, optimizer_state = _resume(model, job, rank, progress)
     sparse_names = sparse_parameter_names(model)
     distributed = world > 1 and dist.is_initialized()
     dense_names = [n for n, p in model.named_parameters() if n not in sparse_names]
@@ -112,7 +121,9 @@ def _train(model, job: WorkerJob, progress, device, rank: int, world: int):
     epochs = range(start_epoch + 1, last_epoch + 1)
     # Made ahead in a thread: the next epoch's Ray Data start overlaps this epoch's last steps.
     data = (
-        epoch_batches(shard, collator, steps, rank, _epoch_seed(job.seed, epoch, rank))
+        epoch_batches(
+            shard, collator, steps, _epoch_seed(job.seed, epoch, rank), lambda m: _note(progress, m)
+        )
         for epoch in epochs
     )
     with EpochPrefetcher(data) as prefetcher:
@@ -205,7 +216,7 @@ def _peak_rss_mb(distributed: bool, device) -> float:
     return float(peak.item())
 
 
-def _resume(model, job: WorkerJob, rank: int) -> tuple[int, dict]:
+def _resume(model, job: WorkerJob, rank: int, progress) -> tuple[int, dict]:
     """After a worker failure Ray Train restarts the loop with the last reported checkpoint:
     load its weights, optimizer states and epoch. Otherwise start from the job."""
     checkpoint = ray.train.get_checkpoint()
@@ -215,7 +226,7 @@ def _resume(model, job: WorkerJob, rank: int) -> tuple[int, dict]:
         snapshot = load_snapshot(os.path.join(folder, SNAPSHOT_FILE))
     model.load_state_dict(snapshot.model_state)
     if rank == 0:
-        logger.warning("resuming after a failure from the checkpoint of epoch %d", snapshot.epoch)
+        _note(progress, f"resuming after a failure from the checkpoint of epoch {snapshot.epoch}")
     return snapshot.epoch, snapshot.optimizer_state
 
 
