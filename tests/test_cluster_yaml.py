@@ -1,11 +1,14 @@
 """cluster.yaml: Ray's own schema accepts it and refuses a misspelt key; its head runs no
-training; its GPU node types, on Ray's fake multi-node provider, are added when a training job
-asks for GPU workers and removed when idle."""
+training and hosts Tune's trial drivers; every node boots one pinned AMI with an instance profile
+and pulls a pinned image of deploy/Dockerfile that already holds torch, so that setup installs
+this repository only; its GPU node types, on Ray's fake multi-node provider, are added when a
+training job asks for GPU workers and removed when idle. Nothing here reaches AWS."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import re
 import shutil
@@ -111,6 +114,161 @@ def test_head_runs_no_training_and_gpu_workers_scale_from_zero():
     assert config["file_mounts"] == {"~/recoder_dist": "."}
     assert any("pip install" in cmd and "~/recoder_dist" in cmd for cmd in config["setup_commands"])
     assert ".venv" in config["rsync_exclude"]
+
+
+# --- What a real AWS boot needs: pinned images and AMI, instance profiles, trial drivers -----
+
+DOCKERFILE = CLUSTER_YAML.parent / "deploy" / "Dockerfile"
+# A pinned AMI id: ami- and 8 or 17 hex digits (not a placeholder such as ami-xxxxxxxx).
+AMI_ID = re.compile(r"ami-(?:[0-9a-f]{8}|[0-9a-f]{17})")
+PROFILE_ARN = re.compile(r"arn:aws:iam::(\d{12}):instance-profile/[\w+=,.@-]+")
+ECR_IMAGE = re.compile(r"(\d{12})\.dkr\.ecr\.([a-z0-9-]+)\.amazonaws\.com/[\w./-]+:[\w.-]+")
+
+
+def _dockerfile_args() -> dict[str, str]:
+    return dict(re.findall(r"^ARG (\w+)=(\S+)$", DOCKERFILE.read_text(), flags=re.M))
+
+
+def _images(config: dict) -> dict[str, str]:
+    """Which image each node type's container runs (a node type's own docker section wins)."""
+    docker = config["docker"]
+    images = {}
+    for name, node_type in config["available_node_types"].items():
+        own = node_type.get("docker", {})
+        if name == config["head_node_type"]:
+            images[name] = docker.get("head_image") or docker["image"]
+        else:
+            images[name] = own.get("worker_image") or docker.get("worker_image") or docker["image"]
+    return images
+
+
+def test_every_node_type_has_an_instance_profile_and_workers_get_the_smaller_one():
+    config = _load()
+    _, workers = _node_types(config)
+    arns = {}
+    for name, node_type in config["available_node_types"].items():
+        profile = node_type["node_config"].get("IamInstanceProfile")
+        assert profile, f"{name} would reach the run bucket (and ECR) with no credentials"
+        assert PROFILE_ARN.fullmatch(profile.get("Arn", "")), (name, profile)
+        arns[name] = profile["Arn"]
+    # The head's profile may launch instances; a worker's must not carry those rights.
+    head_arn = arns[config["head_node_type"]]
+    assert all(arns[name] != head_arn for name in workers), arns
+    # One placeholder account, replaced once: the profiles' and the registry's.
+    accounts = {PROFILE_ARN.fullmatch(arn).group(1) for arn in arns.values()}
+    accounts |= {m.group(1) for m in map(ECR_IMAGE.fullmatch, _images(config).values()) if m}
+    assert len(accounts) == 1, accounts
+
+
+def test_every_node_type_boots_the_same_pinned_ami():
+    config = _load()
+    amis = {
+        name: node_type["node_config"].get("ImageId")
+        for name, node_type in config["available_node_types"].items()
+    }
+    # Without ImageId Ray falls back to its Ubuntu 18.04 Deep Learning AMI (driver too old).
+    for name, ami in amis.items():
+        assert ami and AMI_ID.fullmatch(ami), f"{name}: ImageId {ami!r} is not a pinned AMI id"
+    assert len(set(amis.values())) == 1, amis
+
+
+def test_images_are_pinned_builds_of_deploy_dockerfile_with_torch():
+    config = _load()
+    args = _dockerfile_args()
+    ray_version, torch_version = args["RAY_VERSION"], args["TORCH_VERSION"]
+    import ray
+
+    # `ray up` and `ray job submit` run with this Ray; the cluster must run the same.
+    assert ray_version == ray.__version__
+    froms = {
+        stage: image
+        for image, stage in re.findall(r"^FROM (\S+) AS (\w+)$", DOCKERFILE.read_text(), re.M)
+    }
+    assert froms == {
+        "gpu": "rayproject/ray:${RAY_VERSION}-py311-gpu",
+        "cpu": "rayproject/ray:${RAY_VERSION}-py311-cpu",
+    }
+
+    _, workers = _node_types(config)
+    images = _images(config)
+    for name, image in images.items():
+        repository, _, tag = image.rpartition(":")
+        assert repository and "/" not in tag and tag not in ("", "latest"), (name, image)
+        # Ray's stock images carry no torch: pip would fetch CUDA torch at every boot.
+        assert not repository.startswith("rayproject/"), (name, image)
+        assert f"ray{ray_version}-py311-torch{torch_version}" in tag, (name, image)
+    assert images[config["head_node_type"]].endswith("-cpu")
+    for name in workers:
+        assert re.search(r"-cu\d+$", images[name]), (name, images[name])
+
+
+def test_the_image_build_sends_only_what_it_mounts():
+    mounted = set(re.findall(r"--mount=type=bind,source=([^,\s]+)", DOCKERFILE.read_text()))
+    assert "pyproject.toml" in mounted
+    ignore = DOCKERFILE.with_name("Dockerfile.dockerignore").read_text().splitlines()
+    patterns = [line for line in ignore if line.strip() and not line.startswith("#")]
+    # Everything ignored (above all .venv, gigabytes), then exactly the mounted files let back.
+    assert patterns[0] == "*"
+    assert {line[1:] for line in patterns[1:] if line.startswith("!")} == mounted
+    for path in mounted:
+        assert (CLUSTER_YAML.parent / path).is_file(), path
+
+
+def test_nodes_install_this_repository_and_never_download_torch():
+    config = _load()
+    lists = (
+        "initialization_commands",
+        "setup_commands",
+        "head_setup_commands",
+        "worker_setup_commands",
+    )
+    commands = [cmd for key in lists for cmd in config[key]]
+    commands += [
+        cmd
+        for node_type in config["available_node_types"].values()
+        for key in lists
+        for cmd in node_type.get(key, [])
+    ]
+    pip_installs = [cmd for cmd in commands if re.search(r"\bpip3? install\b", cmd)]
+    # Only this repository; with torch already in the image pip finds it satisfied. An upgrade
+    # flag would make pip fetch the newest torch (gigabytes) anyway.
+    assert pip_installs == ["pip install -q -e ~/recoder_dist"], pip_installs
+    assert not any("torch" in cmd for cmd in pip_installs)
+    # The check that the image holds torch comes first: a stock image fails setup instead.
+    setup = config["setup_commands"]
+    assert "import torch" in setup[0]
+    assert setup.index(pip_installs[0]) > 0
+
+
+def test_images_are_pulled_from_ecr_after_a_login_in_the_clusters_region():
+    config = _load()
+    region = config["provider"]["region"]
+    registries = set()
+    for image in _images(config).values():
+        match = ECR_IMAGE.fullmatch(image)
+        assert match, f"{image} is not an ECR image"
+        assert match.group(2) == region, image
+        registries.add(image.split("/", 1)[0])
+    # Ray does not log in to a registry: a host command must, before the pull.
+    logins = " ".join(config["initialization_commands"])
+    assert f"aws ecr get-login-password --region {region}" in logins
+    for registry in registries:
+        assert f"docker login --username AWS --password-stdin {registry}" in logins
+
+
+def test_the_head_hosts_tunes_trial_drivers_and_no_training():
+    config = _load()
+    head, workers = _node_types(config)
+    assert head["resources"]["CPU"] == 0
+    assert head["resources"].get("trial_driver", 0) >= 1
+    # Workers (GPU nodes, possibly spot) never advertise it: a trial driver must not land there.
+    assert not any("trial_driver" in t["resources"] for t in workers.values())
+    # `ray start` on the head advertises the same custom resources as the node type.
+    head_start = " ".join(config["head_start_ray_commands"])
+    match = re.search(r"--resources='([^']*)'", head_start)
+    assert match, head_start
+    custom = {k: v for k, v in head["resources"].items() if k not in ("CPU", "GPU")}
+    assert json.loads(match.group(1)) == custom
 
 
 # --- Autoscaling on Ray's fake multi-node provider -------------------------------------------
@@ -344,7 +502,7 @@ def test_a_gpu_training_job_scales_the_fake_cluster_up_and_back_to_the_head(
     recoder = job_snapshot(result)
     assert recoder.current_epoch == 2 and recoder.model.hidden_layers == [32]
     # Ray gave the workers GPU ids; the GPUs being fake, they trained on CPU over gloo.
-    assert "the workers train on CPU" in result.stdout
+    assert "training on CPU" in result.stdout  # the rank-0 worker's note, on the console
 
     # Its Ray Train workers (training, then evaluation: 2 + 2) held one GPU each, on nodes that
     # the autoscaler added for them: nodes of cluster.yaml's GPU types.
