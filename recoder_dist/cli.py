@@ -8,6 +8,7 @@ out of range) prints one line and exits 2; any other failure exits 1 with its tr
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -87,10 +88,12 @@ def _metrics(ks: list[int]):
 
 
 def _train(args) -> int:
+    from recoder_dist import storage
     from recoder_dist.datasets import load_prepared
     from recoder_dist.model import Recoder
 
     split = load_prepared(args.data).split
+    checkpoint_dir = storage.normalized(args.checkpoint_dir)
     recoder = Recoder(
         _model(args),
         optimizer_type=args.optimizer,
@@ -99,9 +102,11 @@ def _train(args) -> int:
         num_workers=args.workers,
         seed=args.seed,
         max_failures=args.max_failures,
+        storage_path=args.storage or storage.join(checkpoint_dir, "runs"),
+        run_name=args.name or _run_name(checkpoint_dir),
     )
     metrics = _metrics(args.metrics)
-    prefix = str(Path(args.checkpoint_dir) / "model")
+    prefix = storage.join(checkpoint_dir, "model")
     recoder.train(
         train_dataset=split.train,
         val_dataset=split.validation,
@@ -123,7 +128,7 @@ def _train(args) -> int:
     print(
         json.dumps(
             {
-                "checkpoint": f"{prefix}_epoch_{recoder.current_epoch}.model",
+                "checkpoint": storage.suffixed(prefix, f"_epoch_{recoder.current_epoch}.model"),
                 "epoch": recoder.current_epoch,
                 "test": results,
             }
@@ -132,7 +137,14 @@ def _train(args) -> int:
     return 0
 
 
-def _restored(checkpoint: str, workers: int, gpus: bool):
+def _run_name(checkpoint_dir: str) -> str:
+    """The same training command (the same checkpoint location) names the same run: submitted
+    again after it stopped, it resumes from its last checkpoint."""
+    return "train-" + hashlib.sha256(checkpoint_dir.encode()).hexdigest()[:12]
+
+
+def _restored(checkpoint: str, workers: int, gpus: bool, storage_path: str | None):
+    from recoder_dist import storage
     from recoder_dist.model import Recoder
     from recoder_dist.nn import DynamicAutoencoder, MatrixFactorization
     from recoder_dist.training.snapshot import load_snapshot
@@ -141,7 +153,9 @@ def _restored(checkpoint: str, workers: int, gpus: bool):
     name = load_snapshot(checkpoint).model_class.rsplit(".", 1)[-1]
     if name not in known:
         raise UsageError(f"{checkpoint} holds a {name}; the CLI restores {sorted(known)}")
-    recoder = Recoder(known[name](), num_workers=workers, use_cuda=gpus)
+    if storage_path is None and workers > 0:  # evaluation runs keep their results there
+        storage_path = storage.join(storage.parent(checkpoint), "runs")
+    recoder = Recoder(known[name](), num_workers=workers, use_cuda=gpus, storage_path=storage_path)
     recoder.init_from_model_file(checkpoint)
     return recoder
 
@@ -149,7 +163,7 @@ def _restored(checkpoint: str, workers: int, gpus: bool):
 def _evaluate(args) -> int:
     from recoder_dist.datasets import load_prepared
 
-    recoder = _restored(args.checkpoint, args.workers, args.gpus)
+    recoder = _restored(args.checkpoint, args.workers, args.gpus, args.storage)
     split = load_prepared(args.data).split
     dataset = split.test if args.split == "test" else split.validation
     if dataset is None:
@@ -163,9 +177,15 @@ def _recommend(args) -> int:
     from recoder_dist.inference import write_recommendations
 
     prepared = load_prepared(args.data)
-    recoder = _restored(args.checkpoint, 0, False)
+    recoder = _restored(args.checkpoint, 0, False, None)
     rows = write_recommendations(
-        recoder, prepared, args.output, k=args.top_k, part=args.split, workers=max(args.workers, 1)
+        recoder,
+        prepared,
+        args.output,
+        k=args.top_k,
+        part=args.split,
+        workers=max(args.workers, 1),
+        use_gpu=args.gpus,
     )
     print(json.dumps({"output": str(args.output), "users": rows}))
     return 0
@@ -221,7 +241,17 @@ def parser() -> argparse.ArgumentParser:
 
     t = commands.add_parser("train", help="train a model on a prepared split")
     t.add_argument("--data", required=True, help="folder written by prepare")
-    t.add_argument("--checkpoint-dir", required=True)
+    t.add_argument(
+        "--checkpoint-dir", required=True, help="where snapshots go: a folder or a URI (s3://...)"
+    )
+    t.add_argument(
+        "--storage",
+        help="Ray Train's run storage, reachable from every node (default: CHECKPOINT_DIR/runs)",
+    )
+    t.add_argument(
+        "--name",
+        help="run name; the same name resumes a stopped run (default: from --checkpoint-dir)",
+    )
     t.add_argument("--model", choices=MODELS, default="autoencoder")
     t.add_argument("--hidden", type=int, nargs="+", default=[200])
     t.add_argument("--embedding-size", type=int, default=200)
@@ -259,6 +289,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--data", required=True)
     e.add_argument("--split", choices=("test", "validation"), default="test")
+    e.add_argument(
+        "--storage", help="Ray Train's run storage (default: runs/ beside the checkpoint)"
+    )
     _add_common(e)
     e.set_defaults(run=_evaluate)
 

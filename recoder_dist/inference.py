@@ -1,8 +1,8 @@
 """Batch inference: the top-K items of every user of a dataset, to Parquet, with Ray Data.
 
-The model goes to the object store once; a pool of actors each takes a copy, and
-``map_batches`` streams user rows through them, so scoring is spread over the cluster and the
-Parquet files are written by the actors' nodes in parallel.
+The model goes to the object store once; a pool of actors each takes a copy (on a GPU each
+when asked), and ``map_batches`` streams user rows through them, so scoring is spread over the
+cluster and the Parquet files are written by the nodes in parallel, to a folder or a URI.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import os
 import numpy as np
 import pyarrow as pa
 import ray
+from ray.data import ActorPoolStrategy
 
+from recoder_dist import storage
 from recoder_dist.data.ray_dataset import rows_from_arrow, to_ray_dataset, user_rows_table
 from recoder_dist.training.evaluation import recommend_top_k
 
@@ -20,20 +22,21 @@ from recoder_dist.training.evaluation import recommend_top_k
 class _TopK:
     """A Ray Data actor: restores the model once, then scores batches of user rows."""
 
-    def __init__(self, model, k: int, num_items: int, user_ids, item_ids):
+    def __init__(self, model, k: int, num_items: int, user_ids, item_ids, use_gpu: bool):
         import torch
 
         if isinstance(model, ray.ObjectRef):
             model = ray.get(model)
-        self.model = model.eval()
+        gpu = use_gpu and torch.cuda.is_available()  # Ray gave this actor a GPU: it is cuda:0
+        self.device = torch.device("cuda" if gpu else "cpu")
+        self.model = model.to(self.device).eval()
         self.k, self.num_items = k, num_items
         self.user_ids, self.item_ids = np.asarray(user_ids), np.asarray(item_ids)
-        self.device = torch.device("cpu")
 
     def __call__(self, table: pa.Table) -> pa.Table:
         rows = rows_from_arrow(table)
         items, valid = recommend_top_k(self.model, rows, self.num_items, self.k, self.device)
-        items, valid = items.numpy(), valid.numpy()
+        items, valid = items.cpu().numpy(), valid.cpu().numpy()
         lengths = valid.sum(1)
         offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
         flat = self.item_ids[items[valid]]
@@ -46,10 +49,19 @@ class _TopK:
 
 
 def write_recommendations(
-    recoder, prepared, output: str | os.PathLike, *, k: int, part: str, workers: int = 1
+    recoder,
+    prepared,
+    output: str | os.PathLike,
+    *,
+    k: int,
+    part: str,
+    workers: int = 1,
+    use_gpu: bool = False,
 ) -> int:
     """Writes ``user, rank_items`` (original ids, best first; the user's own items excluded)
-    for every user of ``prepared.split.<part>`` with interactions; returns how many."""
+    for every user of ``prepared.split.<part>`` with interactions as Parquet files in
+    ``output`` (a folder or a URI); returns how many users. ``workers`` actors score them, with
+    a GPU each when ``use_gpu``."""
     dataset = {
         "train": prepared.split.train,
         "test": prepared.split.test,
@@ -63,14 +75,17 @@ def write_recommendations(
     table = user_rows_table(dataset)
     table = table.drop_columns([c for c in table.column_names if c.startswith("target_")])
     rows = to_ray_dataset(table, rows_per_block=1024)
+    model = ray.put(recoder.model)
     scored = rows.map_batches(
         _TopK,
-        fn_constructor_args=(ray.put(recoder.model), k, recoder.num_items, user_ids, item_ids),
+        fn_constructor_args=(model, k, recoder.num_items, user_ids, item_ids, use_gpu),
         batch_size=256,
         batch_format="pyarrow",
-        concurrency=workers,
+        compute=ActorPoolStrategy(size=workers),
+        num_gpus=1 if use_gpu else 0,
     )
-    scored.write_parquet(os.fspath(output))
+    filesystem, path = storage.filesystem(output)
+    scored.write_parquet(path, filesystem=filesystem)
     return table.num_rows
 
 

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import torch
 
+from recoder_dist import storage
 from recoder_dist.data.collator import UserRows, resolve_sampling_users, row_numbers
 from recoder_dist.data.dataset import RecommendationDataset
 from recoder_dist.data.ray_dataset import to_ray_dataset, user_rows_table
@@ -50,8 +51,14 @@ class Recoder:
         item_based: refuse training data with more items than the model represents.
         num_workers: Ray Train workers (DDP ranks); 0 runs the loop in this process.
         cpus_per_worker: CPUs reserved for each worker.
-        storage_path: where Ray Train keeps the run's checkpoints (shared storage on a
-            multi-node cluster); a temporary folder by default.
+        storage_path: where Ray Train keeps the runs' checkpoints: a local path, or on a cluster
+            of several nodes storage that every node reaches (``s3://bucket/prefix``,
+            ``gs://...``, a shared filesystem). By default a temporary folder on this machine,
+            which a cluster whose training runs on other nodes refuses.
+        run_name: the training run's name in ``storage_path``. ``train`` with the name of a
+            run that stopped (its driver killed, ``ray job stop``) resumes it from its last
+            checkpoint, with the weights that a run that never stopped reaches; by default a
+            new name for every run.
         max_failures: worker-group failures (a worker process dying, a node lost) that a
             training run survives by restarting from its last checkpoint, taken every
             ``checkpoint_freq`` epochs; with ``checkpoint_freq=0`` it restarts from the start.
@@ -76,6 +83,7 @@ class Recoder:
         num_workers: int = 1,
         cpus_per_worker: float = 1,
         storage_path: str | None = None,
+        run_name: str | None = None,
         max_failures: int = 0,
         seed: int | None = None,
         callbacks: list | None = None,
@@ -99,7 +107,8 @@ class Recoder:
         self.item_based = item_based
         self.num_workers = num_workers
         self.cpus_per_worker = cpus_per_worker
-        self.storage_path = storage_path
+        self.storage_path = storage.normalized(storage_path) if storage_path else None
+        self.run_name = run_name
         self.max_failures = max_failures
         self.callbacks = list(callbacks or [])
         self._seed_given = seed is not None
@@ -201,9 +210,7 @@ class Recoder:
         datasets = {"train": to_ray_dataset(train_table)}
         if evaluating:
             datasets["eval"] = self._eval_dataset(val_dataset, eval_num_users)
-        prefix = os.path.abspath(model_checkpoint_prefix) if model_checkpoint_prefix else None
-        if prefix:
-            os.makedirs(os.path.dirname(prefix), exist_ok=True)
+        prefix = storage.normalized(model_checkpoint_prefix) if model_checkpoint_prefix else None
         logger.info(
             "training %s on %d users x %d items, %d worker(s), epochs %d..%d",
             type(self.model).__name__,
@@ -218,7 +225,7 @@ class Recoder:
         )
         output = self._run(job, datasets)
         try:
-            self._restore(load_snapshot(output.snapshot_path), restore_model=True)
+            self._restore(output.final_snapshot(), restore_model=True)
         finally:
             output.discard()
         self.history.extend(output.history)
@@ -289,7 +296,7 @@ class Recoder:
     def save_state(self, model_checkpoint_prefix: str) -> str:
         """Writes ``{prefix}_epoch_{current_epoch}.model`` and returns its path."""
         self._require_model()
-        path = f"{model_checkpoint_prefix}_epoch_{self.current_epoch}.model"
+        path = storage.suffixed(model_checkpoint_prefix, f"_epoch_{self.current_epoch}.model")
         save_snapshot(self._snapshot(), path)
         logger.info("saved %s", path)
         return path
@@ -315,9 +322,9 @@ class Recoder:
             # A 0.4.0 file fails our reader (its numpy arrays are not allowed there); it is read
             # again with numpy's integer arrays allowed, and converted.
             try:
-                snapshot = load_recoder040_file(
-                    model_file, sparse=bool(getattr(self.model, "sparse", False))
-                )
+                with storage.local_copy(model_file) as path:
+                    sparse = bool(getattr(self.model, "sparse", False))
+                    snapshot = load_recoder040_file(path, sparse=sparse)
             except NotARecoder040File:
                 raise not_a_snapshot from None
         if snapshot.model_class != model_class_name(self.model):
@@ -433,6 +440,7 @@ class Recoder:
             num_workers=self.num_workers,
             cpus_per_worker=self.cpus_per_worker,
             storage_path=self.storage_path,
+            run_name=self.run_name if job.train is not None else None,
             max_failures=self.max_failures,
             callbacks=self.callbacks,
         )

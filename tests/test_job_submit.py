@@ -231,7 +231,8 @@ def test_sweep_job_stopped_mid_sweep_resumes_without_rerunning_finished_trials(
     (finished,) = [t for t, status in states.items() if status == "TERMINATED"]
     (interrupted,) = set(states) - {finished}
     (finished_dir,) = (output / "tune").glob(f"*{finished}*")
-    (snapshot,) = (output / "snapshots" / finished).glob("model_epoch_*.model")
+    # Each trial's Ray Train run keeps its checkpoints in the sweep's storage.
+    (snapshot,) = (output / "runs" / f"trial-{finished}").glob("checkpoint_*/snapshot.pt")
     before = (snapshot.stat().st_mtime_ns, (finished_dir / "result.json").read_bytes())
 
     resumed = submit(cluster, *sweep, *grid, *tiny, "--resume")  # the same command, resumed
@@ -245,7 +246,7 @@ def test_sweep_job_stopped_mid_sweep_resumes_without_rerunning_finished_trials(
     assert sorted(table["trial_id"]) == sorted(states) and table["NDCG@100"].notna().all()
     assert summary["trials"] == 2 and summary["NDCG@100"] == table["NDCG@100"].max()
     assert (snapshot.stat().st_mtime_ns, (finished_dir / "result.json").read_bytes()) == before
-    assert list((output / "snapshots" / interrupted).glob("model_epoch_1.model"))
+    assert list((output / "runs" / f"trial-{interrupted}").glob("checkpoint_*/snapshot.pt"))
 
     # The exported best snapshot scores, evaluated here in-process, what the sweep reported.
     recoder = Recoder(DynamicAutoencoder(), num_workers=0)

@@ -2,37 +2,44 @@
 
 Each trial is a distributed TorchTrainer run (through ``Recoder``) whose evaluations of the
 validation users reach Tune through ``TuneReportCallback``; ASHA stops the weak trials early.
-The best trial's final snapshot is exported as a normal snapshot file, loadable with
-``Recoder.init_from_model_file``, and the results are written as CSV and printed.
+The best trial, by Tune's own result, has its final checkpoint exported as a snapshot file
+(``best.model``, loadable with ``Recoder.init_from_model_file``), and the results are written
+as CSV and printed.
 
-Everything lives under ``--output`` (on a multi-node cluster: storage that every node reaches):
-Tune's experiment state in ``tune/``, each trial's snapshots in ``snapshots/<trial id>/``.
+Everything lives under ``--storage``, a folder or a URI (on a multi-node cluster: storage that
+every node reaches, e.g. ``s3://bucket/sweeps/ml-1m``): Tune's experiment state in ``tune/``,
+each trial's Ray Train run in ``runs/trial-<id>/`` (where an interrupted trial resumes from its
+last checkpoint), ``results.csv`` and ``best.model``. Trial drivers ask for the custom resource
+``trial_driver`` when the cluster has it (``cluster.yaml``'s head advertises it), so that they
+run on the head, not on GPU nodes that may be pre-empted.
 
-    python tune/sweep.py --data data/ml-1m --output sweeps/ml-1m --epochs 50 --workers 2
-    python tune/sweep.py --data data/ml-1m --output sweeps/ml-1m --resume   # after a crash
-    ray job submit --working-dir . -- python tune/sweep.py --data ... --output ...
+    python tune/sweep.py --data data/ml-1m --storage sweeps/ml-1m --epochs 50 --workers 2
+    python tune/sweep.py --data data/ml-1m --storage sweeps/ml-1m --resume   # after a crash
+    ray job submit --working-dir . -- python tune/sweep.py --data ... --storage s3://...
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
-import os
-import shutil
-from pathlib import Path
 
 import ray
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
+from recoder_dist import storage
 from recoder_dist.datasets import load_prepared
 from recoder_dist.metrics import NDCG, Recall
 from recoder_dist.model import Recoder
 from recoder_dist.nn import DynamicAutoencoder
 from recoder_dist.training.launcher import ensure_ray
+from recoder_dist.training.snapshot import copy_snapshot
+from recoder_dist.training.worker_loop import SNAPSHOT_FILE
 
 METRICS = (Recall(k=20), Recall(k=50), NDCG(k=100))
+DRIVER_RESOURCE = "trial_driver"  # advertised by cluster.yaml's head
 
 
 def run_trial(config: dict) -> None:
@@ -44,6 +51,8 @@ def run_trial(config: dict) -> None:
         noise_prob=config["noise_prob"],
         sparse=True,
     )
+    # The trial's Ray Train run has a name of its own in the sweep's storage: when Tune restarts
+    # an interrupted trial, this run resumes from its last checkpoint.
     recoder = Recoder(
         model,
         optimizer_type="adam",
@@ -51,10 +60,12 @@ def run_trial(config: dict) -> None:
         num_workers=config["workers"],
         cpus_per_worker=config["cpus_per_worker"],
         seed=config["seed"],
+        storage_path=storage.join(config["storage"], "runs"),
+        run_name=f"trial-{tune.get_context().get_trial_id()}",
         callbacks=[TuneReportCallback()],
     )
-    # The workers' reports reach Tune (ASHA may stop the trial at any of them); the last
-    # epoch's report also names the snapshot file written under this prefix.
+    # The workers' reports reach Tune (ASHA may stop the trial at any of them), each
+    # checkpoint's location with them.
     recoder.train(
         train_dataset=split.train,
         val_dataset=split.validation,
@@ -65,19 +76,14 @@ def run_trial(config: dict) -> None:
         eval_freq=config["eval_freq"],
         metrics=list(METRICS),
         eval_num_recommendations=100,
-        # Not in the trial dir: that is a staging folder in the driver node's Ray session, which
-        # Tune copies whole to --output at every experiment checkpoint. Under --output,
-        # snapshots outlive the cluster, are reachable from any node and are written once.
-        model_checkpoint_prefix=os.path.join(
-            config["snapshots"], tune.get_context().get_trial_id(), "model"
-        ),
+        checkpoint_freq=config["eval_freq"],
     )
 
 
 def search_space(args) -> dict:
     space = {
-        "data": str(Path(args.data).resolve()),
-        "snapshots": str(Path(args.output).resolve() / "snapshots"),
+        "data": storage.normalized(args.data),
+        "storage": storage.normalized(args.storage),
         "lr": tune.grid_search(args.lrs),
         "batch_size": tune.grid_search(args.batch_sizes),
         "hidden_layers": args.hidden,
@@ -94,12 +100,21 @@ def search_space(args) -> dict:
     return space
 
 
+def driver_resources() -> dict:
+    """What a trial's driver asks for (its workers ask their own): the head's trial_driver
+    resource when the cluster has it, otherwise a tenth of a CPU (anywhere)."""
+    if ray.cluster_resources().get(DRIVER_RESOURCE, 0) > 0:
+        return {"CPU": 0, DRIVER_RESOURCE: 1}
+    return {"CPU": 0.1}
+
+
 def sweep(args) -> tune.ResultGrid:
     ensure_ray()
-    output = Path(args.output).resolve()
-    trainable = tune.with_resources(run_trial, {"CPU": 0.1})  # the driver; workers ask their own
-    if args.resume and tune.Tuner.can_restore(str(output / "tune")):
-        tuner = tune.Tuner.restore(str(output / "tune"), trainable, resume_errored=True)
+    root = storage.normalized(args.storage)
+    trainable = tune.with_resources(run_trial, driver_resources())
+    state = storage.join(root, "tune")
+    if args.resume and tune.Tuner.can_restore(state):
+        tuner = tune.Tuner.restore(state, trainable, resume_errored=True)
     else:
         scheduler = ASHAScheduler(
             time_attr="epoch", max_t=args.epochs, grace_period=max(args.eval_freq, 1)
@@ -114,13 +129,20 @@ def sweep(args) -> tune.ResultGrid:
                 num_samples=args.num_samples,
                 max_concurrent_trials=args.concurrent,
             ),
-            run_config=tune.RunConfig(name="tune", storage_path=str(output)),
+            run_config=tune.RunConfig(
+                name="tune",
+                storage_path=root,
+                # An interrupted trial (a lost node, a killed driver) starts again, and its Ray
+                # Train run resumes from its last checkpoint.
+                failure_config=tune.FailureConfig(max_failures=args.max_failures),
+            ),
         )
     return tuner.fit()
 
 
-def export(results: tune.ResultGrid, output: Path, metric: str) -> dict:
-    """Writes results.csv and best.model (the best completed trial's snapshot)."""
+def export(results: tune.ResultGrid, root: str, metric: str) -> dict:
+    """Writes results.csv and best.model (the final snapshot of Tune's best trial) to
+    ``root``."""
     frame = results.get_dataframe()
     keep = [
         c
@@ -130,16 +152,22 @@ def export(results: tune.ResultGrid, output: Path, metric: str) -> dict:
         and c.split("/", 1)[1] in ("lr", "batch_size", "hidden_layers", "noise_prob")
         or c in (m.name for m in METRICS)
     ]
-    frame[keep].sort_values(metric, ascending=False).to_csv(output / "results.csv", index=False)
-    finished = [r for r in results if r.error is None and "snapshot" in (r.metrics or {})]
-    if not finished:
-        raise RuntimeError("no trial finished: nothing to export")
-    best = max(finished, key=lambda r: r.metrics[metric])
-    shutil.copyfile(best.metrics["snapshot"], output / "best.model")
+    table = io.StringIO()
+    frame[keep].sort_values(metric, ascending=False).to_csv(table, index=False)
+    storage.write_atomically(
+        storage.join(root, "results.csv"), lambda f: f.write(table.getvalue().encode())
+    )
+    best = results.get_best_result(metric=metric, mode="max", scope="last", filter_nan_and_inf=True)
+    if best is None or best.error is not None or CHECKPOINT_PATH_KEY not in best.metrics:
+        raise RuntimeError("no trial finished with a checkpoint: nothing to export")
+    checkpoint = storage.with_path(root, best.metrics[CHECKPOINT_PATH_KEY])
+    snapshot = copy_snapshot(
+        storage.join(checkpoint, SNAPSHOT_FILE), storage.join(root, "best.model")
+    )
     summary = {
         "best": {k: best.config[k] for k in ("lr", "batch_size", "hidden_layers", "noise_prob")},
         metric: best.metrics[metric],
-        "snapshot": str(output / "best.model"),
+        "snapshot": snapshot,
         "trials": len(frame),
     }
     print(frame[keep].sort_values(metric, ascending=False).to_string(index=False))
@@ -150,7 +178,12 @@ def export(results: tune.ResultGrid, output: Path, metric: str) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="a folder written by recoder-dist prepare")
-    parser.add_argument("--output", required=True)
+    parser.add_argument(
+        "--storage",
+        "--output",
+        required=True,
+        help="the sweep's folder or URI (s3://...), reachable from every node",
+    )
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[100, 500])
     parser.add_argument("--hidden", type=int, nargs="+", default=[200])
@@ -165,11 +198,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--metric", default="NDCG@100")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    parser.add_argument(
+        "--max-failures", type=int, default=1, help="restarts of an interrupted trial"
+    )
     args = parser.parse_args(argv)
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
     results = sweep(args)
-    return export(results, output.resolve(), args.metric)
+    return export(results, storage.normalized(args.storage), args.metric)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from recoder_dist import storage
 from recoder_dist.data.dataset import RecommendationDataset
 from recoder_dist.datasets.splits import (
     StrongSplit,
@@ -124,12 +127,22 @@ def prepare(
             min_items=split.min_items,
             seed=split.seed,
         )
-    _write(Path(out_dir), split, positive_above, result, user_id_map, item_id_map)
+    if storage.is_uri(out_dir):
+        # Written locally, then uploaded file by file, split.json (which marks it complete) last.
+        with tempfile.TemporaryDirectory(prefix="recoder-dist-prepare-") as local:
+            _write(Path(local), split, positive_above, result, user_id_map, item_id_map)
+            names = sorted(os.listdir(local), key=lambda name: name == "split.json")
+            for name in names:
+                storage.upload(os.path.join(local, name), storage.join(out_dir, name))
+    else:
+        _write(Path(out_dir), split, positive_above, result, user_id_map, item_id_map)
     return Prepared(result, user_id_map, item_id_map)
 
 
 def load_prepared(out_dir: str | os.PathLike) -> Prepared:
-    """Reads a split written by :func:`prepare`."""
+    """Reads a split written by :func:`prepare`, from a folder or a URI."""
+    if storage.is_uri(out_dir):
+        return _load_prepared_uri(storage.normalized(out_dir))
     out_dir = Path(out_dir)
     try:
         meta = json.loads((out_dir / "split.json").read_text())
@@ -152,6 +165,31 @@ def load_prepared(out_dir: str | os.PathLike) -> Prepared:
     parts["test"] = dataset("test_input", "test_target")
     split = StrongSplit(**parts) if meta["split"] == "strong" else WeakSplit(**parts)
     return Prepared(split, user_id_map, item_id_map)
+
+
+def _load_prepared_uri(location: str) -> Prepared:
+    """Downloads the split's files into a temporary folder and reads them there."""
+    with tempfile.TemporaryDirectory(prefix="recoder-dist-prepared-") as local:
+        for name in _FILES:
+            source = storage.join(location, name)
+            if name == "split.json" and not storage.is_file(source):
+                raise FileNotFoundError(f"{location} holds no split.json: not written by prepare")
+            if storage.is_file(source):
+                with storage.local_copy(source) as path:
+                    shutil.copyfile(path, os.path.join(local, name))
+        return load_prepared(local)
+
+
+_FILES = (
+    "split.json",
+    "user_id_map.json",
+    "item_id_map.json",
+    "train.npz",
+    "val_input.npz",
+    "val_target.npz",
+    "test_input.npz",
+    "test_target.npz",
+)
 
 
 def _binary_matrix(events: pd.DataFrame, positive_above, min_items: int):

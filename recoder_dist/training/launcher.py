@@ -15,6 +15,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from recoder_dist.training.config import WorkerJob
 from recoder_dist.training.progress import ProgressPrinter, epochs_between_lines
+from recoder_dist.training.snapshot import Snapshot, load_snapshot
+from recoder_dist.training.storage_check import check_storage_reaches_workers
 from recoder_dist.training.worker_loop import SNAPSHOT_FILE, worker_loop
 
 logger = logging.getLogger(__name__)
@@ -87,11 +89,21 @@ def run_job(
     num_workers: int,
     cpus_per_worker: float,
     storage_path: str | None,
+    run_name: str | None = None,
     max_failures: int = 0,
     callbacks: list | None = None,
 ) -> RunOutput:
     """Runs ``job`` on ``num_workers`` Ray Train workers (in this process when 0, which the
-    job must say too), logging rank 0's per-epoch progress on the driver as it arrives."""
+    job must say too), logging rank 0's per-epoch progress on the driver as it arrives.
+
+    The run keeps its checkpoints under ``storage_path`` (a temporary folder on this machine
+    when None) as ``run_name`` (a new name when None); a run of that name that stopped there
+    resumes from its last checkpoint (Ray Train restores it).
+
+    Raises:
+        ValueError: ``storage_path`` (or the default) is a folder that nodes which may run the
+            workers cannot see.
+    """
     if job.in_process != (num_workers == 0):
         raise ValueError(f"a job with in_process={job.in_process} on {num_workers} workers")
     ensure_ray()
@@ -104,6 +116,13 @@ def run_job(
     own_storage = storage_path is None
     if own_storage:
         storage_path = tempfile.mkdtemp(prefix="recoder-dist-run-")
+    if not job.in_process:
+        try:
+            check_storage_reaches_workers(storage_path, default=own_storage)
+        except ValueError:
+            if own_storage:
+                shutil.rmtree(storage_path, ignore_errors=True)
+            raise
     num_epochs = job.train.num_epochs if job.train else 1
     every = 1 if verbose() else epochs_between_lines(num_epochs)
     with ProgressPrinter(every) as progress:
@@ -120,7 +139,7 @@ def run_job(
             datasets=datasets,
             dataset_config=DataConfig(datasets_to_split=["train"] if "train" in datasets else []),
             run_config=RunConfig(
-                name=f"recoder-dist-{uuid.uuid4().hex[:8]}",
+                name=run_name or f"recoder-dist-{uuid.uuid4().hex[:8]}",
                 storage_path=storage_path,
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 failure_config=FailureConfig(max_failures=max_failures),
@@ -141,19 +160,20 @@ class RunOutput:
     def __init__(self, result, history: list[dict], own_storage: str | None, in_process: bool):
         self.metrics = dict(result.metrics or {})
         self.history = history
-        self._checkpoint_dir = result.checkpoint.path if result.checkpoint else None
+        self._checkpoint = result.checkpoint
         self._own_storage = own_storage
         self._in_process = in_process
 
-    @property
-    def snapshot_path(self) -> str:
-        if self._checkpoint_dir is None:
+    def final_snapshot(self) -> Snapshot:
+        """The snapshot of the run's last checkpoint, wherever its storage is."""
+        if self._checkpoint is None:
             raise RuntimeError("the training run ended without a final snapshot")
-        return os.path.join(self._checkpoint_dir, SNAPSHOT_FILE)
+        with self._checkpoint.as_directory() as folder:  # a download from remote storage
+            return load_snapshot(os.path.join(folder, SNAPSHOT_FILE))
 
     def discard(self) -> None:
-        """Deletes the run's temporary files."""
-        if self._in_process and self._checkpoint_dir:
-            shutil.rmtree(self._checkpoint_dir, ignore_errors=True)
+        """Deletes the run's temporary files (in-process, its checkpoints are local folders)."""
+        if self._in_process and self._checkpoint is not None:
+            shutil.rmtree(self._checkpoint.path, ignore_errors=True)
         if self._own_storage:
             shutil.rmtree(self._own_storage, ignore_errors=True)

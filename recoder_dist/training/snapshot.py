@@ -1,17 +1,18 @@
 """Snapshot files: the model's hyper-parameters and weights, optimizer states and epoch.
 
-Written atomically (temporary file, fsync, rename) so that a crash mid-write leaves the previous
-file intact, and read with ``torch.load(weights_only=True)``, which refuses pickled code.
+Written atomically (see :func:`recoder_dist.storage.write_atomically`: a crash mid-write leaves
+the previous file intact) to a path or a URI, and read with ``torch.load(weights_only=True)``,
+which refuses pickled code.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 
 import torch
+
+from recoder_dist import storage
 
 FORMAT = "recoder_dist.snapshot"
 VERSION = 1
@@ -37,63 +38,41 @@ def model_class_name(model) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def save_snapshot(snapshot: Snapshot, path: str | os.PathLike) -> str:
-    """Writes ``snapshot`` to ``path`` atomically and returns the path."""
+def save_snapshot(snapshot: Snapshot, location: str | os.PathLike) -> str:
+    """Writes ``snapshot`` to ``location`` (a path or a URI, see :mod:`recoder_dist.storage`)
+    atomically and returns it: a reader never sees half a file, and a crash mid-write leaves
+    the previous file."""
     payload = {"format": FORMAT, "version": VERSION, **asdict(snapshot)}
-    return _write_atomically(path, lambda f: torch.save(payload, f))
+    return storage.write_atomically(location, lambda f: torch.save(payload, f))
 
 
-def copy_snapshot(source: str | os.PathLike, path: str | os.PathLike) -> str:
-    """Copies a snapshot file to ``path`` atomically (a reader never sees half a file)."""
-
-    def copy(f):
-        with open(source, "rb") as src:
-            shutil.copyfileobj(src, f)
-
-    return _write_atomically(path, copy)
+def copy_snapshot(source: str | os.PathLike, destination: str | os.PathLike) -> str:
+    """Copies a snapshot file between two locations (paths or URIs), atomically."""
+    return storage.copy(source, destination)
 
 
-def _write_atomically(path: str | os.PathLike, write) -> str:
-    """``write(file)`` into a temporary file beside ``path``, fsync, then rename over
-    ``path``: a crash leaves either the old file or the new one, never half of one."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".snapshot-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def load_snapshot(path: str | os.PathLike) -> Snapshot:
-    """Reads a snapshot written by :func:`save_snapshot`.
+def load_snapshot(location: str | os.PathLike) -> Snapshot:
+    """Reads a snapshot written by :func:`save_snapshot` (a path or a URI).
 
     Raises:
-        FileNotFoundError: no file at ``path``.
+        FileNotFoundError: no file at ``location``.
         ValueError: the file is not a snapshot, is of an unknown version, or holds anything but
             tensors and plain data (e.g. pickled code).
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no snapshot file at {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a corrupt file fails anywhere in the unpickler
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} is not a readable snapshot: {first_line}") from None
+    location = storage.normalized(location)
+    if not storage.is_file(location):
+        raise FileNotFoundError(f"no snapshot file at {location}")
+    with storage.local_copy(location) as path:
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a corrupt file fails anywhere in the unpickler
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{location} is not a readable snapshot: {first_line}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a recoder_dist snapshot")
+        raise ValueError(f"{location} is not a recoder_dist snapshot")
     if payload.get("version") != VERSION:
         raise ValueError(
-            f"{path} is snapshot format version {payload.get('version')}; "
+            f"{location} is snapshot format version {payload.get('version')}; "
             f"this recoder_dist reads version {VERSION}"
         )
     fields = set(Snapshot.__dataclass_fields__)

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from recoder_dist import storage
 from recoder_dist.data.collator import Collator
 from recoder_dist.data.ray_dataset import rows_from_arrow
 from recoder_dist.losses import build_loss
@@ -166,7 +167,9 @@ def _train(model, job: WorkerJob, progress, device, rank: int, world: int):
                 settings.checkpoint_freq > 0 and epoch % settings.checkpoint_freq == 0
             )
             if wants_checkpoint and job.checkpoint_prefix:
-                metrics["snapshot"] = f"{job.checkpoint_prefix}_epoch_{epoch}.model"
+                metrics["snapshot"] = storage.suffixed(
+                    job.checkpoint_prefix, f"_epoch_{epoch}.model"
+                )
             metrics["seconds"] = time.perf_counter() - started
             if rank == 0:
                 sent = progress.append.remote(metrics)

@@ -1,0 +1,184 @@
+"""Where runs, snapshots and data live: a local (or NFS) path, or a URI that every node of a
+cluster reaches (``s3://bucket/prefix``, ``gs://bucket/prefix``).
+
+URIs go through pyarrow's filesystems, so S3-compatible stores work with an endpoint override,
+as Ray Train accepts them too: ``s3://bucket/runs?endpoint_override=host:port&scheme=http``.
+Credentials come from each node's environment (on AWS, the instance profile), never from the
+driver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import BinaryIO
+from urllib.parse import urlsplit, urlunsplit
+
+import pyarrow.fs as pafs
+
+
+def is_uri(location: str | os.PathLike) -> bool:
+    """Whether ``location`` names remote storage (``scheme://``, other than ``file://``)."""
+    scheme = urlsplit(os.fspath(location)).scheme
+    return len(scheme) > 1 and scheme != "file"  # one letter: a Windows drive
+
+
+def normalized(location: str | os.PathLike) -> str:
+    """A URI as it is, a local path made absolute (a ``file://`` URI becomes its path)."""
+    location = os.fspath(location)
+    if is_uri(location):
+        return location
+    if location.startswith("file://"):
+        location = urlsplit(location).path
+    return os.path.abspath(location)
+
+
+def join(location: str | os.PathLike, *parts: str) -> str:
+    """``location`` with ``parts`` appended to its path; a URI keeps its query (endpoint
+    override, scheme) at the end."""
+    location = normalized(location)
+    if not is_uri(location):
+        return os.path.join(location, *parts)
+    split = urlsplit(location)
+    path = "/".join([split.path.rstrip("/"), *(p.strip("/") for p in parts)])
+    return urlunsplit(split._replace(path=path))
+
+
+def parent(location: str | os.PathLike) -> str:
+    """The folder holding ``location`` (a URI keeps its query)."""
+    location = normalized(location)
+    if not is_uri(location):
+        return os.path.dirname(location)
+    split = urlsplit(location)
+    return urlunsplit(split._replace(path=split.path.rstrip("/").rsplit("/", 1)[0]))
+
+
+def suffixed(location: str | os.PathLike, suffix: str) -> str:
+    """``location`` with ``suffix`` appended to its last path component (before a URI's
+    query): ``suffixed("s3://b/run/model?scheme=http", "_epoch_3.model")`` is
+    ``s3://b/run/model_epoch_3.model?scheme=http``."""
+    location = normalized(location)
+    if not is_uri(location):
+        return location + suffix
+    split = urlsplit(location)
+    return urlunsplit(split._replace(path=split.path + suffix))
+
+
+def with_path(location: str | os.PathLike, fs_path: str) -> str:
+    """The location of ``fs_path``, a path within ``location``'s filesystem (as pyarrow and Ray
+    give them: ``bucket/key`` for S3), with ``location``'s scheme and query."""
+    location = normalized(location)
+    if not is_uri(location):
+        return fs_path
+    split = urlsplit(location)
+    bucket, _, key = fs_path.partition("/")
+    return urlunsplit(split._replace(netloc=bucket, path="/" + key))
+
+
+def filesystem(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem of ``location`` and the path within it.
+
+    Raises:
+        ValueError: a URI that pyarrow cannot open (unknown scheme, malformed query).
+    """
+    location = normalized(location)
+    if not is_uri(location):
+        return pafs.LocalFileSystem(), location
+    try:
+        return pafs.FileSystem.from_uri(location)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"cannot open {location}: {e}") from None
+
+
+def exists(location: str | os.PathLike) -> bool:
+    fs, path = filesystem(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_file(location: str | os.PathLike) -> bool:
+    fs, path = filesystem(location)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def write_atomically(location: str | os.PathLike, write: Callable[[BinaryIO], None]) -> str:
+    """``write(file)`` to ``location`` so that a reader never sees half a file, and a crash
+    leaves the old file (or none).
+
+    Local: a temporary file beside it, fsync, then a rename over it. Object stores have no
+    rename, but an object appears only when its upload completes: the file is written locally
+    first, then uploaded in one stream.
+    """
+    location = normalized(location)
+    if not is_uri(location):
+        return _write_local_atomically(location, write)
+    with tempfile.TemporaryDirectory(prefix="recoder-dist-upload-") as folder:
+        local = os.path.join(folder, "file")
+        with open(local, "wb") as f:
+            write(f)
+        upload(local, location)
+    return location
+
+
+def upload(local_path: str, location: str | os.PathLike) -> None:
+    """Copies the local file ``local_path`` to ``location`` (atomically, see above)."""
+    location = normalized(location)
+    if not is_uri(location):
+        _write_local_atomically(location, lambda f: _copy_from(local_path, f))
+        return
+    fs, path = filesystem(location)
+    with open(local_path, "rb") as src, fs.open_output_stream(path) as dst:
+        shutil.copyfileobj(src, dst, length=1 << 22)
+
+
+@contextlib.contextmanager
+def local_copy(location: str | os.PathLike) -> Iterator[str]:
+    """A local path holding the file at ``location``: the file itself when local, otherwise a
+    downloaded copy that is deleted when the block ends.
+
+    Raises:
+        FileNotFoundError: no file at ``location``.
+    """
+    location = normalized(location)
+    if not is_file(location):
+        raise FileNotFoundError(f"no file at {location}")
+    if not is_uri(location):
+        yield location
+        return
+    fs, path = filesystem(location)
+    with tempfile.TemporaryDirectory(prefix="recoder-dist-download-") as folder:
+        local = os.path.join(folder, os.path.basename(path) or "file")
+        with fs.open_input_stream(path) as src, open(local, "wb") as dst:
+            shutil.copyfileobj(src, dst, length=1 << 22)
+        yield local
+
+
+def copy(source: str | os.PathLike, destination: str | os.PathLike) -> str:
+    """Copies a file between any two locations, atomically at the destination."""
+    with local_copy(source) as local:
+        upload(local, destination)
+    return normalized(destination)
+
+
+def _write_local_atomically(path: str, write: Callable[[BinaryIO], None]) -> str:
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".recoder-dist-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _copy_from(local_path: str, destination: BinaryIO) -> None:
+    with open(local_path, "rb") as src:
+        shutil.copyfileobj(src, destination, length=1 << 22)
