@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# A cluster whose worker node shares no disk with the head, and a local S3 server.
+from tests.multinode import no_shared_disk_cluster, s3_server  # noqa: F401
+
 SHARED_DATA = Path(
     os.environ.get(
         "RECODER_DIST_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -6,13 +6,10 @@ training job asks for GPU workers and removed when idle. Nothing here reaches AW
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
-import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -25,8 +22,9 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from tests.multinode import client_env, free_port, log_tail, stop_session
+
 CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
-VENV_BIN = Path(sys.executable).parent
 # The fake provider hard-codes this name for the head node it finds at start-up.
 FAKE_HEAD_NODE_TYPE = "ray.head.default"
 
@@ -274,12 +272,6 @@ def test_the_head_hosts_tunes_trial_drivers_and_no_training():
 # --- Autoscaling on Ray's fake multi-node provider -------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 def _fake_config(config: dict, gcs_address: str) -> dict:
     """cluster.yaml's node types (names, resources, min/max) on the fake provider, with every
     key that the autoscaler reads (it does not fill defaults: the provider's example.yaml, where
@@ -327,60 +319,8 @@ def _fake_config(config: dict, gcs_address: str) -> dict:
     }
 
 
-def _session_processes(sid: int) -> list[int]:
-    """Live processes of session `sid` (zombies left to a non-reaping init are skipped)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        pid = int(entry)
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-            if state != "Z" and os.getsid(pid) == sid:
-                pids.append(pid)
-        except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
-            pass
-    return pids
-
-
-def _stop_cluster(leader: subprocess.Popen, grace_s: float = 5.0) -> None:
-    """Stops the fake cluster and nothing else.
-
-    `ray stop` (and AutoscalingCluster.shutdown) kill Ray processes by name, every cluster of
-    the machine, other tests' included; a process group is not enough either, since the raylet
-    puts each worker process in a group of its own. So `ray start` runs as the leader of a new
-    session (start_new_session) and every process of the cluster, fake worker nodes and their
-    workers included, inherits that session id: we signal exactly those. `--block` keeps the
-    leader alive until now, so the session id cannot have been reused by another process.
-    """
-    sid = leader.pid
-    members = [pid for pid in _session_processes(sid) if pid != sid]
-    for pid in members:
-        _signal(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and [p for p in _session_processes(sid) if p != sid]:
-        time.sleep(0.2)
-    for pid in _session_processes(sid):
-        _signal(pid, signal.SIGKILL)
-    leader.kill()
-    leader.wait(timeout=30)
-
-
-def _signal(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
-
-
-def _log_tail(temp_dir: str, name: str, lines: int = 40) -> str:
-    path = Path(temp_dir) / "session_latest" / "logs" / name
-    if not path.exists():
-        return f"({path} is absent)"
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
 def _monitor(fake_cluster) -> str:
-    return "monitor.log:\n" + _log_tail(fake_cluster["temp_dir"], "monitor.log")
+    return "monitor.log:\n" + log_tail(fake_cluster["temp_dir"], "monitor.log")
 
 
 @pytest.fixture
@@ -396,25 +336,19 @@ def fake_cluster():
 
     # Unix socket paths are limited to 107 bytes: a short temp dir under /tmp, not tmp_path.
     temp_dir = tempfile.mkdtemp(prefix="rdfake-", dir="/tmp")
-    gcs_address = f"{ray.util.get_node_ip_address()}:{_free_port()}"
+    gcs_address = f"{ray.util.get_node_ip_address()}:{free_port()}"
     fake_yaml = Path(temp_dir) / "fake_cluster.yaml"
     fake_yaml.write_text(yaml.safe_dump(_fake_config(config, gcs_address)))
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(
-        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
-        # Ray >= 2.59 turns on token auth for local clusters when a token exists; the head,
-        # its fake nodes and the driver must agree.
-        RAY_AUTH_MODE="disabled",
-        RAY_USAGE_STATS_ENABLED="0",
-    )
+    # Token auth off, the venv first on PATH: the head, its fake nodes and the driver agree.
+    env = client_env()
     head_env = dict(env, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
     head_resources = config["available_node_types"][FAKE_HEAD_NODE_TYPE]["resources"]
     # `ray start` (the CLI's module, so that no script has to be on PATH). Every port it would
     # take by default is chosen free, since other Ray clusters may run on this machine, and the
     # temp dir keeps its address file (ray_current_cluster) out of /tmp/ray: a plain
     # `ray.init()` elsewhere never joins this cluster. The dashboard serves `ray job submit`.
-    dashboard_port = _free_port()
+    dashboard_port = free_port()
     ports = (
         "dashboard-agent-listen-port",
         "dashboard-agent-grpc-port",
@@ -439,7 +373,7 @@ def fake_cluster():
         "--object-store-memory=100000000",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard_port}",
-        *(f"--{name}={_free_port()}" for name in ports),
+        *(f"--{name}={free_port()}" for name in ports),
         "--disable-usage-stats",
     ]
     log_path = Path(temp_dir) / "ray_start.log"
@@ -460,7 +394,7 @@ def fake_cluster():
             "temp_dir": temp_dir,
         }
     finally:
-        _stop_cluster(leader)
+        stop_session(leader)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
