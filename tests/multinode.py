@@ -327,6 +327,17 @@ class NoSharedDiskCluster:
                 return result
             time.sleep(1)
 
+    def job(self, command: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """`ray job COMMAND --address DASHBOARD ARGS` (stop, logs, status); `stop` waits until
+        the job has exited."""
+        return subprocess.run(
+            [VENV_BIN / "ray", "job", command, "--address", self.dashboard, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
     def logs(self) -> str:
         """The tails of both nodes' logs, for a failing assertion's message."""
         logs = [
@@ -391,6 +402,9 @@ def running_no_shared_disk_cluster(s3: S3Server, private_dirs=("/tmp",)):
         f"--temp-dir={head_temp_dir}",
         "--num-cpus=0",
         "--num-gpus=0",
+        # As cluster.yaml's head: the resource that Tune's trial drivers ask for, so they run
+        # here and read what the drivers read (the prepared data on this disk).
+        f"--resources={json.dumps({'trial_driver': 4})}",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard_port}",
         ports=_HEAD_PORTS,

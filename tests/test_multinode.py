@@ -9,8 +9,19 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 
+import pandas as pd
+import pytest
+import torch
+
+from recoder_dist.datasets import load_prepared
+from recoder_dist.metrics import NDCG
+from recoder_dist.model import Recoder
+from recoder_dist.nn import DynamicAutoencoder
+from recoder_dist.training.snapshot import load_snapshot
+from tests.conftest import shared_data
 from tests.multinode import WORKER_NODE
 
 # A driver's preamble: the two nodes' ids, and a task pinned to each. The head has 0 CPUs, so
@@ -139,3 +150,228 @@ print("JOB-OK")
     failed = cluster.submit("python", "-c", "import sys; sys.exit(3)", working_dir=None)
     assert failed.returncode != 0, failed.stdout[-3000:]
     assert "failed" in failed.stdout + failed.stderr
+
+
+# --- recoder-dist's jobs on this cluster ---------------------------------------------------------
+# Their drivers run on the head and read the prepared data there (tmp_path is on its disk); the
+# workers run on the worker node, which sees none of it: runs and snapshots go to the bucket.
+
+
+def training_job(prepared, checkpoint_dir: str, storage: str, *extra: str) -> list[str]:
+    """`recoder-dist train` on prepared ml-100k: 1 worker, batch 100, hidden [32]."""
+    return [
+        "recoder-dist",
+        "train",
+        "--data",
+        str(prepared),
+        "--checkpoint-dir",
+        checkpoint_dir,
+        "--storage",
+        storage,
+        "--batch-size",
+        "100",
+        "--workers",
+        "1",
+        "--hidden",
+        "32",
+        *extra,
+    ]
+
+
+def last_json(result) -> dict:
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return json.loads([ln for ln in result.stdout.splitlines() if ln.startswith("{")][-1])
+
+
+def bucket_files(s3, prefix: str) -> list[str]:
+    from pyarrow.fs import FileSelector
+
+    selector = FileSelector(s3.path(prefix), recursive=True, allow_not_found=True)
+    infos = s3.filesystem().get_file_info(selector)
+    return sorted(
+        i.path.removeprefix(s3.path(prefix) + "/") for i in infos if i.type.name == "File"
+    )
+
+
+@pytest.fixture
+def bucket_credentials(no_shared_disk_cluster, monkeypatch):
+    """This process reads the bucket like any node, with credentials in its environment."""
+    for name, value in no_shared_disk_cluster.s3.credentials_env().items():
+        monkeypatch.setenv(name, value)
+
+
+def test_a_run_storage_on_the_heads_disk_is_refused_before_any_worker_starts(
+    no_shared_disk_cluster, prepared_ml100k, tmp_path
+):
+    cluster = no_shared_disk_cluster
+    job = training_job(prepared_ml100k, str(tmp_path / "ck"), str(tmp_path / "runs"))
+    result = cluster.submit(*job, "--epochs", "1")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    assert f"storage_path  {tmp_path / 'runs'} is not visible from node(s)" in output, output
+    assert "s3://bucket/prefix" in output
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").glob("*/checkpoint_*"))
+
+
+def test_prepare_train_evaluate_and_recommend_through_the_bucket(
+    no_shared_disk_cluster, prepared_ml100k, bucket_credentials
+):
+    """Every location a URI: the prepared split, the snapshots, the runs and the output."""
+    cluster, s3 = no_shared_disk_cluster, no_shared_disk_cluster.s3
+    prepare = [
+        "recoder-dist", "prepare", "--dataset", "ml-100k", "--data-dir",
+        str(shared_data("ml-100k")), "--output", s3.uri("job/data"),
+        "--val-users", "100", "--test-users", "100",
+    ]  # fmt: skip
+    last_json(cluster.submit(*prepare))
+    # The same split as the fixture's, written by the same command to the head's disk.
+    assert "split.json" in bucket_files(s3, "job/data")
+    data = s3.uri("job/data")
+    job = training_job(data, s3.uri("job/ck"), s3.uri("job/runs"), "--epochs", "2")
+    trained = last_json(cluster.submit(*job))
+    assert trained["checkpoint"] == s3.uri("job/ck/model_epoch_2.model")
+    files = bucket_files(s3, "job")
+    assert "ck/model_epoch_2.model" in files
+    assert any(f.startswith("runs/") and f.endswith("/snapshot.pt") for f in files), files
+
+    # evaluate reads the snapshot from the bucket and scores what training reported.
+    evaluated = last_json(
+        cluster.submit(
+            "recoder-dist", "evaluate", "--checkpoint", trained["checkpoint"],
+            "--data", data, "--workers", "1",
+        )
+    )  # fmt: skip
+    for name, value in trained["test"].items():
+        assert evaluated[name] == pytest.approx(value, abs=1e-12), name
+
+    # recommend writes its Parquet into the bucket: every test user, 10 items each, none seen.
+    recommended = last_json(
+        cluster.submit(
+            "recoder-dist", "recommend", "--checkpoint", trained["checkpoint"],
+            "--data", data, "--output", s3.uri("job/recs"), "--top-k", "10",
+        )
+    )  # fmt: skip
+    import pyarrow.dataset as ds
+
+    table = ds.dataset(s3.path("job/recs"), filesystem=s3.filesystem(), format="parquet").to_table()
+    test = load_prepared(prepared_ml100k).split.test
+    assert table.num_rows == recommended["users"] == len(test.users)
+    assert {len(items) for items in table.column("rank_items").to_pylist()} == {10}
+
+
+def test_a_stopped_training_job_resubmitted_resumes_to_the_weights_of_a_straight_run(
+    no_shared_disk_cluster, prepared_ml100k, bucket_credentials
+):
+    cluster, s3 = no_shared_disk_cluster, no_shared_disk_cluster.s3
+    settings = ("--epochs", "6", "--checkpoint-freq", "1", "--seed", "3")
+    job = training_job(prepared_ml100k, s3.uri("resume/ck"), s3.uri("resume/runs"), *settings)
+    job_id = f"train-{uuid.uuid4().hex[:8]}"
+    started = cluster.submit(*job, options=["--no-wait", "--submission-id", job_id])
+    assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
+    deadline = time.monotonic() + 240
+    while "ck/model_epoch_2.model" not in bucket_files(s3, "resume"):
+        assert time.monotonic() < deadline, cluster.job("logs", job_id).stdout[-3000:]
+        time.sleep(0.2)
+    stopped = cluster.job("stop", job_id)  # waits until the job has exited
+    assert stopped.returncode == 0 and "was stopped" in stopped.stdout, stopped
+    reached = {f for f in bucket_files(s3, "resume") if f.startswith("ck/")}
+    assert "ck/model_epoch_6.model" not in reached, "stopped too late to test anything"
+
+    resumed = cluster.submit(*job)  # the same command: the same run name and storage
+    assert last_json(resumed)["epoch"] == 6
+    assert "resuming from the checkpoint of epoch " in resumed.stdout + resumed.stderr
+    straight_job = training_job(
+        prepared_ml100k, s3.uri("straight/ck"), s3.uri("straight/runs"), *settings
+    )
+    straight = last_json(cluster.submit(*straight_job))
+    ours = load_snapshot(s3.uri("resume/ck/model_epoch_6.model")).model_state
+    theirs = load_snapshot(straight["checkpoint"]).model_state
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+
+
+def tune_states(s3, experiment: str) -> dict[str, str]:
+    """trial id -> status in the sweep's last saved experiment state ({} before the first);
+    read from Tune's JSON, which ExperimentAnalysis would report a RUNNING trial's as PENDING."""
+    from pyarrow.fs import FileSelector
+
+    fs = s3.filesystem()
+    infos = fs.get_file_info(FileSelector(s3.path(experiment), allow_not_found=True))
+    states = sorted(i.path for i in infos if i.base_name.startswith("experiment_state-"))
+    if not states:
+        return {}
+    try:
+        with fs.open_input_stream(states[-1]) as f:
+            trials = json.loads(f.read())["trial_data"]
+    except (json.JSONDecodeError, OSError):  # caught mid-write
+        return {}
+    return {t["trial_id"]: t["status"] for t in (json.loads(data) for data, _ in trials)}
+
+
+def test_a_sweep_stopped_mid_way_resumes_without_rerunning_finished_trials(
+    no_shared_disk_cluster, prepared_ml100k, bucket_credentials
+):
+    """The sweep's state, its trials' runs and its exports are in the bucket; stopped once one
+    trial of two has finished, the same command with --resume runs only the other one."""
+    cluster, s3 = no_shared_disk_cluster, no_shared_disk_cluster.s3
+    sweep = [
+        "python", "tune/sweep.py", "--data", str(prepared_ml100k), "--storage", s3.uri("sweep"),
+        "--lrs", "1e-3", "--batch-sizes", "50", "100", "--epochs", "1", "--eval-freq", "1",
+        "--hidden", "32", "--concurrent", "1", "--cpus-per-worker", "0.5",
+    ]  # fmt: skip
+    job_id = f"sweep-{uuid.uuid4().hex[:8]}"
+    # Tune saves the experiment state every 10 s at first; every 0.5 s here, so that the state
+    # in storage follows the trials closely enough to stop the job between them.
+    runtime_env = json.dumps({"env_vars": {"TUNE_GLOBAL_CHECKPOINT_S": "0.5"}})
+    options = ["--no-wait", "--submission-id", job_id, "--runtime-env-json", runtime_env]
+    started = cluster.submit(*sweep, options=options)
+    assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
+
+    deadline = time.monotonic() + 300
+    states = tune_states(s3, "sweep/tune")
+    while sorted(states.values()) != ["RUNNING", "TERMINATED"]:
+        if list(states.values()).count("TERMINATED") == 2 or time.monotonic() > deadline:
+            logs = cluster.job("logs", job_id).stdout[-5000:]
+            pytest.fail(f"no state with one trial finished: {states}\n{logs}")
+        time.sleep(0.25)
+        states = tune_states(s3, "sweep/tune")
+    stopped = cluster.job("stop", job_id)
+    assert stopped.returncode == 0 and "was stopped" in stopped.stdout, stopped
+    states = tune_states(s3, "sweep/tune")
+    (finished,) = [t for t, status in states.items() if status == "TERMINATED"]
+    (interrupted,) = set(states) - {finished}
+    fs = s3.filesystem()
+    (snapshot,) = [
+        f for f in bucket_files(s3, f"sweep/runs/trial-{finished}") if f.endswith("snapshot.pt")
+    ]
+    before = fs.get_file_info(s3.path(f"sweep/runs/trial-{finished}/{snapshot}")).mtime
+
+    summary = last_json(cluster.submit(*sweep, "--resume"))
+    assert set(tune_states(s3, "sweep/tune").values()) == {"TERMINATED"}
+    assert summary["trials"] == 2
+    # The finished trial was not run again; the interrupted one ran to its end.
+    assert fs.get_file_info(s3.path(f"sweep/runs/trial-{finished}/{snapshot}")).mtime == before
+    assert any(
+        f.endswith("snapshot.pt") for f in bucket_files(s3, f"sweep/runs/trial-{interrupted}")
+    )
+    with fs.open_input_stream(s3.path("sweep/results.csv")) as f:
+        table = pd.read_csv(f)
+    assert sorted(table["trial_id"]) == sorted(states) and table["NDCG@100"].notna().all()
+    assert summary["NDCG@100"] == table["NDCG@100"].max()
+    # best.model, exported into the bucket, scores (in-process, here) what the sweep reported.
+    assert summary["snapshot"] == s3.uri("sweep/best.model")
+    recoder = Recoder(DynamicAutoencoder(), num_workers=0)
+    recoder.init_from_model_file(summary["snapshot"])
+    validation = load_prepared(prepared_ml100k).split.validation
+    score = recoder.evaluate(validation, 100, [NDCG(k=100)])["NDCG@100"]
+    assert score == pytest.approx(summary["NDCG@100"], abs=1e-9)
+
+
+def test_a_job_with_a_bad_argument_fails_in_one_line(no_shared_disk_cluster, tmp_path):
+    result = no_shared_disk_cluster.submit(
+        "recoder-dist", "train", "--data", str(tmp_path / "missing"), "--checkpoint-dir", "ck"
+    )
+    assert result.returncode != 0
+    assert "recoder-dist: error: " in result.stdout + result.stderr
+    assert "no split.json" in result.stdout + result.stderr

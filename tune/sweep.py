@@ -144,6 +144,9 @@ def export(results: tune.ResultGrid, root: str, metric: str) -> dict:
     """Writes results.csv and best.model (the final snapshot of Tune's best trial) to
     ``root``."""
     frame = results.get_dataframe()
+    if metric not in frame.columns:
+        errors = [str(r.error).splitlines()[0] for r in results if r.error is not None]
+        raise RuntimeError(f"no trial reported {metric}; trial errors: {errors}")
     keep = [
         c
         for c in frame.columns

@@ -220,8 +220,9 @@ def _peak_rss_mb(distributed: bool, device) -> float:
 
 
 def _resume(model, job: WorkerJob, rank: int, progress) -> tuple[int, dict]:
-    """After a worker failure Ray Train restarts the loop with the last reported checkpoint:
-    load its weights, optimizer states and epoch. Otherwise start from the job."""
+    """After a worker failure, or when a run of the same name and storage is started again (its
+    driver was lost), Ray Train starts the loop with the run's last checkpoint: load its
+    weights, optimizer states and epoch. Otherwise start from the job."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return job.start_epoch, job.optimizer_state
@@ -229,7 +230,7 @@ def _resume(model, job: WorkerJob, rank: int, progress) -> tuple[int, dict]:
         snapshot = load_snapshot(os.path.join(folder, SNAPSHOT_FILE))
     model.load_state_dict(snapshot.model_state)
     if rank == 0:
-        _note(progress, f"resuming after a failure from the checkpoint of epoch {snapshot.epoch}")
+        _note(progress, f"resuming from the checkpoint of epoch {snapshot.epoch}")
     return snapshot.epoch, snapshot.optimizer_state
 
 
