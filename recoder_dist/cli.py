@@ -153,7 +153,7 @@ def _restored(checkpoint: str, workers: int, gpus: bool, storage_path: str | Non
     name = load_snapshot(checkpoint).model_class.rsplit(".", 1)[-1]
     if name not in known:
         raise UsageError(f"{checkpoint} holds a {name}; the CLI restores {sorted(known)}")
-    if storage_path is None and workers > 0:  # evaluation runs keep their results there
+    if storage_path is None and workers != 0:  # evaluation runs keep their results there
         storage_path = storage.join(storage.parent(checkpoint), "runs")
     recoder = Recoder(known[name](), num_workers=workers, use_cuda=gpus, storage_path=storage_path)
     recoder.init_from_model_file(checkpoint)
@@ -184,7 +184,7 @@ def _recommend(args) -> int:
         args.output,
         k=args.top_k,
         part=args.split,
-        workers=max(args.workers, 1),
+        workers=max(args.workers or 1, 1),
         use_gpu=args.gpus,
     )
     print(json.dumps({"output": str(args.output), "users": rows}))
@@ -197,12 +197,11 @@ def _demo(args) -> int:
     return run_demo(args)
 
 
-def _add_common(parser, workers_default=1) -> None:
+def _add_common(parser) -> None:
     parser.add_argument(
         "--workers",
         type=int,
-        default=workers_default,
-        help="Ray Train workers (0: in this process)",
+        help="Ray Train workers; 0: in this process (the default on one machine; 1 on a cluster)",
     )
     parser.add_argument("--gpus", action="store_true", help="one GPU per worker")
     parser.add_argument(

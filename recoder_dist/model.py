@@ -6,6 +6,7 @@ import logging
 import os
 
 import numpy as np
+import ray
 import torch
 
 from recoder_dist import storage
@@ -49,7 +50,11 @@ class Recoder:
         use_cuda: one GPU per worker; an error when the cluster has no GPU.
         user_based: refuse training data with more users than the model represents.
         item_based: refuse training data with more items than the model represents.
-        num_workers: Ray Train workers (DDP ranks); 0 runs the loop in this process.
+        num_workers: Ray Train workers (DDP ranks); 0 runs the loop in this process. None
+            (the default): in this process when Ray runs on this machine alone, which saves
+            starting a worker group (seconds a run) where there is nothing to spread over; one
+            worker on a cluster (``RAY_ADDRESS``, or more than one node), or when
+            ``max_failures`` asks for restarts.
         cpus_per_worker: CPUs reserved for each worker.
         storage_path: where Ray Train keeps the runs' checkpoints: a local path, or on a cluster
             of several nodes storage that every node reaches (``s3://bucket/prefix``,
@@ -80,7 +85,7 @@ class Recoder:
         user_based: bool = True,
         item_based: bool = True,
         *,
-        num_workers: int = 1,
+        num_workers: int | None = None,
         cpus_per_worker: float = 1,
         storage_path: str | None = None,
         run_name: str | None = None,
@@ -92,8 +97,10 @@ class Recoder:
             raise TypeError(
                 f"model must be a recoder_dist.nn.FactorizationModel, got {type(model).__name__}"
             )
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+        if num_workers is not None and (
+            isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0
+        ):
+            raise ValueError(f"num_workers must be None or an int >= 0, got {num_workers!r}")
         check_optimizer_type(optimizer_type)
         build_loss(loss, loss_params)  # validates the name and parameters now
         self.model = model
@@ -216,7 +223,7 @@ class Recoder:
             type(self.model).__name__,
             train_table.num_rows,
             self.num_items,
-            self.num_workers,
+            self.workers,
             self.current_epoch + 1,
             self.current_epoch + num_epochs,
         )
@@ -394,15 +401,16 @@ class Recoder:
         if not self.use_cuda:
             return False
         ensure_ray()
-        if self.num_workers == 0:
+        workers = self.workers
+        if workers == 0:
             present = torch.cuda.is_available()
         elif os.environ.get("RAY_ADDRESS"):
             return True
         else:
             present = cluster_gpus() > 0
-            if present and cluster_gpus() < self.num_workers:
+            if present and cluster_gpus() < workers:
                 raise ValueError(
-                    f"use_cuda=True with {self.num_workers} workers needs as many GPUs, but the "
+                    f"use_cuda=True with {workers} workers needs as many GPUs, but the "
                     f"local Ray cluster has {cluster_gpus():g}; lower num_workers"
                 )
         if not present:
@@ -417,6 +425,17 @@ class Recoder:
             users = np.sort(np.random.default_rng(self.seed).choice(users, num_users, False))
         return to_ray_dataset(user_rows_table(dataset, users))
 
+    @property
+    def workers(self) -> int:
+        """The Ray Train workers that a run uses: ``num_workers``, or what None stands for on
+        this Ray (see the class's docstring); 0 means in this process."""
+        if self.num_workers is not None:
+            return self.num_workers
+        ensure_ray()
+        nodes = sum(node["Alive"] for node in ray.nodes())
+        alone = not os.environ.get("RAY_ADDRESS") and nodes == 1
+        return 0 if alone and self.max_failures == 0 else 1
+
     def _job(self, *, use_cuda: bool = False, **kwargs) -> WorkerJob:
         return WorkerJob(
             model=self.model,
@@ -426,7 +445,7 @@ class Recoder:
             loss=self.loss,
             loss_params=self.loss_params,
             use_cuda=use_cuda,
-            in_process=self.num_workers == 0,
+            in_process=self.workers == 0,
             seed=self.seed,
             start_epoch=self.current_epoch,
             optimizer_state=self._optimizer_state,
@@ -437,7 +456,7 @@ class Recoder:
         return run_job(
             job,
             datasets,
-            num_workers=self.num_workers,
+            num_workers=self.workers,
             cpus_per_worker=self.cpus_per_worker,
             storage_path=self.storage_path,
             run_name=self.run_name if job.train is not None else None,

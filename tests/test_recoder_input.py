@@ -163,3 +163,13 @@ def test_incompatible_snapshots_name_the_mismatch(ray_session, tmp_path):
     fresh = Recoder(DynamicAutoencoder([16]), num_workers=0)
     fresh.init_from_model_file(path)  # a fresh model takes the snapshot's hyper-parameters
     assert fresh.model.hidden_layers == [8]
+
+
+def test_by_default_one_machine_trains_in_process_and_a_cluster_on_a_worker(ray_session):
+    """num_workers=None: nothing to spread over on this one-node Ray, so no worker group is
+    started (seconds a run); restarts after failures need a worker process to restart."""
+    assert Recoder(DynamicAutoencoder([8])).workers == 0
+    assert Recoder(DynamicAutoencoder([8]), max_failures=1).workers == 1
+    assert Recoder(DynamicAutoencoder([8]), num_workers=2).workers == 2
+    with pytest.raises(ValueError, match="num_workers must be None or an int >= 0"):
+        Recoder(DynamicAutoencoder([8]), num_workers=-1)
