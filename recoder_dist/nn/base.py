@@ -38,6 +38,19 @@ class FactorizationModel(nn.Module):
     #: CPU batches to the model without densifying them (a dense batch is mostly zeros).
     accepts_sparse_input = False
 
+    #: recsys-recoder 0.4.0's names of this model's modules (read-only properties) -> ours.
+    recoder040_aliases: dict[str, str] = {}
+
+    def __setattr__(self, name, value):
+        # nn.Module.__setattr__ registers a Module value without consulting the class's
+        # properties: assigning to an alias would silently add a second, unused submodule.
+        if name in self.recoder040_aliases:
+            raise AttributeError(
+                f"{name} is recsys-recoder 0.4.0's read-only name of "
+                f"{self.recoder040_aliases[name]}"
+            )
+        super().__setattr__(name, value)
+
     def init_model(self, num_items: int | None = None, num_users: int | None = None) -> None:
         """Creates the model's parameters for ``num_items`` items and ``num_users`` users."""
         raise NotImplementedError

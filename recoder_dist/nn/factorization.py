@@ -77,15 +77,7 @@ class MatrixFactorization(FactorizationModel):
 
     # recsys-recoder 0.4.0's attribute names, read-only. Properties register nothing: the
     # state_dict and named_parameters keep our names only.
-
-    def __setattr__(self, name, value):
-        # nn.Module.__setattr__ registers a Module value without consulting the class's
-        # properties: assigning to an alias would silently add a second, unused submodule.
-        if name in _ALIASES:
-            raise AttributeError(
-                f"{name} is recsys-recoder 0.4.0's read-only name of {_ALIASES[name]}"
-            )
-        super().__setattr__(name, value)
+    recoder040_aliases = _ALIASES
 
     @property
     def user_embedding_layer(self) -> nn.Embedding:
