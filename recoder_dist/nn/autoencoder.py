@@ -215,8 +215,7 @@ class DynamicAutoencoder(FactorizationModel):
         values)`` of ``input`` (row-major order); the zeros of ``input`` are never read.
 
         Interaction rows are a few percent dense: on CPU, the dense product and a dropout mask
-        drawn for every zero cost much of a training step (an ml-1m batch of 500 users over
-        ~2,600 sampled items, one thread: 64 ms of CPU a step that way, 39 ms this way). Zeros
+        drawn for every zero cost much of a training step (benchmarks/RESULTS.md). Zeros
         contribute nothing to either, so this normalizes, drops out and sums the non-zeros
         alone (``embedding_bag`` with per-entry weights): the same result up to rounding, each
         non-zero dropped with the same probability (the random draws differ from the dense
@@ -226,8 +225,8 @@ class DynamicAutoencoder(FactorizationModel):
         norms = torch.zeros(num_rows, dtype=values.dtype).index_add_(0, rows, values * values)
         values = values / norms.sqrt_().clamp_min_(1e-12).index_select(0, rows)
         if self.noise.training and self.noise_prob > 0:
-            # nn.Dropout's bernoulli_ costs ~3x a uniform draw and a compare (620 against 225 us
-            # for 53,000 entries); the kept entries and their scale are the same.
+            # nn.Dropout's bernoulli_ costs several times a uniform draw and a compare; the
+            # kept entries and their scale are the same.
             keep = torch.rand_like(values) >= self.noise_prob
             values = values.mul_(keep).div_(1 - self.noise_prob)
         return _SparseRowsTimes.apply(encoder, rows, cols, values, num_rows)
@@ -259,7 +258,7 @@ class _SparseRowsTimes(torch.autograd.Function):
 
     Both directions are ``embedding_bag`` sums over the entries: the forward groups them by
     row, the backward (``S.T @ grad``) by column. Autograd's own backward of ``embedding_bag``
-    takes ~8x longer than a forward (ml-1m batch: 4.1 ms against 0.5 ms).
+    takes several times as long as the forward (benchmarks/RESULTS.md).
     """
 
     @staticmethod
@@ -276,7 +275,7 @@ class _SparseRowsTimes(torch.autograd.Function):
         rows, cols, values = ctx.saved_tensors
         by_column = _stable_order(cols, ctx.num_weight_rows)
         grad_weight = F.embedding_bag(
-            rows.index_select(0, by_column),  # 3x faster than rows[by_column]
+            rows.index_select(0, by_column),  # cheaper than rows[by_column]
             grad,
             _bag_offsets(cols, ctx.num_weight_rows),  # counts need no sorting
             mode="sum",
@@ -287,7 +286,7 @@ class _SparseRowsTimes(torch.autograd.Function):
 
 def _stable_order(keys: torch.Tensor, num_keys: int) -> torch.Tensor:
     """``torch.argsort(keys, stable=True)``. For keys below 2**16 on CPU, numpy's stable sort
-    of 16-bit integers is a radix sort: 4x faster on an ml-1m batch (53,000 entries)."""
+    of 16-bit integers is a radix sort, cheaper than torch's comparison sort."""
     if keys.device.type == "cpu" and num_keys <= 2**16:
         return torch.from_numpy(np.argsort(keys.numpy().astype(np.uint16), kind="stable"))
     return torch.argsort(keys, stable=True)

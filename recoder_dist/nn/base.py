@@ -119,8 +119,8 @@ def embedding_rows(embedding: nn.Embedding, items: torch.Tensor | None) -> torch
 
 def _every_row(embedding: nn.Embedding, items: torch.Tensor) -> bool:
     """Whether ``items`` is ``0, 1, ..., num_embeddings - 1`` (a sampling group that touched
-    every item; ml-1m groups of 500 users touch 2,580-2,690 of 2,810, so there it is rare),
-    checked on CPU only: on CUDA the check would wait for the device."""
+    every item: rare with negative sampling on a real catalog), checked on CPU only: on CUDA
+    the check would wait for the device."""
     last = embedding.num_embeddings - 1
     return (
         items.device.type == "cpu"
