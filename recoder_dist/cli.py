@@ -69,6 +69,7 @@ def _model(args):
         return DynamicAutoencoder(
             hidden_layers=args.hidden,
             activation_type=args.activation,
+            is_constrained=args.constrained,
             noise_prob=args.noise,
             dropout_prob=args.dropout,
             sparse=args.sparse,
@@ -251,12 +252,17 @@ def parser() -> argparse.ArgumentParser:
         "--name",
         help="run name; the same name resumes a stopped run (default: from --checkpoint-dir)",
     )
+    t.add_argument(
+        "--preset",
+        help="named settings (recoder_dist.presets: recoder-0.4.0, gowalla, ...); flags win",
+    )
     t.add_argument("--model", choices=MODELS, default="autoencoder")
     t.add_argument("--hidden", type=int, nargs="+", default=[200])
     t.add_argument("--embedding-size", type=int, default=200)
     t.add_argument("--activation", default="tanh")
     t.add_argument("--noise", type=float, default=0.5)
     t.add_argument("--dropout", type=float, default=0.0)
+    t.add_argument("--constrained", action="store_true", help="tie the decoder to the encoder")
     t.add_argument("--sparse", action=argparse.BooleanOptionalAction, default=True)
     t.add_argument("--loss", default="logloss")
     t.add_argument("--optimizer", default="adam")
@@ -319,11 +325,17 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _with_config(argv: list[str]) -> argparse.Namespace:
-    """Flags on the command line win over the ``--config`` file, which wins over defaults."""
+    """Flags on the command line win over the ``--config`` file, which wins over a ``--preset``,
+    which wins over the defaults."""
     cli = parser()
     args = cli.parse_args(argv)
+    sub = cli._subparsers._group_actions[0].choices[args.command]
+    if getattr(args, "preset", None):
+        from recoder_dist.presets import preset
+
+        sub.set_defaults(**preset(args.preset))
     if not args.config:
-        return args
+        return cli.parse_args(argv)
     path = Path(args.config)
     if not path.is_file():
         raise UsageError(f"--config {path}: no such file")
@@ -340,7 +352,6 @@ def _with_config(argv: list[str]) -> argparse.Namespace:
     unknown = sorted(k for k in values if k.replace("-", "_") not in known)
     if unknown:
         raise UsageError(f"--config {path}: unknown settings {unknown} for '{args.command}'")
-    sub = cli._subparsers._group_actions[0].choices[args.command]
     sub.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
     return cli.parse_args(argv)
 

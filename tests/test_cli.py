@@ -15,6 +15,7 @@ import pytest
 
 from recoder_dist.cli import main
 from recoder_dist.datasets import load_prepared, movielens
+from recoder_dist.training.snapshot import load_snapshot
 from tests.conftest import shared_data
 
 
@@ -192,3 +193,30 @@ def test_the_demo_prints_a_short_console_and_learns():
     }
     assert metrics["NDCG@100"] > 0.35, metrics
     assert 0 < metrics["Recall@20"] < metrics["Recall@50"] < 1, metrics
+
+
+def test_a_preset_sets_the_flags_and_given_flags_win(ray_session, prepared, tmp_path, capsys):
+    """--preset gowalla: tied weights, every item scored; --epochs on the command line wins
+    over the preset's 24."""
+    code, trained, _ = run(
+        capsys,
+        "train",
+        "--preset",
+        "gowalla",
+        "--epochs",
+        "1",
+        "--data",
+        str(prepared),
+        "--checkpoint-dir",
+        str(tmp_path / "ck"),
+        "--workers",
+        "0",
+    )
+    assert code == 0 and trained["epoch"] == 1
+    params = load_snapshot(trained["checkpoint"]).model_params
+    assert params["is_constrained"] is True and params["hidden_layers"] == [200]
+
+    code = main(["train", "--preset", "nope", "--data", "x", "--checkpoint-dir", "y"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "unknown preset 'nope'; known: [" in err and "'recoder-0.4.0'" in err

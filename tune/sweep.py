@@ -40,6 +40,16 @@ from recoder_dist.training.worker_loop import SNAPSHOT_FILE
 
 METRICS = (Recall(k=20), Recall(k=50), NDCG(k=100))
 DRIVER_RESOURCE = "trial_driver"  # advertised by cluster.yaml's head
+# The settings a trial's configuration chooses, as results.csv and the summary give them.
+CHOSEN = (
+    "lr",
+    "batch_size",
+    "hidden_layers",
+    "is_constrained",
+    "noise_prob",
+    "weight_decay",
+    "milestones",
+)
 
 
 def run_trial(config: dict) -> None:
@@ -48,6 +58,7 @@ def run_trial(config: dict) -> None:
     model = DynamicAutoencoder(
         hidden_layers=config["hidden_layers"],
         activation_type="tanh",
+        is_constrained=config["is_constrained"],
         noise_prob=config["noise_prob"],
         sparse=True,
     )
@@ -70,14 +81,31 @@ def run_trial(config: dict) -> None:
         train_dataset=split.train,
         val_dataset=split.validation,
         lr=config["lr"],
+        weight_decay=config["weight_decay"],
         batch_size=config["batch_size"],
         num_epochs=config["epochs"],
+        lr_milestones=milestones(config["milestones"], config["epochs"]),
         negative_sampling=True,
         eval_freq=config["eval_freq"],
         metrics=list(METRICS),
         eval_num_recommendations=100,
         checkpoint_freq=config["eval_freq"],
     )
+
+
+def milestones(fractions, epochs: int) -> list[int] | None:
+    """``lr_milestones`` at these fractions of the epochs (0.4.0's script: 0.6 and 0.8)."""
+    return sorted({max(1, round(f * epochs)) for f in fractions}) if fractions else None
+
+
+# What --tune-model draws from, on top of the grid of learning rates and batch sizes.
+MODEL_SPACE = {
+    "hidden_layers": [[200], [600], [600, 200]],
+    "is_constrained": [False, True],
+    "noise_prob": [0.2, 0.5],
+    "weight_decay": [0.0, 2e-5, 1e-4],
+    "milestones": [None, (0.6, 0.8)],
+}
 
 
 def search_space(args) -> dict:
@@ -87,7 +115,10 @@ def search_space(args) -> dict:
         "lr": tune.grid_search(args.lrs),
         "batch_size": tune.grid_search(args.batch_sizes),
         "hidden_layers": args.hidden,
+        "is_constrained": args.constrained,
         "noise_prob": args.noise,
+        "weight_decay": args.weight_decay,
+        "milestones": tuple(args.milestones) if args.milestones else None,
         "epochs": args.epochs,
         "eval_freq": args.eval_freq,
         "workers": args.workers,
@@ -95,14 +126,16 @@ def search_space(args) -> dict:
         "seed": args.seed,
     }
     if args.tune_model:
-        space["hidden_layers"] = tune.choice([[100], [200], [600, 200]])
-        space["noise_prob"] = tune.choice([0.2, 0.5])
+        space.update({name: tune.choice(values) for name, values in MODEL_SPACE.items()})
     return space
 
 
-def driver_resources() -> dict:
-    """What a trial's driver asks for (its workers ask their own): the head's trial_driver
-    resource when the cluster has it, otherwise a tenth of a CPU (anywhere)."""
+def driver_resources(args) -> dict:
+    """What a trial's driver asks for: with --workers 0 it trains itself, so its CPUs;
+    otherwise (its workers ask their own) the head's trial_driver resource when the cluster
+    has it, else a tenth of a CPU (anywhere)."""
+    if args.workers == 0:
+        return {"CPU": args.cpus_per_worker}
     if ray.cluster_resources().get(DRIVER_RESOURCE, 0) > 0:
         return {"CPU": 0, DRIVER_RESOURCE: 1}
     return {"CPU": 0.1}
@@ -111,7 +144,7 @@ def driver_resources() -> dict:
 def sweep(args) -> tune.ResultGrid:
     ensure_ray()
     root = storage.normalized(args.storage)
-    trainable = tune.with_resources(run_trial, driver_resources())
+    trainable = tune.with_resources(run_trial, driver_resources(args))
     state = storage.join(root, "tune")
     if args.resume and tune.Tuner.can_restore(state):
         tuner = tune.Tuner.restore(state, trainable, resume_errored=True)
@@ -152,7 +185,7 @@ def export(results: tune.ResultGrid, root: str, metric: str) -> dict:
         for c in frame.columns
         if c in ("trial_id", "epoch", "snapshot", metric)
         or c.startswith("config/")
-        and c.split("/", 1)[1] in ("lr", "batch_size", "hidden_layers", "noise_prob")
+        and c.split("/", 1)[1] in CHOSEN
         or c in (m.name for m in METRICS)
     ]
     table = io.StringIO()
@@ -168,10 +201,12 @@ def export(results: tune.ResultGrid, root: str, metric: str) -> dict:
         storage.join(checkpoint, SNAPSHOT_FILE), storage.join(root, "best.model")
     )
     summary = {
-        "best": {k: best.config[k] for k in ("lr", "batch_size", "hidden_layers", "noise_prob")},
+        "best": {k: best.config[k] for k in CHOSEN},
         metric: best.metrics[metric],
         "snapshot": snapshot,
         "trials": len(frame),
+        # What the sweep cost: the trials' training time, summed.
+        "trial_hours": round(float(frame["time_total_s"].sum()) / 3600, 3),
     }
     print(frame[keep].sort_values(metric, ascending=False).to_string(index=False))
     print(json.dumps(summary))
@@ -191,12 +226,30 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[100, 500])
     parser.add_argument("--hidden", type=int, nargs="+", default=[200])
     parser.add_argument("--noise", type=float, default=0.5)
-    parser.add_argument("--tune-model", action="store_true", help="also sweep layers and noise")
+    parser.add_argument("--constrained", action="store_true", help="tied decoder weights")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument(
+        "--milestones",
+        type=float,
+        nargs="*",
+        help="lr_milestones as fractions of --epochs (e.g. 0.6 0.8); none by default",
+    )
+    parser.add_argument(
+        "--tune-model",
+        action="store_true",
+        help="also draw layers, tied weights, noise, weight decay and milestones "
+        "(--num-samples draws per grid point)",
+    )
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--eval-freq", type=int, default=5)
     parser.add_argument("--num-samples", type=int, default=1, help="repeats of the grid")
     parser.add_argument("--concurrent", type=int, default=2)
-    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers per trial")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="Ray Train workers per trial; 0: the trial trains in its own process (one machine)",
+    )
     parser.add_argument("--cpus-per-worker", type=float, default=1)
     parser.add_argument("--metric", default="NDCG@100")
     parser.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,54 @@
+"""Named training settings: the command line's ``train --preset NAME``, in flag names.
+
+Each preset says where it comes from; figures are in ``benchmarks/RESULTS.md``. Flags given on
+the command line (or in ``--config``) override a preset's.
+"""
+
+from __future__ import annotations
+
+PRESETS: dict[str, dict] = {
+    # recsys-recoder 0.4.0's ML-20M script: what benchmarks/parity.py trains both libraries
+    # with (100 epochs; its milestones at 60% and 80% of them).
+    "recoder-0.4.0": dict(
+        model="autoencoder",
+        hidden=[200],
+        activation="tanh",
+        noise=0.5,
+        sparse=True,
+        loss="logloss",
+        optimizer="adam",
+        lr=1e-3,
+        weight_decay=2e-5,
+        batch_size=500,
+        negative_sampling=True,
+        epochs=100,
+        lr_milestones=[60, 80],
+    ),
+    # Gowalla (LightGCN's split), chosen on 20% of each user's training items held out
+    # (benchmarks/quality.py): tied weights, every item scored, 24 epochs.
+    "gowalla": dict(
+        model="autoencoder",
+        hidden=[200],
+        activation="tanh",
+        noise=0.5,
+        sparse=True,
+        constrained=True,
+        loss="logloss",
+        optimizer="adam",
+        lr=1e-3,
+        batch_size=500,
+        negative_sampling=False,
+        epochs=24,
+    ),
+}
+
+
+def preset(name: str) -> dict:
+    """The flags of preset ``name``.
+
+    Raises:
+        ValueError: an unknown name (the known ones listed).
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+    return dict(PRESETS[name])
