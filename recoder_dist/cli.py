@@ -47,7 +47,10 @@ def _prepare(args) -> int:
         split = StrongSplitConfig(args.val_users, args.test_users, seed=args.seed)
     else:
         split = WeakSplitConfig(seed=args.seed, val_fraction=args.val_fraction)
-    prepared = prepare(events, args.output, split, positive_above=args.positive_above)
+    positive_above = args.positive_above
+    if positive_above is None and args.dataset != "events":
+        positive_above = 3.5  # MovieLens ratings of 4 and 5, as Mult-VAE
+    prepared = prepare(events, args.output, split, positive_above=positive_above)
     print(
         json.dumps(
             {
@@ -235,7 +238,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--val-users", type=int, default=100)
     p.add_argument("--test-users", type=int, default=100)
     p.add_argument("--val-fraction", type=float, default=0.0)
-    p.add_argument("--positive-above", type=float, default=3.5)
+    p.add_argument(
+        "--positive-above",
+        type=float,
+        help="keep events whose value is above this (default: 3.5 for MovieLens ratings, "
+        "every event of --dataset events)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_prepare)
 
