@@ -311,21 +311,16 @@ class NoSharedDiskCluster:
     def submit(
         self, *entrypoint: str, options=(), working_dir: Path | None = REPO, timeout: float = 300
     ) -> subprocess.CompletedProcess:
-        """`ray job submit [--working-dir DIR] [options] -- entrypoint`; the job's driver runs on
-        the head, with the head's environment (its credentials included)."""
-        command = [VENV_BIN / "ray", "job", "submit", "--address", self.dashboard]
-        if working_dir is not None:
-            command += ["--working-dir", str(working_dir)]
-        command += [*options, "--", *entrypoint]
-        deadline = time.monotonic() + timeout
-        while True:  # the job agent comes up a few seconds after the dashboard
-            result = subprocess.run(
-                command, env=self.env, capture_output=True, text=True, timeout=timeout
-            )
-            retry = "No available agent" in result.stderr or "Connection refused" in result.stderr
-            if not retry or time.monotonic() > deadline:
-                return result
-            time.sleep(1)
+        """`ray job submit`, see :func:`submit_job`; the job's driver runs on the head, with the
+        head's environment (its credentials included)."""
+        return submit_job(
+            self.dashboard,
+            self.env,
+            *entrypoint,
+            options=options,
+            working_dir=working_dir,
+            timeout=timeout,
+        )
 
     def job(self, command: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         """`ray job COMMAND --address DASHBOARD ARGS` (stop, logs, status); `stop` waits until
@@ -348,6 +343,29 @@ class NoSharedDiskCluster:
         return "\n".join(
             f"--- {node} {name}:\n{log_tail(temp_dir, name, 20)}" for node, temp_dir, name in logs
         )
+
+
+def submit_job(
+    dashboard: str,
+    env: dict,
+    *entrypoint: str,
+    options=(),
+    working_dir: Path | None = REPO,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess:
+    """`ray job submit --address DASHBOARD [--working-dir DIR] [options] -- entrypoint`, waiting
+    for the job's end (the command exits non-zero when the job fails)."""
+    command = [VENV_BIN / "ray", "job", "submit", "--address", dashboard]
+    if working_dir is not None:
+        command += ["--working-dir", str(working_dir)]
+    command += [*options, "--", *entrypoint]
+    deadline = time.monotonic() + timeout
+    while True:  # the job agent comes up a few seconds after the dashboard
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+        retry = "No available agent" in result.stderr or "Connection refused" in result.stderr
+        if not retry or time.monotonic() > deadline:
+            return result
+        time.sleep(1)
 
 
 def mount_namespaces_permitted() -> str | None:
@@ -395,7 +413,9 @@ def running_no_shared_disk_cluster(s3: S3Server, private_dirs=("/tmp",)):
     base = {k: v for k, v in client_env().items() if not k.startswith("AWS_")}
     # Both nodes have credentials in their environment, as an instance profile gives them;
     # drivers and job submissions from here do not, so nothing relies on them passing any.
-    node_env = dict(base, **s3.credentials_env())
+    # The Train controller picks up reports on its polling tick (2 s by default), which every
+    # checkpoint of a run waits for; a local cluster's tick can be short (as launcher.py's).
+    node_env = dict(base, RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25", **s3.credentials_env())
     head_command = _ray_start(
         "--head",
         f"--port={gcs_address.rsplit(':', 1)[1]}",

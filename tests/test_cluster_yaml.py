@@ -421,19 +421,25 @@ def test_a_gpu_training_job_scales_the_fake_cluster_up_and_back_to_the_head(
 ):
     from ray.util.state import list_actors
 
-    from tests.test_job_submit import job_snapshot, small_training_job, submit
+    from recoder_dist.model import Recoder
+    from recoder_dist.nn import DynamicAutoencoder
+    from tests.multinode import submit_job
 
-    # min_workers 0: the head alone (0 CPUs, 0 GPUs) until a job asks for GPUs.
+    # min_workers 0: the head alone (0 CPUs, 0 GPUs) until a job asks for GPUs. The fake nodes
+    # share this disk: the run storage may be a folder here.
     (head,) = _alive(fake_cluster)
-    result = submit(
-        (fake_cluster["dashboard"], fake_cluster["env"]),
-        *small_training_job(prepared_ml100k, tmp_path / "ck", "--gpus"),
+    job = ["recoder-dist", "train", "--data", str(prepared_ml100k), "--checkpoint-dir"]
+    job += [str(tmp_path / "ck"), "--epochs", "2", "--batch-size", "100", "--workers", "2"]
+    result = submit_job(
+        fake_cluster["dashboard"], fake_cluster["env"], *job, "--hidden", "32", "--gpus"
     )
     assert result.returncode == 0, (
         f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n{_monitor(fake_cluster)}"
     )
     # The job trained and its snapshot loads.
-    recoder = job_snapshot(result)
+    report = json.loads([ln for ln in result.stdout.splitlines() if ln.startswith("{")][-1])
+    recoder = Recoder(DynamicAutoencoder(), num_workers=0)
+    recoder.init_from_model_file(report["checkpoint"])
     assert recoder.current_epoch == 2 and recoder.model.hidden_layers == [32]
     # Ray gave the workers GPU ids; the GPUs being fake, they trained on CPU over gloo.
     assert "training on CPU" in result.stdout  # the rank-0 worker's note, on the console

@@ -263,10 +263,13 @@ def test_a_stopped_training_job_resubmitted_resumes_to_the_weights_of_a_straight
     no_shared_disk_cluster, prepared_ml100k, bucket_credentials
 ):
     cluster, s3 = no_shared_disk_cluster, no_shared_disk_cluster.s3
-    settings = ("--epochs", "6", "--checkpoint-freq", "1", "--seed", "3")
+    settings = ("--epochs", "8", "--checkpoint-freq", "1", "--seed", "3")
     job = training_job(prepared_ml100k, s3.uri("resume/ck"), s3.uri("resume/runs"), *settings)
     job_id = f"train-{uuid.uuid4().hex[:8]}"
-    started = cluster.submit(*job, options=["--no-wait", "--submission-id", job_id])
+    # A report tick of 1 s (each checkpoint waits for one): a window to stop the job in.
+    slow_reports = json.dumps({"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1"}})
+    options = ["--no-wait", "--submission-id", job_id, "--runtime-env-json", slow_reports]
+    started = cluster.submit(*job, options=options)
     assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
     deadline = time.monotonic() + 240
     while "ck/model_epoch_2.model" not in bucket_files(s3, "resume"):
@@ -275,16 +278,16 @@ def test_a_stopped_training_job_resubmitted_resumes_to_the_weights_of_a_straight
     stopped = cluster.job("stop", job_id)  # waits until the job has exited
     assert stopped.returncode == 0 and "was stopped" in stopped.stdout, stopped
     reached = {f for f in bucket_files(s3, "resume") if f.startswith("ck/")}
-    assert "ck/model_epoch_6.model" not in reached, "stopped too late to test anything"
+    assert "ck/model_epoch_8.model" not in reached, "stopped too late to test anything"
 
     resumed = cluster.submit(*job)  # the same command: the same run name and storage
-    assert last_json(resumed)["epoch"] == 6
+    assert last_json(resumed)["epoch"] == 8
     assert "resuming from the checkpoint of epoch " in resumed.stdout + resumed.stderr
     straight_job = training_job(
         prepared_ml100k, s3.uri("straight/ck"), s3.uri("straight/runs"), *settings
     )
     straight = last_json(cluster.submit(*straight_job))
-    ours = load_snapshot(s3.uri("resume/ck/model_epoch_6.model")).model_state
+    ours = load_snapshot(s3.uri("resume/ck/model_epoch_8.model")).model_state
     theirs = load_snapshot(straight["checkpoint"]).model_state
     assert ours.keys() == theirs.keys()
     for name in ours:
