@@ -287,6 +287,7 @@ def test_lr_at_epoch_milestones(epoch, expected):
     assert lr_at_epoch(0.003, [4, 2], epoch) == pytest.approx(0.003 * expected, rel=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
 @pytest.mark.parametrize("decay_sparse", [False, True])
 def test_epoch_lrs_follow_recsys_recoders_scheduler(decay_sparse):
     """recsys-recoder 0.4.0 wraps only its dense optimizer in MultiStepLR(milestones, 0.1) and
