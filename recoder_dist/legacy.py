@@ -70,11 +70,11 @@ def load_recoder040_file(path: str | os.PathLike, *, sparse: bool = False) -> Sn
 
     Converted: ``DynamicAutoencoder`` (constrained or not, any number of hidden layers; 0.4.0's
     decoder item bias, a vector of ``num_items``, becomes our ``decoder_bias.weight`` column)
-    and ``MatrixFactorization`` with ``activation_type='none'`` (0.4.0's ``bias`` becomes our
-    ``item_bias.weight`` column). The epoch is 0.4.0's ``last_epoch``, the epochs trained, so
-    that ``train`` continues after it (0.4.0 itself, resuming, trained epoch ``last_epoch``
-    again); ``optimizer_type``, ``loss`` and ``loss_params`` come through (no ``loss`` when
-    0.4.0 trained with a loss Module: the Recoder keeps its own).
+    and ``MatrixFactorization`` (0.4.0's ``bias`` becomes our ``item_bias.weight`` column). The
+    epoch is 0.4.0's ``last_epoch``, the epochs trained, so that ``train`` continues after it
+    (0.4.0 itself, resuming, trained epoch ``last_epoch`` again); ``optimizer_type``, ``loss``
+    and ``loss_params`` come through (no ``loss`` when 0.4.0 trained with a loss Module: the
+    Recoder keeps its own).
 
     Optimizer states are not imported: 0.4.0 did not save its SparseAdam's state, and keyed
     its Adam/SGD state by parameter order in its own parameter layout. The snapshot's
@@ -91,9 +91,8 @@ def load_recoder040_file(path: str | os.PathLike, *, sparse: bool = False) -> Sn
         NotARecoder040File: the file is not a 0.4.0 model file (it may be a corrupt one).
         ValueError: the file holds something that ``torch.load(weights_only=True)`` refuses
             (the message says how to convert a trusted file), or its model cannot be converted
-            faithfully: another model class, a MatrixFactorization whose activation is not
-            'none' (0.4.0 applied it to users only, ours to users and items), parameters that
-            are missing, unknown or inconsistent.
+            faithfully: another model class, parameters that are missing, unknown or
+            inconsistent.
     """
     path = os.fspath(path)
     state = _read(path)
@@ -244,13 +243,6 @@ def _autoencoder(path: str, params: dict, state: dict) -> tuple[dict, dict]:
 
 def _factorization(path: str, params: dict, state: dict) -> tuple[dict, dict]:
     model_params = _params(path, params, ("embedding_size", "activation_type", "dropout_prob"))
-    if model_params["activation_type"] != "none":
-        raise ValueError(
-            f"{path}: recsys-recoder 0.4.0's MatrixFactorization applied activation_type="
-            f"{model_params['activation_type']!r} to the user embeddings only; recoder_dist's "
-            "applies it to users and items, so the imported model would score differently. "
-            "Only MatrixFactorization files with activation_type='none' are imported."
-        )
     renames = {
         "user_embedding_layer.weight": "user_embedding.weight",
         "item_embedding_layer.weight": "item_embedding.weight",

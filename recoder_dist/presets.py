@@ -40,6 +40,35 @@ PRESETS: dict[str, dict] = {
         negative_sampling=False,
         epochs=24,
     ),
+    # MatrixFactorization on Gowalla (LightGCN's split), chosen on 20% of each user's training
+    # items held out (benchmarks/quality.py): the multinomial loss over the items of sampling
+    # groups of 3,000 users, 35 epochs. Sizes are per worker, as the flags': on N workers,
+    # divide batch_size and sampling_users by N to keep the same global groups.
+    "mf-gowalla": dict(
+        model="mf",
+        embedding_size=200,
+        sparse=True,
+        loss="logloss",
+        optimizer="adam",
+        lr=1e-3,
+        batch_size=500,
+        negative_sampling=True,
+        sampling_users=3000,
+        epochs=35,
+    ),
+    # MatrixFactorization on ml-1m (strong split, chosen on the 600 validation users folded in
+    # by ridge regression onto the item embeddings): squared error over every item, 20 epochs.
+    "mf-ml-1m": dict(
+        model="mf",
+        embedding_size=200,
+        sparse=True,
+        loss="mse",
+        optimizer="adam",
+        lr=1e-3,
+        batch_size=100,
+        negative_sampling=False,
+        epochs=20,
+    ),
 }
 
 

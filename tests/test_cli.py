@@ -13,8 +13,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from recoder_dist.cli import main
+from recoder_dist.cli import main, parser
 from recoder_dist.datasets import load_prepared, movielens
+from recoder_dist.presets import PRESETS, preset
 from recoder_dist.training.snapshot import load_snapshot
 from tests.conftest import shared_data
 
@@ -220,3 +221,14 @@ def test_a_preset_sets_the_flags_and_given_flags_win(ray_session, prepared, tmp_
     assert code == 2
     err = capsys.readouterr().err
     assert "unknown preset 'nope'; known: [" in err and "'recoder-0.4.0'" in err
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_names_only_train_flags_with_values_they_accept(name):
+    """A preset's key that is not a flag of `train` would be set and silently ignored."""
+    train = parser()._subparsers._group_actions[0].choices["train"]
+    flags = {action.dest: action for action in train._actions}
+    for key, value in preset(name).items():
+        assert key in flags, f"{name}: {key} is not a train flag"
+        choices = flags[key].choices
+        assert choices is None or value in choices, f"{name}: {key}={value!r}"

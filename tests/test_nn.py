@@ -274,18 +274,30 @@ def test_factorization_gradient_layout(target_items, sparse):
 @pytest.mark.parametrize("act", ["none", "tanh", "relu"])
 @pytest.mark.parametrize("sparse", [False, True])
 def test_factorization_matches_hand_forward(act, sparse):
-    """MF output is act(U[users]) @ act(V[items]).T + bias[items]; dropout is off in eval."""
+    """MF output is act(U[users]) @ V[items].T + bias[items] (the activation on users only, as
+    in recsys-recoder 0.4.0); dropout is off in eval."""
     model = factorization(act, sparse, dropout_prob=0.5)
     users = torch.tensor([3, 0, 11, 3])
     items = torch.tensor([29, 1, 1, 17, 8])
     u, v, b = model.user_embedding.weight, model.item_embedding.weight, model.item_bias.weight
     f = ACTS[act]
     with torch.no_grad():
-        expected = f(u[users]) @ f(v[items]).T + b[items, 0]
+        expected = f(u[users]) @ v[items].T + b[items, 0]
         got = model(rows(4)[:, items], input_users=users, input_items=items, target_items=items)
         assert_close(got, expected, **EXACT)
-        expected_all = f(u[users]) @ f(v).T + b[:, 0]
+        expected_all = f(u[users]) @ v.T + b[:, 0]
         assert_close(model(rows(4), input_users=users), expected_all, **EXACT)
+
+
+def test_factorization_starts_as_recoder040():
+    """Both tables from xavier_uniform_ (bound sqrt(6 / (rows + size))), the item bias zero."""
+    model = MatrixFactorization(embedding_size=50)
+    model.init_model(num_items=3000, num_users=1000)
+    for table in (model.user_embedding.weight, model.item_embedding.weight):
+        bound = (6 / (table.shape[0] + table.shape[1])) ** 0.5
+        assert 0.99 * bound < table.abs().max().item() <= bound
+        assert abs(table.std().item() - bound / 3**0.5) < 0.02 * bound  # uniform's std
+    assert not model.item_bias.weight.any()
 
 
 def test_factorization_output_by_naive_loop():

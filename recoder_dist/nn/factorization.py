@@ -12,11 +12,14 @@ _ALIASES = {"user_embedding_layer": "user_embedding", "item_embedding_layer": "i
 
 
 class MatrixFactorization(FactorizationModel):
-    """Scores ``act(user) . act(item) + bias(item)`` for the users of the batch.
+    """Scores ``act(user) . item + bias(item)`` for the users of the batch, as recsys-recoder
+    0.4.0 does (the activation applies to user embeddings only; both tables start from
+    ``xavier_uniform_``, the item bias from zero).
 
     Args:
         embedding_size: dimension of user and item embeddings.
-        activation_type: activation applied to the embeddings ('none' for plain dot products).
+        activation_type: activation applied to the user embeddings ('none' for plain dot
+            products).
         dropout_prob: dropout on the user embeddings.
         sparse: give the embeddings sparse gradients (updated with SparseAdam).
     """
@@ -71,8 +74,10 @@ class MatrixFactorization(FactorizationModel):
         self.user_embedding = nn.Embedding(num_users, self.embedding_size, sparse=self.sparse)
         self.item_embedding = nn.Embedding(num_items, self.embedding_size, sparse=self.sparse)
         self.item_bias = nn.Embedding(num_items, 1, sparse=self.sparse)
-        nn.init.normal_(self.user_embedding.weight, std=0.1)
-        nn.init.normal_(self.item_embedding.weight, std=0.1)
+        # 0.4.0's initialisation. Its scale, sqrt(6 / (rows + size)), shrinks with the table:
+        # a user row gets one update an epoch, and a larger random start than that drowns it.
+        nn.init.xavier_uniform_(self.user_embedding.weight)
+        nn.init.xavier_uniform_(self.item_embedding.weight)
         nn.init.zeros_(self.item_bias.weight)
 
     # recsys-recoder 0.4.0's attribute names, read-only. Properties register nothing: the
@@ -98,12 +103,12 @@ class MatrixFactorization(FactorizationModel):
         target_users: torch.Tensor | None = None,
         target_items: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        items = self.act(embedding_rows(self.item_embedding, target_items))
+        items = embedding_rows(self.item_embedding, target_items)
         bias = embedding_rows(self.item_bias, target_items).squeeze(1)
         return torch.addmm(bias, self._user_codes(input_users), items.t())
 
     def score_factors(self, input, input_users=None, input_items=None):
-        items = self.act(self.item_embedding.weight)
+        items = self.item_embedding.weight
         return self._user_codes(input_users), items, self.item_bias.weight.squeeze(1)
 
     def _user_codes(self, input_users: torch.Tensor | None) -> torch.Tensor:
