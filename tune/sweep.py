@@ -131,8 +131,11 @@ def search_space(args) -> dict:
 
 
 def driver_resources(args) -> dict:
-    """What a trial's driver asks for (its workers ask their own): the head's trial_driver
-    resource when the cluster has it, else a tenth of a CPU (anywhere)."""
+    """What a trial's driver asks for: with --workers 0 it trains itself, so its CPUs;
+    otherwise (its workers ask their own) the head's trial_driver resource when the cluster
+    has it, else a tenth of a CPU (anywhere)."""
+    if args.workers == 0:
+        return {"CPU": args.cpus_per_worker}
     if ray.cluster_resources().get(DRIVER_RESOURCE, 0) > 0:
         return {"CPU": 0, DRIVER_RESOURCE: 1}
     return {"CPU": 0.1}
@@ -245,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--workers",
         type=int,
         default=1,
-        help="Ray Train workers per trial (at least 1)",
+        help="Ray Train workers per trial; 0: the trial trains in its own process (one machine)",
     )
     parser.add_argument("--cpus-per-worker", type=float, default=1)
     parser.add_argument("--metric", default="NDCG@100")
@@ -255,11 +258,6 @@ def main(argv: list[str] | None = None) -> dict:
         "--max-failures", type=int, default=1, help="restarts of an interrupted trial"
     )
     args = parser.parse_args(argv)
-    if args.workers < 1:
-        # Measured on 2026-12-05 (Ray 2.60): a trial whose Recoder trains in its own process
-        # (num_workers=0, Ray Train's local mode) sat idle at ~3% of a core for minutes, alone
-        # or beside another, and never reported. Refused rather than left to hang.
-        parser.error(f"--workers must be at least 1, got {args.workers}")
     results = sweep(args)
     return export(results, storage.normalized(args.storage), args.metric)
 
