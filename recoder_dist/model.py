@@ -208,7 +208,8 @@ class Recoder:
         self._init_training(train_dataset)
         if evaluating:
             self._check_eval_items(val_dataset)
-        use_gpus = self._use_gpus()
+        workers = self.workers  # resolved once: the log, the job and the run agree
+        use_gpus = self._use_gpus(workers)
         # Builds the optimizers once here so that a model/optimizer mismatch fails now.
         build_optimizers(self.model, self.optimizer_type, lr, weight_decay)
 
@@ -223,14 +224,18 @@ class Recoder:
             type(self.model).__name__,
             train_table.num_rows,
             self.num_items,
-            self.workers,
+            workers,
             self.current_epoch + 1,
             self.current_epoch + num_epochs,
         )
         job = self._job(
-            use_cuda=use_gpus, train=settings, eval=eval_settings, checkpoint_prefix=prefix
+            workers,
+            use_cuda=use_gpus,
+            train=settings,
+            eval=eval_settings,
+            checkpoint_prefix=prefix,
         )
-        output = self._run(job, datasets)
+        output = self._run(job, datasets, workers)
         try:
             self._restore(output.final_snapshot(), restore_model=True)
         finally:
@@ -260,8 +265,9 @@ class Recoder:
         _check_dataset(eval_dataset, "eval_dataset", needs_target=True)
         settings = EvalSettings.of(metrics, num_recommendations, batch_size)
         self._check_eval_items(eval_dataset)
-        job = self._job(use_cuda=self._use_gpus(), eval=settings)
-        output = self._run(job, {"eval": self._eval_dataset(eval_dataset, num_users)})
+        workers = self.workers
+        job = self._job(workers, use_cuda=self._use_gpus(workers), eval=settings)
+        output = self._run(job, {"eval": self._eval_dataset(eval_dataset, num_users)}, workers)
         output.discard()
         # What the run reported to Ray Train: each metric's mean, and the users counted.
         return {key: output.metrics[key] for key in [*settings.metric_names, "eval_users"]}
@@ -393,7 +399,7 @@ class Recoder:
                 f"{self.num_items}"
             )
 
-    def _use_gpus(self) -> bool:
+    def _use_gpus(self, workers: int) -> bool:
         """Whether the run's workers ask for a GPU each. ``use_cuda=True`` means GPUs where
         present: in this process or on the local Ray when it has them; on a cluster reached at
         ``RAY_ADDRESS`` always, since its autoscaler may add GPU nodes on demand. Without any,
@@ -401,7 +407,6 @@ class Recoder:
         if not self.use_cuda:
             return False
         ensure_ray()
-        workers = self.workers
         if workers == 0:
             present = torch.cuda.is_available()
         elif os.environ.get("RAY_ADDRESS"):
@@ -436,7 +441,8 @@ class Recoder:
         alone = not os.environ.get("RAY_ADDRESS") and nodes == 1
         return 0 if alone and self.max_failures == 0 else 1
 
-    def _job(self, *, use_cuda: bool = False, **kwargs) -> WorkerJob:
+    def _job(self, workers: int = 0, *, use_cuda: bool = False, **kwargs) -> WorkerJob:
+        """The job of a run on ``workers`` (0: in this process; a snapshot's job runs nowhere)."""
         return WorkerJob(
             model=self.model,
             num_items=self.num_items,
@@ -445,18 +451,18 @@ class Recoder:
             loss=self.loss,
             loss_params=self.loss_params,
             use_cuda=use_cuda,
-            in_process=self.workers == 0,
+            in_process=workers == 0,
             seed=self.seed,
             start_epoch=self.current_epoch,
             optimizer_state=self._optimizer_state,
             **kwargs,
         )
 
-    def _run(self, job: WorkerJob, datasets: dict):
+    def _run(self, job: WorkerJob, datasets: dict, workers: int):
         return run_job(
             job,
             datasets,
-            num_workers=self.workers,
+            num_workers=workers,
             cpus_per_worker=self.cpus_per_worker,
             storage_path=self.storage_path,
             run_name=self.run_name if job.train is not None else None,

@@ -6,18 +6,19 @@ the command line (or in ``--config``) override a preset's.
 
 from __future__ import annotations
 
+# What every preset below shares: Adam at 1e-3, sparse embeddings.
+_COMMON = dict(sparse=True, optimizer="adam", lr=1e-3)
+# recsys-recoder 0.4.0's autoencoder: one tanh layer of 200, input noise 0.5, the multinomial loss.
+_AUTOENCODER = dict(
+    _COMMON, model="autoencoder", hidden=[200], activation="tanh", noise=0.5, loss="logloss"
+)
+_MF = dict(_COMMON, model="mf", embedding_size=200)
+
 PRESETS: dict[str, dict] = {
     # recsys-recoder 0.4.0's ML-20M script: what benchmarks/parity.py trains both libraries
     # with (100 epochs; its milestones at 60% and 80% of them).
     "recoder-0.4.0": dict(
-        model="autoencoder",
-        hidden=[200],
-        activation="tanh",
-        noise=0.5,
-        sparse=True,
-        loss="logloss",
-        optimizer="adam",
-        lr=1e-3,
+        _AUTOENCODER,
         weight_decay=2e-5,
         batch_size=500,
         negative_sampling=True,
@@ -27,15 +28,8 @@ PRESETS: dict[str, dict] = {
     # Gowalla (LightGCN's split), chosen on 20% of each user's training items held out
     # (benchmarks/quality.py): tied weights, every item scored, 24 epochs.
     "gowalla": dict(
-        model="autoencoder",
-        hidden=[200],
-        activation="tanh",
-        noise=0.5,
-        sparse=True,
+        _AUTOENCODER,
         constrained=True,
-        loss="logloss",
-        optimizer="adam",
-        lr=1e-3,
         batch_size=500,
         negative_sampling=False,
         epochs=24,
@@ -45,12 +39,8 @@ PRESETS: dict[str, dict] = {
     # groups of 3,000 users, 35 epochs. Sizes are per worker, as the flags': on N workers,
     # divide batch_size and sampling_users by N to keep the same global groups.
     "mf-gowalla": dict(
-        model="mf",
-        embedding_size=200,
-        sparse=True,
+        _MF,
         loss="logloss",
-        optimizer="adam",
-        lr=1e-3,
         batch_size=500,
         negative_sampling=True,
         sampling_users=3000,
@@ -59,12 +49,8 @@ PRESETS: dict[str, dict] = {
     # MatrixFactorization on ml-1m (strong split, chosen on the 600 validation users folded in
     # by ridge regression onto the item embeddings): squared error over every item, 20 epochs.
     "mf-ml-1m": dict(
-        model="mf",
-        embedding_size=200,
-        sparse=True,
+        _MF,
         loss="mse",
-        optimizer="adam",
-        lr=1e-3,
         batch_size=100,
         negative_sampling=False,
         epochs=20,
