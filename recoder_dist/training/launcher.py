@@ -48,7 +48,10 @@ def ensure_ray() -> None:
 
 def init_local_ray(**kwargs) -> None:
     """Starts a local embedded Ray tuned for this library (``kwargs`` go to ``ray.init``)."""
-    kwargs.setdefault("include_dashboard", False)
+    # The dashboard stays on: it serves the state API, through which Ray Train's
+    # PlacementGroupCleaner sees that a run's controller has died (a Tune trial stopped by its
+    # scheduler kills it) and frees the run's CPUs. Without it they stay reserved for good, and
+    # the next trial on a small machine waits for them forever.
     for key, value in _console_settings().items():
         kwargs.setdefault(key, value)
     if not verbose():
