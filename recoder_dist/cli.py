@@ -93,10 +93,11 @@ def _metrics(ks: list[int]):
 
 def _train(args) -> int:
     from recoder_dist import storage
-    from recoder_dist.datasets import load_prepared
+    from recoder_dist.datasets import open_prepared
     from recoder_dist.model import Recoder
 
-    split = load_prepared(args.data).split
+    # The cluster reads the user rows; this process, split.json only.
+    split = open_prepared(args.data)
     checkpoint_dir = storage.normalized(args.checkpoint_dir)
     recoder = Recoder(
         _model(args),
@@ -165,10 +166,10 @@ def _restored(checkpoint: str, workers: int, gpus: bool, storage_path: str | Non
 
 
 def _evaluate(args) -> int:
-    from recoder_dist.datasets import load_prepared
+    from recoder_dist.datasets import open_prepared
 
     recoder = _restored(args.checkpoint, args.workers, args.gpus, args.storage)
-    split = load_prepared(args.data).split
+    split = open_prepared(args.data)
     dataset = split.test if args.split == "test" else split.validation
     if dataset is None:
         raise UsageError(f"{args.data} has no validation part")

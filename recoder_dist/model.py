@@ -12,7 +12,13 @@ import torch
 from recoder_dist import storage
 from recoder_dist.data.collator import UserRows, resolve_sampling_users, row_numbers
 from recoder_dist.data.dataset import RecommendationDataset
-from recoder_dist.data.ray_dataset import to_ray_dataset, user_rows_table
+from recoder_dist.data.parquet_rows import UserRowFiles
+from recoder_dist.data.ray_dataset import (
+    TRAIN_ROWS_PER_BLOCK,
+    row_blocks,
+    to_ray_dataset,
+    user_rows_table,
+)
 from recoder_dist.legacy import NotARecoder040File, load_recoder040_file
 from recoder_dist.losses import build_loss
 from recoder_dist.metrics import Metric
@@ -129,8 +135,8 @@ class Recoder:
 
     def train(
         self,
-        train_dataset: RecommendationDataset,
-        val_dataset: RecommendationDataset | None = None,
+        train_dataset: RecommendationDataset | UserRowFiles,
+        val_dataset: RecommendationDataset | UserRowFiles | None = None,
         lr: float = 0.001,
         weight_decay: float = 0.0,
         num_epochs: int = 1,
@@ -153,9 +159,11 @@ class Recoder:
         """Trains the model for ``num_epochs`` more epochs.
 
         Args:
-            train_dataset: the users' interactions to reconstruct.
-            val_dataset: users with ``target`` interactions, evaluated every ``eval_freq``
-                epochs with ``metrics``.
+            train_dataset: the users' interactions to reconstruct: a matrix, or user rows in
+                Parquet files (``UserRowFiles``, e.g. ``open_prepared(uri).train``), which the
+                cluster reads without passing them through this process.
+            val_dataset: users with ``target`` interactions (a matrix or files), evaluated every
+                ``eval_freq`` epochs with ``metrics``.
             lr: learning rate.
             weight_decay: L2 penalty of dense weights (not of biases or sparse embeddings).
             num_epochs: epochs to train, counted from the current epoch: a model restored from
@@ -182,7 +190,7 @@ class Recoder:
             One dict per epoch: epoch, loss, seconds, and metrics when evaluated.
         """
         _check_dataset(train_dataset, "train_dataset")
-        if train_dataset.interactions.nnz == 0:
+        if _num_interactions(train_dataset) == 0:
             raise ValueError("train_dataset has no interactions")
         evaluating = val_dataset is not None and eval_freq > 0
         settings = TrainSettings(  # validates every setting
@@ -197,7 +205,7 @@ class Recoder:
             decay_sparse_lr=bool(decay_sparse_lr),
             checkpoint_freq=checkpoint_freq,
             eval_freq=eval_freq if evaluating else 0,
-            num_train_rows=len(train_dataset.users),
+            num_train_rows=len(train_dataset),
         )
         eval_settings = None
         if evaluating:
@@ -214,15 +222,18 @@ class Recoder:
         build_optimizers(self.model, self.optimizer_type, lr, weight_decay)
 
         ensure_ray()
-        train_table = user_rows_table(train_dataset)
-        datasets = {"train": to_ray_dataset(train_table)}
-        if evaluating:
-            datasets["eval"] = self._eval_dataset(val_dataset, eval_num_users)
+        blocks = row_blocks(_train_rows(train_dataset))
+        if blocks.num_rows != settings.num_train_rows:
+            raise ValueError(
+                f"train_dataset holds {blocks.num_rows} rows, but its description says "
+                f"{settings.num_train_rows}"
+            )
+        datasets = {"eval": self._eval_dataset(val_dataset, eval_num_users)} if evaluating else {}
         prefix = storage.normalized(model_checkpoint_prefix) if model_checkpoint_prefix else None
         logger.info(
             "training %s on %d users x %d items, %d worker(s), epochs %d..%d",
             type(self.model).__name__,
-            train_table.num_rows,
+            settings.num_train_rows,
             self.num_items,
             workers,
             self.current_epoch + 1,
@@ -235,7 +246,7 @@ class Recoder:
             eval=eval_settings,
             checkpoint_prefix=prefix,
         )
-        output = self._run(job, datasets, workers)
+        output = self._run(job, datasets, workers, blocks)
         try:
             self._restore(output.final_snapshot(), restore_model=True)
         finally:
@@ -247,13 +258,14 @@ class Recoder:
 
     def evaluate(
         self,
-        eval_dataset: RecommendationDataset,
+        eval_dataset: RecommendationDataset | UserRowFiles,
         num_recommendations: int | None = None,
         metrics: list[Metric] | None = None,
         batch_size: int = 500,
         num_users: int | None = None,
     ) -> dict[str, float]:
-        """Evaluates the model on ``eval_dataset`` (inputs and targets), over the workers.
+        """Evaluates the model on ``eval_dataset`` (inputs and targets: a matrix, or
+        ``UserRowFiles`` that the cluster reads), over the workers.
 
         Each user's recommendations exclude the items of its input; users without target
         items are not counted.
@@ -422,7 +434,23 @@ class Recoder:
             logger.warning("use_cuda=True but no GPU is present here: running on CPU")
         return present
 
-    def _eval_dataset(self, dataset: RecommendationDataset, num_users: int | None):
+    def _eval_dataset(self, dataset: RecommendationDataset | UserRowFiles, num_users: int | None):
+        """The evaluation users' rows (a fixed random sample of ``num_users`` of them)."""
+        if isinstance(dataset, UserRowFiles):  # its rows are the users with target items
+            if dataset.num_rows == 0:
+                raise ValueError("the evaluation dataset has no user with target interactions")
+            rows = dataset.ray_dataset()
+            if num_users is not None and num_users < dataset.num_rows:
+                keep = np.zeros(dataset.num_rows, dtype=bool)
+                chosen = np.random.default_rng(self.seed).choice(dataset.num_rows, num_users, False)
+                keep[chosen] = True
+                rows = rows.map_batches(
+                    lambda table: table.filter(keep[table.column("position").to_numpy()]),
+                    batch_format="pyarrow",
+                )
+            # Read once, by the cluster, into the object store: every evaluation of every
+            # worker then reads blocks, instead of starting read tasks of its own.
+            return rows.materialize()
         users = np.flatnonzero(np.diff(dataset.target.indptr))
         if len(users) == 0:
             raise ValueError("the evaluation dataset has no user with target interactions")
@@ -458,10 +486,11 @@ class Recoder:
             **kwargs,
         )
 
-    def _run(self, job: WorkerJob, datasets: dict, workers: int):
+    def _run(self, job: WorkerJob, datasets: dict, workers: int, train_blocks=None):
         return run_job(
             job,
             datasets,
+            train_blocks,
             num_workers=workers,
             cpus_per_worker=self.cpus_per_worker,
             storage_path=self.storage_path,
@@ -511,10 +540,30 @@ class Recoder:
 
 
 def _check_dataset(dataset, name: str, needs_target: bool = False) -> None:
+    if isinstance(dataset, UserRowFiles):
+        if needs_target and not dataset.has_target:
+            raise ValueError(f"{name}: the user rows at {dataset.location} have no target items")
+        return
     if not isinstance(dataset, RecommendationDataset):
-        raise TypeError(f"{name} must be a RecommendationDataset, got {type(dataset).__name__}")
+        raise TypeError(
+            f"{name} must be a RecommendationDataset or UserRowFiles, got {type(dataset).__name__}"
+        )
     if needs_target and dataset.target is None:
         raise ValueError(f"{name} needs target interactions: RecommendationDataset(input, target)")
+
+
+def _num_interactions(dataset: RecommendationDataset | UserRowFiles) -> int:
+    if isinstance(dataset, UserRowFiles):
+        return dataset.num_interactions
+    return dataset.interactions.nnz
+
+
+def _train_rows(dataset: RecommendationDataset | UserRowFiles):
+    """A training set's rows as a Ray Dataset in blocks of ``TRAIN_ROWS_PER_BLOCK`` rows: read
+    by the cluster from files, or built here from a matrix."""
+    if isinstance(dataset, UserRowFiles):
+        return dataset.ray_dataset().repartition(target_num_rows_per_block=TRAIN_ROWS_PER_BLOCK)
+    return to_ray_dataset(user_rows_table(dataset), TRAIN_ROWS_PER_BLOCK)
 
 
 def _check_positive_int(value, name: str) -> None:

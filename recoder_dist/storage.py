@@ -103,6 +103,13 @@ def is_file(location: str | os.PathLike) -> bool:
     return fs.get_file_info(path).type == pafs.FileType.File
 
 
+def delete(location: str | os.PathLike) -> None:
+    """Deletes the file at ``location``; nothing there is not an error."""
+    fs, path = filesystem(location)
+    with contextlib.suppress(FileNotFoundError):
+        fs.delete_file(path)
+
+
 def write_atomically(location: str | os.PathLike, write: Callable[[BinaryIO], None]) -> str:
     """``write(file)`` to ``location`` so that a reader never sees half a file, and a crash
     leaves the old file (or none).

@@ -8,6 +8,7 @@ import scipy.sparse as sp
 import torch
 
 from recoder_dist.data import Collator, RecommendationDataset
+from recoder_dist.data.epoch_order import RowBlocks
 from recoder_dist.data.ray_dataset import user_rows_table
 from recoder_dist.losses import build_loss
 from recoder_dist.nn import DynamicAutoencoder, MatrixFactorization
@@ -16,15 +17,16 @@ from recoder_dist.training.schedule import agreed_steps, epoch_batches
 from recoder_dist.training.step import batch_loss
 
 
-class FakeShard:
-    """What ``ray.train.get_dataset_shard`` returns, reduced to ``iter_batches``, over a table."""
+def blocks_of(table, rows_per_block=4) -> RowBlocks:
+    """The table in blocks, each block its own reference (what ``ray.get`` would fetch)."""
+    starts = range(0, table.num_rows, rows_per_block)
+    slices = tuple(table.slice(start, rows_per_block) for start in starts)
+    return RowBlocks(slices, tuple(s.num_rows for s in slices))
 
-    def __init__(self, table):
-        self.table = table
 
-    def iter_batches(self, batch_size, batch_format, **_):
-        for start in range(0, self.table.num_rows, batch_size):
-            yield self.table.slice(start, batch_size)
+def one_rank(blocks, collator, steps, note=None):
+    kwargs = {"note": note} if note else {}
+    return epoch_batches(blocks, collator, steps, (0, 1, 0), 1, fetch=lambda t: t, **kwargs)
 
 
 def settings(rows, batch_size, sampling_users=0, iters=None) -> TrainSettings:
@@ -71,9 +73,9 @@ def data(users=23, items=12):
 def test_a_short_shard_is_padded_with_empty_batches(negative_sampling):
     dataset = data()
     collator = Collator(num_items=12, batch_size=5, negative_sampling=negative_sampling)
-    shard = FakeShard(user_rows_table(dataset))
+    blocks = blocks_of(user_rows_table(dataset))
     notes = []
-    batches = list(epoch_batches(shard, collator, steps=7, shuffle_seed=0, note=notes.append))
+    batches = list(one_rank(blocks, collator, 7, notes.append))
     assert len(batches) == 7
     assert [b.shape[0] for b in batches] == [5, 5, 5, 5, 3, 0, 0]
     assert notes == ["a worker ran out of rows at step 5 of 7: empty batches pad it"]
@@ -83,9 +85,8 @@ def test_a_short_shard_is_padded_with_empty_batches(negative_sampling):
 
 def test_a_long_shard_is_cut_at_the_agreed_steps():
     collator = Collator(num_items=12, batch_size=5)
-    shard = FakeShard(user_rows_table(data()))
     notes = []
-    batches = epoch_batches(shard, collator, steps=2, shuffle_seed=0, note=notes.append)
+    batches = one_rank(blocks_of(user_rows_table(data())), collator, 2, notes.append)
     assert len(list(batches)) == 2
     assert notes == []
 
@@ -95,8 +96,7 @@ def test_a_long_shard_is_cut_at_the_agreed_steps():
 def test_an_empty_batch_has_zero_loss_and_gradient(model, negative_sampling):
     model.init_model(num_items=12, num_users=23)
     collator = Collator(num_items=12, batch_size=5, negative_sampling=negative_sampling)
-    shard = FakeShard(user_rows_table(data()).slice(0, 0))
-    (empty,) = epoch_batches(shard, collator, steps=1, shuffle_seed=0)
+    (empty,) = one_rank(blocks_of(user_rows_table(data()).slice(0, 0)), collator, 1)
     loss = batch_loss(model, build_loss("logloss"), empty, torch.device("cpu"))
     loss.backward()
     assert loss.item() == 0.0

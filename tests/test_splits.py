@@ -176,16 +176,21 @@ def test_prepare_mult_vae_on_ml_latest_small(tmp_path):
     assert raw_pairs(loaded.split, loaded.user_id_map, loaded.item_id_map) == pairs
     meta = json.loads((tmp_path / "split.json").read_text())
     assert meta["split"] == "strong" and meta["config"]["num_test_users"] == 50
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "item_id_map.json",
-        "split.json",
-        "test_input.npz",
-        "test_target.npz",
-        "train.npz",
-        "user_id_map.json",
-        "val_input.npz",
-        "val_target.npz",
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["split.json", *listed(meta)])
+    assert sorted(meta["parts"]) == ["test", "train", "validation"]
+    assert [len(meta["parts"][part]["files"]) for part in ("train", "validation", "test")] == [
+        1,
+        1,
+        1,
     ]
+
+
+def listed(meta: dict) -> list[str]:
+    """The files that a split.json lists."""
+    names = list(meta["id_maps"].values())
+    for part in meta["parts"].values():
+        names += part["files"] if part else []
+    return names
 
 
 def test_prepare_drops_items_unseen_in_training(tmp_path):
@@ -224,7 +229,9 @@ def test_prepare_weak_split_reads_back(tmp_path):
             written = getattr(getattr(prepared.split, name), matrix)
             read = getattr(getattr(loaded.split, name), matrix)
             assert (written is None and read is None) or (written != read).nnz == 0
-    # Without validation the earlier val_* files go.
+    # Prepared again without validation: the earlier split's files go, validation's too.
     prepare(events, tmp_path, WeakSplitConfig(seed=1))
     assert load_prepared(tmp_path).split.validation is None
-    assert not (tmp_path / "val_input.npz").exists()
+    meta = json.loads((tmp_path / "split.json").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["split.json", *listed(meta)])
+    assert not any(p.name.startswith("validation") for p in tmp_path.iterdir())

@@ -30,7 +30,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from ray.tune.schedulers import ASHAScheduler
 
 from recoder_dist import storage
-from recoder_dist.datasets import load_prepared
+from recoder_dist.datasets import open_prepared
 from recoder_dist.metrics import NDCG, Recall
 from recoder_dist.model import Recoder
 from recoder_dist.nn import DynamicAutoencoder
@@ -55,7 +55,7 @@ CHOSEN = (
 
 def run_trial(config: dict) -> None:
     """One trial: a Tune function trainable that drives one distributed training run."""
-    split = load_prepared(config["data"]).split
+    split = open_prepared(config["data"])  # the rows are read by the cluster
     model = DynamicAutoencoder(
         hidden_layers=config["hidden_layers"],
         activation_type="tanh",

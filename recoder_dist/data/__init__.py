@@ -2,5 +2,6 @@
 
 from recoder_dist.data.collator import Collator, SparseBatch, UserRows
 from recoder_dist.data.dataset import RecommendationDataset
+from recoder_dist.data.parquet_rows import UserRowFiles
 
-__all__ = ["Collator", "RecommendationDataset", "SparseBatch", "UserRows"]
+__all__ = ["Collator", "RecommendationDataset", "SparseBatch", "UserRowFiles", "UserRows"]

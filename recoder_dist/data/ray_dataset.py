@@ -12,10 +12,14 @@ import pyarrow as pa
 
 from recoder_dist.data.collator import UserRows
 from recoder_dist.data.dataset import RecommendationDataset
+from recoder_dist.data.epoch_order import RowBlocks
 
 # Rows per Arrow block: small enough that Ray Data can spread and reorder blocks across workers,
 # large enough that per-block overhead stays negligible.
 DEFAULT_ROWS_PER_BLOCK = 2048
+# Rows per block of the training rows, the unit that each epoch's order permutes: small, so
+# that a window of a few sampling groups mixes users of many blocks.
+TRAIN_ROWS_PER_BLOCK = 256
 
 
 def user_rows_table(dataset: RecommendationDataset, users: np.ndarray | None = None) -> pa.Table:
@@ -49,6 +53,22 @@ def to_ray_dataset(table: pa.Table, rows_per_block: int = DEFAULT_ROWS_PER_BLOCK
         raise ValueError("cannot build a Ray Dataset with no user rows")
     blocks = [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
     return ray.data.from_arrow(blocks)
+
+
+def row_blocks(dataset) -> RowBlocks:
+    """The blocks of the Ray Dataset ``dataset`` in the object store, with their row counts.
+    Executes the dataset on the cluster (reading files there); this process receives object
+    references and metadata, not rows."""
+    refs, rows = [], []
+    # iter_internal_ref_bundles is a DeveloperAPI: the public to_arrow_refs() gives no row
+    # counts, which would cost a task per block to learn.
+    for bundle in dataset.iter_internal_ref_bundles():
+        for entry, piece in zip(bundle.blocks, bundle.slices):
+            if piece is not None:
+                raise RuntimeError("a Ray Data bundle holds a slice of a block; unexpected here")
+            refs.append(entry.ref)
+            rows.append(int(entry.metadata.num_rows))
+    return RowBlocks(tuple(refs), tuple(rows))
 
 
 def rows_from_arrow(batch: pa.Table | pa.RecordBatch, prefix: str = "") -> UserRows:

@@ -19,9 +19,11 @@ from recoder_dist.datasets.movielens import (
 )
 from recoder_dist.datasets.prepare import (
     Prepared,
+    PreparedFiles,
     StrongSplitConfig,
     WeakSplitConfig,
     load_prepared,
+    open_prepared,
     prepare,
 )
 from recoder_dist.datasets.splits import (
@@ -34,6 +36,7 @@ from recoder_dist.datasets.splits import (
 __all__ = [
     "RELEASES",
     "Prepared",
+    "PreparedFiles",
     "StrongSplit",
     "StrongSplitConfig",
     "TrainTest",
@@ -46,6 +49,7 @@ __all__ = [
     "load_movielens",
     "load_prepared",
     "load_train_test",
+    "open_prepared",
     "prepare",
     "read_counted_user_items",
     "read_ml100k_ratings",

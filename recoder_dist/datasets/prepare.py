@@ -1,15 +1,20 @@
-"""From an event table to evaluation splits on disk: ``.npz`` matrices and JSON id maps.
+"""From an event table to evaluation splits on disk: Parquet user rows and JSON id maps.
 
 ``prepare`` binarizes the events (optionally keeping only values above a threshold, as
 Mult-VAE keeps ratings > 3.5), keeps users with at least ``min_items`` items, maps ids to
 ``0..n-1`` in sorted order (so the result depends on the set of events, not on their order),
 splits, and writes::
 
-    train.npz  val_input.npz  val_target.npz  test_input.npz  test_target.npz
-    user_id_map.json  item_id_map.json  split.json
+    train-T-00000.parquet ...        the training users' rows
+    validation-T-00000.parquet ...   validation users: input and target items (if any)
+    test-T-00000.parquet ...         test users: input and target items
+    user_id_map-T.json  item_id_map-T.json
+    split.json
 
-(no ``val_*`` for a weak split without validation items). ``split.json`` is written last and
-records the configuration and sizes; :func:`load_prepared` reads everything back.
+(``T`` a token of the write). The Parquet files are ``parquet_rows``' user rows, which the
+cluster reads (:func:`open_prepared` and ``Recoder.train``); an evaluation part holds the users
+that have target items. ``split.json``, written last and atomically, lists the files and records
+the configuration and sizes; :func:`load_prepared` reads everything into memory.
 """
 
 from __future__ import annotations
@@ -17,17 +22,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from recoder_dist import storage
 from recoder_dist.data.dataset import RecommendationDataset
+from recoder_dist.data.parquet_rows import UserRowFiles, write_user_rows
+from recoder_dist.data.ray_dataset import user_rows_table
 from recoder_dist.datasets.splits import (
     StrongSplit,
     WeakSplit,
@@ -37,6 +43,7 @@ from recoder_dist.datasets.splits import (
 from recoder_dist.utils import dataframe_to_csr_matrix, load_id_map, save_id_map
 
 _FORMAT = "recoder_dist.prepared"
+_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -127,69 +134,74 @@ def prepare(
             min_items=split.min_items,
             seed=split.seed,
         )
-    if storage.is_uri(out_dir):
-        # Written locally, then uploaded file by file, split.json (which marks it complete) last.
-        with tempfile.TemporaryDirectory(prefix="recoder-dist-prepare-") as local:
-            _write(Path(local), split, positive_above, result, user_id_map, item_id_map)
-            names = sorted(os.listdir(local), key=lambda name: name == "split.json")
-            for name in names:
-                storage.upload(os.path.join(local, name), storage.join(out_dir, name))
-    else:
-        _write(Path(out_dir), split, positive_above, result, user_id_map, item_id_map)
+    _write(storage.normalized(out_dir), split, positive_above, result, user_id_map, item_id_map)
     return Prepared(result, user_id_map, item_id_map)
 
 
-def load_prepared(out_dir: str | os.PathLike) -> Prepared:
-    """Reads a split written by :func:`prepare`, from a folder or a URI."""
-    if storage.is_uri(out_dir):
-        return _load_prepared_uri(storage.normalized(out_dir))
-    out_dir = Path(out_dir)
-    try:
-        meta = json.loads((out_dir / "split.json").read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{out_dir} holds no split.json: not written by prepare") from None
+@dataclass(frozen=True)
+class PreparedFiles:
+    """What ``split.json`` says of a prepared split: its parts as Parquet user rows (read by
+    the cluster), and where the id maps are. Nothing else is read."""
+
+    location: str
+    meta: dict
+    train: UserRowFiles
+    validation: UserRowFiles | None
+    test: UserRowFiles
+
+    def id_map_path(self, kind: str) -> str:
+        return storage.join(self.location, self.meta["id_maps"][kind])
+
+
+def open_prepared(location: str | os.PathLike) -> PreparedFiles:
+    """Reads the ``split.json`` of a split written by :func:`prepare` (a folder or a URI).
+
+    Raises:
+        FileNotFoundError: no ``split.json`` there.
+        ValueError: it was not written by this version of ``prepare``.
+    """
+    location = storage.normalized(location)
+    meta_path = storage.join(location, "split.json")
+    if not storage.is_file(meta_path):
+        raise FileNotFoundError(f"{location} holds no split.json: not written by prepare")
+    with storage.local_copy(meta_path) as local:
+        try:
+            meta = json.loads(Path(local).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            meta = None
     if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
-        raise ValueError(f"{out_dir / 'split.json'} was not written by prepare")
-    user_id_map = load_id_map(out_dir / "user_id_map.json")
-    item_id_map = load_id_map(out_dir / "item_id_map.json")
-
-    def dataset(input_name, target_name=None):
-        matrix = sp.load_npz(out_dir / f"{input_name}.npz")
-        if matrix.shape != (len(user_id_map), len(item_id_map)):
-            raise ValueError(f"{out_dir / input_name}.npz does not match the id maps' sizes")
-        target = None if target_name is None else sp.load_npz(out_dir / f"{target_name}.npz")
-        return RecommendationDataset(matrix, target)
-
-    validation = dataset("val_input", "val_target") if meta["has_validation"] else None
-    parts = {"train": dataset("train"), "validation": validation}
-    parts["test"] = dataset("test_input", "test_target")
-    split = StrongSplit(**parts) if meta["split"] == "strong" else WeakSplit(**parts)
-    return Prepared(split, user_id_map, item_id_map)
+        raise ValueError(f"{meta_path} was not written by prepare")
+    if meta.get("version") != _VERSION:
+        raise ValueError(
+            f"{meta_path} is of version {meta.get('version')} of prepare's format (this "
+            f"version reads {_VERSION}, user rows in Parquet): run prepare again"
+        )
+    parts = {
+        name: None if described is None else UserRowFiles.described(location, described)
+        for name, described in meta["parts"].items()
+    }
+    return PreparedFiles(location, meta, parts["train"], parts["validation"], parts["test"])
 
 
-def _load_prepared_uri(location: str) -> Prepared:
-    """Downloads the split's files into a temporary folder and reads them there."""
-    with tempfile.TemporaryDirectory(prefix="recoder-dist-prepared-") as local:
-        for name in _FILES:
-            source = storage.join(location, name)
-            if name == "split.json" and not storage.is_file(source):
-                raise FileNotFoundError(f"{location} holds no split.json: not written by prepare")
-            if storage.is_file(source):
-                with storage.local_copy(source) as path:
-                    shutil.copyfile(path, os.path.join(local, name))
-        return load_prepared(local)
-
-
-_FILES = (
-    "split.json",
-    "user_id_map.json",
-    "item_id_map.json",
-    "train.npz",
-    "val_input.npz",
-    "val_target.npz",
-    "test_input.npz",
-    "test_target.npz",
-)
+def load_prepared(location: str | os.PathLike) -> Prepared:
+    """Reads a split written by :func:`prepare` into memory, from a folder or a URI."""
+    files = open_prepared(location)
+    parts = {
+        name: None if part is None else part.to_dataset()
+        for name, part in (
+            ("train", files.train),
+            ("validation", files.validation),
+            ("test", files.test),
+        )
+    }
+    split = StrongSplit(**parts) if files.meta["split"] == "strong" else WeakSplit(**parts)
+    maps = {}
+    for kind in ("user", "item"):
+        with storage.local_copy(files.id_map_path(kind)) as local:
+            maps[kind] = load_id_map(local)
+    if (len(maps["user"]), len(maps["item"])) != (files.train.num_users, files.train.num_items):
+        raise ValueError(f"{files.location}: the id maps do not match the user rows' sizes")
+    return Prepared(split, maps["user"], maps["item"])
 
 
 def _binary_matrix(events: pd.DataFrame, positive_above, min_items: int):
@@ -217,21 +229,35 @@ def _training_items_only(split: StrongSplit, item_id_map: dict):
     return compact, {ids[index]: new for new, index in enumerate(seen)}
 
 
-def _write(out_dir: Path, config, positive_above, split, user_id_map, item_id_map) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "split.json").unlink(missing_ok=True)  # marks the folder incomplete until done
-    for stale in ("val_input.npz", "val_target.npz"):
-        (out_dir / stale).unlink(missing_ok=True)
-    sp.save_npz(out_dir / "train.npz", split.train.interactions)
-    for prefix, part in (("val", split.validation), ("test", split.test)):
-        if part is not None:
-            sp.save_npz(out_dir / f"{prefix}_input.npz", part.interactions)
-            sp.save_npz(out_dir / f"{prefix}_target.npz", part.target)
-    save_id_map(out_dir / "user_id_map.json", user_id_map)
-    save_id_map(out_dir / "item_id_map.json", item_id_map)
+def _write(location: str, config, positive_above, split, user_id_map, item_id_map) -> None:
+    """Writes the split's files under names of their own (a fresh token), then ``split.json``
+    in one atomic write, then deletes the files of the split it replaces: a reader sees the
+    old split or the new one, and a failure halfway loses nothing already there."""
+    token = uuid.uuid4().hex[:8]
+    previous = _listed_files(location)
+    with tempfile.TemporaryDirectory(prefix="recoder-dist-prepare-") as local:
+        parts = {}
+        for name, part in (
+            ("train", split.train),
+            ("validation", split.validation),
+            ("test", split.test),
+        ):
+            if part is None:
+                parts[name] = None
+                continue
+            users = part.users if part.target is None else _target_users(part)
+            table = user_rows_table(part, users)
+            parts[name] = write_user_rows(table, local, f"{name}-{token}", part).description()
+        id_maps = {kind: f"{kind}_id_map-{token}.json" for kind in ("user", "item")}
+        save_id_map(os.path.join(local, id_maps["user"]), user_id_map)
+        save_id_map(os.path.join(local, id_maps["item"]), item_id_map)
+        if not storage.is_uri(location):
+            os.makedirs(location, exist_ok=True)
+        for name in sorted(os.listdir(local)):
+            storage.upload(os.path.join(local, name), storage.join(location, name))
     meta = {
         "format": _FORMAT,
-        "version": 1,
+        "version": _VERSION,
         "split": config.kind,
         "config": dataclasses.asdict(config),
         "positive_above": positive_above,
@@ -240,5 +266,29 @@ def _write(out_dir: Path, config, positive_above, split, user_id_map, item_id_ma
         "num_items": len(item_id_map),
         "train_users": len(split.train),
         "test_users": len(split.test),
+        "parts": parts,
+        "id_maps": id_maps,
     }
-    (out_dir / "split.json").write_text(json.dumps(meta, indent=1) + "\n")
+    text = json.dumps(meta, indent=1) + "\n"
+    storage.write_atomically(storage.join(location, "split.json"), lambda f: f.write(text.encode()))
+    for name in previous - _listed_files(location):
+        storage.delete(storage.join(location, name))
+
+
+def _target_users(part: RecommendationDataset):
+    """The users that an evaluation part holds: those with target items."""
+    return np.flatnonzero(np.diff(part.target.indptr))
+
+
+def _listed_files(location: str) -> set[str]:
+    """The files that the split at ``location`` consists of (none if there is none, or an
+    earlier version's, whose files are left alone)."""
+    try:
+        files = open_prepared(location)
+    except (FileNotFoundError, ValueError):
+        return set()
+    names = set(files.meta["id_maps"].values())
+    for part in (files.train, files.validation, files.test):
+        if part is not None:
+            names.update(part.files)
+    return names

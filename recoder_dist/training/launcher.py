@@ -13,6 +13,7 @@ import torch.distributed as dist
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from recoder_dist.data.epoch_order import RowBlocks
 from recoder_dist.training.config import WorkerJob
 from recoder_dist.training.progress import ProgressPrinter, epochs_between_lines
 from recoder_dist.training.snapshot import Snapshot, load_snapshot
@@ -44,6 +45,21 @@ def ensure_ray() -> None:
         ray.init(**_console_settings())
     else:
         init_local_ray()
+    if not verbose():
+        _quiet_ray_data_console()
+
+
+def _quiet_ray_data_console() -> None:
+    """Ray Data's INFO lines (each dataset that this process executes, e.g. reading the
+    training rows) stay in its log file, off the console."""
+    import ray.data  # sets up Ray Data's logging
+
+    ray.data.DataContext.get_current().print_on_execution_start = False
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(
+            handler, logging.FileHandler
+        ):
+            handler.setLevel(logging.WARNING)
 
 
 def init_local_ray(**kwargs) -> None:
@@ -88,6 +104,7 @@ def _torch_backend(use_cuda: bool) -> str:
 def run_job(
     job: WorkerJob,
     datasets: dict,
+    train_blocks: RowBlocks | None = None,
     *,
     num_workers: int,
     cpus_per_worker: float,
@@ -97,7 +114,9 @@ def run_job(
     callbacks: list | None = None,
 ) -> RunOutput:
     """Runs ``job`` on ``num_workers`` Ray Train workers (in this process when 0, which the
-    job must say too), logging rank 0's per-epoch progress on the driver as it arrives.
+    job must say too), training on ``train_blocks`` and evaluating the users of
+    ``datasets["eval"]`` (every worker reads it whole and keeps its own rows), logging rank
+    0's per-epoch progress on the driver as it arrives.
 
     The run keeps its checkpoints under ``storage_path`` (a temporary folder on this machine
     when None) as ``run_name`` (a new name when None); a run of that name that stopped there
@@ -133,6 +152,7 @@ def run_job(
             worker_loop,
             train_loop_config={
                 "job": job if job.in_process else ray.put(job),
+                "train_blocks": train_blocks if job.in_process else ray.put(train_blocks),
                 "progress": progress.log,
             },
             torch_config=TorchConfig(backend=_torch_backend(job.use_cuda)),
@@ -140,7 +160,7 @@ def run_job(
                 num_workers=num_workers, use_gpu=job.use_cuda, resources_per_worker=resources
             ),
             datasets=datasets,
-            dataset_config=DataConfig(datasets_to_split=["train"] if "train" in datasets else []),
+            dataset_config=DataConfig(datasets_to_split=[]),
             run_config=RunConfig(
                 name=run_name or f"recoder-dist-{uuid.uuid4().hex[:8]}",
                 storage_path=storage_path,

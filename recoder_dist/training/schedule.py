@@ -6,10 +6,13 @@ import itertools
 import logging
 
 import numpy as np
+import ray
 import torch
 import torch.distributed as dist
 
 from recoder_dist.data.collator import Collator, SparseBatch, batches_per_group
+from recoder_dist.data.epoch_order import RowBlocks, rank_rows, shuffled_groups
+from recoder_dist.data.parquet_rows import checked
 from recoder_dist.data.ray_dataset import rows_from_arrow
 from recoder_dist.training.config import TrainSettings
 
@@ -17,8 +20,8 @@ logger = logging.getLogger(__name__)
 
 
 def agreed_steps(settings: TrainSettings, collator: Collator, world: int, device) -> int:
-    """Steps every rank runs this epoch. ``streaming_split(equal=True)`` gives each rank
-    ``rows // world`` rows; the all-reduce (min) makes any disagreement impossible."""
+    """Steps every rank runs this epoch. ``rank_rows`` gives each rank ``rows // world`` rows
+    or one more; the all-reduce (min) makes any disagreement impossible."""
     rows = settings.num_train_rows // world
     group = collator.num_sampling_users
     steps = (rows // group) * (group // settings.batch_size)
@@ -36,17 +39,31 @@ def agreed_steps(settings: TrainSettings, collator: Collator, world: int, device
     return steps
 
 
-def epoch_batches(shard, collator: Collator, steps: int, shuffle_seed: int, note=logger.warning):
-    """Exactly ``steps`` batches; a rank whose shard runs dry pads with empty batches (zero
-    gradient) so that the collectives of the other ranks still find a partner, and says so
-    once through ``note``."""
-    groups = shard.iter_batches(
-        batch_size=collator.num_sampling_users,
-        batch_format="pyarrow",
-        local_shuffle_buffer_size=max(4 * collator.num_sampling_users, 1024),
-        local_shuffle_seed=shuffle_seed,
+def epoch_batches(
+    blocks: RowBlocks,
+    collator: Collator,
+    steps: int,
+    seeds: tuple[int, int, int],
+    world: int,
+    fetch=ray.get,
+    note=logger.warning,
+):
+    """Exactly ``steps`` batches of rank ``seeds[2]``'s rows in epoch ``seeds[1]`` (see
+    ``epoch_order``); a rank whose rows run dry pads with empty batches (zero gradient) so
+    that the collectives of the other ranks still find a partner, and says so once through
+    ``note``."""
+    seed, epoch, rank = seeds
+    groups = shuffled_groups(
+        rank_rows(blocks, seed, epoch, rank, world, fetch),
+        collator.num_sampling_users,
+        window=max(4 * collator.num_sampling_users, 1024),
+        seed=seeds,
     )
-    batches = (batch for group in groups for batch in collator(rows_from_arrow(group)))
+    batches = (
+        batch
+        for group in groups
+        for batch in collator(checked(rows_from_arrow(group), collator.num_items, "training rows"))
+    )
     empty = SparseBatch(
         users=np.zeros(0, np.int64),
         items=np.zeros(0, np.int64) if collator.negative_sampling else None,

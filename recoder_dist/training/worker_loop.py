@@ -24,6 +24,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from recoder_dist import storage
 from recoder_dist.data.collator import Collator
+from recoder_dist.data.epoch_order import RowBlocks
+from recoder_dist.data.parquet_rows import checked
 from recoder_dist.data.ray_dataset import rows_from_arrow
 from recoder_dist.losses import build_loss
 from recoder_dist.training.config import EvalSettings, TrainSettings, WorkerJob
@@ -44,13 +46,15 @@ def worker_loop(config: dict) -> None:
     """Entry point of ``TorchTrainer(train_loop_per_worker=...)``.
 
     ``config["job"]`` is a :class:`WorkerJob` or an ObjectRef to one (a large model crosses the
-    object store once); ``config["progress"]`` the actor that rank 0 sends each epoch's record
-    to. An evaluation job reports its results (every rank, as Ray Train requires); a training
+    object store once); ``config["train_blocks"]`` the :class:`RowBlocks` of the training rows
+    (or an ObjectRef to them); ``config["progress"]`` the actor that rank 0 sends each epoch's
+    record to. An evaluation job reports its results (every rank, as Ray Train requires); a training
     job reports the epochs that evaluate or checkpoint, the last one always.
     """
-    job = config["job"]
-    if isinstance(job, ray.ObjectRef):
-        job = ray.get(job)
+    job, blocks = (
+        ray.get(value) if isinstance(value, ray.ObjectRef) else value
+        for value in (config["job"], config["train_blocks"])
+    )
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     progress = config["progress"]
@@ -65,7 +69,7 @@ def worker_loop(config: dict) -> None:
     # In-process, the loop seeds torch's global RNG: give the caller's RNG state back after.
     cuda = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda, enabled=job.in_process):
-        _train(model, job, progress, device, rank, world)
+        _train(model, job, blocks, progress, device, rank, world)
 
 
 def _device(use_cuda: bool, rank: int, progress) -> torch.device:
@@ -90,7 +94,7 @@ def _note(progress, message: str) -> None:
     progress.note.remote(message)
 
 
-def _train(model, job: WorkerJob, progress, device, rank: int, world: int):
+def _train(model, job: WorkerJob, blocks: RowBlocks, progress, device, rank: int, world: int):
     settings: TrainSettings = job.train
     start_epoch, optimizer_state = _resume(model, job, rank, progress)
     sparse_names = sparse_parameter_names(model)
@@ -116,14 +120,18 @@ def _train(model, job: WorkerJob, progress, device, rank: int, world: int):
         negative_sampling=settings.negative_sampling,
     )
     steps = agreed_steps(settings, collator, world, device)
-    shard = ray.train.get_dataset_shard("train")
 
     last_epoch = job.start_epoch + settings.num_epochs
     epochs = range(start_epoch + 1, last_epoch + 1)
-    # Made ahead in a thread: the next epoch's Ray Data start overlaps this epoch's last steps.
+    # Made ahead in a thread: fetching the next blocks overlaps the steps.
     data = (
         epoch_batches(
-            shard, collator, steps, _epoch_seed(job.seed, epoch, rank), lambda m: _note(progress, m)
+            blocks,
+            collator,
+            steps,
+            (job.seed, epoch, rank),
+            world,
+            note=lambda m: _note(progress, m),
         )
         for epoch in epochs
     )
@@ -260,8 +268,8 @@ def _evaluate(model, job: WorkerJob, device, rank: int, world: int) -> dict:
             table = table.filter(owned)
         batch_sums, batch_count = metric_sums(
             model,
-            rows_from_arrow(table),
-            rows_from_arrow(table, "target_"),
+            checked(rows_from_arrow(table), job.num_items, "evaluation rows"),
+            checked(rows_from_arrow(table, "target_"), job.num_items, "evaluation targets"),
             list(settings.metrics),
             settings.num_recommendations,
             job.num_items,

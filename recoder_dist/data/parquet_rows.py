@@ -1,0 +1,197 @@
+"""User rows in Parquet files: what ``prepare`` writes and the cluster reads.
+
+A table of user rows (``ray_dataset.user_rows_table``'s schema: ``user``, ``position``,
+``items: list<int32>``, ``values: list<float32>``, and ``target_items``/``target_values`` for
+evaluation users) is written as a few Parquet files, in row groups of
+``DEFAULT_ROWS_PER_BLOCK`` rows. :class:`UserRowFiles` describes them: where they are, their
+sizes, and the catalog's. Training and evaluation hand that description to the cluster, which
+reads the files with ``ray.data.read_parquet``; the driver reads the files' footers only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from recoder_dist import storage
+from recoder_dist.data.collator import UserRows
+from recoder_dist.data.dataset import RecommendationDataset
+from recoder_dist.data.ray_dataset import DEFAULT_ROWS_PER_BLOCK, rows_from_arrow
+
+# Interactions per file: about 64 MB of item ids and values, so that a large table is many
+# files (read in parallel, spread over the nodes) and a small one is one file.
+INTERACTIONS_PER_FILE = 8_000_000
+
+_REQUIRED = {
+    "user": pa.int64(),
+    "position": pa.int64(),
+    "items": pa.list_(pa.int32()),
+    "values": pa.list_(pa.float32()),
+}
+_TARGET = {"target_items": pa.list_(pa.int32()), "target_values": pa.list_(pa.float32())}
+
+
+@dataclass(frozen=True)
+class UserRowFiles:
+    """A table of user rows in Parquet files, at ``location`` (a folder or a URI).
+
+    Pass it to ``Recoder.train``/``evaluate`` in place of a ``RecommendationDataset``: the
+    cluster reads the rows; the driver holds this description only.
+    """
+
+    location: str
+    files: tuple[str, ...]  # names under location, in row order
+    num_users: int  # the catalog's: user ids are below it
+    num_items: int  # item ids are below it
+    num_rows: int
+    num_interactions: int
+    has_target: bool
+
+    @property
+    def paths(self) -> list[str]:
+        return [storage.join(self.location, name) for name in self.files]
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def description(self) -> dict:
+        """What ``prepare``'s ``split.json`` records of it (its location aside)."""
+        fields = dataclasses.asdict(self)
+        del fields["location"]
+        fields["files"] = list(self.files)
+        return fields
+
+    @classmethod
+    def described(cls, location: str, description: dict) -> UserRowFiles:
+        try:
+            fields = {
+                f.name: description[f.name] for f in dataclasses.fields(cls) if f.name != "location"
+            }
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"the description of the user rows at {location} lacks {e}") from None
+        fields["files"] = tuple(fields["files"])
+        return cls(location=storage.normalized(location), **fields)
+
+    def ray_dataset(self):
+        """The rows as a Ray Dataset: read by the cluster (``read_parquet``) from a URI; from a
+        local folder, which other nodes may not see, read here a row group at a time into the
+        object store. Either way this process never holds more than a row group of them.
+
+        Raises:
+            FileNotFoundError: a file is missing.
+            ValueError: the files do not hold user rows (a column missing or of another type).
+        """
+        import ray
+        import ray.data
+
+        for path in self.paths:
+            if not storage.is_file(path):
+                raise FileNotFoundError(f"the user rows' file {path} is missing")
+        if storage.is_uri(self.location):
+            dataset = ray.data.read_parquet(self.paths, shuffle=None)
+            check_schema(dataset.schema().base_schema, self.has_target, self.location)
+            return dataset
+        refs = []
+        for path in self.paths:
+            parquet = pq.ParquetFile(path)
+            check_schema(parquet.schema_arrow, self.has_target, path)
+            refs += [ray.put(parquet.read_row_group(i)) for i in range(parquet.num_row_groups)]
+        return ray.data.from_arrow_refs(refs)
+
+    def to_dataset(self) -> RecommendationDataset:
+        """The rows read here, as a matrix (for data that fits this machine)."""
+        shape = (self.num_users, self.num_items)
+        inputs, targets = [], []
+        for path in self.paths:
+            with storage.local_copy(path) as local:
+                table = pq.read_table(local)
+            check_schema(table.schema, self.has_target, path)
+            inputs.append(checked(rows_from_arrow(table), self.num_items, path))
+            if self.has_target:
+                targets.append(checked(rows_from_arrow(table, "target_"), self.num_items, path))
+        matrix = _csr(inputs, shape)
+        return RecommendationDataset(matrix, _csr(targets, shape) if self.has_target else None)
+
+
+def write_user_rows(table: pa.Table, folder: str, name: str, dataset: RecommendationDataset):
+    """Writes ``table`` (rows of ``dataset``) as ``{name}-NNNNN.parquet`` files in the local
+    ``folder``; returns their description (with ``folder`` as its location)."""
+    lengths = np.diff(table.column("items").combine_chunks().offsets.to_numpy())
+    bounds = _file_bounds(lengths, INTERACTIONS_PER_FILE)
+    files = []
+    for number, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+        files.append(f"{name}-{number:05d}.parquet")
+        pq.write_table(
+            table.slice(start, stop - start),
+            storage.join(folder, files[-1]),
+            row_group_size=DEFAULT_ROWS_PER_BLOCK,
+        )
+    return UserRowFiles(
+        location=folder,
+        files=tuple(files),
+        num_users=dataset.num_users,
+        num_items=dataset.num_items,
+        num_rows=table.num_rows,
+        num_interactions=int(lengths.sum()),
+        has_target="target_items" in table.column_names,
+    )
+
+
+def _file_bounds(lengths: np.ndarray, per_file: int) -> list[int]:
+    """Row boundaries of files holding about ``per_file`` interactions each (at least one
+    file, even for an empty table)."""
+    ends = np.cumsum(lengths)
+    cuts = np.searchsorted(ends, np.arange(per_file, ends[-1] if len(ends) else 0, per_file))
+    return sorted({0, *(int(c) + 1 for c in cuts if c + 1 < len(lengths)), len(lengths)})
+
+
+def check_schema(schema: pa.Schema, needs_target: bool, where: str) -> None:
+    """A clear error for a table that is not user rows."""
+    wanted = {**_REQUIRED, **(_TARGET if needs_target else {})}
+    for column, kind in wanted.items():
+        index = schema.get_field_index(column)
+        if index < 0:
+            raise ValueError(f"{where} is not a table of user rows: no column {column!r}")
+        if not schema.field(index).type.equals(kind):
+            raise ValueError(
+                f"{where}: column {column!r} is {schema.field(index).type}, expected {kind}"
+            )
+
+
+def checked(rows: UserRows, num_items: int, where: str) -> UserRows:
+    """``rows`` after checking what training takes on trust from a file: item ids in
+    ``[0, num_items)``, sorted and distinct within each row."""
+    indices = rows.indices
+    if len(indices):
+        low, high = indices.min(), indices.max()
+        if low < 0 or high >= num_items:
+            raise ValueError(
+                f"{where}: item id {high if high >= num_items else low} is out of "
+                f"range for {num_items} items"
+            )
+        steps = np.diff(indices)
+        within_row = np.ones(len(steps), dtype=bool)
+        row_starts = rows.indptr[1:-1]
+        within_row[row_starts[(row_starts > 0) & (row_starts < len(indices))] - 1] = False
+        if (steps[within_row] <= 0).any():
+            raise ValueError(f"{where}: a row's item ids are not sorted and distinct")
+    return rows
+
+
+def _csr(blocks: list[UserRows], shape: tuple[int, int]):
+    import scipy.sparse as sp
+
+    if not blocks:
+        return sp.csr_matrix(shape, dtype=np.float32)
+    users = np.concatenate([b.users for b in blocks])
+    counts = np.concatenate([np.diff(b.indptr) for b in blocks])
+    if len(users) and (users.min() < 0 or users.max() >= shape[0]):
+        raise ValueError(f"a user id is out of range for {shape[0]} users")
+    rows = np.repeat(users, counts)
+    cols = np.concatenate([b.indices for b in blocks]).astype(np.int64)
+    values = np.concatenate([b.values for b in blocks])
+    return sp.csr_matrix((values, (rows, cols)), shape=shape, dtype=np.float32)

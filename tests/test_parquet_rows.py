@@ -1,0 +1,165 @@
+"""User rows in Parquet files: read by the cluster, trained on exactly as the matrix they hold,
+and refused with a clear error when they are not what training takes on trust."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from recoder_dist.data.parquet_rows import UserRowFiles, checked, write_user_rows
+from recoder_dist.data.ray_dataset import rows_from_arrow, user_rows_table
+from recoder_dist.datasets import load_prepared, open_prepared
+from recoder_dist.metrics import NDCG, Recall
+from recoder_dist.model import Recoder
+from recoder_dist.nn import DynamicAutoencoder
+
+# The module (the package exports its function of the same name).
+prepare_module = importlib.import_module("recoder_dist.datasets.prepare")
+
+
+def train(split, workers: int):
+    """Two epochs of a small autoencoder with negative sampling, evaluated at the end."""
+    recoder = Recoder(DynamicAutoencoder([16], sparse=True), num_workers=workers, seed=5)
+    history = recoder.train(
+        split.train,
+        split.validation,
+        batch_size=50,
+        num_sampling_users=100,
+        num_epochs=2,
+        negative_sampling=True,
+        eval_freq=2,
+        metrics=[Recall(k=20), NDCG(k=100)],
+        eval_num_users=60,
+    )
+    return recoder, history[-1]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_from_files_is_training_from_the_matrix(ray_session, prepared_ml100k, workers):
+    """The same rows in the same blocks: the same weights to the bit, and the same evaluation
+    (of the same sampled users), whether the rows come from the files or from memory."""
+    from_files, files_epoch = train(open_prepared(prepared_ml100k), workers)
+    from_memory, memory_epoch = train(load_prepared(prepared_ml100k).split, workers)
+    for name, weight in from_memory.model.state_dict().items():
+        assert torch.equal(from_files.model.state_dict()[name], weight), name
+    assert files_epoch["loss"] == memory_epoch["loss"]
+    assert files_epoch["eval_users"] == memory_epoch["eval_users"] == 60
+    # The same users, but not shared between the ranks alike (the files' rows keep their
+    # positions among all evaluation users): sums in another order, equal to rounding.
+    for key in ("Recall@20", "NDCG@100"):
+        assert files_epoch[key] == pytest.approx(memory_epoch[key], rel=1e-12, abs=0)
+    test = open_prepared(prepared_ml100k).test
+    assert from_files.evaluate(test, 100, [NDCG(k=100)]) == from_memory.evaluate(
+        load_prepared(prepared_ml100k).split.test, 100, [NDCG(k=100)]
+    )
+
+
+def test_the_files_hold_the_matrix(prepared_ml100k):
+    files = open_prepared(prepared_ml100k)
+    split = load_prepared(prepared_ml100k).split
+    assert files.train.num_rows == len(split.train)
+    assert files.train.num_interactions == split.train.interactions.nnz
+    assert files.test.num_rows == 100 and files.test.has_target and not files.train.has_target
+    matrix = files.train.to_dataset().interactions
+    assert (matrix != split.train.interactions).nnz == 0
+
+
+def small_table():
+    import scipy.sparse as sp
+
+    from recoder_dist.data import RecommendationDataset
+
+    matrix = sp.csr_matrix(np.array([[1, 0, 1, 0], [0, 1, 1, 1], [0, 0, 0, 0], [1, 1, 0, 0]]))
+    dataset = RecommendationDataset(matrix, matrix)
+    return dataset, user_rows_table(dataset)
+
+
+def files_of(folder, table, dataset) -> UserRowFiles:
+    folder.mkdir(exist_ok=True)
+    return write_user_rows(table, str(folder), "rows", dataset)
+
+
+def test_a_missing_file_is_named(ray_session, tmp_path):
+    dataset, table = small_table()
+    files = files_of(tmp_path, table, dataset)
+    (tmp_path / files.files[0]).unlink()
+    with pytest.raises(FileNotFoundError, match="rows-00000.parquet is missing"):
+        files.ray_dataset()
+    with pytest.raises(FileNotFoundError, match="holds no split.json"):
+        open_prepared(tmp_path / "nowhere")
+
+
+def test_a_file_of_the_wrong_schema_is_refused(ray_session, tmp_path):
+    dataset, table = small_table()
+    files = files_of(tmp_path, table, dataset)
+    wrong = table.set_column(
+        table.schema.get_field_index("items"),
+        "items",
+        table.column("items").cast(pa.list_(pa.int64())),
+    )
+    pq.write_table(wrong, tmp_path / files.files[0])
+    with pytest.raises(ValueError, match=r"column 'items' is list<\w+: int64>"):
+        files.ray_dataset()
+    # Evaluation rows without targets.
+    inputs_only = user_rows_table(type(dataset)(dataset.interactions))
+    files = files_of(tmp_path / "inputs", inputs_only, dataset)
+    with pytest.raises(ValueError, match="no column 'target_items'"):
+        UserRowFiles(**{**files.__dict__, "has_target": True}).to_dataset()
+
+
+def test_rows_that_training_cannot_take_are_refused(tmp_path):
+    dataset, table = small_table()
+    rows = rows_from_arrow(table)
+    assert checked(rows, 4, "here") is rows
+    with pytest.raises(ValueError, match="here: item id 3 is out of range for 3 items"):
+        checked(rows, 3, "here")
+    unsorted = type(rows)(rows.users, rows.indptr, rows.indices[::-1].copy(), rows.values)
+    with pytest.raises(ValueError, match="not sorted and distinct"):
+        checked(unsorted, 4, "here")
+    # Out of range in a file: named with the file.
+    files = files_of(tmp_path, table, dataset)
+    narrow = UserRowFiles(**{**files.__dict__, "num_items": 3})
+    with pytest.raises(ValueError, match="rows-00000.parquet: item id 3 is out of range"):
+        narrow.to_dataset()
+
+
+def test_an_earlier_format_asks_for_prepare_again(tmp_path):
+    (tmp_path / "split.json").write_text(
+        json.dumps({"format": "recoder_dist.prepared", "version": 1})
+    )
+    with pytest.raises(ValueError, match="run prepare again"):
+        open_prepared(tmp_path)
+
+
+def test_a_prepare_that_fails_halfway_leaves_the_earlier_split(
+    prepared_ml100k, monkeypatch, tmp_path
+):
+    folder = tmp_path / "prepared"
+    shutil.copytree(prepared_ml100k, folder)
+    before = json.loads((folder / "split.json").read_text())
+    files_before = sorted(p.name for p in folder.iterdir())
+    written = []
+
+    def fail_at_test(table, folder, name, dataset):
+        if name.startswith("test"):
+            raise OSError("disk full")
+        written.append(name)
+        return write_user_rows(table, folder, name, dataset)
+
+    monkeypatch.setattr(prepare_module, "write_user_rows", fail_at_test)
+    pairs = load_prepared(folder).split.train.interactions.tocoo()
+    events = pd.DataFrame({"user": pairs.row, "item": pairs.col, "value": 1.0})
+    with pytest.raises(OSError, match="disk full"):
+        prepare_module.prepare(events, folder, prepare_module.StrongSplitConfig(50, 50, seed=3))
+    assert written  # it got halfway
+    assert json.loads((folder / "split.json").read_text()) == before
+    assert sorted(p.name for p in folder.iterdir()) == files_before
+    assert len(load_prepared(folder).split.test) == 100
