@@ -8,8 +8,10 @@ Synthetic event tables of a given number of interactions, in two shapes:
 
 Each table is written as Parquet, then ``recoder-dist prepare --dataset events`` and
 ``recoder-dist train`` (2 workers, 2 epochs, a small autoencoder with negative sampling) run
-as separate processes. The driver's peak RSS is the train process's own (``ru_maxrss``); a
-worker's is what the workers report; the epoch time is the second epoch's.
+as separate processes (the model is kept small, [64], so that a 1M-item catalog's tables and
+their Adam states fit two workers on one machine). The driver's peak RSS is the train
+process's own (``VmHWM``); a worker's is what the workers report; the epoch time is the
+second epoch's.
 
     python benchmarks/data_scale.py --interactions 1e6 1e7 --shapes ml20m longtail
 """
@@ -42,7 +44,8 @@ def synthetic_events(interactions: int, shape: dict, seed: int = 0) -> pd.DataFr
     """Distinct (user, item) pairs: user sizes geometric around the mean, items drawn by a
     Zipf law over the catalog."""
     rng = np.random.default_rng(seed)
-    users = max(interactions // shape["items_per_user"], 1)
+    # More users than needed: popular items repeat within a user and are dropped as duplicates.
+    users = max(int(1.6 * interactions) // shape["items_per_user"], 1)
     sizes = rng.geometric(1 / shape["items_per_user"], size=users) + 4  # at least 5
     sizes = np.minimum(sizes, shape["num_items"] // 2)
     ranks = np.arange(1, shape["num_items"] + 1)
@@ -63,15 +66,17 @@ def run(cmd: list[str]) -> tuple[float, str]:
 
 
 TRAIN_SCRIPT = """
-import json, resource, sys
+import json, sys
 from recoder_dist.datasets import open_prepared
 from recoder_dist.model import Recoder
 from recoder_dist.nn import DynamicAutoencoder
 split = open_prepared(sys.argv[1])
-recoder = Recoder(DynamicAutoencoder([200], sparse=True), num_workers=2, seed=0)
+recoder = Recoder(DynamicAutoencoder([64], sparse=True), num_workers=2, seed=0)
 history = recoder.train(split.train, batch_size=500, num_epochs=2, negative_sampling=True)
 print(json.dumps({
-    "driver_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    # VmHWM, this process's own high-water mark: ru_maxrss would carry the parent's across exec.
+    "driver_peak_mb": next(int(line.split()[1]) for line in open("/proc/self/status")
+                           if line.startswith("VmHWM")) / 1024,
     "worker_peak_mb": max(h["peak_rss_mb"] for h in history),
     "epoch_s": history[-1]["seconds"],
 }))
@@ -92,7 +97,8 @@ def measure(interactions: int, shape_name: str, folder: Path) -> dict:
         ]
     )  # fmt: skip
     _, out = run([sys.executable, "-c", TRAIN_SCRIPT, str(prepared)])
-    result = json.loads(out.strip().splitlines()[-1])
+    # Ray may print its own lines after the result's.
+    result = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
     return dict(
         shape=shape_name,
         interactions=len(events),

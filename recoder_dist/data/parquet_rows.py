@@ -78,8 +78,8 @@ class UserRowFiles:
 
     def ray_dataset(self):
         """The rows as a Ray Dataset: read by the cluster (``read_parquet``) from a URI; from a
-        local folder, which other nodes may not see, read here a row group at a time into the
-        object store. Either way this process never holds more than a row group of them.
+        local folder, which other nodes may not see, by tasks on this node, a row group each,
+        into the object store. Either way this process reads the files' footers only.
 
         Raises:
             FileNotFoundError: a file is missing.
@@ -95,11 +95,16 @@ class UserRowFiles:
             dataset = ray.data.read_parquet(self.paths, shuffle=None)
             check_schema(dataset.schema().base_schema, self.has_target, self.location)
             return dataset
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # Read by tasks on this node (no CPU asked: a head may have none), a row group each.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        read = ray.remote(num_cpus=0)(_read_row_group).options(scheduling_strategy=here)
         refs = []
         for path in self.paths:
-            parquet = pq.ParquetFile(path)
+            parquet = pq.ParquetFile(path)  # its footer only
             check_schema(parquet.schema_arrow, self.has_target, path)
-            refs += [ray.put(parquet.read_row_group(i)) for i in range(parquet.num_row_groups)]
+            refs += [read.remote(path, i) for i in range(parquet.num_row_groups)]
         return ray.data.from_arrow_refs(refs)
 
     def to_dataset(self) -> RecommendationDataset:
@@ -115,6 +120,10 @@ class UserRowFiles:
                 targets.append(checked(rows_from_arrow(table, "target_"), self.num_items, path))
         matrix = _csr(inputs, shape)
         return RecommendationDataset(matrix, _csr(targets, shape) if self.has_target else None)
+
+
+def _read_row_group(path: str, index: int) -> pa.Table:
+    return pq.ParquetFile(path).read_row_group(index)
 
 
 def write_user_rows(table: pa.Table, folder: str, name: str, dataset: RecommendationDataset):

@@ -60,6 +60,13 @@ def _quiet_ray_data_console() -> None:
             handler, logging.FileHandler
         ):
             handler.setLevel(logging.WARNING)
+            # The launcher turns progress bars off for the datasets it runs on; Ray Data warns
+            # about that when one of them runs in this process (num_workers=0).
+            handler.addFilter(_drop_progress_bar_notice)
+
+
+def _drop_progress_bar_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Progress bars disabled")
 
 
 def init_local_ray(**kwargs) -> None:
