@@ -155,6 +155,7 @@ class Recoder:
         eval_batch_size: int | None = None,
         *,
         decay_sparse_lr: bool = False,
+        profile: bool = False,
     ) -> list[dict]:
         """Trains the model for ``num_epochs`` more epochs.
 
@@ -185,9 +186,13 @@ class Recoder:
             eval_batch_size: users per evaluation batch (default ``batch_size``).
             decay_sparse_lr: let ``lr_milestones`` decay the sparse embeddings' optimizer too.
                 recsys-recoder 0.4.0 decays only the dense optimizer, which is the default.
+            profile: time the phases of the training steps on every rank (see
+                ``recoder_dist.training.step_profile``); a profiled step waits for the other
+                ranks before its collectives, so it runs a little slower.
 
         Returns:
-            One dict per epoch: epoch, loss, seconds, and metrics when evaluated.
+            One dict per epoch: epoch, loss, seconds, and metrics when evaluated; with
+            ``profile``, ``"profile"``: phase -> seconds of the epoch, one value per rank.
         """
         _check_dataset(train_dataset, "train_dataset")
         if _num_interactions(train_dataset) == 0:
@@ -206,6 +211,7 @@ class Recoder:
             checkpoint_freq=checkpoint_freq,
             eval_freq=eval_freq if evaluating else 0,
             num_train_rows=len(train_dataset),
+            profile=bool(profile),
         )
         eval_settings = None
         if evaluating:

@@ -25,8 +25,18 @@ CASES = {
     "one_rank_idle": [([3, 8, 8], [])],
     "duplicates": [([4, 4, 4, 17], [17, 17, 2])],
     "two_tables": [([1, 5, 7, 9], [5, 9, 20, 33, 41]), ([], [0, 29])],
-    # 2 ranks x 20 rows > half of the 50-row table: the dense all-reduce path.
-    "crowded": [(list(range(0, 40, 2)), list(range(1, 40, 2)) + [0])],
+    # 2 ranks x 26 rows > the 50-row table: the dense all-reduce path.
+    "crowded": [(list(range(0, 50, 2)), list(range(1, 50, 2)) + [0])],
+    # Both tables crowded: one dense buffer holds both.
+    "crowded_two_tables": [
+        (list(range(0, 50, 2)), list(range(1, 50, 2)) + [0]),
+        (list(range(0, 30, 2)), list(range(1, 30, 2)) + [0]),
+    ],
+    # The first table gathered (2 x 21 rows <= 50), the second crowded (2 x 16 > 30).
+    "gathered_and_crowded": [
+        (list(range(0, 40, 2)), list(range(1, 40, 2)) + [0]),
+        (list(range(0, 30, 2)), list(range(1, 30, 2)) + [0]),
+    ],
 }
 
 # Bytes one rank sends: per table, the longest count of distinct rows over ranks, each padded
@@ -38,6 +48,8 @@ EXPECTED_BYTES = {
     "duplicates": 2 * (8 + 4 * 4),  # {4, 17} and {17, 2}
     "two_tables": 5 * (8 + 4 * 4) + 2 * (8 + 3 * 4),
     "crowded": 50 * (4 + 1) * 4,  # the whole table plus its "touched" column, float32
+    "crowded_two_tables": 50 * (4 + 1) * 4 + 30 * (3 + 1) * 4,
+    "gathered_and_crowded": 21 * (8 + 4 * 4) + 30 * (3 + 1) * 4,
 }
 
 

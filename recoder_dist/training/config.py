@@ -31,6 +31,7 @@ class TrainSettings:
     checkpoint_freq: int = 0
     eval_freq: int = 0
     num_train_rows: int = 0
+    profile: bool = False
 
     def __post_init__(self):
         if not (isinstance(self.lr, numbers.Real) and self.lr > 0):

@@ -103,8 +103,11 @@ def cluster_gpus() -> float:
 
 
 def _torch_backend(use_cuda: bool) -> str:
-    """NCCL between GPU workers, gloo otherwise. Ray would pick NCCL for any worker that holds
-    a GPU, but a CPU build of torch has none (as on Ray's fake multi-node GPUs)."""
+    """The world group's backend: NCCL when GPU workers train and this process's torch has it,
+    gloo otherwise. Ray would pick NCCL for any worker that holds a GPU, but a CPU build of
+    torch has none (as on Ray's fake multi-node GPUs); where the driver's torch lacks NCCL but
+    the GPU workers' has it, the workers average gradients over an NCCL group of their own
+    (``worker_loop._gradient_group``)."""
     return "nccl" if use_cuda and dist.is_nccl_available() else "gloo"
 
 

@@ -14,10 +14,16 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-_END_OF_EPOCH = object()
+
+class _EndOfEpoch:
+    def __init__(self, cpu_seconds: float):
+        self.cpu_seconds = cpu_seconds
+
+
 # How long the producer waits on a full queue before it looks at the stop flag again.
 _POLL_SECONDS = 0.05
 
@@ -41,6 +47,8 @@ class EpochPrefetcher:
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        # CPU seconds that the thread spent making the last epoch that next_epoch finished.
+        self.last_epoch_cpu_seconds = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._produce, args=(epochs,), name="recoder-dist-prefetch", daemon=True
@@ -51,7 +59,8 @@ class EpochPrefetcher:
         """The batches of the next epoch, as they are made."""
         while True:
             item = self._queue.get()
-            if item is _END_OF_EPOCH:
+            if isinstance(item, _EndOfEpoch):
+                self.last_epoch_cpu_seconds = item.cpu_seconds
                 return
             if isinstance(item, _Failure):
                 raise item.error
@@ -72,10 +81,11 @@ class EpochPrefetcher:
     def _produce(self, epochs: Iterable[Iterable[Any]]) -> None:
         try:
             for batches in epochs:
+                started = time.thread_time()
                 for batch in batches:
                     if not self._put(batch):
                         return
-                if not self._put(_END_OF_EPOCH):
+                if not self._put(_EndOfEpoch(time.thread_time() - started)):
                     return
             self._put(_Failure(RuntimeError("next_epoch called after the last epoch")))
         except BaseException as error:  # handed to the consumer, which raises it

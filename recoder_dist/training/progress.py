@@ -18,7 +18,16 @@ import ray
 logger = logging.getLogger("recoder_dist")
 
 # Record keys that are bookkeeping, not figures to show.
-_NOT_SHOWN = {"epoch", "last_epoch", "loss", "seconds", "peak_rss_mb", "eval_users", "snapshot"}
+_NOT_SHOWN = {
+    "epoch",
+    "last_epoch",
+    "loss",
+    "seconds",
+    "peak_rss_mb",
+    "eval_users",
+    "snapshot",
+    "profile",
+}
 _NOT_SHOWN |= {"sync_bytes_per_step", "dense_sync_bytes_per_step"}
 
 

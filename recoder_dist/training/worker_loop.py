@@ -7,6 +7,7 @@ rank 0 writes the snapshots.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ from recoder_dist.training.schedule import agreed_steps, epoch_batches
 from recoder_dist.training.snapshot import copy_snapshot, load_snapshot, save_snapshot
 from recoder_dist.training.sparse_sync import SparseGradSync
 from recoder_dist.training.step import batch_loss, unwrapped
+from recoder_dist.training.step_profile import StepProfile, gathered, timed_allreduce_hook
 
 logger = logging.getLogger(__name__)
 SNAPSHOT_FILE = "snapshot.pt"
@@ -100,15 +102,21 @@ def _train(model, job: WorkerJob, blocks: RowBlocks, progress, device, rank: int
     sparse_names = sparse_parameter_names(model)
     distributed = world > 1 and dist.is_initialized()
     dense_names = [n for n, p in model.named_parameters() if n not in sparse_names]
+    profile = StepProfile(settings.profile, device)
+    group = _gradient_group(device) if distributed else None
     net = model
     if distributed and dense_names:
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sparse_names)
         net = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            process_group=group,
         )
+        if settings.profile:
+            net.register_comm_hook(group, timed_allreduce_hook(profile))
     sync = None
     if distributed and sparse_names:
-        sync = SparseGradSync([model.get_parameter(n) for n in sparse_names])
+        sync = SparseGradSync([model.get_parameter(n) for n in sparse_names], group=group)
 
     optimizers = build_optimizers(model, job.optimizer_type, settings.lr, settings.weight_decay)
     optimizers.load_state_dict(optimizer_state)
@@ -143,18 +151,32 @@ def _train(model, job: WorkerJob, blocks: RowBlocks, progress, device, rank: int
                 *epoch_lrs(settings.lr, settings.lr_milestones, epoch, settings.decay_sparse_lr)
             )
             model.train()
+            profile.restart()
             loss_total, users = _run_steps(
-                net, loss_fn, optimizers, sync, prefetcher.next_epoch(), device, sparse_names
+                net,
+                loss_fn,
+                optimizers,
+                sync,
+                prefetcher.next_epoch(),
+                device,
+                sparse_names,
+                profile,
             )
             loss_sum = torch.stack([loss_total, torch.tensor(float(users), device=device).double()])
             if distributed:
                 dist.all_reduce(loss_sum)
+            step_seconds = None
+            if settings.profile:
+                step_seconds = profile.epoch_seconds()
+                step_seconds["batches_cpu"] = prefetcher.last_epoch_cpu_seconds
             loss_value = (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
             if not np.isfinite(loss_value):
                 raise FloatingPointError(f"epoch {epoch}: training loss is {loss_value}; lower lr")
 
             metrics = {"epoch": epoch, "last_epoch": last_epoch, "loss": loss_value, "seconds": 0.0}
             metrics["peak_rss_mb"] = _peak_rss_mb(distributed, device)
+            if step_seconds is not None:
+                metrics["profile"] = gathered(step_seconds, world if distributed else 1, device)
             if sync is not None:
                 # Bytes this rank contributed to the sparse sync, against the dense gradients that
                 # DDP would all-reduce for the same parameters.
@@ -191,19 +213,42 @@ def _train(model, job: WorkerJob, blocks: RowBlocks, progress, device, rank: int
                 _report(metrics, job, rank)
 
 
-def _run_steps(net, loss_fn, optimizers, sync, batches, device, sparse_names):
-    """One epoch's training steps; returns the loss summed over its users (on the device: no
-    sync per step) and the number of users."""
+def _gradient_group(device: torch.device):
+    """The process group that averages the gradients: NCCL between workers that all hold a GPU
+    and a torch with NCCL, even when Ray set the world group up with gloo (it follows the
+    driver's torch, which on a CPU-only head has no NCCL); otherwise None, the world group.
+    Every rank takes part in the decision and in creating the group, as torch requires."""
+    if dist.get_backend() == "nccl":
+        return None
+    capable = device.type == "cuda" and dist.is_nccl_available()
+    votes = torch.tensor([int(capable)])
+    dist.all_reduce(votes, op=dist.ReduceOp.MIN)  # on the gloo world group, in host memory
+    return dist.new_group(backend="nccl") if votes.item() else None
+
+
+def _run_steps(net, loss_fn, optimizers, sync, batches, device, sparse_names, profile):
+    """One epoch's training steps, their phases timed by ``profile``; returns the loss summed
+    over its users (on the device: no sync per step) and the number of users."""
     loss_total, users = torch.zeros((), dtype=torch.float64, device=device), 0
-    for step, batch in enumerate(batches):
+    batches = iter(batches)
+    for step in itertools.count():
+        with profile.phase("data"):
+            batch = next(batches, None)
+        if batch is None:
+            break
         optimizers.zero_grad()
-        loss = batch_loss(net, loss_fn, batch, device)
-        loss.backward()
+        with profile.phase("forward"):
+            loss = batch_loss(net, loss_fn, batch, device)
+        with profile.phase("backward"):
+            loss.backward()
         if step == 0:
             _check_gradients_are_where_expected(unwrapped(net), sparse_names)
         if sync is not None:
-            sync.synchronize()
-        optimizers.step()
+            profile.barrier()
+            with profile.phase("sparse_sync"):
+                sync.synchronize()
+        with profile.phase("optimizer"):
+            optimizers.step()
         loss_total += loss.detach() * batch.shape[0]
         users += batch.shape[0]
     return loss_total, users
