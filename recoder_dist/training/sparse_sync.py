@@ -20,10 +20,8 @@ import torch.distributed as dist
 # All-gathered rows (world x the largest per-rank count) above this share of the table make a
 # dense all-reduce cheaper. A ring all-reduce moves 2 (world - 1) / world of the table through
 # each rank; the all-gather brings in (world - 1) x the longest rank's rows, and the rows that
-# several ranks touched come in once per rank, which the optimizer must sort and sum. Measured
-# with 2 gloo ranks (three item tables, the sync and the sum): 2,777 of 2,810 rows a rank (a
-# share of 1.98) took 14.5 ms dense, 24.3 ms gathered; 10,554 of 40,981 (0.52), 114 ms dense,
-# 75 ms gathered.
+# several ranks touched come in once per rank, which the optimizer must sort and sum. The
+# crossover was measured (benchmarks/RESULTS.md, "Sparse gradient sync: where the paths cross").
 DENSE_SHARE = 1.0
 
 
