@@ -1,5 +1,7 @@
-"""One prepared check for a lent GPU machine (a few minutes): the NCCL sparse-sync path, and an
-epoch of an ML-20M-shaped synthetic dataset with negative sampling, dense vs sparse embeddings.
+"""One prepared check for a lent GPU machine (a few minutes): the NCCL sparse-sync path; epochs
+of an ML-20M-shaped synthetic dataset with negative sampling, dense and sparse embeddings, fp32
+and bf16, against the GPU's measured matmul rate; a profiled epoch; an epoch on a Ray Train
+worker; the host-device synchronizations of a CUDA step.
 
     python benchmarks/gpu_check.py            # on the GPU machine
     python benchmarks/gpu_check.py --small    # a CPU smoke run of the same script
@@ -59,21 +61,102 @@ def synthetic_ml20m(users: int, items: int, interactions: int, seed: int = 0):
     return matrix
 
 
-def epoch_seconds(matrix, sparse: bool, use_cuda: bool) -> float:
+HIDDEN = 200
+
+
+def train_epochs(matrix, sparse: bool, use_cuda: bool, **kwargs) -> dict:
+    """The record of the second (warm) of two epochs; ``kwargs`` go to Recoder (num_workers)
+    and train (precision, profile)."""
     from recoder_dist.data import RecommendationDataset
     from recoder_dist.model import Recoder
     from recoder_dist.nn import DynamicAutoencoder
 
     model = DynamicAutoencoder(
-        hidden_layers=[200], activation_type="tanh", noise_prob=0.5, sparse=sparse
+        hidden_layers=[HIDDEN], activation_type="tanh", noise_prob=0.5, sparse=sparse
     )
     recoder = Recoder(
-        model, optimizer_type="adam", loss="logloss", use_cuda=use_cuda, num_workers=0, seed=0
+        model,
+        optimizer_type="adam",
+        loss="logloss",
+        use_cuda=use_cuda,
+        num_workers=kwargs.pop("num_workers", 0),
+        seed=0,
     )
     history = recoder.train(
-        RecommendationDataset(matrix), batch_size=500, num_epochs=2, negative_sampling=True
+        RecommendationDataset(matrix),
+        batch_size=500,
+        num_epochs=2,
+        negative_sampling=True,
+        **kwargs,
     )
-    return history[-1]["seconds"]  # the second epoch: warm
+    return history[-1]
+
+
+def epoch_flops(matrix) -> float:
+    """Multiply-adds x 2 of an epoch's matrix products with dense item embeddings: per batch of
+    B users over S sampled items, the encoder (B x S by S x H) and the decoder (B x H by H x S),
+    forward and twice that backward: 12 B S H."""
+    from recoder_dist.data.collator import Collator, UserRows
+
+    collator = Collator(num_items=matrix.shape[1], batch_size=500, negative_sampling=True)
+    flops = 0.0
+    for start in range(0, matrix.shape[0], 500):
+        users = np.arange(start, min(start + 500, matrix.shape[0]))
+        for batch in collator(UserRows.from_csr(matrix, users)):
+            flops += 12.0 * batch.shape[0] * batch.shape[1] * HIDDEN
+    return flops
+
+
+def matmul_tflops(dtype: torch.dtype, device: torch.device) -> float:
+    """The measured rate of a large square matrix product."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started, repeats = time.perf_counter(), 10
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * repeats / (time.perf_counter() - started) / 1e12
+
+
+def host_syncs_per_step(matrix, device: torch.device) -> str:
+    """Host-device synchronizations in a CUDA training step (torch's sync debug mode), with the
+    operations that caused them."""
+    import warnings
+
+    from recoder_dist.data.collator import Collator, UserRows
+    from recoder_dist.losses import build_loss
+    from recoder_dist.nn import DynamicAutoencoder
+    from recoder_dist.training.optimizers import build_optimizers
+    from recoder_dist.training.step import batch_loss
+
+    model = DynamicAutoencoder(hidden_layers=[HIDDEN], noise_prob=0.5, sparse=True)
+    model.init_model(num_items=matrix.shape[1])
+    model.to(device)
+    optimizers = build_optimizers(model, "adam", 1e-3, 0.0)
+    loss_fn = build_loss("logloss")
+    collator = Collator(num_items=matrix.shape[1], batch_size=500, negative_sampling=True)
+    batches = list(collator(UserRows.from_csr(matrix, np.arange(2500))))
+    messages = []
+    for step, batch in enumerate(batches):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if step > 0:  # the first step warms up
+                torch.cuda.set_sync_debug_mode("warn")
+            optimizers.zero_grad()
+            batch_loss(model, loss_fn, batch, device).backward()
+            optimizers.step()
+            torch.cuda.set_sync_debug_mode("default")
+        if step > 0:
+            messages += [str(w.message).splitlines()[0][:60] for w in caught]
+    steps = len(batches) - 1
+    kinds = sorted(set(messages))[:3]
+    return f"{len(messages) / steps:.1f} ({'; '.join(kinds) or 'none'})"
 
 
 def main() -> None:
@@ -111,13 +194,25 @@ def main() -> None:
             f"({time.perf_counter() - started:.1f} s to build)",
         )
     )
-    dense_s = epoch_seconds(matrix, sparse=False, use_cuda=use_cuda)
-    sparse_s = epoch_seconds(matrix, sparse=True, use_cuda=use_cuda)
-    rows += [
-        ("epoch, dense embeddings (s)", f"{dense_s:.2f}"),
-        ("epoch, sparse embeddings (s)", f"{sparse_s:.2f}"),
-        ("dense / sparse", f"{dense_s / sparse_s:.2f}x"),
-    ]
+    device = torch.device("cuda" if use_cuda else "cpu")
+    for dtype in (torch.float32, torch.bfloat16):
+        rate = matmul_tflops(dtype, device)
+        rows.append((f"matmul rate, {str(dtype)[6:]} (TFLOPS)", f"{rate:.1f}"))
+    flops = epoch_flops(matrix)
+    rows.append(("epoch matmul work, dense embeddings (TFLOP)", f"{flops / 1e12:.2f}"))
+    for sparse in (False, True):
+        for precision in ("fp32", "bf16"):
+            record = train_epochs(matrix, sparse, use_cuda, precision=precision)
+            name = f"epoch, {'sparse' if sparse else 'dense'} embeddings, {precision} (s)"
+            rate = flops / record["seconds"] / 1e12
+            rows.append((name, f"{record['seconds']:.2f} ({rate:.2f} TFLOPS)"))
+    record = train_epochs(matrix, True, use_cuda, profile=True)
+    phases = ", ".join(f"{k} {v[0]:.2f}" for k, v in record["profile"].items())
+    rows.append(("phases, sparse fp32 in-process (s)", phases))
+    record = train_epochs(matrix, True, use_cuda, num_workers=1)
+    rows.append(("epoch, sparse fp32, 1 Ray Train worker (s)", f"{record['seconds']:.2f}"))
+    if use_cuda:
+        rows.append(("host syncs per step (sparse, fp32)", host_syncs_per_step(matrix, device)))
     ray.shutdown()
     width = max(len(k) for k, _ in rows)
     print()

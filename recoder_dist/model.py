@@ -156,6 +156,7 @@ class Recoder:
         *,
         decay_sparse_lr: bool = False,
         profile: bool = False,
+        precision: str = "fp32",
     ) -> list[dict]:
         """Trains the model for ``num_epochs`` more epochs.
 
@@ -189,6 +190,8 @@ class Recoder:
             profile: time the phases of the training steps on every rank (see
                 ``recoder_dist.training.step_profile``); a profiled step waits for the other
                 ranks before its collectives, so it runs a little slower.
+            precision: ``"fp32"``, or ``"bf16"``: the model's forward under autocast to
+                bfloat16 (weights, gradients, optimizer states and evaluation stay float32).
 
         Returns:
             One dict per epoch: epoch, loss, seconds, and metrics when evaluated; with
@@ -212,6 +215,7 @@ class Recoder:
             eval_freq=eval_freq if evaluating else 0,
             num_train_rows=len(train_dataset),
             profile=bool(profile),
+            precision=precision,
         )
         eval_settings = None
         if evaluating:

@@ -56,6 +56,7 @@ def test_constructor_rejects(kwargs, error, message):
         ({"lr": 0.0}, ValueError, "lr must be > 0"),
         ({"weight_decay": -1.0}, ValueError, "weight_decay"),
         ({"iters_per_epoch": 0}, ValueError, "iters_per_epoch"),
+        ({"precision": "fp16"}, ValueError, "precision must be one of"),
     ],
 )
 def test_train_rejects_bad_arguments(train_kwargs, error, message):

@@ -97,3 +97,25 @@ def test_debug_checks_every_batch_before_the_step(monkeypatch, debug):
             batch_loss(net, loss_fn, broken, CPU)
     else:
         batch_loss(net, loss_fn, broken, CPU)  # no check: nothing stops it
+
+
+def test_bf16_runs_the_forward_in_bfloat16_and_keeps_float32_weights_and_gradients():
+    """precision="bf16": the loss is the dense formula's with the model under autocast (to
+    bfloat16's precision, not to float32's), and the weights and their gradients stay float32."""
+    batch = sampled_batch()
+    net, loss_fn = model(), build_loss("logloss")
+    dense = torch.from_numpy(batch.to_dense())
+    items = torch.from_numpy(batch.items)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = net(dense, input_items=items, target_items=items)
+    assert output.dtype == torch.bfloat16
+    expected = loss_fn(output.float(), dense) / len(dense)
+    fp32 = batch_loss(net, loss_fn, batch, CPU)
+    got = batch_loss(net, loss_fn, batch, CPU, bf16=True)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2)
+    assert got.item() != fp32.item()  # autocast did act
+    got.backward()
+    for name, param in net.named_parameters():
+        assert param.dtype == torch.float32, name
+        assert param.grad is None or param.grad.dtype == torch.float32, name

@@ -10,6 +10,9 @@ from recoder_dist.metrics import Metric
 from recoder_dist.training.evaluation import check_metrics
 from recoder_dist.training.snapshot import Snapshot, model_class_name
 
+# The training step's arithmetic: float32, or the forward under autocast to bfloat16.
+PRECISIONS = ("fp32", "bf16")
+
 
 @dataclass(frozen=True)
 class TrainSettings:
@@ -32,6 +35,7 @@ class TrainSettings:
     eval_freq: int = 0
     num_train_rows: int = 0
     profile: bool = False
+    precision: str = "fp32"
 
     def __post_init__(self):
         if not (isinstance(self.lr, numbers.Real) and self.lr > 0):
@@ -47,6 +51,8 @@ class TrainSettings:
             _check_int(milestone, "every lr_milestones entry", 1)
         _check_int(self.checkpoint_freq, "checkpoint_freq", 0)
         _check_int(self.eval_freq, "eval_freq", 0)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
 @dataclass(frozen=True)

@@ -52,10 +52,14 @@ def model_input(model, batch: SparseBatch, device: torch.device) -> torch.Tensor
     return densify(batch, device)
 
 
-def batch_loss(model, loss_fn, batch: SparseBatch, device: torch.device) -> torch.Tensor:
+def batch_loss(
+    model, loss_fn, batch: SparseBatch, device: torch.device, bf16: bool = False
+) -> torch.Tensor:
     """Reconstruction loss of one batch, averaged over its users.
 
     The model reads the batch's rows over the sampled items and is scored on the same items.
+    With ``bf16`` the model's forward runs under autocast to bfloat16 (its weights and
+    gradients stay float32); the loss is computed from its output cast back to float32.
     """
     if DEBUG:
         batch.check()
@@ -65,7 +69,8 @@ def batch_loss(model, loss_fn, batch: SparseBatch, device: torch.device) -> torc
         target = densify(batch, device)
     users = to_device(batch.users, device)
     items = None if batch.items is None else to_device(batch.items.astype(np.int64), device)
-    output = model(
-        input, input_users=users, input_items=items, target_users=users, target_items=items
-    )
-    return loss_fn(output, target) / max(batch.shape[0], 1)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        output = model(
+            input, input_users=users, input_items=items, target_users=users, target_items=items
+        )
+    return loss_fn(output.float(), target) / max(batch.shape[0], 1)

@@ -161,6 +161,7 @@ def _train(model, job: WorkerJob, blocks: RowBlocks, progress, device, rank: int
                 device,
                 sparse_names,
                 profile,
+                bf16=settings.precision == "bf16",
             )
             loss_sum = torch.stack([loss_total, torch.tensor(float(users), device=device).double()])
             if distributed:
@@ -226,7 +227,7 @@ def _gradient_group(device: torch.device):
     return dist.new_group(backend="nccl") if votes.item() else None
 
 
-def _run_steps(net, loss_fn, optimizers, sync, batches, device, sparse_names, profile):
+def _run_steps(net, loss_fn, optimizers, sync, batches, device, sparse_names, profile, bf16):
     """One epoch's training steps, their phases timed by ``profile``; returns the loss summed
     over its users (on the device: no sync per step) and the number of users."""
     loss_total, users = torch.zeros((), dtype=torch.float64, device=device), 0
@@ -238,7 +239,7 @@ def _run_steps(net, loss_fn, optimizers, sync, batches, device, sparse_names, pr
             break
         optimizers.zero_grad()
         with profile.phase("forward"):
-            loss = batch_loss(net, loss_fn, batch, device)
+            loss = batch_loss(net, loss_fn, batch, device, bf16)
         with profile.phase("backward"):
             loss.backward()
         if step == 0:
