@@ -129,10 +129,13 @@ def parse_args() -> argparse.Namespace:
         help="add an ml-1m DynamicAutoencoder row trained on N workers",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--precision", default="fp32", choices=["fp32", "bf16"], help="of the training step"
+    )
     return parser.parse_args()
 
 
-def train(model, run: Run, dataset, workers: int, seed: int, epochs: int | None):
+def train(model, run: Run, dataset, workers: int, seed: int, epochs: int | None, precision="fp32"):
     """A Recoder trained on ``dataset``, and the seconds its training took."""
     if run.batch_size % max(workers, 1):
         raise ValueError(f"batch size {run.batch_size} does not split over {workers} workers")
@@ -148,6 +151,7 @@ def train(model, run: Run, dataset, workers: int, seed: int, epochs: int | None)
         lr_milestones=list(run.lr_milestones) if run.lr_milestones else None,
         negative_sampling=run.negative_sampling,
         num_sampling_users=run.num_sampling_users // max(workers, 1),
+        precision=precision,
     )
     return recoder, time.perf_counter() - started
 
@@ -190,12 +194,16 @@ def ml1m_rows(args) -> list[dict]:
         worker_counts.append(args.compare_workers)
     for workers in worker_counts:
         dae = DynamicAutoencoder(**DAE_ML1M.model)
-        recoder, seconds = train(dae, DAE_ML1M, train_set, workers, args.seed, args.epochs)
+        recoder, seconds = train(
+            dae, DAE_ML1M, train_set, workers, args.seed, args.epochs, args.precision
+        )
         results = recoder.evaluate(test, metrics=ML1M_METRICS)
         rows.append(result_row("ml-1m", "DynamicAutoencoder", workers, seconds, results))
 
     mf = MatrixFactorization(**MF_ML1M.model)
-    recoder, seconds = train(mf, MF_ML1M, train_set, args.workers, args.seed, args.epochs)
+    recoder, seconds = train(
+        mf, MF_ML1M, train_set, args.workers, args.seed, args.epochs, args.precision
+    )
     results = evaluate_scores(fold_in_scores(recoder, MF_FOLD_IN_LAMBDA), test, ML1M_METRICS)
     rows.append(result_row("ml-1m", "MF + ridge fold-in", args.workers, seconds, results))
 
@@ -211,7 +219,9 @@ def gowalla_rows(args) -> list[dict]:
         ("DynamicAutoencoder", DynamicAutoencoder(**DAE_GOWALLA.model), DAE_GOWALLA),
         ("MatrixFactorization", MatrixFactorization(**MF_GOWALLA.model), MF_GOWALLA),
     ):
-        recoder, seconds = train(model, run, train_set, args.workers, args.seed, args.epochs)
+        recoder, seconds = train(
+            model, run, train_set, args.workers, args.seed, args.epochs, args.precision
+        )
         results = recoder.evaluate(test, metrics=GOWALLA_METRICS)
         rows.append(result_row("gowalla", name, args.workers, seconds, results))
 
