@@ -112,7 +112,7 @@ def _train(args) -> int:
     )
     metrics = _metrics(args.metrics)
     prefix = storage.join(checkpoint_dir, "model")
-    recoder.train(
+    history = recoder.train(
         train_dataset=split.train,
         val_dataset=split.validation,
         lr=args.lr,
@@ -128,17 +128,18 @@ def _train(args) -> int:
         eval_freq=args.eval_freq if split.validation is not None else 0,
         metrics=metrics,
         eval_num_recommendations=max(args.metrics),
+        precision=args.precision,
+        profile=args.profile,
     )
     results = recoder.evaluate(split.test, max(args.metrics), metrics)
-    print(
-        json.dumps(
-            {
-                "checkpoint": storage.suffixed(prefix, f"_epoch_{recoder.current_epoch}.model"),
-                "epoch": recoder.current_epoch,
-                "test": results,
-            }
-        )
-    )
+    output = {
+        "checkpoint": storage.suffixed(prefix, f"_epoch_{recoder.current_epoch}.model"),
+        "epoch": recoder.current_epoch,
+        "test": results,
+    }
+    if args.profile:  # phase -> seconds of the last epoch, one value per rank
+        output["profile"] = history[-1]["profile"]
+    print(json.dumps(output))
     return 0
 
 
@@ -296,6 +297,17 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-freq", type=int, default=0)
     t.add_argument("--max-failures", type=int, default=0)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="bf16: the model's forward under autocast to bfloat16",
+    )
+    t.add_argument(
+        "--profile",
+        action="store_true",
+        help="time the phases of the steps on every rank; the last epoch's are printed",
+    )
     _add_common(t)
     t.set_defaults(run=_train)
 

@@ -46,9 +46,16 @@ def test_train_evaluate_recommend(ray_session, prepared, tmp_path, capsys):
         str(tmp_path / "ck"),
         "--workers",
         "0",
+        "--precision",
+        "bf16",
+        "--profile",
     )
     assert code == 0 and trained["epoch"] == 2  # the config file's epochs
     assert trained["test"]["eval_users"] == 100
+    # The last epoch's phases, one value per rank (here one: in-process).
+    assert {"forward", "backward", "optimizer", "batches_cpu"} <= set(trained["profile"])
+    assert all(len(seconds) == 1 for seconds in trained["profile"].values())
+    assert trained["profile"]["forward"][0] > 0
 
     code, evaluated, _ = run(
         capsys,
