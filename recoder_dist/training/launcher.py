@@ -43,10 +43,10 @@ def ensure_ray() -> None:
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**_console_settings())
+        if not verbose():
+            _quiet_ray_data_console()
     else:
         init_local_ray()
-    if not verbose():
-        _quiet_ray_data_console()
 
 
 def _quiet_ray_data_console() -> None:
@@ -82,6 +82,8 @@ def init_local_ray(**kwargs) -> None:
         # warning that this local cluster makes no decision about.
         logging.getLogger(_AUTH_LOGGER).addFilter(_drop_token_auth_notice)
     ray.init(runtime_env=LOCAL_RUNTIME_ENV, **kwargs)
+    if not verbose():
+        _quiet_ray_data_console()
 
 
 _AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"

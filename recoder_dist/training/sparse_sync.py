@@ -24,6 +24,10 @@ import torch.distributed as dist
 # crossover was measured (benchmarks/RESULTS.md, "Sparse gradient sync: where the paths cross").
 DENSE_SHARE = 1.0
 
+# All ranks' tensors into one: torch 2.13 names it all_gather_single and deprecates (with a
+# warning) all_gather_into_tensor, the only name before it.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 class SparseGradSync:
     """Synchronizes the sparse gradients of ``params`` after backward.
@@ -83,8 +87,8 @@ class SparseGradSync:
         torch.div(values, world, out=send_val[: len(values)])
         all_idx = send_idx.new_empty(world * longest)
         all_val = send_val.new_empty((world * longest, *send_val.shape[1:]))
-        dist.all_gather_into_tensor(all_idx, send_idx, group=self.group)
-        dist.all_gather_into_tensor(all_val, send_val, group=self.group)
+        _all_gather_single(all_idx, send_idx, group=self.group)
+        _all_gather_single(all_val, send_val, group=self.group)
         self.bytes_sent += send_idx.numel() * send_idx.element_size()
         self.bytes_sent += send_val.numel() * send_val.element_size()
         if min(counts) < longest:  # drop the padding
