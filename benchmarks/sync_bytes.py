@@ -21,6 +21,7 @@ is compute / (compute + link bytes / bandwidth).
 
     python benchmarks/sync_bytes.py
     python benchmarks/sync_bytes.py --datasets gowalla --step-ms 5
+    python benchmarks/sync_bytes.py --step-ms 2 --plot benchmarks/sync_projection.png
 """
 
 from __future__ import annotations
@@ -102,6 +103,38 @@ def projection(bytes_by_world: dict, step_seconds: float, key: str) -> list[list
     return rows
 
 
+def efficiency(measured: dict, step_seconds: float, key: str, bandwidth: float) -> list[float]:
+    return [step_seconds / (step_seconds + m[key] / bandwidth) for m in measured.values()]
+
+
+def save_plot(path: str, results: dict, step_seconds: float) -> None:
+    """One panel per dataset: projected efficiency against ranks, per sync and link."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4.6 * len(results), 3.4), dpi=100)
+    for ax, (name, measured) in zip(np.atleast_1d(axes), results.items()):
+        worlds = list(measured)
+        for key, label, style in (("sync", "sparse sync", "-"), ("ddp", "DDP dense", "--")):
+            for link, bandwidth in LINKS.items():
+                values = efficiency(measured, step_seconds, key, bandwidth)
+                ax.plot(worlds, values, style, marker="o", label=f"{label}, {link.split(',')[0]}")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(worlds, [str(w) for w in worlds])
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("ranks")
+        ax.set_ylabel("projected scaling efficiency")
+        ax.set_title(f"{name}, {step_seconds * 1e3:g} ms of compute a step", fontsize=9)
+        ax.grid(alpha=0.3)
+    np.atleast_1d(axes)[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    print(f"\nplot: {path}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=["gowalla", "long-tail-1m"])
@@ -113,13 +146,15 @@ def main():
         help="compute time of one 500-user step (default: this CPU's, Gowalla, 1 thread)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot", help="save the projection as a PNG here (needs matplotlib)")
     args = parser.parse_args()
+    results = {}
     for name in args.datasets:
         if name == "long-tail-1m":
             matrix = long_tail(users=200_000, items=1_000_000, per_user=30, seed=args.seed)
         else:
             matrix = load_matrix(name)
-        measured = measure(matrix, args.steps, args.seed)
+        measured = results[name] = measure(matrix, args.steps, args.seed)
         print(f"\n### {name}: {matrix.shape[0]:,} users x {matrix.shape[1]:,} items\n")
         header = ["ranks", "rows a rank touches", "sync MB a rank", "DDP dense MB a rank", "ratio"]
         rows = [
@@ -138,6 +173,9 @@ def main():
                 f"\nprojected scaling efficiency, {label}, {args.step_ms:g} ms of compute a step\n"
             )
             print(markdown_table(["ranks", *LINKS], projection(measured, args.step_ms / 1e3, key)))
+
+    if args.plot:
+        save_plot(args.plot, results, args.step_ms / 1e3)
 
 
 if __name__ == "__main__":
