@@ -132,6 +132,20 @@ def test_rows_that_training_cannot_take_are_refused(tmp_path):
         narrow.to_dataset()
 
 
+def test_rows_out_of_range_are_refused_when_the_cluster_reads_them(ray_session, tmp_path):
+    """Training and evaluation take the rows on trust: the read checks them, once, and names
+    the file, before any worker starts."""
+    dataset, table = small_table()
+    files = files_of(tmp_path, table, dataset)
+    narrow = UserRowFiles(**{**files.__dict__, "num_items": 3})
+    with pytest.raises(ValueError, match="rows-00000.parquet: item id 3 is out of range"):
+        Recoder(DynamicAutoencoder([4]), num_workers=0).train(narrow, batch_size=2)
+    recoder = Recoder(DynamicAutoencoder([4]), num_workers=0, seed=0)
+    recoder.train(type(dataset)(dataset.interactions[:, :3]), batch_size=2)  # 3 items
+    with pytest.raises(ValueError, match="rows-00000.parquet: item id 3 is out of range"):
+        recoder.evaluate(narrow, metrics=[NDCG(k=2)])
+
+
 def test_an_earlier_format_asks_for_prepare_again(tmp_path):
     (tmp_path / "split.json").write_text(
         json.dumps({"format": "recoder_dist.prepared", "version": 1})

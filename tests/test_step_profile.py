@@ -91,3 +91,17 @@ def test_an_in_process_profile_has_one_rank_and_no_collectives(ray_session):
     assert all(len(per_rank) == 1 for per_rank in phases.values())
     assert phases["forward"][0] > 0 and phases["optimizer"][0] > 0
     assert phases["wait"] == phases["ddp_allreduce"] == phases["sparse_sync"] == [0.0]
+
+
+def test_the_wait_for_each_item_is_timed_and_the_items_pass_unchanged():
+    clock = FakeClock()
+
+    def items():
+        for item in ("a", "b", "c"):
+            clock.now += 0.25  # making the item
+            yield item
+
+    for enabled, data_seconds in ((True, 0.75), (False, 0.0)):
+        profile = StepProfile(enabled, torch.device("cpu"), clock=clock)
+        assert list(profile.timed(items(), "data")) == ["a", "b", "c"]
+        assert profile.epoch_seconds()["data"] == data_seconds

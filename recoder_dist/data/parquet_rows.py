@@ -79,11 +79,14 @@ class UserRowFiles:
     def ray_dataset(self):
         """The rows as a Ray Dataset: read by the cluster (``read_parquet``) from a URI; from a
         local folder, which other nodes may not see, by tasks on this node, a row group each,
-        into the object store. Either way this process reads the files' footers only.
+        into the object store. Either way this process reads the files' footers only. Every
+        block is checked (``checked_table``) as it is read, once: training and evaluation then
+        take the rows on trust.
 
         Raises:
             FileNotFoundError: a file is missing.
-            ValueError: the files do not hold user rows (a column missing or of another type).
+            ValueError: the files do not hold user rows (a column missing or of another type);
+                when the rows are read, a row that training cannot take (named with its file).
         """
         import ray
         import ray.data
@@ -94,7 +97,13 @@ class UserRowFiles:
         if storage.is_uri(self.location):
             dataset = ray.data.read_parquet(self.paths, shuffle=None)
             check_schema(dataset.schema().base_schema, self.has_target, self.location)
-            return dataset
+            return dataset.map_batches(
+                checked_table,
+                fn_args=(self.num_items, self.has_target, self.location),
+                batch_format="pyarrow",
+                batch_size=None,  # whole blocks
+                zero_copy_batch=True,
+            )
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         # Read by tasks on this node (no CPU asked: a head may have none), a row group each.
@@ -104,7 +113,10 @@ class UserRowFiles:
         for path in self.paths:
             parquet = pq.ParquetFile(path)  # its footer only
             check_schema(parquet.schema_arrow, self.has_target, path)
-            refs += [read.remote(path, i) for i in range(parquet.num_row_groups)]
+            refs += [
+                read.remote(path, i, self.num_items, self.has_target)
+                for i in range(parquet.num_row_groups)
+            ]
         return ray.data.from_arrow_refs(refs)
 
     def to_dataset(self) -> RecommendationDataset:
@@ -115,15 +127,16 @@ class UserRowFiles:
             with storage.local_copy(path) as local:
                 table = pq.read_table(local)
             check_schema(table.schema, self.has_target, path)
-            inputs.append(checked(rows_from_arrow(table), self.num_items, path))
+            checked_table(table, self.num_items, self.has_target, path)
+            inputs.append(rows_from_arrow(table))
             if self.has_target:
-                targets.append(checked(rows_from_arrow(table, "target_"), self.num_items, path))
+                targets.append(rows_from_arrow(table, "target_"))
         matrix = _csr(inputs, shape)
         return RecommendationDataset(matrix, _csr(targets, shape) if self.has_target else None)
 
 
-def _read_row_group(path: str, index: int) -> pa.Table:
-    return pq.ParquetFile(path).read_row_group(index)
+def _read_row_group(path: str, index: int, num_items: int, has_target: bool) -> pa.Table:
+    return checked_table(pq.ParquetFile(path).read_row_group(index), num_items, has_target, path)
 
 
 def write_user_rows(table: pa.Table, folder: str, name: str, dataset: RecommendationDataset):
@@ -169,6 +182,15 @@ def check_schema(schema: pa.Schema, needs_target: bool, where: str) -> None:
             raise ValueError(
                 f"{where}: column {column!r} is {schema.field(index).type}, expected {kind}"
             )
+
+
+def checked_table(table: pa.Table, num_items: int, has_target: bool, where: str) -> pa.Table:
+    """``table`` (user rows read from ``where``) after ``checked`` of its items, and of its
+    target items when it has them."""
+    checked(rows_from_arrow(table), num_items, where)
+    if has_target:
+        checked(rows_from_arrow(table, "target_"), num_items, where)
+    return table
 
 
 def checked(rows: UserRows, num_items: int, where: str) -> UserRows:

@@ -12,7 +12,6 @@ import torch.distributed as dist
 
 from recoder_dist.data.collator import Collator, SparseBatch, batches_per_group
 from recoder_dist.data.epoch_order import RowBlocks, rank_rows, shuffled_groups
-from recoder_dist.data.parquet_rows import checked
 from recoder_dist.data.ray_dataset import rows_from_arrow
 from recoder_dist.training.config import TrainSettings
 
@@ -59,11 +58,7 @@ def epoch_batches(
         window=max(4 * collator.num_sampling_users, 1024),
         seed=seeds,
     )
-    batches = (
-        batch
-        for group in groups
-        for batch in collator(checked(rows_from_arrow(group), collator.num_items, "training rows"))
-    )
+    batches = (batch for group in groups for batch in collator(rows_from_arrow(group)))
     empty = SparseBatch(
         users=np.zeros(0, np.int64),
         items=np.zeros(0, np.int64) if collator.negative_sampling else None,

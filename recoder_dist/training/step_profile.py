@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -40,6 +41,8 @@ PHASES = (
     "optimizer",
     "other",
 )
+
+_END = object()
 
 
 class StepProfile:
@@ -79,6 +82,16 @@ class StepProfile:
             nested = self._nested.pop()
             self._seconds[name] += elapsed - nested
             self._nested[-1] += elapsed
+
+    def timed(self, items: Iterable, name: str) -> Iterator:
+        """``items``, the wait for each one timed as phase ``name``."""
+        items = iter(items)
+        while True:
+            with self.phase(name):
+                item = next(items, _END)
+            if item is _END:
+                return
+            yield item
 
     def barrier(self, group=None) -> None:
         """With more than one rank, waits for every rank (timed as ``wait``), when enabled."""

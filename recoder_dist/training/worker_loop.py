@@ -7,7 +7,6 @@ rank 0 writes the snapshots.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
@@ -26,7 +25,6 @@ from torch.nn.parallel import DistributedDataParallel
 from recoder_dist import storage
 from recoder_dist.data.collator import Collator
 from recoder_dist.data.epoch_order import RowBlocks
-from recoder_dist.data.parquet_rows import checked
 from recoder_dist.data.ray_dataset import rows_from_arrow
 from recoder_dist.losses import build_loss
 from recoder_dist.training.config import EvalSettings, TrainSettings, WorkerJob
@@ -231,12 +229,7 @@ def _run_steps(net, loss_fn, optimizers, sync, batches, device, sparse_names, pr
     """One epoch's training steps, their phases timed by ``profile``; returns the loss summed
     over its users (on the device: no sync per step) and the number of users."""
     loss_total, users = torch.zeros((), dtype=torch.float64, device=device), 0
-    batches = iter(batches)
-    for step in itertools.count():
-        with profile.phase("data"):
-            batch = next(batches, None)
-        if batch is None:
-            break
+    for step, batch in enumerate(profile.timed(batches, "data")):
         optimizers.zero_grad()
         with profile.phase("forward"):
             loss = batch_loss(net, loss_fn, batch, device, bf16)
@@ -314,8 +307,8 @@ def _evaluate(model, job: WorkerJob, device, rank: int, world: int) -> dict:
             table = table.filter(owned)
         batch_sums, batch_count = metric_sums(
             model,
-            checked(rows_from_arrow(table), job.num_items, "evaluation rows"),
-            checked(rows_from_arrow(table, "target_"), job.num_items, "evaluation targets"),
+            rows_from_arrow(table),
+            rows_from_arrow(table, "target_"),
             list(settings.metrics),
             settings.num_recommendations,
             job.num_items,
