@@ -6,12 +6,12 @@ Synthetic event tables of a given number of interactions, in two shapes:
   following a Zipf law of exponent 1);
 - ``longtail``: a catalog of 1,000,000 items, 50 items a user, Zipf exponent 0.8.
 
-Each table is written as Parquet, then ``recoder-dist prepare --dataset events`` and
-``recoder-dist train`` (2 workers, 2 epochs, a small autoencoder with negative sampling) run
-as separate processes (the model is kept small, [64], so that a 1M-item catalog's tables and
-their Adam states fit two workers on one machine). The driver's peak RSS is the train
-process's own (``VmHWM``); a worker's is what the workers report; the epoch time is the
-second epoch's.
+Each table is written as Parquet files of 1M events, then ``recoder-dist prepare --dataset
+events`` (on the cluster: Ray Data reads, groups and splits) and training (2 workers, 2
+epochs, a small autoencoder with negative sampling) run as separate processes (the model is
+kept small, [64], so that a 1M-item catalog's tables and their Adam states fit two workers on
+one machine). A driver's peak RSS is its process's own (``VmHWM``), for prepare and for
+train; a worker's is what the workers report; the epoch time is the second epoch's.
 
     python benchmarks/data_scale.py --interactions 1e6 1e7 --shapes ml20m longtail
 """
@@ -65,6 +65,17 @@ def run(cmd: list[str]) -> tuple[float, str]:
     return time.perf_counter() - started, done.stdout
 
 
+PREPARE_SCRIPT = """
+import json, sys
+from recoder_dist.cli import main
+if main(sys.argv[1:]) != 0:
+    raise SystemExit("prepare failed")
+print(json.dumps({"prepare_peak_mb": next(int(line.split()[1]) for line in open("/proc/self/status")
+                                          if line.startswith("VmHWM")) / 1024}))
+"""
+
+EVENTS_PER_FILE = 1_000_000
+
 TRAIN_SCRIPT = """
 import json, sys
 from recoder_dist.datasets import open_prepared
@@ -85,27 +96,36 @@ print(json.dumps({
 
 def measure(interactions: int, shape_name: str, folder: Path) -> dict:
     events = synthetic_events(interactions, SHAPES[shape_name])
-    table = folder / f"{shape_name}-{interactions}.parquet"
-    events.to_parquet(table)
+    table = folder / f"{shape_name}-{interactions}"
+    table.mkdir()
+    for number, start in enumerate(range(0, len(events), EVENTS_PER_FILE)):
+        events.iloc[start : start + EVENTS_PER_FILE].to_parquet(
+            table / f"part-{number:04d}.parquet"
+        )
     prepared = folder / f"{shape_name}-{interactions}-prepared"
     held_out = max(len(events.user.unique()) // 20, 1)
-    prepare_s, _ = run(
+    prepare_s, out = run(
         [
-            sys.executable, "-m", "recoder_dist", "prepare", "--dataset", "events",
+            sys.executable, "-c", PREPARE_SCRIPT, "prepare", "--dataset", "events",
             "--input", str(table), "--output", str(prepared),
             "--val-users", str(held_out), "--test-users", str(held_out),
         ]
     )  # fmt: skip
+    prepared_result = last_json(out)
     _, out = run([sys.executable, "-c", TRAIN_SCRIPT, str(prepared)])
-    # Ray may print its own lines after the result's.
-    result = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
     return dict(
         shape=shape_name,
         interactions=len(events),
         users=int(events.user.nunique()),
         prepare_s=prepare_s,
-        **result,
+        **prepared_result,
+        **last_json(out),
     )
+
+
+def last_json(out: str) -> dict:
+    """The last JSON line of a process's output (Ray may print its own lines after it)."""
+    return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
 
 
 def main(argv=None) -> None:
@@ -120,11 +140,12 @@ def main(argv=None) -> None:
             for interactions in args.interactions:
                 rows.append(measure(int(interactions), shape, Path(scratch)))
                 print(json.dumps(rows[-1]), flush=True)
-    header = ["shape", "interactions", "users", "prepare s", "driver peak MB",
-              "worker peak MB", "epoch s (2 workers)"]  # fmt: skip
+    header = ["shape", "interactions", "users", "prepare s", "prepare driver peak MB",
+              "train driver peak MB", "worker peak MB", "epoch s (2 workers)"]  # fmt: skip
     table = [
         [r["shape"], f"{r['interactions']:,}", f"{r['users']:,}", f"{r['prepare_s']:.1f}",
-         f"{r['driver_peak_mb']:.0f}", f"{r['worker_peak_mb']:.0f}", f"{r['epoch_s']:.2f}"]
+         f"{r['prepare_peak_mb']:.0f}", f"{r['driver_peak_mb']:.0f}",
+         f"{r['worker_peak_mb']:.0f}", f"{r['epoch_s']:.2f}"]
         for r in rows
     ]  # fmt: skip
     print(f"\nload: {load_average()}; peak RSS of this process {peak_mb():.0f} MB\n")

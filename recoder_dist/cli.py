@@ -34,34 +34,39 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _prepare(args) -> int:
-    from recoder_dist.datasets import StrongSplitConfig, WeakSplitConfig, load_events, prepare
+    from recoder_dist.datasets import StrongSplitConfig, WeakSplitConfig, prepare
+    from recoder_dist.datasets.cluster_prepare import prepare_on_cluster
     from recoder_dist.datasets.movielens import load_movielens
 
-    if args.dataset == "events":
-        if not args.input:
-            raise UsageError("--dataset events needs --input FILE (CSV or Parquet)")
-        events = load_events(args.input)
-    else:
-        events = load_movielens(args.dataset, args.data_dir)
     if args.split == "strong":
         split = StrongSplitConfig(args.val_users, args.test_users, seed=args.seed)
     else:
         split = WeakSplitConfig(seed=args.seed, val_fraction=args.val_fraction)
-    positive_above = args.positive_above
-    if positive_above is None and args.dataset != "events":
-        positive_above = 3.5  # MovieLens ratings of 4 and 5, as Mult-VAE
-    prepared = prepare(events, args.output, split, positive_above=positive_above)
-    print(
-        json.dumps(
-            {
-                "output": str(args.output),
-                "users": len(prepared.user_id_map),
-                "items": len(prepared.item_id_map),
-                "train_users": len(prepared.split.train),
-                "test_users": len(prepared.split.test),
-            }
+    if args.dataset == "events":
+        if not args.input:
+            raise UsageError("--dataset events needs --input (a file, folder, glob or URI)")
+        files = prepare_on_cluster(
+            args.input,
+            args.output,
+            split,
+            user_col=args.user_col,
+            item_col=args.item_col,
+            value_col=args.value_col,
+            positive_above=args.positive_above,
         )
-    )
+        sizes = {key: files.meta[key] for key in ("train_users", "test_users")}
+        sizes.update(users=files.meta["num_users"], items=files.meta["num_items"])
+    else:
+        events = load_movielens(args.dataset, args.data_dir)
+        positive_above = 3.5 if args.positive_above is None else args.positive_above
+        prepared = prepare(events, args.output, split, positive_above=positive_above)
+        sizes = {
+            "users": len(prepared.user_id_map),
+            "items": len(prepared.item_id_map),
+            "train_users": len(prepared.split.train),
+            "test_users": len(prepared.split.test),
+        }
+    print(json.dumps({"output": str(args.output), **sizes}))
     return 0
 
 
@@ -234,7 +239,16 @@ def parser() -> argparse.ArgumentParser:
         help="folder holding the ratings file (u.data, ratings.dat or ratings.csv) of an "
         "unzipped copy (default: download into the cache)",
     )
-    p.add_argument("--input", help="event table for --dataset events")
+    p.add_argument(
+        "--input",
+        help="--dataset events: the event table, read by the cluster: a CSV (with a header) or "
+        "Parquet file, a folder of them, a glob, or a URI of these",
+    )
+    p.add_argument("--user-col", default="user", help="--dataset events: the users' ids")
+    p.add_argument("--item-col", default="item", help="--dataset events: the items' ids")
+    p.add_argument(
+        "--value-col", help="--dataset events: the events' values (default: every event is 1)"
+    )
     p.add_argument("--output", required=True)
     p.add_argument("--split", choices=("strong", "weak"), default="strong")
     p.add_argument("--val-users", type=int, default=100)

@@ -93,6 +93,17 @@ def filesystem(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
         raise ValueError(f"cannot open {location}: {e}") from None
 
 
+def for_ray_data(locations: list[str]) -> tuple[pafs.FileSystem | None, list[str]]:
+    """The ``filesystem`` and paths to give Ray Data's readers for files at ``locations``
+    (URIs of one filesystem, or local paths). Ray resolves a list of URIs by the first one's
+    filesystem and strips the scheme off the others but not their query
+    (``?endpoint_override=...``), which then names no object: so the paths go as paths."""
+    if not locations or not is_uri(locations[0]):
+        return None, list(locations)
+    fs = filesystem(locations[0])[0]
+    return fs, [filesystem(location)[1] for location in locations]
+
+
 def exists(location: str | os.PathLike) -> bool:
     fs, path = filesystem(location)
     return fs.get_file_info(path).type != pafs.FileType.NotFound

@@ -259,6 +259,41 @@ def test_prepare_train_evaluate_and_recommend_through_the_bucket(
     assert {len(items) for items in table.column("rank_items").to_pylist()} == {10}
 
 
+def test_prepare_reads_events_from_the_bucket_on_the_cluster(
+    no_shared_disk_cluster, bucket_credentials
+):
+    """Event files in the bucket, read, grouped and split by the worker node's tasks (the head
+    has no CPU): the split of the documented rule, written back to the bucket."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from recoder_dist.datasets import StrongSplitConfig, load_movielens
+    from tests.test_cluster_prepare import naive_split
+    from tests.test_splits import raw_pairs
+
+    cluster, s3 = no_shared_disk_cluster, no_shared_disk_cluster.s3
+    events = load_movielens("ml-100k", shared_data("ml-100k"))[["user", "item", "value"]]
+    for number, start in enumerate(range(0, len(events), 40_000)):
+        table = pa.Table.from_pandas(events.iloc[start : start + 40_000], preserve_index=False)
+        path = s3.path(f"events/part-{number}.parquet")
+        pq.write_table(
+            table.rename_columns(["uid", "iid", "rating"]), path, filesystem=s3.filesystem()
+        )
+    prepare = [
+        "recoder-dist", "prepare", "--dataset", "events", "--input", s3.uri("events"),
+        "--user-col", "uid", "--item-col", "iid", "--value-col", "rating",
+        "--positive-above", "3.5", "--val-users", "50", "--test-users", "60", "--seed", "4",
+        "--output", s3.uri("events-split"),
+    ]  # fmt: skip
+    last_json(cluster.submit(*prepare))
+    config = StrongSplitConfig(num_val_users=50, num_test_users=60, seed=4)
+    expected, users, items = naive_split(events, config, positive_above=3.5)
+    prepared = load_prepared(s3.uri("events-split"))
+    assert list(prepared.user_id_map) == users and list(prepared.item_id_map) == items
+    pairs = raw_pairs(prepared.split, prepared.user_id_map, prepared.item_id_map)
+    assert pairs == {name: expected.get(name, set()) for name in pairs}
+
+
 def test_a_stopped_training_job_resubmitted_resumes_to_the_weights_of_a_straight_run(
     no_shared_disk_cluster, prepared_ml100k, bucket_credentials
 ):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from recoder_dist import storage
@@ -95,7 +96,8 @@ class UserRowFiles:
             if not storage.is_file(path):
                 raise FileNotFoundError(f"the user rows' file {path} is missing")
         if storage.is_uri(self.location):
-            dataset = ray.data.read_parquet(self.paths, shuffle=None)
+            fs, paths = storage.for_ray_data(self.paths)
+            dataset = ray.data.read_parquet(paths, filesystem=fs, shuffle=None)
             check_schema(dataset.schema().base_schema, self.has_target, self.location)
             return dataset.map_batches(
                 checked_table,
@@ -142,33 +144,83 @@ def _read_row_group(path: str, index: int, num_items: int, has_target: bool) -> 
 def write_user_rows(table: pa.Table, folder: str, name: str, dataset: RecommendationDataset):
     """Writes ``table`` (rows of ``dataset``) as ``{name}-NNNNN.parquet`` files in the local
     ``folder``; returns their description (with ``folder`` as its location)."""
-    lengths = np.diff(table.column("items").combine_chunks().offsets.to_numpy())
-    bounds = _file_bounds(lengths, INTERACTIONS_PER_FILE)
-    files = []
-    for number, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
-        files.append(f"{name}-{number:05d}.parquet")
-        pq.write_table(
-            table.slice(start, stop - start),
-            storage.join(folder, files[-1]),
-            row_group_size=DEFAULT_ROWS_PER_BLOCK,
-        )
-    return UserRowFiles(
-        location=folder,
-        files=tuple(files),
-        num_users=dataset.num_users,
-        num_items=dataset.num_items,
-        num_rows=table.num_rows,
-        num_interactions=int(lengths.sum()),
-        has_target="target_items" in table.column_names,
+    writer = UserRowsWriter(
+        folder, name, dataset.num_users, dataset.num_items, "target_items" in table.column_names
     )
+    writer.write(table)
+    return writer.close()
 
 
-def _file_bounds(lengths: np.ndarray, per_file: int) -> list[int]:
-    """Row boundaries of files holding about ``per_file`` interactions each (at least one
-    file, even for an empty table)."""
-    ends = np.cumsum(lengths)
-    cuts = np.searchsorted(ends, np.arange(per_file, ends[-1] if len(ends) else 0, per_file))
-    return sorted({0, *(int(c) + 1 for c in cuts if c + 1 < len(lengths)), len(lengths)})
+class UserRowsWriter:
+    """Writes user rows, given in order a table at a time, as ``{name}-NNNNN.parquet`` files
+    in the local ``folder``: files of about ``per_file`` interactions (a file ends after the
+    row that reaches it), row groups of ``DEFAULT_ROWS_PER_BLOCK`` rows. Each row's
+    ``position`` is its place in the whole sequence."""
+
+    def __init__(
+        self,
+        folder: str,
+        name: str,
+        num_users: int,
+        num_items: int,
+        has_target: bool,
+        per_file: int = INTERACTIONS_PER_FILE,
+    ):
+        self._folder, self._name, self._per_file = folder, name, per_file
+        self._sizes = dict(num_users=num_users, num_items=num_items, has_target=has_target)
+        self._schema = pa.schema({**_REQUIRED, **(_TARGET if has_target else {})})
+        self._files: list[str] = []
+        self._writer = None
+        self._in_file = 0  # interactions in the open file
+        self._rows = 0
+        self._interactions = 0
+
+    def write(self, table: pa.Table) -> None:
+        if "position" in table.column_names:
+            table = table.drop_columns(["position"])
+        positions = pa.array(np.arange(self._rows, self._rows + table.num_rows))
+        table = table.add_column(1, "position", positions).select(self._schema.names)
+        table = table.cast(self._schema)
+        lengths = pc.list_value_length(table.column("items")).to_numpy(zero_copy_only=False)
+        start = 0
+        while start < table.num_rows:
+            if self._writer is None:
+                self._files.append(f"{self._name}-{len(self._files):05d}.parquet")
+                path = storage.join(self._folder, self._files[-1])
+                self._writer = pq.ParquetWriter(path, self._schema)
+            # The rows up to the one at which the open file reaches per_file interactions.
+            ends = self._in_file + np.cumsum(lengths[start:])
+            full = np.searchsorted(ends, self._per_file)
+            stop = table.num_rows if full == len(ends) else start + int(full) + 1
+            self._writer.write_table(
+                table.slice(start, stop - start), row_group_size=DEFAULT_ROWS_PER_BLOCK
+            )
+            written = int(lengths[start:stop].sum())
+            self._in_file += written
+            self._interactions += written
+            self._rows += stop - start
+            start = stop
+            if self._in_file >= self._per_file:
+                self._close_file()
+
+    def close(self) -> UserRowFiles:
+        """Closes the last file (an empty table is one file) and describes them all."""
+        if self._writer is None and not self._files:
+            self._files.append(f"{self._name}-00000.parquet")
+            pq.write_table(self._schema.empty_table(), storage.join(self._folder, self._files[0]))
+        self._close_file()
+        return UserRowFiles(
+            location=self._folder,
+            files=tuple(self._files),
+            num_rows=self._rows,
+            num_interactions=self._interactions,
+            **self._sizes,
+        )
+
+    def _close_file(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._writer, self._in_file = None, 0
 
 
 def check_schema(schema: pa.Schema, needs_target: bool, where: str) -> None:

@@ -230,12 +230,7 @@ def _training_items_only(split: StrongSplit, item_id_map: dict):
 
 
 def _write(location: str, config, positive_above, split, user_id_map, item_id_map) -> None:
-    """Writes the split's files under names of their own (a fresh token), then ``split.json``
-    in one atomic write, then deletes the files of the split it replaces: a reader sees the
-    old split or the new one, and a failure halfway loses nothing already there."""
-    token = uuid.uuid4().hex[:8]
-    previous = _listed_files(location)
-    with tempfile.TemporaryDirectory(prefix="recoder-dist-prepare-") as local:
+    def write_files(local: str, token: str) -> dict:
         parts = {}
         for name, part in (
             ("train", split.train),
@@ -251,6 +246,30 @@ def _write(location: str, config, positive_above, split, user_id_map, item_id_ma
         id_maps = {kind: f"{kind}_id_map-{token}.json" for kind in ("user", "item")}
         save_id_map(os.path.join(local, id_maps["user"]), user_id_map)
         save_id_map(os.path.join(local, id_maps["item"]), item_id_map)
+        return dict(
+            has_validation=split.validation is not None,
+            num_users=len(user_id_map),
+            num_items=len(item_id_map),
+            train_users=len(split.train),
+            test_users=len(split.test),
+            parts=parts,
+            id_maps=id_maps,
+        )
+
+    publish(location, config, positive_above, write_files)
+
+
+def publish(location: str, config, positive_above, write_files) -> None:
+    """Writes a split's files under names of their own (a fresh token), then ``split.json`` in
+    one atomic write, then deletes the files of the split it replaces: a reader sees the old
+    split or the new one, and a failure halfway loses nothing already there.
+
+    ``write_files(local_folder, token)`` writes the part and id map files into a local folder
+    and returns what ``split.json`` says of them: the counts, ``parts`` and ``id_maps``."""
+    token = uuid.uuid4().hex[:8]
+    previous = _listed_files(location)
+    with tempfile.TemporaryDirectory(prefix="recoder-dist-prepare-") as local:
+        described = write_files(local, token)
         if not storage.is_uri(location):
             os.makedirs(location, exist_ok=True)
         for name in sorted(os.listdir(local)):
@@ -261,13 +280,7 @@ def _write(location: str, config, positive_above, split, user_id_map, item_id_ma
         "split": config.kind,
         "config": dataclasses.asdict(config),
         "positive_above": positive_above,
-        "has_validation": split.validation is not None,
-        "num_users": len(user_id_map),
-        "num_items": len(item_id_map),
-        "train_users": len(split.train),
-        "test_users": len(split.test),
-        "parts": parts,
-        "id_maps": id_maps,
+        **described,
     }
     text = json.dumps(meta, indent=1) + "\n"
     storage.write_atomically(storage.join(location, "split.json"), lambda f: f.write(text.encode()))
