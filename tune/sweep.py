@@ -47,6 +47,8 @@ CHOSEN = (
     "hidden_layers",
     "is_constrained",
     "noise_prob",
+    "dropout_prob",
+    "sparse",
     "weight_decay",
     "milestones",
     "negative_sampling",
@@ -61,7 +63,8 @@ def run_trial(config: dict) -> None:
         activation_type="tanh",
         is_constrained=config["is_constrained"],
         noise_prob=config["noise_prob"],
-        sparse=True,
+        dropout_prob=config["dropout_prob"],
+        sparse=config["sparse"],
     )
     # The trial's Ray Train run has a name of its own in the sweep's storage: when Tune restarts
     # an interrupted trial, this run resumes from its last checkpoint.
@@ -104,6 +107,7 @@ MODEL_SPACE = {
     "hidden_layers": [[200], [600], [600, 200]],
     "is_constrained": [False, True],
     "noise_prob": [0.2, 0.5],
+    "dropout_prob": [0.0, 0.5],
     "weight_decay": [0.0, 2e-5, 1e-4],
     "milestones": [None, (0.6, 0.8)],
     # Reconstructing only the group's items (0.4.0's way) or every item: on ml-1m's 3.7k items
@@ -121,6 +125,8 @@ def search_space(args) -> dict:
         "hidden_layers": args.hidden,
         "is_constrained": args.constrained,
         "noise_prob": args.noise,
+        "dropout_prob": tune.grid_search(args.dropout),
+        "sparse": args.sparse,
         "weight_decay": args.weight_decay,
         "milestones": tuple(args.milestones) if args.milestones else None,
         "negative_sampling": args.negative_sampling,
@@ -154,9 +160,8 @@ def sweep(args) -> tune.ResultGrid:
     if args.resume and tune.Tuner.can_restore(state):
         tuner = tune.Tuner.restore(state, trainable, resume_errored=True)
     else:
-        scheduler = ASHAScheduler(
-            time_attr="epoch", max_t=args.epochs, grace_period=max(args.eval_freq, 1)
-        )
+        grace_period = args.grace_period or max(args.eval_freq, 1)
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=args.epochs, grace_period=grace_period)
         tuner = tune.Tuner(
             trainable,
             param_space=search_space(args),
@@ -232,6 +237,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--hidden", type=int, nargs="+", default=[200])
     parser.add_argument("--noise", type=float, default=0.5)
     parser.add_argument("--constrained", action="store_true", help="tied decoder weights")
+    parser.add_argument(
+        "--dropout",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        help="dropout on the code (the innermost layer); several values are a grid axis",
+    )
+    parser.add_argument(
+        "--sparse",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="sparse embedding layers (else dense: weight decay then applies to them)",
+    )
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument(
         "--negative-sampling",
@@ -253,6 +271,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--eval-freq", type=int, default=5)
+    parser.add_argument(
+        "--grace-period",
+        type=int,
+        help="epochs before ASHA may stop a trial (default --eval-freq; --epochs: never)",
+    )
     parser.add_argument("--num-samples", type=int, default=1, help="repeats of the grid")
     parser.add_argument("--concurrent", type=int, default=2)
     parser.add_argument(

@@ -1,5 +1,6 @@
 """Public datasets, their loaders, and evaluation splits written to disk by ``prepare``."""
 
+from recoder_dist.datasets.cluster_prepare import prepare_on_cluster
 from recoder_dist.datasets.events import load_events
 from recoder_dist.datasets.line_format import (
     TrainTest,
@@ -51,6 +52,7 @@ __all__ = [
     "load_train_test",
     "open_prepared",
     "prepare",
+    "prepare_on_cluster",
     "read_counted_user_items",
     "read_ml100k_ratings",
     "read_ml1m_ratings",

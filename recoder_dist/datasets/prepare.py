@@ -15,6 +15,9 @@ splits, and writes::
 cluster reads (:func:`open_prepared` and ``Recoder.train``); an evaluation part holds the users
 that have target items. ``split.json``, written last and atomically, lists the files and records
 the configuration and sizes; :func:`load_prepared` reads everything into memory.
+
+``prepare`` holds the events in this process; ``prepare_on_cluster`` (``cluster_prepare``)
+builds the same files from event tables that the cluster reads.
 """
 
 from __future__ import annotations
