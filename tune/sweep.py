@@ -142,11 +142,8 @@ def search_space(args) -> dict:
 
 
 def driver_resources(args) -> dict:
-    """What a trial's driver asks for: with --workers 0 it trains itself, so its CPUs;
-    otherwise (its workers ask their own) the head's trial_driver resource when the cluster
-    has it, else a tenth of a CPU (anywhere)."""
-    if args.workers == 0:
-        return {"CPU": args.cpus_per_worker}
+    """What a trial's driver asks for (its workers ask their own): the head's trial_driver
+    resource when the cluster has it, else a tenth of a CPU (anywhere)."""
     if ray.cluster_resources().get(DRIVER_RESOURCE, 0) > 0:
         return {"CPU": 0, DRIVER_RESOURCE: 1}
     return {"CPU": 0.1}
@@ -282,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--workers",
         type=int,
         default=1,
-        help="Ray Train workers per trial; 0: the trial trains in its own process (one machine)",
+        help="Ray Train workers per trial (at least 1)",
     )
     parser.add_argument("--cpus-per-worker", type=float, default=1)
     parser.add_argument("--metric", default="NDCG@100")
@@ -292,6 +289,10 @@ def main(argv: list[str] | None = None) -> dict:
         "--max-failures", type=int, default=1, help="restarts of an interrupted trial"
     )
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        # Ray Train's in-process mode cannot report from inside a Tune trial (Ray raises a
+        # DeprecationWarning at ray.train.get_context()).
+        parser.error("--workers must be at least 1: a trial trains on Ray Train workers")
     results = sweep(args)
     return export(results, storage.normalized(args.storage), args.metric)
 
