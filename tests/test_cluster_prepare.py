@@ -207,6 +207,10 @@ def test_missing_or_mixed_input_is_refused(tmp_path):
     pq.write_table(pa.table({"user": [1], "item": [2]}), tmp_path / "b.parquet")
     with pytest.raises(ValueError, match="mix Parquet and CSV"):
         prepare_on_cluster(tmp_path, tmp_path / "out", WeakSplitConfig())
+    with pytest.raises(ValueError, match="positive_above needs value_col"):
+        prepare_on_cluster(
+            tmp_path / "a.csv", tmp_path / "out", WeakSplitConfig(), positive_above=3
+        )
 
 
 def test_the_command_line_prepares_events_on_the_cluster(ray_session, tmp_path, capsys):

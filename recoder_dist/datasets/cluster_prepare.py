@@ -84,8 +84,9 @@ def prepare_on_cluster(
     Raises:
         FileNotFoundError: nothing at ``source``.
         ValueError: a file lacks a column or is not CSV/Parquet, an id is missing or not a
-            non-negative integer, a value is not a finite number (each naming its file), or no
-            user has ``min_items`` events.
+            non-negative integer, a value is not a finite number (each naming its file), no
+            user has ``min_items`` events, or ``positive_above`` is given without
+            ``value_col``.
     """
     import ray
     import ray.data
@@ -94,6 +95,8 @@ def prepare_on_cluster(
 
     if type(split) not in (StrongSplitConfig, WeakSplitConfig):
         raise TypeError(f"split must be a StrongSplitConfig or WeakSplitConfig, got {split!r}")
+    if positive_above is not None and value_col is None:
+        raise ValueError("positive_above needs value_col: without values every event is 1")
     columns = {"user": user_col, "item": item_col}
     if value_col is not None:
         columns["value"] = value_col
