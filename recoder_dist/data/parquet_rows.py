@@ -165,6 +165,7 @@ class UserRowsWriter:
         num_items: int,
         has_target: bool,
         per_file: int = INTERACTIONS_PER_FILE,
+        first_position: int = 0,
     ):
         self._folder, self._name, self._per_file = folder, name, per_file
         self._sizes = dict(num_users=num_users, num_items=num_items, has_target=has_target)
@@ -172,13 +173,15 @@ class UserRowsWriter:
         self._files: list[str] = []
         self._writer = None
         self._in_file = 0  # interactions in the open file
+        self._first_position = first_position
         self._rows = 0
         self._interactions = 0
 
     def write(self, table: pa.Table) -> None:
         if "position" in table.column_names:
             table = table.drop_columns(["position"])
-        positions = pa.array(np.arange(self._rows, self._rows + table.num_rows))
+        start = self._first_position + self._rows
+        positions = pa.array(np.arange(start, start + table.num_rows))
         table = table.add_column(1, "position", positions).select(self._schema.names)
         table = table.cast(self._schema)
         lengths = pc.list_value_length(table.column("items")).to_numpy(zero_copy_only=False)

@@ -27,6 +27,7 @@ different, equally random, split.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import functools
 import os
@@ -37,7 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from recoder_dist import storage
-from recoder_dist.data.parquet_rows import UserRowsWriter
+from recoder_dist.data.parquet_rows import UserRowFiles, UserRowsWriter
 from recoder_dist.datasets.prepare import (
     PreparedFiles,
     StrongSplitConfig,
@@ -454,26 +455,88 @@ def _part_rows(part, row_of, columns, given, target, index) -> pa.Table:
 
 
 def _write_parts(split_rows, local: str, token: str, num_users: int, num_items: int) -> dict:
-    """Streams the sorted rows of every part into its Parquet files in ``local``; returns each
-    part's description (None for a part without rows but validation)."""
-    writers = {}
-    for batch in split_rows.iter_batches(batch_format="pyarrow", batch_size=4096):
-        part_column = batch.column("part").to_numpy()
-        for part in np.unique(part_column):
-            name = _PARTS[part]
-            if name not in writers:
-                writers[name] = UserRowsWriter(
-                    local, f"{name}-{token}", num_users, num_items, has_target=name != "train"
-                )
-            rows = batch.filter(pa.array(part_column == part))
-            if name == "train":
-                rows = rows.drop_columns(["target_items", "target_values"])
-            writers[name].write(rows.drop_columns(["part"]))
-    described = {name: writers[name].close().description() for name in writers}
+    """Writes the sorted rows of every part as Parquet files in ``local`` (on this node), by
+    tasks on this node, a file per block and part: this process handles references and counts,
+    never rows. Returns each part's description (None for validation without rows)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from recoder_dist.data.ray_dataset import row_blocks
+
+    # No CPU asked (a head may have none); at most a few blocks in flight instead.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    count = ray.remote(num_cpus=0)(_part_counts).options(scheduling_strategy=here)
+    write = ray.remote(num_cpus=0)(_write_block).options(scheduling_strategy=here)
+    refs = row_blocks(split_rows).refs
+    counts = np.array(ray.get([count.remote(ref) for ref in refs])).reshape(-1, len(_PARTS))
+    starts = np.cumsum(counts, axis=0) - counts  # each block's first row within each part
+    pending, written = [], []
+    for index, ref in enumerate(refs):
+        if len(pending) >= _BLOCKS_IN_FLIGHT:
+            done, pending = ray.wait(pending, num_returns=1)
+            written += ray.get(done)
+        sizes = (num_users, num_items)
+        pending.append(write.remote(ref, local, token, index, starts[index].tolist(), sizes))
+    written += ray.get(pending)
+    described = {}
+    for name in _PARTS:
+        mine = (piece for block in written for piece in block if piece.name == name)
+        pieces = sorted(mine, key=lambda piece: piece.block)
+        if not pieces:
+            described[name] = None
+            continue
+        files = pieces[0].files
+        for piece in pieces[1:]:
+            files = dataclasses.replace(
+                files,
+                files=files.files + piece.files.files,
+                num_rows=files.num_rows + piece.files.num_rows,
+                num_interactions=files.num_interactions + piece.files.num_interactions,
+            )
+        described[name] = dataclasses.replace(files, location=local).description()
     for name in ("train", "test"):
-        if name not in described:
+        if described[name] is None:
             raise ValueError(f"the split has no {name} rows")
-    return {name: described.get(name) for name in _PARTS}
+    return described
+
+
+# Blocks that write tasks hold at once.
+_BLOCKS_IN_FLIGHT = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class _Piece:
+    """The files that one block's rows of one part went to."""
+
+    name: str
+    block: int
+    files: UserRowFiles
+
+
+def _part_counts(block: pa.Table) -> list[int]:
+    return np.bincount(block.column("part").to_numpy(), minlength=len(_PARTS)).tolist()
+
+
+def _write_block(block: pa.Table, local: str, token: str, index: int, starts, sizes) -> list:
+    """Writes the rows of each part in ``block`` (the ``index``-th of the sorted rows), their
+    positions counted from ``starts[part]``."""
+    parts = block.column("part").to_numpy()
+    pieces = []
+    for part in np.unique(parts):
+        name = _PARTS[part]
+        rows = block.filter(pa.array(parts == part)).drop_columns(["part"])
+        if name == "train":
+            rows = rows.drop_columns(["target_items", "target_values"])
+        writer = UserRowsWriter(
+            local,
+            f"{name}-{token}-{index:05d}",
+            *sizes,
+            has_target=name != "train",
+            first_position=starts[part],
+        )
+        writer.write(rows)
+        pieces.append(_Piece(name, index, writer.close()))
+    return pieces
 
 
 def _resolved(value):
