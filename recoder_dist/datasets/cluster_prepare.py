@@ -3,9 +3,10 @@ cluster (Ray Data), written as the same files that :func:`~recoder_dist.datasets
 writes, which training reads (:func:`~recoder_dist.datasets.open_prepared`).
 
 What passes through this process: the files' headers or footers, the sorted user and item ids
-(8 bytes each; the id maps are built from them), and the finished user rows, a batch at a time,
-on their way into Parquet files in a local temporary folder, which are then moved into place as
-``prepare`` does (atomically: a failure halfway leaves the earlier split). Never the events.
+(8 bytes each; the id maps are built from them), and references and counts. Never the events
+or the rows: tasks on this node write the rows' Parquet files into a local temporary folder,
+which is then moved into place as ``prepare`` does (atomically: a failure halfway leaves the
+earlier split).
 
 The split is drawn from seeded hashes of the ids (``draw_keys``), not from a random generator
 that walks the table in order, so that it does not depend on how the cluster partitions the
