@@ -464,9 +464,10 @@ def _write_parts(split_rows, local: str, token: str, num_users: int, num_items: 
 
     from recoder_dist.data.ray_dataset import row_blocks
 
-    # No CPU asked (a head may have none); at most a few blocks in flight instead.
+    # No CPU asked (a head may have none); at most a few blocks in flight instead. The counts
+    # are taken where each block is (Ray places a task by its arguments' locations).
+    count = ray.remote(num_cpus=0)(_part_counts)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    count = ray.remote(num_cpus=0)(_part_counts).options(scheduling_strategy=here)
     write = ray.remote(num_cpus=0)(_write_block).options(scheduling_strategy=here)
     refs = row_blocks(split_rows).refs
     counts = np.array(ray.get([count.remote(ref) for ref in refs])).reshape(-1, len(_PARTS))
