@@ -129,13 +129,9 @@ def test_the_cluster_split_is_the_rule(ray_session, tmp_path, config):
     expected, users, items = naive_split(events, config, positive_above=3.5)
     prepared = load_prepared(tmp_path / "split")
     assert list(prepared.user_id_map) == users and list(prepared.item_id_map) == items
-    assert raw_pairs(prepared.split, prepared.user_id_map, prepared.item_id_map) == {
-        name: expected.get(name, set())
-        for name in raw_pairs(prepared.split, prepared.user_id_map, prepared.item_id_map)
-    }
-    assert set(expected) <= set(
-        raw_pairs(prepared.split, prepared.user_id_map, prepared.item_id_map)
-    )
+    pairs = raw_pairs(prepared.split, prepared.user_id_map, prepared.item_id_map)
+    assert pairs == {name: expected.get(name, set()) for name in pairs}
+    assert set(expected) <= set(pairs)
     assert files.meta["num_users"] == len(users) and files.meta["num_items"] == len(items)
     assert files.train.num_interactions == len(expected["train"])
 

@@ -99,6 +99,9 @@ class UserRowFiles:
             fs, paths = storage.for_ray_data(self.paths)
             dataset = ray.data.read_parquet(paths, filesystem=fs, shuffle=None)
             check_schema(dataset.schema().base_schema, self.has_target, self.location)
+            # A bad row raises checked_table's ValueError, not Ray Data's UserCodeException
+            # (which drops its cause); this dataset's context, not the process's.
+            dataset.context.raise_original_map_exception = True
             return dataset.map_batches(
                 checked_table,
                 fn_args=(self.num_items, self.has_target, self.location),

@@ -46,8 +46,9 @@ from recoder_dist.datasets.prepare import (
     WeakSplitConfig,
     open_prepared,
     publish,
+    write_id_maps,
 )
-from recoder_dist.utils import save_id_map
+from recoder_dist.datasets.splits import check_held_out_users
 
 _PARQUET_SUFFIXES = (".parquet", ".pq")
 # Bytes of input per block of the shuffle by user: small enough to spread over a cluster's
@@ -106,17 +107,13 @@ def prepare_on_cluster(
     parquet = _check_headers(paths, list(dict.fromkeys(columns.values())))
     location = storage.normalized(out_dir)
     ensure_ray()
-    context = ray.data.DataContext.get_current()
-    # A bad event raises our ValueError, not Ray Data's UserCodeException without its cause.
-    raise_original = context.raise_original_map_exception
-    context.raise_original_map_exception = True
     try:
         events = _read(paths, parquet, columns, positive_above)
         rows = _rows_per_user(events, _total_bytes(paths), split.min_items)
-        users = _sorted_ids(rows, "user")
+        users, num_rows = _distinct_ids(rows, "user")
         if len(users) == 0:
             raise ValueError(f"{source}: no user has {split.min_items} or more positive events")
-        if len(np.unique(users)) != len(users):
+        if len(users) != num_rows:
             raise RuntimeError("a user's events were split over two blocks of the shuffle")
         parts = _user_parts(users, split)
         users_ref, parts_ref = ray.put(users), ray.put(parts)
@@ -127,7 +124,7 @@ def prepare_on_cluster(
             batch_size=None,
             batch_format="pyarrow",
         )
-        items = np.unique(_sorted_ids(items_of_blocks, "item"))
+        items, _ = _distinct_ids(items_of_blocks, "item")
         split_rows = rows.map_batches(
             _split_rows,
             fn_args=(users_ref, parts_ref, ray.put(items), split),
@@ -138,8 +135,6 @@ def prepare_on_cluster(
         publish(location, split, positive_above, write)
     except ray.exceptions.RayTaskError as e:
         raise _cause(e) from None
-    finally:
-        context.raise_original_map_exception = raise_original
     return open_prepared(location)
 
 
@@ -159,9 +154,10 @@ def _write_files(split_rows, users, items, local: str, token: str) -> dict:
     """``publish``'s writer: the parts' files and the id maps in ``local``, and what
     ``split.json`` says of them."""
     parts = _write_parts(split_rows, local, token, len(users), len(items))
-    id_maps = {kind: f"{kind}_id_map-{token}.json" for kind in ("user", "item")}
-    for kind, ids in (("user", users), ("item", items)):
-        save_id_map(os.path.join(local, id_maps[kind]), dict(zip(ids.tolist(), range(len(ids)))))
+    user_id_map, item_id_map = (
+        {raw: index for index, raw in enumerate(ids.tolist())} for ids in (users, items)
+    )
+    id_maps = write_id_maps(local, token, user_id_map, item_id_map)
     return dict(
         has_validation=parts["validation"] is not None,
         num_users=len(users),
@@ -276,6 +272,9 @@ def _read(paths: list[str], parquet: bool, columns: dict, positive_above):
             convert_options=pacsv.ConvertOptions(column_types=types, include_columns=wanted),
             **remote_args,
         )
+    # A bad event raises our ValueError, not Ray Data's UserCodeException without its cause
+    # (this dataset's context, which the datasets derived from it share; not the process's).
+    dataset.context.raise_original_map_exception = True
     return dataset.map_batches(
         _positive_events,
         fn_args=(columns, positive_above),
@@ -350,28 +349,21 @@ def _user_items(events: pa.Table, min_items: int) -> pa.Table:
     )
 
 
-def _sorted_ids(dataset, column: str) -> np.ndarray:
-    """Column ``column`` of ``dataset``, sorted, gathered here."""
+def _distinct_ids(dataset, column: str) -> tuple[np.ndarray, int]:
+    """The distinct values of column ``column`` of ``dataset``, sorted, gathered here, and the
+    number of values gathered."""
     batches = dataset.select_columns([column]).iter_batches(batch_format="numpy")
     chunks = [batch[column] for batch in batches]
-    return np.sort(np.concatenate(chunks)) if chunks else np.zeros(0, dtype=np.int64)
+    gathered = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
+    return np.unique(gathered), len(gathered)
 
 
 def _user_parts(users: np.ndarray, split) -> np.ndarray:
     """The part of each user (by index): everyone trains in a weak split."""
     parts = np.full(len(users), _TRAIN, dtype=np.int8)
     if isinstance(split, StrongSplitConfig):
+        check_held_out_users(split.num_val_users, split.num_test_users, len(users), split.min_items)
         held_out = split.num_val_users + split.num_test_users
-        if split.num_val_users < 0 or split.num_test_users < 0:
-            raise ValueError(
-                f"numbers of held-out users must be >= 0: {split.num_val_users}, "
-                f"{split.num_test_users}"
-            )
-        if held_out >= len(users):
-            raise ValueError(
-                f"{split.num_val_users} validation + {split.num_test_users} test users leave no "
-                f"training user among the {len(users)} users with >= {split.min_items} items"
-            )
         order = np.argsort(draw_keys(split.seed, np.arange(len(users))), kind="stable")
         parts[order[: split.num_test_users]] = _TEST
         parts[order[split.num_test_users : held_out]] = _VALIDATION

@@ -246,9 +246,7 @@ def _write(location: str, config, positive_above, split, user_id_map, item_id_ma
             users = part.users if part.target is None else _target_users(part)
             table = user_rows_table(part, users)
             parts[name] = write_user_rows(table, local, f"{name}-{token}", part).description()
-        id_maps = {kind: f"{kind}_id_map-{token}.json" for kind in ("user", "item")}
-        save_id_map(os.path.join(local, id_maps["user"]), user_id_map)
-        save_id_map(os.path.join(local, id_maps["item"]), item_id_map)
+        id_maps = write_id_maps(local, token, user_id_map, item_id_map)
         return dict(
             has_validation=split.validation is not None,
             num_users=len(user_id_map),
@@ -260,6 +258,14 @@ def _write(location: str, config, positive_above, split, user_id_map, item_id_ma
         )
 
     publish(location, config, positive_above, write_files)
+
+
+def write_id_maps(local: str, token: str, user_id_map: dict, item_id_map: dict) -> dict:
+    """Writes the id maps (JSON) into ``local``; returns ``split.json``'s ``id_maps``."""
+    names = {kind: f"{kind}_id_map-{token}.json" for kind in ("user", "item")}
+    save_id_map(os.path.join(local, names["user"]), user_id_map)
+    save_id_map(os.path.join(local, names["item"]), item_id_map)
+    return names
 
 
 def publish(location: str, config, positive_above, write_files) -> None:

@@ -59,17 +59,9 @@ def strong_generalization_split(
             them); ``n`` then counts the remaining items.
     """
     _check_fraction(target_fraction, "target_fraction")
-    if num_val_users < 0 or num_test_users < 0:
-        raise ValueError(
-            f"numbers of held-out users must be >= 0: {num_val_users}, {num_test_users}"
-        )
     matrix = sp.csr_matrix(matrix)
     users = np.flatnonzero(np.diff(matrix.indptr) >= min_items)
-    if num_val_users + num_test_users >= len(users):
-        raise ValueError(
-            f"{num_val_users} validation + {num_test_users} test users leave no training user "
-            f"among the {len(users)} users with >= {min_items} items"
-        )
+    check_held_out_users(num_val_users, num_test_users, len(users), min_items)
     rng = np.random.default_rng(seed)
     users = rng.permutation(users)
     test_users = users[:num_test_users]
@@ -141,6 +133,20 @@ def weak_generalization_split(
             _entries(matrix, row_of, is_train | is_val), _entries(matrix, row_of, is_test)
         ),
     )
+
+
+def check_held_out_users(num_val_users: int, num_test_users: int, num_users: int, min_items):
+    """A clear error for numbers of held-out users that are negative or leave no training
+    user among the ``num_users`` users with ``min_items`` or more items."""
+    if num_val_users < 0 or num_test_users < 0:
+        raise ValueError(
+            f"numbers of held-out users must be >= 0: {num_val_users}, {num_test_users}"
+        )
+    if num_val_users + num_test_users >= num_users:
+        raise ValueError(
+            f"{num_val_users} validation + {num_test_users} test users leave no training user "
+            f"among the {num_users} users with >= {min_items} items"
+        )
 
 
 def _check_fraction(value: float, name: str) -> None:
