@@ -11,7 +11,9 @@ events`` (on the cluster: Ray Data reads, groups and splits) and training (2 wor
 epochs, a small autoencoder with negative sampling) run as separate processes (the model is
 kept small, [64], so that a 1M-item catalog's tables and their Adam states fit two workers on
 one machine). A driver's peak RSS is its process's own (``VmHWM``), for prepare and for
-train; a worker's is what the workers report; the epoch time is the second epoch's.
+train; a worker's is what the workers report: its peak (``VmHWM``, which counts the object
+store's shared pages it has read rows from) and its private memory (``RssAnon``) at the end of
+an epoch, the larger of the two epochs'. The epoch time is the second epoch's.
 
     python benchmarks/data_scale.py --interactions 1e6 1e7 --shapes ml20m longtail
 """
@@ -89,6 +91,7 @@ print(json.dumps({
     "driver_peak_mb": next(int(line.split()[1]) for line in open("/proc/self/status")
                            if line.startswith("VmHWM")) / 1024,
     "worker_peak_mb": max(h["peak_rss_mb"] for h in history),
+    "worker_private_mb": max(h["private_rss_mb"] for h in history),
     "epoch_s": history[-1]["seconds"],
 }))
 """
@@ -141,11 +144,12 @@ def main(argv=None) -> None:
                 rows.append(measure(int(interactions), shape, Path(scratch)))
                 print(json.dumps(rows[-1]), flush=True)
     header = ["shape", "interactions", "users", "prepare s", "prepare driver peak MB",
-              "train driver peak MB", "worker peak MB", "epoch s (2 workers)"]  # fmt: skip
+              "train driver peak MB", "worker peak MB",
+              "worker private MB", "epoch s (2 workers)"]  # fmt: skip
     table = [
         [r["shape"], f"{r['interactions']:,}", f"{r['users']:,}", f"{r['prepare_s']:.1f}",
          f"{r['prepare_peak_mb']:.0f}", f"{r['driver_peak_mb']:.0f}",
-         f"{r['worker_peak_mb']:.0f}", f"{r['epoch_s']:.2f}"]
+         f"{r['worker_peak_mb']:.0f}", f"{r['worker_private_mb']:.0f}", f"{r['epoch_s']:.2f}"]
         for r in rows
     ]  # fmt: skip
     print(f"\nload: {load_average()}; peak RSS of this process {peak_mb():.0f} MB\n")

@@ -24,6 +24,7 @@ _NOT_SHOWN = {
     "loss",
     "seconds",
     "peak_rss_mb",
+    "private_rss_mb",
     "eval_users",
     "snapshot",
     "profile",

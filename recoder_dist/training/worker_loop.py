@@ -173,7 +173,7 @@ def _train(model, job: WorkerJob, blocks: RowBlocks, progress, device, rank: int
                 raise FloatingPointError(f"epoch {epoch}: training loss is {loss_value}; lower lr")
 
             metrics = {"epoch": epoch, "last_epoch": last_epoch, "loss": loss_value, "seconds": 0.0}
-            metrics["peak_rss_mb"] = _peak_rss_mb(distributed, device)
+            metrics.update(_memory_mb(distributed, device))
             if step_seconds is not None:
                 metrics["profile"] = gathered(step_seconds, world if distributed else 1, device)
             if sync is not None:
@@ -254,16 +254,23 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 1_009 + rank) % 2**31
 
 
-def _peak_rss_mb(distributed: bool, device) -> float:
-    """The largest peak resident memory of any rank's process so far, in MB."""
-    peak = torch.tensor(
-        [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0],
-        dtype=torch.float64,
-        device=device,
-    )  # ru_maxrss is in KB on Linux
+def _memory_mb(distributed: bool, device) -> dict[str, float]:
+    """The largest of any rank's process so far, in MB: ``peak_rss_mb``, the peak resident
+    memory (``VmHWM``: ``ru_maxrss`` would carry the raylet's across the worker's exec), and
+    ``private_rss_mb``, the private part resident now (``RssAnon``: the heap, without the
+    object store's shared pages that the rank has read its rows from). Where ``/proc`` is
+    absent: ``ru_maxrss``, and no private figure (NaN)."""
+    try:
+        with open("/proc/self/status") as status:
+            fields = dict(line.split(":", 1) for line in status if ":" in line)
+        values = [int(fields[key].split()[0]) / 1024.0 for key in ("VmHWM", "RssAnon")]
+    except (OSError, KeyError):
+        # macOS, the one platform here without /proc, gives ru_maxrss in bytes.
+        values = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, float("nan")]
+    memory = torch.tensor(values, dtype=torch.float64, device=device)
     if distributed:
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    return float(peak.item())
+        dist.all_reduce(memory, op=dist.ReduceOp.MAX)
+    return {"peak_rss_mb": float(memory[0]), "private_rss_mb": float(memory[1])}
 
 
 def _resume(model, job: WorkerJob, rank: int, progress) -> tuple[int, dict]:
