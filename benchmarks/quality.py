@@ -77,14 +77,15 @@ DAE_ML1M = Run(
 MF_ML1M = Run(
     model=dict(embedding_size=200, sparse=True), loss="mse", lr=1e-3, batch_size=100, num_epochs=20
 )
-# Gowalla, validation Recall@20 / NDCG@20 (20% of each user's training items held out):
-# negative sampling with groups of 1,500 users (three batches of 500 sharing the union of their
-# items) reached 0.178 / 0.1176 at epoch 21 untied, 0.1829 / 0.1217 at 18 with tied decoder
-# weights (groups of 500: 0.152 at epoch 21, then overfitting). Scoring every item (the
-# multinomial loss over the whole catalog, no sampling) with tied weights: 0.1732 / 0.1176 at
-# epoch 12, 0.1912 / 0.1269 at 18, 0.1969 / 0.1301 at 21, 0.1986 / 0.1305 at 24 (the best),
-# 0.1979 / 0.1301 at 27. Test, 24 epochs: 0.1767 / 0.1430 in 840 s of training (18 epochs:
-# 0.1736 / 0.1433 in 692 s), against 0.1666 / 0.1351 in 280 s with sampling.
+# Gowalla, validation Recall@20 / NDCG@20 (20% of each user's training items held out; chosen with
+# the data order before 8b425f1, whose groups of neighbouring ids scored higher here; see
+# RESULTS.md): negative sampling with groups of 1,500 users (three batches of 500 sharing the union
+# of their items) reached 0.178 / 0.1176 at epoch 21 untied, 0.1829 / 0.1217 at 18 with tied decoder
+# weights (groups of 500: 0.152 at epoch 21, then overfitting). Scoring every item (the multinomial
+# loss over the whole catalog, no sampling) with tied weights: 0.1732 / 0.1176 at epoch 12, 0.1912 /
+# 0.1269 at 18, 0.1969 / 0.1301 at 21, 0.1986 / 0.1305 at 24 (the best), 0.1979 / 0.1301 at 27.
+# Test, 24 epochs: 0.1767 / 0.1430 in 840 s of training (18 epochs: 0.1736 / 0.1433 in 692 s),
+# against 0.1666 / 0.1351 in 280 s with sampling.
 DAE_GOWALLA = Run(
     model=dict(
         hidden_layers=[200],
