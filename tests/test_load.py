@@ -46,11 +46,10 @@ def test_ten_times_ml1m_trains_and_evaluates_in_bounded_memory(ray_session):
         f" private {small['private_rss_mb']:.0f} / {large['private_rss_mb']:.0f} MB"
     )
     # Neither the peak (which counts the object store's pages that a worker has read its rows
-    # from) nor the private memory grows like a dense 59,490 x 2,810 float32 matrix, 638 MB.
-    # Measured: peak 688 -> 732 MB, private 427 -> 432 and 433 -> 456 MB. The private memory of
-    # a multi-worker run also climbs with the steps taken (about 0.2 MB a step at first, 10x
-    # the steps here; benchmarks/RESULTS.md), so it cannot separate a worker's 20 MB share of
-    # the rows from that climb at this size.
+    # from) nor the private memory grows like a dense 59,490 x 2,810 float32 matrix (638 MB).
+    # The private memory of a multi-worker run also climbs with the steps taken (the 10x run
+    # takes 10x the steps; benchmarks/RESULTS.md, "a worker's private memory"), so it cannot
+    # tell a worker that keeps its share of the rows (20 MB) from that climb at this size.
     dense_mb = 10 * matrix.shape[0] * matrix.shape[1] * 4 / 2**20
     assert large["peak_rss_mb"] - small["peak_rss_mb"] < dense_mb / 2
     assert large["private_rss_mb"] - small["private_rss_mb"] < dense_mb / 2

@@ -464,30 +464,27 @@ def _write_parts(split_rows, local: str, token: str, num_users: int, num_items: 
     refs = row_blocks(split_rows).refs
     counts = np.array(ray.get([count.remote(ref) for ref in refs])).reshape(-1, len(_PARTS))
     starts = np.cumsum(counts, axis=0) - counts  # each block's first row within each part
+    sizes = (num_users, num_items)
     pending, written = [], []
     for index, ref in enumerate(refs):
         if len(pending) >= _BLOCKS_IN_FLIGHT:
             done, pending = ray.wait(pending, num_returns=1)
             written += ray.get(done)
-        sizes = (num_users, num_items)
         pending.append(write.remote(ref, local, token, index, starts[index].tolist(), sizes))
     written += ray.get(pending)
     described = {}
     for name in _PARTS:
         mine = (piece for block in written for piece in block if piece.name == name)
-        pieces = sorted(mine, key=lambda piece: piece.block)
+        pieces = [piece.files for piece in sorted(mine, key=lambda piece: piece.block)]
         if not pieces:
             described[name] = None
             continue
-        files = pieces[0].files
-        for piece in pieces[1:]:
-            files = dataclasses.replace(
-                files,
-                files=files.files + piece.files.files,
-                num_rows=files.num_rows + piece.files.num_rows,
-                num_interactions=files.num_interactions + piece.files.num_interactions,
-            )
-        described[name] = dataclasses.replace(files, location=local).description()
+        described[name] = dataclasses.replace(
+            pieces[0],
+            files=tuple(file for piece in pieces for file in piece.files),
+            num_rows=sum(piece.num_rows for piece in pieces),
+            num_interactions=sum(piece.num_interactions for piece in pieces),
+        ).description()
     for name in ("train", "test"):
         if described[name] is None:
             raise ValueError(f"the split has no {name} rows")

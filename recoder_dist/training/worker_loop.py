@@ -270,7 +270,8 @@ def _memory_mb(distributed: bool, device) -> dict[str, float]:
     memory = torch.tensor(values, dtype=torch.float64, device=device)
     if distributed:
         dist.all_reduce(memory, op=dist.ReduceOp.MAX)
-    return {"peak_rss_mb": float(memory[0]), "private_rss_mb": float(memory[1])}
+    peak, private = memory.tolist()  # one device-to-host copy
+    return {"peak_rss_mb": peak, "private_rss_mb": private}
 
 
 def _resume(model, job: WorkerJob, rank: int, progress) -> tuple[int, dict]:
