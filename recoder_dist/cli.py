@@ -110,6 +110,7 @@ def _train(args) -> int:
         loss=args.loss,
         use_cuda=args.gpus,
         num_workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker,
         seed=args.seed,
         max_failures=args.max_failures,
         storage_path=args.storage or storage.join(checkpoint_dir, "runs"),
@@ -154,7 +155,9 @@ def _run_name(checkpoint_dir: str) -> str:
     return "train-" + hashlib.sha256(checkpoint_dir.encode()).hexdigest()[:12]
 
 
-def _restored(checkpoint: str, workers: int, gpus: bool, storage_path: str | None):
+def _restored(
+    checkpoint: str, workers: int, gpus: bool, storage_path: str | None, cpus: float | None = None
+):
     from recoder_dist import storage
     from recoder_dist.model import Recoder
     from recoder_dist.nn import DynamicAutoencoder, MatrixFactorization
@@ -166,7 +169,13 @@ def _restored(checkpoint: str, workers: int, gpus: bool, storage_path: str | Non
         raise UsageError(f"{checkpoint} holds a {name}; the CLI restores {sorted(known)}")
     if storage_path is None and workers != 0:  # evaluation runs keep their results there
         storage_path = storage.join(storage.parent(checkpoint), "runs")
-    recoder = Recoder(known[name](), num_workers=workers, use_cuda=gpus, storage_path=storage_path)
+    recoder = Recoder(
+        known[name](),
+        num_workers=workers,
+        use_cuda=gpus,
+        storage_path=storage_path,
+        cpus_per_worker=cpus,
+    )
     recoder.init_from_model_file(checkpoint)
     return recoder
 
@@ -174,7 +183,9 @@ def _restored(checkpoint: str, workers: int, gpus: bool, storage_path: str | Non
 def _evaluate(args) -> int:
     from recoder_dist.datasets import open_prepared
 
-    recoder = _restored(args.checkpoint, args.workers, args.gpus, args.storage)
+    recoder = _restored(
+        args.checkpoint, args.workers, args.gpus, args.storage, args.cpus_per_worker
+    )
     split = open_prepared(args.data)
     dataset = split.test if args.split == "test" else split.validation
     if dataset is None:
@@ -221,6 +232,15 @@ def _add_common(parser) -> None:
         nargs="+",
         default=[20, 50, 100],
         help="Recall at each k but the last, NDCG at the last",
+    )
+
+
+def _add_worker_cpus(parser) -> None:
+    parser.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        help="CPUs (and torch threads) of each Ray Train worker (default: the workers split "
+        "the CPUs of the nodes that are up when the run starts)",
     )
 
 
@@ -323,6 +343,7 @@ def parser() -> argparse.ArgumentParser:
         help="time the phases of the steps on every rank; the last epoch's are printed",
     )
     _add_common(t)
+    _add_worker_cpus(t)
     t.set_defaults(run=_train)
 
     e = commands.add_parser("evaluate", help="evaluate a checkpoint on a prepared split")
@@ -333,6 +354,7 @@ def parser() -> argparse.ArgumentParser:
         "--storage", help="Ray Train's run storage (default: runs/ beside the checkpoint)"
     )
     _add_common(e)
+    _add_worker_cpus(e)
     e.set_defaults(run=_evaluate)
 
     r = commands.add_parser("recommend", help="top-K items of every user to Parquet")

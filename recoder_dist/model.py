@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import numpy as np
@@ -61,7 +62,11 @@ class Recoder:
             starting a worker group (seconds a run) where there is nothing to spread over; one
             worker on a cluster (``RAY_ADDRESS``, or more than one node), or when
             ``max_failures`` asks for restarts.
-        cpus_per_worker: CPUs reserved for each worker.
+        cpus_per_worker: CPUs reserved for each worker, which runs as many torch threads (no
+            more than its share of its node's cores). None (the default): the workers split
+            the CPUs of the nodes alive when a run starts, each taking the largest whole number
+            that lets all of them fit (on GPU nodes, one worker per GPU, when ``use_cuda``). On
+            an autoscaling cluster whose nodes are yet to start, give it explicitly.
         storage_path: where Ray Train keeps the runs' checkpoints: a local path, or on a cluster
             of several nodes storage that every node reaches (``s3://bucket/prefix``,
             ``gs://...``, a shared filesystem). By default a temporary folder on this machine,
@@ -92,7 +97,7 @@ class Recoder:
         item_based: bool = True,
         *,
         num_workers: int | None = None,
-        cpus_per_worker: float = 1,
+        cpus_per_worker: float | None = None,
         storage_path: str | None = None,
         run_name: str | None = None,
         max_failures: int = 0,
@@ -107,6 +112,14 @@ class Recoder:
             isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0
         ):
             raise ValueError(f"num_workers must be None or an int >= 0, got {num_workers!r}")
+        if cpus_per_worker is not None and (
+            isinstance(cpus_per_worker, bool)
+            or not isinstance(cpus_per_worker, (int, float))
+            or not 0 < cpus_per_worker < math.inf
+        ):
+            raise ValueError(
+                f"cpus_per_worker must be None or a finite number > 0, got {cpus_per_worker!r}"
+            )
         check_optimizer_type(optimizer_type)
         build_loss(loss, loss_params)  # validates the name and parameters now
         self.model = model

@@ -16,6 +16,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from recoder_dist.data.epoch_order import RowBlocks
 from recoder_dist.training.config import WorkerJob
 from recoder_dist.training.progress import ProgressPrinter, epochs_between_lines
+from recoder_dist.training.resources import alive_nodes, split_cpus
 from recoder_dist.training.snapshot import Snapshot, load_snapshot
 from recoder_dist.training.storage_check import check_storage_reaches_workers
 from recoder_dist.training.worker_loop import SNAPSHOT_FILE, worker_loop
@@ -119,7 +120,7 @@ def run_job(
     train_blocks: RowBlocks | None = None,
     *,
     num_workers: int,
-    cpus_per_worker: float,
+    cpus_per_worker: float | None,
     storage_path: str | None,
     run_name: str | None = None,
     max_failures: int = 0,
@@ -128,7 +129,8 @@ def run_job(
     """Runs ``job`` on ``num_workers`` Ray Train workers (in this process when 0, which the
     job must say too), training on ``train_blocks`` and evaluating the users of
     ``datasets["eval"]`` (every worker reads it whole and keeps its own rows), logging rank
-    0's per-epoch progress on the driver as it arrives.
+    0's per-epoch progress on the driver as it arrives. Each worker holds ``cpus_per_worker``
+    CPUs; None splits the alive nodes' CPUs over the workers (``resources.split_cpus``).
 
     The run keeps its checkpoints under ``storage_path`` (a temporary folder on this machine
     when None) as ``run_name`` (a new name when None); a run of that name that stopped there
@@ -144,6 +146,8 @@ def run_job(
     for dataset in datasets.values():
         dataset.context.print_on_execution_start = False
         dataset.context.enable_progress_bars = False
+    if cpus_per_worker is None:  # in-process, nothing is reserved: 1 is a placeholder
+        cpus_per_worker = split_cpus(alive_nodes(), num_workers, job.use_cuda) if num_workers else 1
     resources = {"CPU": cpus_per_worker}
     if job.use_cuda:
         resources["GPU"] = 1
@@ -166,6 +170,7 @@ def run_job(
                 "job": job if job.in_process else ray.put(job),
                 "train_blocks": train_blocks if job.in_process else ray.put(train_blocks),
                 "progress": progress.log,
+                "cpus_per_worker": cpus_per_worker,
             },
             torch_config=TorchConfig(backend=_torch_backend(job.use_cuda)),
             scaling_config=ScalingConfig(

@@ -31,6 +31,7 @@ from recoder_dist.training.config import EvalSettings, TrainSettings, WorkerJob
 from recoder_dist.training.evaluation import metric_sums
 from recoder_dist.training.optimizers import build_optimizers, epoch_lrs, sparse_parameter_names
 from recoder_dist.training.prefetch import EpochPrefetcher
+from recoder_dist.training.resources import worker_threads
 from recoder_dist.training.schedule import agreed_steps, epoch_batches
 from recoder_dist.training.snapshot import copy_snapshot, load_snapshot, save_snapshot
 from recoder_dist.training.sparse_sync import SparseGradSync
@@ -48,8 +49,10 @@ def worker_loop(config: dict) -> None:
     ``config["job"]`` is a :class:`WorkerJob` or an ObjectRef to one (a large model crosses the
     object store once); ``config["train_blocks"]`` the :class:`RowBlocks` of the training rows
     (or an ObjectRef to them); ``config["progress"]`` the actor that rank 0 sends each epoch's
-    record to. An evaluation job reports its results (every rank, as Ray Train requires); a training
-    job reports the epochs that evaluate or checkpoint, the last one always.
+    record to; ``config["cpus_per_worker"]`` the CPUs this worker holds, which set its torch
+    threads (in-process, the caller's setting stays). An evaluation job reports its results
+    (every rank, as Ray Train requires); a training job reports the epochs that evaluate or
+    checkpoint, the last one always.
     """
     job, blocks = (
         ray.get(value) if isinstance(value, ray.ObjectRef) else value
@@ -58,6 +61,9 @@ def worker_loop(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     progress = config["progress"]
+    if not job.in_process:
+        threads = worker_threads(config["cpus_per_worker"], context.get_local_world_size())
+        torch.set_num_threads(threads)
     device = _device(job.use_cuda, rank, progress)
     model = job.model.to(device)
 
