@@ -13,8 +13,13 @@ worker, negative sampling), one torch thread per worker (and in-process):
   of the step (see recoder_dist/training/step_profile.py), the mean over ranks, and the bytes
   that the sparse sync sent per step.
 
+With ``--defaults``, what a user who changes nothing gets instead: the workers' CPUs and threads
+by default (``cpus_per_worker=None``, on a local Ray of this machine's cores) and torch's own
+thread count in-process.
+
     python benchmarks/scaling.py                         # ml-1m and Gowalla, ~8 min
     python benchmarks/scaling.py --datasets ml-1m --rounds 3 --reference
+    python benchmarks/scaling.py --datasets ml-1m --reference --defaults
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ from train_speed import CONFIGS, MODEL, TRAIN, reference_epochs
 SIDES = {0: "in-process", 1: "1 worker", 2: "2 workers"}
 
 
-def run(matrix, workers: int, epochs: int, profile: bool) -> tuple[list[dict], float]:
+def run(
+    matrix, workers: int, epochs: int, profile: bool, cpus: float | None
+) -> tuple[list[dict], float]:
     """The history of one training run and its wall time."""
     from recoder_dist import nn
     from recoder_dist.data.dataset import RecommendationDataset
@@ -41,7 +48,7 @@ def run(matrix, workers: int, epochs: int, profile: bool) -> tuple[list[dict], f
         optimizer_type="adam",
         loss="logloss",
         num_workers=workers,
-        cpus_per_worker=1,
+        cpus_per_worker=cpus,
         seed=0,
     )
     dataset = RecommendationDataset(matrix)
@@ -54,6 +61,7 @@ def run(matrix, workers: int, epochs: int, profile: bool) -> tuple[list[dict], f
 
 def measure(name: str, args) -> dict:
     matrix = load_matrix(name)
+    cpus = None if args.defaults else 1
     seconds = {side: [] for side in args.sides}
     fixed = {side: [] for side in args.sides}
     reference = []
@@ -63,12 +71,12 @@ def measure(name: str, args) -> dict:
             path = npz_path(name, matrix)
             reference += reference_epochs(path, CONFIGS["sparse+ns"], args.epochs, 2)
         for side in args.sides:
-            history, wall = run(matrix, side, args.epochs, profile=False)
+            history, wall = run(matrix, side, args.epochs, profile=False, cpus=cpus)
             seconds[side] += [record["seconds"] for record in history[1:]]
             fixed[side].append(wall - sum(record["seconds"] for record in history))
     profiles = {}
     for side in args.sides:
-        history, _ = run(matrix, side, args.epochs, profile=True)
+        history, _ = run(matrix, side, args.epochs, profile=True, cpus=cpus)
         profiles[side] = history[1:]
     return dict(
         shape=matrix.shape, seconds=seconds, fixed=fixed, reference=reference, profiles=profiles
@@ -126,19 +134,30 @@ def main():
     parser.add_argument(
         "--reference", action="store_true", help="recsys-recoder 0.4.0 (2 threads) on ml-1m"
     )
+    parser.add_argument(
+        "--defaults",
+        action="store_true",
+        help="the default CPUs and threads of every side instead of one thread each",
+    )
     args = parser.parse_args()
     logging.getLogger("ray").setLevel(logging.WARNING)
     import torch
 
     from recoder_dist.training.launcher import ensure_ray
 
-    torch.set_num_threads(1)  # the in-process loop runs in this process
+    if not args.defaults:
+        torch.set_num_threads(1)  # the in-process loop runs in this process
+    threads = torch.get_num_threads()
     ensure_ray()  # started before the first run: its start is not a run's fixed cost
     started = time.perf_counter()
     results = {name: measure(name, args) for name in args.datasets}
 
     print(f"\nmachine load when the tables were taken: {load_average()}")
-    print(f"1 torch thread per worker; median of {args.rounds} round(s) x {args.epochs - 1} epochs")
+    if args.defaults:
+        print(f"default CPUs per worker; {threads} torch thread(s) in-process")
+    else:
+        print("1 torch thread per worker and in-process")
+    print(f"median of {args.rounds} round(s) x {args.epochs - 1} epochs")
     for name, result in results.items():
         users, items = result["shape"]
         print(f"\n### {name} ({users:,} users x {items:,} items): seconds per epoch\n")

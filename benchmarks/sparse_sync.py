@@ -3,7 +3,8 @@
 Two gloo processes on this machine; a synthetic catalog with power-law (Zipf) item popularity;
 each rank's step touches the items of a batch of users (mini-batch negative sampling touches
 exactly those rows). SparseGradSync runs with its own choice of path (auto) and with each of
-its two paths forced: all-gathering the rows, or all-reducing them in a dense buffer. Prints
+its paths forced: gathering the rows (by the ring of sends, or by all-gather), or all-reducing
+them in a dense buffer. Prints
 one table of measured bytes and times, and their ratios.
 
     python benchmarks/sparse_sync.py                      # 20k, 200k, 2M items x 200
@@ -33,8 +34,14 @@ def touched_items(rng, num_items: int, users: int, items_per_user: int) -> torch
     return torch.from_numpy(np.unique((ranks - 1) % num_items))
 
 
-# The library's choice, and each of its two paths forced (DENSE_SHARE patched per step).
-PATHS = {"auto": None, "gathered": float("inf"), "dense buffer": 0.0}
+# The library's choice, and each of its paths forced (DENSE_SHARE patched per step): the rows
+# gathered by the ring (gloo's default) or by all-gather (NCCL's default), or the dense buffer.
+PATHS = {
+    "auto": (None, None),
+    "ring": (float("inf"), "ring"),
+    "all-gather": (float("inf"), "all_gather"),
+    "dense buffer": (0.0, None),
+}
 
 
 def worker(rank, world, port, args, results):
@@ -52,9 +59,9 @@ def worker(rank, world, port, args, results):
         for step in range(args.steps + 1):  # the first step warms up and is not counted
             items = touched_items(rng, num_items, args.batch_users, args.items_per_user)
             rows.append(len(items))
-            for name, share in PATHS.items():
+            for name, (share, exchange) in PATHS.items():
                 sparse_sync.DENSE_SHARE = default_share if share is None else share
-                sync = SparseGradSync([table.weight])
+                sync = SparseGradSync([table.weight], exchange=exchange)
                 table.weight.grad = None
                 table(items).sum().backward()
                 dist.barrier()
@@ -114,7 +121,8 @@ def main():
         "DDP dense MB",
         "sync MB (auto)",
         "DDP dense ms",
-        "gathered ms",
+        "gathered, ring ms",
+        "gathered, all-gather ms",
         "dense buffer ms",
         "auto ms",
         "auto vs DDP",
@@ -127,7 +135,8 @@ def main():
         print(
             f"| {r['items']:,} | {r['rows']:,.0f} | {r['share']:.2f} | "
             f"{r['dense_bytes'] / 1e6:,.1f} | {r['sent']['auto'] / 1e6:,.2f} | "
-            f"{t['ddp']:,.1f} | {t['gathered']:,.1f} | {t['dense buffer']:,.1f} | "
+            f"{t['ddp']:,.1f} | {t['ring']:,.1f} | {t['all-gather']:,.1f} | "
+            f"{t['dense buffer']:,.1f} | "
             f"{t['auto']:,.1f} | {t['ddp'] / t['auto']:,.1f}x |"
         )
 

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from recoder_dist.training.sparse_sync import SparseGradSync
+from recoder_dist.training.sparse_sync import EXCHANGES, SparseGradSync
 
 WORLD = 2
 TABLES = [(50, 4), (30, 3)]  # (rows, dim) of the embedding tables
@@ -59,7 +59,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_case(rank: int, case: list) -> dict:
+def run_case(rank: int, case: list, exchange: str) -> dict:
     """One step on this rank: returns the synced gradients, the dense reference and bytes."""
     tables, twins, losses = [], [], []
     for t, (rows, dim) in enumerate(TABLES[: len(case)]):
@@ -79,7 +79,7 @@ def run_case(rank: int, case: list) -> dict:
         sum(losses).backward()
     grads_before = [None if t.weight.grad is None else "sparse" for t in tables]
 
-    sync = SparseGradSync([t.weight for t in tables])
+    sync = SparseGradSync([t.weight for t in tables], exchange=exchange)
     sync.synchronize()
 
     reference = []
@@ -92,6 +92,7 @@ def run_case(rank: int, case: list) -> dict:
         "is_sparse": [t.weight.grad.is_sparse for t in tables],
         "shapes": [tuple(t.weight.grad.shape) for t in tables],
         "synced": [t.weight.grad.to_dense() for t in tables],
+        "synced_coo": [(t.weight.grad._indices(), t.weight.grad._values()) for t in tables],
         "reference": reference,
         "bytes_sent": sync.bytes_sent,
         "dense_bytes": sync.dense_bytes,
@@ -119,7 +120,10 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         timeout=timedelta(seconds=30),
     )
     try:
-        results = {name: run_case(rank, case) for name, case in CASES.items()}
+        results = {
+            exchange: {name: run_case(rank, case, exchange) for name, case in CASES.items()}
+            for exchange in EXCHANGES
+        }
         results["dense_grad"] = dense_grad_registered_as_sparse()
         dist.barrier()
     except BaseException:
@@ -131,8 +135,9 @@ def worker(rank: int, port: int, out_dir: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    """Runs every case in one pair of spawned processes; returns {rank: results}."""
+def all_results(tmp_path_factory):
+    """Runs every case with each exchange in one pair of spawned processes; returns
+    {rank: {exchange: {case: results}, "dense_grad": ...}}."""
     out_dir = tmp_path_factory.mktemp("sparse_sync")
     context = mp.spawn(worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=False)
     deadline = time.monotonic() + 120
@@ -143,6 +148,27 @@ def results(tmp_path_factory):
             pytest.fail("the two sync processes did not finish within 120 s")
     # join() raises ProcessRaisedException if a child failed: that fails every test here.
     return {rank: torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)}
+
+
+@pytest.fixture(params=EXCHANGES)
+def results(all_results, request):
+    """{rank: {case: results}} of one exchange (every test runs for both)."""
+    for rank in (0, 1):
+        assert "error" not in all_results[rank], all_results[rank].get("error")
+    return {
+        rank: {**all_results[rank][request.param], "exchange": request.param} for rank in (0, 1)
+    }
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_both_exchanges_give_the_same_gradient_to_the_bit(all_results, case):
+    """The ring (exact counts, point to point) and the padded all-gather give the same sparse
+    tensors: the same indices and values in the same order, so the optimizer sums alike."""
+    for rank in (0, 1):
+        ring, gathered = (all_results[rank][e][case]["synced_coo"] for e in EXCHANGES)
+        for (ring_idx, ring_val), (gathered_idx, gathered_val) in zip(ring, gathered):
+            assert torch.equal(ring_idx, gathered_idx)
+            assert torch.equal(ring_val, gathered_val)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -177,11 +203,35 @@ def test_idle_rank_had_no_gradient(results):
     assert results[0]["two_tables"]["grads_before"] == ["sparse", None]
 
 
+def own_rows_bytes(case: str, rank: int) -> int:
+    """The ring's bytes_sent: this rank's own distinct rows of the gathered tables (int64
+    index, float32 values), and the dense buffer of the crowded ones, as in EXPECTED_BYTES."""
+    total = 0
+    for rows_by_rank, (rows, dim) in zip(CASES[case], TABLES):
+        if WORLD * max(len(set(r)) for r in rows_by_rank) > rows:  # crowded: the dense buffer
+            total += rows * (dim + 1) * 4
+        else:
+            total += len(set(rows_by_rank[rank])) * (8 + 4 * dim)
+    return total
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_bytes_sent_is_padded_payload(results, case):
-    """bytes_sent is the padded (indices, values) payload each rank all-gathers."""
-    assert results[0][case]["bytes_sent"] == EXPECTED_BYTES[case]
-    assert results[1][case]["bytes_sent"] == EXPECTED_BYTES[case]
+def test_bytes_sent_is_the_payload(results, case):
+    """bytes_sent: the padded (indices, values) payload that each rank all-gathers, or its
+    own rows that the ring sends; the dense buffer in both."""
+    for rank in (0, 1):
+        expected = (
+            EXPECTED_BYTES[case]
+            if results[rank]["exchange"] == "all_gather"
+            else own_rows_bytes(case, rank)
+        )
+        assert results[rank][case]["bytes_sent"] == expected
+
+
+def test_own_rows_bytes_by_hand():
+    assert own_rows_bytes("overlapping", 0) == 4 * (8 + 4 * 4)
+    assert own_rows_bytes("one_rank_idle", 1) == 0
+    assert own_rows_bytes("gathered_and_crowded", 1) == 21 * (8 + 4 * 4) + 30 * (3 + 1) * 4
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -192,8 +242,71 @@ def test_dense_bytes_is_whole_table_size(results, case):
     assert results[0][case]["dense_bytes"] == results[1][case]["dense_bytes"] == expected
 
 
-def test_dense_gradient_is_refused(results):
+def test_dense_gradient_is_refused(all_results):
     """A parameter registered as sparse but holding a dense gradient raises RuntimeError."""
     for rank in (0, 1):
-        assert results[rank]["dense_grad"].startswith("RuntimeError: ")
-        assert "dense gradient" in results[rank]["dense_grad"]
+        assert all_results[rank]["dense_grad"].startswith("RuntimeError: ")
+        assert "dense gradient" in all_results[rank]["dense_grad"]
+
+
+def three_rank_worker(rank: int, port: int, out_dir: str) -> None:
+    """Three ranks, two tables of random rows (one rank touching none of the second table's):
+    every exchange's gradients, and the all-reduced dense reference."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3,
+        timeout=timedelta(seconds=30),
+    )  # fmt: skip
+    try:
+        out = {}
+        for exchange in EXCHANGES:
+            tables, twins = [], []
+            for t, (rows, dim) in enumerate([(500, 8), (300, 1)]):
+                torch.manual_seed(t)
+                table, twin = nn.Embedding(rows, dim, sparse=True), nn.Embedding(rows, dim)
+                twin.weight.data.copy_(table.weight.data)
+                gen = torch.Generator().manual_seed(10 * rank + t)
+                count = 0 if (t, rank) == (1, 2) else 40 + 15 * rank
+                indices = torch.randint(0, rows, (count,), generator=gen)
+                weights = torch.randn(count, dim, generator=gen)
+                for module in (table, twin):
+                    (module(indices) * weights).sum().backward()
+                tables.append(table)
+                twins.append(twin)
+            SparseGradSync([t.weight for t in tables], exchange=exchange).synchronize()
+            reference = []
+            for twin in twins:
+                grad = (
+                    torch.zeros_like(twin.weight) if twin.weight.grad is None else twin.weight.grad
+                )
+                dist.all_reduce(grad)
+                reference.append(grad / 3)
+            out[exchange] = {
+                "coo": [(t.weight.grad._indices(), t.weight.grad._values()) for t in tables],
+                "synced": [t.weight.grad.to_dense() for t in tables],
+                "reference": reference,
+            }
+        torch.save(out, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_three_ranks_ring_equals_all_gather_and_the_dense_average(tmp_path):
+    """With 3 ranks the ring takes 2 hops, and a slot of no rows is skipped by both sides."""
+    context = mp.spawn(three_rank_worker, args=(free_port(), str(tmp_path)), nprocs=3, join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the three sync processes did not finish within 120 s")
+    for rank in range(3):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        for exchange in EXCHANGES:
+            for synced, reference in zip(got[exchange]["synced"], got[exchange]["reference"]):
+                torch.testing.assert_close(synced, reference)
+        for (ring_idx, ring_val), (gathered_idx, gathered_val) in zip(
+            got["ring"]["coo"], got["all_gather"]["coo"]
+        ):
+            assert torch.equal(ring_idx, gathered_idx)
+            assert torch.equal(ring_val, gathered_val)

@@ -1,10 +1,18 @@
 """Averaging sparse embedding gradients across ranks, sending only the rows a step touched.
 
 DDP cannot do this everywhere: NCCL refuses sparse tensors, and all-reducing a dense
-``num_items x dim`` gradient moves the whole table every step. Instead each rank all-gathers its
-(row indices, row values), padded to the largest count, and the rows are summed and divided by
-the world size: the result equals the dense DDP average, restricted to the rows that some rank
-touched (the rows SparseAdam must update).
+``num_items x dim`` gradient moves the whole table every step. Instead every rank gets every
+rank's (row indices, row values divided by the world size), in rank order, and the optimizer
+sums the rows that several ranks touched: the result equals the dense DDP average, restricted
+to the rows that some rank touched (the rows SparseAdam must update).
+
+Two ways to get them, with the same result to the bit:
+- ``"ring"``: point-to-point sends around the ring of ranks, each rank's rows exactly (no
+  padding), every table of a step in one batch of sends per hop. On gloo, sending 8.4 MB took
+  4.5 ms against 10.9 ms for an all-gather of the same 8.4 MB a rank (2 ranks, this project's
+  2-core machine; benchmarks/RESULTS.md).
+- ``"all_gather"``: one all-gather of the indices and one of the values per table, each rank's
+  rows padded to the longest, the padding dropped after: NCCL's tuned collective.
 
 When the ranks together touch a large share of the table, all-gathering rows moves more than
 a dense all-reduce would; then the rows are scattered into a dense buffer (with a "touched"
@@ -13,6 +21,8 @@ sees the same counts, so every rank picks the same path.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import torch.distributed as dist
@@ -29,19 +39,35 @@ DENSE_SHARE = 1.0
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+EXCHANGES = ("ring", "all_gather")
+
+
+def default_exchange(group=None) -> str:
+    """``"all_gather"`` on NCCL, ``"ring"`` on every other backend (gloo)."""
+    return "all_gather" if dist.get_backend(group) == "nccl" else "ring"
+
+
 class SparseGradSync:
     """Synchronizes the sparse gradients of ``params`` after backward.
 
     Args:
         params: the parameters with sparse gradients (embedding weights).
         group: the process group (default: the world).
+        exchange: how the rows of tables below ``DENSE_SHARE`` travel: ``"ring"`` or
+            ``"all_gather"`` (see the module's docstring); by default ``default_exchange``.
     """
 
-    def __init__(self, params: list[torch.nn.Parameter], group=None):
+    def __init__(self, params: list[torch.nn.Parameter], group=None, exchange: str | None = None):
+        exchange = exchange or default_exchange(group)
+        if exchange not in EXCHANGES:
+            raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
         self.params = list(params)
         self.group = group
+        self.exchange = exchange
         self.world_size = dist.get_world_size(group)
-        self.bytes_sent = 0  # accumulates over steps; the caller reads and resets it
+        # Bytes of the rows that this rank contributed (padded for all_gather), and of the dense
+        # buffer: accumulates over steps; the caller reads and resets it.
+        self.bytes_sent = 0
         # What a dense all-reduce of the same gradients would carry per step.
         self.dense_bytes = sum(p.numel() * p.element_size() for p in self.params)
 
@@ -53,13 +79,18 @@ class SparseGradSync:
         all_counts = [torch.empty_like(counts) for _ in range(self.world_size)]
         dist.all_gather(all_counts, counts, group=self.group)
         all_counts = torch.stack(all_counts).cpu()  # one host sync for all parameters
-        dense = []
+        gathered, dense = [], []
         for i, (param, (indices, values)) in enumerate(zip(self.params, grads)):
             counts_i = all_counts[:, i].tolist()
             if self.world_size * max(counts_i) <= DENSE_SHARE * param.shape[0]:
-                param.grad = self._gather_rows(param, indices, values, counts_i)
+                gathered.append((param, indices, values, counts_i))
             else:
                 dense.append((param, indices, values))
+        if self.exchange == "ring":
+            self._ring_rows(gathered)
+        else:
+            for param, indices, values, counts_i in gathered:
+                param.grad = self._gather_rows(param, indices, values, counts_i)
         if dense:
             self._reduce_dense(dense)
 
@@ -100,6 +131,49 @@ class SparseGradSync:
         return torch.sparse_coo_tensor(
             all_idx.unsqueeze(0), all_val, param.shape, check_invariants=False
         )
+
+    def _ring_rows(self, grads: list[tuple]) -> None:
+        """Sets the gradient of every (param, indices, values, counts) in ``grads`` to all
+        ranks' rows in rank order (``_gather_rows``'s result, without padding): each rank writes
+        its own rows, divided by the world size, into its slot of the result, and at hop ``k``
+        sends slot ``rank - k`` to the next rank and receives slot ``rank - k - 1`` from the
+        previous one. A slot of no rows is neither sent nor received (every rank knows the
+        counts)."""
+        world, rank = self.world_size, dist.get_rank(self.group)
+        peer = (
+            (lambda r: r) if self.group is None else (lambda r: dist.get_global_rank(self.group, r))
+        )
+        after, before = peer((rank + 1) % world), peer((rank - 1) % world)
+        tables = []
+        for _, indices, values, counts in grads:
+            starts = [0, *itertools.accumulate(counts)]
+            all_idx = indices.new_empty(starts[-1])
+            all_val = values.new_empty((starts[-1], *values.shape[1:]))
+            all_idx[starts[rank] : starts[rank + 1]] = indices
+            torch.div(values, world, out=all_val[starts[rank] : starts[rank + 1]])
+            self.bytes_sent += indices.numel() * indices.element_size()
+            self.bytes_sent += values.numel() * values.element_size()
+            tables.append((starts, all_idx, all_val))
+        for hop in range(world - 1):
+            ops = []
+            for op, other, slot in (
+                (dist.isend, after, rank - hop),
+                (dist.irecv, before, rank - hop - 1),
+            ):
+                slot %= world
+                for t, (starts, *tensors) in enumerate(tables):
+                    if starts[slot] == starts[slot + 1]:
+                        continue
+                    for j, tensor in enumerate(tensors):  # the tag pairs a send with its receive
+                        part = tensor[starts[slot] : starts[slot + 1]]
+                        ops.append(dist.P2POp(op, part, other, self.group, tag=2 * t + j))
+            for request in dist.batch_isend_irecv(ops) if ops else []:
+                request.wait()
+        for (param, *_), (_, all_idx, all_val) in zip(grads, tables):
+            # Rows touched by several ranks appear once per rank; the optimizers coalesce (sum).
+            param.grad = torch.sparse_coo_tensor(
+                all_idx.unsqueeze(0), all_val, param.shape, check_invariants=False
+            )
 
     def _reduce_dense(self, grads: list[tuple]) -> None:
         """All-reduces the rows of every (param, indices, values) in ``grads`` in one dense
