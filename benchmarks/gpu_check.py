@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from recoder_dist.training.sparse_sync import EXCHANGES
+
 
 def sync_check(rank: int, world: int, port: int, backend: str, out) -> None:
     """Synced sparse gradients == all-reduced dense gradients / world, on ``backend``."""
@@ -38,15 +40,22 @@ def sync_check(rank: int, world: int, port: int, backend: str, out) -> None:
     gen = torch.Generator().manual_seed(rank)
     items = torch.randint(0, 10_000, (4096,), generator=gen).to(device)
     weights = torch.randn(4096, 64, generator=gen).to(device)
-    for table in (sparse, dense):
-        (table(items) * weights).sum().backward()
-    SparseGradSync([sparse.weight]).synchronize()
+    (dense(items) * weights).sum().backward()
     reference = dense.weight.grad.clone()
     dist.all_reduce(reference)
     reference /= world
-    error = (sparse.weight.grad.to_dense() - reference).abs().max().item()
-    if rank == 0:
-        out.put(("sync max |sparse - dense|", f"{error:.2e} ({backend}, {world} rank(s))"))
+    for exchange in EXCHANGES:  # each way the gathered rows can travel
+        sparse.weight.grad = None
+        (sparse(items) * weights).sum().backward()
+        SparseGradSync([sparse.weight], exchange=exchange).synchronize()
+        error = (sparse.weight.grad.to_dense() - reference).abs().max().item()
+        if rank == 0:
+            out.put(
+                (
+                    f"sync max |sparse - dense|, {exchange}",
+                    f"{error:.2e} ({backend}, {world} rank(s))",
+                )
+            )
     dist.destroy_process_group()
 
 
@@ -177,7 +186,7 @@ def main() -> None:
     world = torch.cuda.device_count() if use_cuda else 2
     out = mp.get_context("spawn").SimpleQueue()
     mp.spawn(sync_check, args=(world, port, "nccl" if use_cuda else "gloo", out), nprocs=world)
-    rows.append(out.get())
+    rows += [out.get() for _ in EXCHANGES]
 
     import ray
 
