@@ -53,7 +53,8 @@ def sync_check(rank: int, world: int, port: int, backend: str, out) -> None:
             out.put(
                 (
                     f"sync max |sparse - dense|, {exchange}",
-                    f"{error:.2e} ({backend}, {world} rank(s))",
+                    f"{error:.2e} ({backend}, {world} rank(s))"
+                    + (": no hop, nothing sent" if exchange == "ring" and world == 1 else ""),
                 )
             )
     dist.destroy_process_group()

@@ -134,19 +134,24 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def all_results(tmp_path_factory):
-    """Runs every case with each exchange in one pair of spawned processes; returns
-    {rank: {exchange: {case: results}, "dense_grad": ...}}."""
-    out_dir = tmp_path_factory.mktemp("sparse_sync")
-    context = mp.spawn(worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=False)
+def spawn_ranks(function, ranks: int, out_dir) -> None:
+    """Runs ``function(rank, port, out_dir)`` in ``ranks`` spawned processes, within 120 s.
+    join() raises ProcessRaisedException if a child failed: that fails the caller."""
+    context = mp.spawn(function, args=(free_port(), str(out_dir)), nprocs=ranks, join=False)
     deadline = time.monotonic() + 120
     while not context.join(timeout=1):
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
-            pytest.fail("the two sync processes did not finish within 120 s")
-    # join() raises ProcessRaisedException if a child failed: that fails every test here.
+            pytest.fail(f"the {ranks} sync processes did not finish within 120 s")
+
+
+@pytest.fixture(scope="module")
+def all_results(tmp_path_factory):
+    """Runs every case with each exchange in one pair of spawned processes; returns
+    {rank: {exchange: {case: results}, "dense_grad": ...}}."""
+    out_dir = tmp_path_factory.mktemp("sparse_sync")
+    spawn_ranks(worker, WORLD, out_dir)
     return {rank: torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)}
 
 
@@ -293,13 +298,7 @@ def three_rank_worker(rank: int, port: int, out_dir: str) -> None:
 
 def test_three_ranks_ring_equals_all_gather_and_the_dense_average(tmp_path):
     """With 3 ranks the ring takes 2 hops, and a slot of no rows is skipped by both sides."""
-    context = mp.spawn(three_rank_worker, args=(free_port(), str(tmp_path)), nprocs=3, join=False)
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the three sync processes did not finish within 120 s")
+    spawn_ranks(three_rank_worker, 3, tmp_path)
     for rank in range(3):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         for exchange in EXCHANGES:

@@ -1,10 +1,12 @@
 """How many CPUs a training worker reserves, and how many torch threads it runs.
 
-By default (``Recoder(cpus_per_worker=None)``) the workers split the nodes' CPUs: each takes
-the largest whole number of CPUs that still lets every worker fit on the nodes that are alive
-when the run starts (GPU nodes only, and one worker per GPU, when the workers hold GPUs). Every
-Ray Data task of a run (reading and shuffling the rows, reading the evaluation users) has ended
-before its workers start, so the workers may hold every CPU.
+By default (``Recoder(cpus_per_worker=None)``) the workers split the nodes' free CPUs: each
+takes the largest whole number of CPUs that still lets every worker fit in what the alive nodes
+have free when the run starts (free GPUs too, one a worker, when the workers hold GPUs). Free,
+not total: a caller that is itself a Ray task or actor (a Tune trial's driver) holds some, and
+a request for more than is free would wait forever. Every Ray Data task of a run (reading and
+shuffling the rows, reading the evaluation users) has ended before its workers start, so the
+workers may hold every free CPU.
 
 A worker runs as many torch threads as the whole CPUs it holds, but no more than its share of
 the cores that its process may run on: Ray's logical CPUs may outnumber the cores (as in
@@ -16,14 +18,12 @@ from __future__ import annotations
 import math
 import os
 
-import ray
-
 
 def split_cpus(nodes: list[tuple[float, float]], num_workers: int, use_gpu: bool) -> int:
     """The most whole CPUs each of ``num_workers`` workers can hold with all of them placed.
 
     Args:
-        nodes: (CPUs, GPUs) of each alive node.
+        nodes: (CPUs, GPUs) that each alive node can give.
         num_workers: the workers to place (>= 1).
         use_gpu: each worker also holds one GPU; only nodes with a GPU count.
 
@@ -43,12 +43,14 @@ def split_cpus(nodes: list[tuple[float, float]], num_workers: int, use_gpu: bool
     return next((c for c in range(largest, 0, -1) if fits(c) >= num_workers), 1)
 
 
-def alive_nodes() -> list[tuple[float, float]]:
-    """(CPUs, GPUs) of each alive node of the Ray cluster this process is connected to."""
+def free_on_nodes() -> list[tuple[float, float]]:
+    """(CPUs, GPUs) free now on each alive node of the Ray cluster this process is connected
+    to (Ray's DeveloperAPI: the public ``ray.available_resources`` sums over the nodes)."""
+    from ray._private.state import available_resources_per_node
+
     return [
-        (node["Resources"].get("CPU", 0.0), node["Resources"].get("GPU", 0.0))
-        for node in ray.nodes()
-        if node["Alive"]
+        (free.get("CPU", 0.0), free.get("GPU", 0.0))
+        for free in available_resources_per_node().values()
     ]
 
 

@@ -42,9 +42,10 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 EXCHANGES = ("ring", "all_gather")
 
 
-def default_exchange(group=None) -> str:
-    """``"all_gather"`` on NCCL, ``"ring"`` on every other backend (gloo)."""
-    return "all_gather" if dist.get_backend(group) == "nccl" else "ring"
+def default_exchange(group, device: torch.device) -> str:
+    """``"ring"`` for CPU tensors on gloo (where it was measured), ``"all_gather"`` otherwise:
+    on NCCL, and for CUDA tensors on gloo, which its collectives take but its sends may not."""
+    return "ring" if dist.get_backend(group) == "gloo" and device.type == "cpu" else "all_gather"
 
 
 class SparseGradSync:
@@ -54,14 +55,14 @@ class SparseGradSync:
         params: the parameters with sparse gradients (embedding weights).
         group: the process group (default: the world).
         exchange: how the rows of tables below ``DENSE_SHARE`` travel: ``"ring"`` or
-            ``"all_gather"`` (see the module's docstring); by default ``default_exchange``.
+            ``"all_gather"`` (see the module's docstring); by default ``default_exchange``'s.
     """
 
     def __init__(self, params: list[torch.nn.Parameter], group=None, exchange: str | None = None):
-        exchange = exchange or default_exchange(group)
+        self.params = list(params)
+        exchange = exchange or default_exchange(group, self.params[0].device)
         if exchange not in EXCHANGES:
             raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
-        self.params = list(params)
         self.group = group
         self.exchange = exchange
         self.world_size = dist.get_world_size(group)
