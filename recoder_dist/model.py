@@ -13,9 +13,11 @@ import torch
 from recoder_dist import storage
 from recoder_dist.data.collator import UserRows, resolve_sampling_users, row_numbers
 from recoder_dist.data.dataset import RecommendationDataset
+from recoder_dist.data.epoch_order import RowBlocks
 from recoder_dist.data.parquet_rows import UserRowFiles
 from recoder_dist.data.ray_dataset import (
     TRAIN_ROWS_PER_BLOCK,
+    put_blocks,
     row_blocks,
     to_ray_dataset,
     user_rows_table,
@@ -245,7 +247,7 @@ class Recoder:
         build_optimizers(self.model, self.optimizer_type, lr, weight_decay)
 
         ensure_ray()
-        blocks = row_blocks(_train_rows(train_dataset))
+        blocks = _train_blocks(train_dataset)
         if blocks.num_rows != settings.num_train_rows:
             raise ValueError(
                 f"train_dataset holds {blocks.num_rows} rows, but its description says "
@@ -581,12 +583,13 @@ def _num_interactions(dataset: RecommendationDataset | UserRowFiles) -> int:
     return dataset.interactions.nnz
 
 
-def _train_rows(dataset: RecommendationDataset | UserRowFiles):
-    """A training set's rows as a Ray Dataset in blocks of ``TRAIN_ROWS_PER_BLOCK`` rows: read
-    by the cluster from files, or built here from a matrix."""
+def _train_blocks(dataset: RecommendationDataset | UserRowFiles) -> RowBlocks:
+    """A training set's rows in the object store, in blocks of ``TRAIN_ROWS_PER_BLOCK`` rows:
+    read by the cluster from files (Ray Data), or put there from this process's matrix."""
     if isinstance(dataset, UserRowFiles):
-        return dataset.ray_dataset().repartition(target_num_rows_per_block=TRAIN_ROWS_PER_BLOCK)
-    return to_ray_dataset(user_rows_table(dataset), TRAIN_ROWS_PER_BLOCK)
+        rows = dataset.ray_dataset()
+        return row_blocks(rows.repartition(target_num_rows_per_block=TRAIN_ROWS_PER_BLOCK))
+    return put_blocks(user_rows_table(dataset), TRAIN_ROWS_PER_BLOCK)
 
 
 def _check_positive_int(value, name: str) -> None:

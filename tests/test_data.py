@@ -297,3 +297,26 @@ def test_rows_are_writable_copies():
     assert_rows_equal(
         rows_from_arrow(table.slice(1, 3)), naive_rows(data.interactions.toarray(), data.users[1:4])
     )
+
+
+@pytest.mark.parametrize("rows_per_block", [1, 3, 4, 100])
+def test_put_blocks_are_ray_datas_blocks(ray_session, rows_per_block):
+    """The blocks put straight into the object store are those that Ray Data's from_arrow
+    gives for the same table (the reference): the same rows, in the same blocks and order."""
+    from recoder_dist.data.ray_dataset import put_blocks, row_blocks, to_ray_dataset
+
+    table = user_rows_table(random_dataset(10, 9, 0.3, seed=2))
+    ours = put_blocks(table, rows_per_block)
+    reference = row_blocks(to_ray_dataset(table, rows_per_block))
+    assert ours.rows == reference.rows
+    got, expected = ray_session.get(list(ours.refs)), ray_session.get(list(reference.refs))
+    assert [t.to_pydict() for t in got] == [t.to_pydict() for t in expected]
+    assert pa.concat_tables(got).equals(table)
+
+
+def test_put_blocks_refuses_no_rows(ray_session):
+    from recoder_dist.data.ray_dataset import put_blocks
+
+    table = user_rows_table(random_dataset(10, 9, 0.3, seed=2)).slice(0, 0)
+    with pytest.raises(ValueError, match="no user rows"):
+        put_blocks(table, 8)

@@ -55,6 +55,19 @@ def to_ray_dataset(table: pa.Table, rows_per_block: int = DEFAULT_ROWS_PER_BLOCK
     return ray.data.from_arrow(blocks)
 
 
+def put_blocks(table: pa.Table, rows_per_block: int) -> RowBlocks:
+    """The rows of ``table`` in the object store, ``rows_per_block`` at a time: the blocks of
+    ``row_blocks(to_ray_dataset(table, rows_per_block))``, without Ray Data, whose ``from_arrow``
+    runs a task per block for its metadata (0.1-1.2 s for ml-1m's 24 blocks, against 0.03-0.05 s
+    here). For rows that are in this process already; files are read by the cluster instead."""
+    import ray
+
+    if table.num_rows == 0:
+        raise ValueError("cannot put a table of no user rows")
+    slices = [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
+    return RowBlocks(tuple(ray.put(s) for s in slices), tuple(s.num_rows for s in slices))
+
+
 def row_blocks(dataset) -> RowBlocks:
     """The blocks of the Ray Dataset ``dataset`` in the object store, with their row counts.
     Executes the dataset on the cluster (reading files there); this process receives object
