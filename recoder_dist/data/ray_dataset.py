@@ -58,8 +58,8 @@ def to_ray_dataset(table: pa.Table, rows_per_block: int = DEFAULT_ROWS_PER_BLOCK
 def put_blocks(table: pa.Table, rows_per_block: int) -> RowBlocks:
     """The rows of ``table`` in the object store, ``rows_per_block`` at a time: the blocks of
     ``row_blocks(to_ray_dataset(table, rows_per_block))``, without Ray Data, whose ``from_arrow``
-    runs a task per block for its metadata (0.1-1.2 s for ml-1m's 24 blocks, against 0.03-0.05 s
-    here). For rows that are in this process already; files are read by the cluster instead."""
+    runs a task per block for its metadata (seconds of a run's start: benchmarks/RESULTS.md).
+    For rows that are in this process already; files are read by the cluster instead."""
     import ray
 
     if table.num_rows == 0:

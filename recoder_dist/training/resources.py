@@ -25,7 +25,7 @@ def split_cpus(nodes: list[tuple[float, float]], num_workers: int, use_gpu: bool
     Args:
         nodes: (CPUs, GPUs) that each alive node can give.
         num_workers: the workers to place (>= 1).
-        use_gpu: each worker also holds one GPU; only nodes with a GPU count.
+        use_gpu: each worker also holds one GPU; only free GPUs count.
 
     Returns:
         The largest ``c`` such that the nodes hold ``num_workers`` workers of ``c`` CPUs, at

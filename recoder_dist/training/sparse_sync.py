@@ -8,11 +8,12 @@ to the rows that some rank touched (the rows SparseAdam must update).
 
 Two ways to get them, with the same result to the bit:
 - ``"ring"``: point-to-point sends around the ring of ranks, each rank's rows exactly (no
-  padding), every table of a step in one batch of sends per hop. On gloo, sending 8.4 MB took
-  4.5 ms against 10.9 ms for an all-gather of the same 8.4 MB a rank (2 ranks, this project's
-  2-core machine; benchmarks/RESULTS.md).
+  padding), every table of a step in one batch of sends per hop. gloo's sends were measured
+  faster than its all-gather of the same bytes (benchmarks/RESULTS.md, "the sparse sync's rows
+  sent around a ring").
 - ``"all_gather"``: one all-gather of the indices and one of the values per table, each rank's
-  rows padded to the longest, the padding dropped after: NCCL's tuned collective.
+  rows padded to the longest, the padding dropped after: NCCL's tuned collective, and the
+  ring's reference.
 
 When the ranks together touch a large share of the table, all-gathering rows moves more than
 a dense all-reduce would; then the rows are scattered into a dense buffer (with a "touched"
