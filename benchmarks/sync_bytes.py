@@ -7,7 +7,9 @@ every table follows ``SparseGradSync``'s rule (all-gather when world x the longe
 <= DENSE_SHARE x the table's rows, else one dense all-reduce buffer for the crowded tables), and
 the bytes through each rank's link are those of ring collectives:
 
-- all-gather of P bytes a rank: (world - 1) x P sent (and received);
+- all-gather of P bytes a rank: (world - 1) x P sent (and received); this is NCCL's exchange,
+  the GPUs' default (on gloo the ring sends each rank's rows unpadded: (world - 1) x the mean
+  rank's rows rather than the longest's);
 - all-reduce of S bytes: 2 (world - 1) / world x S sent (reduce-scatter, then all-gather);
 - DDP's dense all-reduce of the same tables, for comparison: the all-reduce of the tables.
 
