@@ -240,7 +240,7 @@ def _add_worker_cpus(parser) -> None:
         "--cpus-per-worker",
         type=float,
         help="CPUs (and torch threads) of each Ray Train worker (default: the workers split "
-        "the CPUs free on the nodes when the run starts)",
+        "the CPUs of the nodes that are up when the run starts)",
     )
 
 

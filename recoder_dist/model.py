@@ -66,9 +66,10 @@ class Recoder:
             ``max_failures`` asks for restarts.
         cpus_per_worker: CPUs reserved for each worker, which runs as many torch threads (no
             more than its share of its node's cores). None (the default): the workers split
-            the CPUs free on the nodes when a run starts, each taking the largest whole number
-            that lets all of them fit (with a free GPU each, when ``use_cuda``), 1 where they do
-            not fit. On an autoscaling cluster whose nodes are yet to start, give it.
+            the CPUs of the nodes alive when a run starts (less what the caller holds, when it
+            is a Ray task), each taking the largest whole number that lets all of them fit
+            (with a GPU each, when ``use_cuda``), 1 where they do not fit. On an autoscaling
+            cluster whose nodes are yet to start, give it.
         storage_path: where Ray Train keeps the runs' checkpoints: a local path, or on a cluster
             of several nodes storage that every node reaches (``s3://bucket/prefix``,
             ``gs://...``, a shared filesystem). By default a temporary folder on this machine,

@@ -98,17 +98,36 @@ class RecordsWorker(MultinomialNLLLoss):
         return super().forward(input, target)
 
 
-def test_a_worker_takes_the_free_cpus_by_default(ray_session, tmp_path):
-    """The session's Ray has 4 logical CPUs on this machine's cores: the worker reserves all
-    that are free, and runs no more threads than there are cores."""
-    free = ray.available_resources()["CPU"]  # one node
+def test_a_worker_takes_the_nodes_cpus_by_default(ray_session, tmp_path):
+    """The session's Ray has 4 logical CPUs on this machine's cores: the worker reserves them
+    all, and runs no more threads than there are cores."""
+    total = ray.cluster_resources()["CPU"]  # one node
     cores = len(os.sched_getaffinity(0))
     recoder = Recoder(
         DynamicAutoencoder(hidden_layers=[16]), loss=RecordsWorker(str(tmp_path)), num_workers=1
     )
     recoder.train(ml100k_split().train, batch_size=200, num_epochs=1)
     seen = json.loads((tmp_path / "rank0.json").read_text())
-    assert seen == {"cpus": float(int(free)), "threads": max(1, min(int(free), cores))}
+    assert seen == {"cpus": float(int(total)), "threads": max(1, min(int(total), cores))}
+
+
+@ray.remote(num_cpus=1)
+def nodes_seen_from_a_task():
+    from recoder_dist.training.resources import nodes_for_workers
+
+    return nodes_for_workers()
+
+
+def test_the_nodes_for_workers_are_totals_less_what_the_caller_holds(ray_session):
+    """From the driver: the node's total, whatever is busy. From a task holding 1 CPU: one
+    less, so that a run started there can be placed."""
+    from recoder_dist.training.resources import nodes_for_workers
+
+    total = ray.cluster_resources()["CPU"]
+    gpus = ray.cluster_resources().get("GPU", 0.0)
+    busy = nodes_seen_from_a_task.remote()  # holds 1 CPU while the driver looks
+    assert nodes_for_workers() == [(total, gpus)]
+    assert ray.get(busy) == [(total - 1, gpus)]
 
 
 def test_cpus_per_worker_given_is_what_each_worker_holds(ray_session, tmp_path):

@@ -16,7 +16,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from recoder_dist.data.epoch_order import RowBlocks
 from recoder_dist.training.config import WorkerJob
 from recoder_dist.training.progress import ProgressPrinter, epochs_between_lines
-from recoder_dist.training.resources import free_on_nodes, split_cpus
+from recoder_dist.training.resources import nodes_for_workers, split_cpus
 from recoder_dist.training.snapshot import Snapshot, load_snapshot
 from recoder_dist.training.storage_check import check_storage_reaches_workers
 from recoder_dist.training.worker_loop import SNAPSHOT_FILE, worker_loop
@@ -130,7 +130,7 @@ def run_job(
     job must say too), training on ``train_blocks`` and evaluating the users of
     ``datasets["eval"]`` (every worker reads it whole and keeps its own rows), logging rank
     0's per-epoch progress on the driver as it arrives. Each worker holds ``cpus_per_worker``
-    CPUs; None splits the nodes' free CPUs over the workers (``resources.split_cpus``).
+    CPUs; None splits the nodes' CPUs over the workers (``recoder_dist.training.resources``).
 
     The run keeps its checkpoints under ``storage_path`` (a temporary folder on this machine
     when None) as ``run_name`` (a new name when None); a run of that name that stopped there
@@ -148,7 +148,7 @@ def run_job(
         dataset.context.enable_progress_bars = False
     if cpus_per_worker is None:  # in-process, nothing is reserved: 1 is a placeholder
         cpus_per_worker = (
-            split_cpus(free_on_nodes(), num_workers, job.use_cuda) if num_workers else 1
+            split_cpus(nodes_for_workers(), num_workers, job.use_cuda) if num_workers else 1
         )
     resources = {"CPU": cpus_per_worker}
     if job.use_cuda:

@@ -1,12 +1,17 @@
 """How many CPUs a training worker reserves, and how many torch threads it runs.
 
-By default (``Recoder(cpus_per_worker=None)``) the workers split the nodes' free CPUs: each
-takes the largest whole number of CPUs that still lets every worker fit in what the alive nodes
-have free when the run starts (free GPUs too, one a worker, when the workers hold GPUs). Free,
-not total: a caller that is itself a Ray task or actor (a Tune trial's driver) holds some, and
-a request for more than is free would wait forever. Every Ray Data task of a run (reading and
-shuffling the rows, reading the evaluation users) has ended before its workers start, so the
-workers may hold every free CPU.
+By default (``Recoder(cpus_per_worker=None)``) the workers split the nodes' CPUs: each takes
+the largest whole number of CPUs that still lets every worker fit on the alive nodes (on nodes
+with GPUs, one a worker, when the workers hold GPUs), less what the calling process holds (a
+Tune trial's driver, a Ray task that trains), which would otherwise never be free for them.
+
+The nodes' totals, not what happens to be free when the run starts: the CPUs set the torch
+threads, and the threads the order of some float sums, so a run must get the same CPUs however
+busy the cluster was at its start. A stopped run submitted again at once, while the old one
+still holds its CPUs, then resumes to the weights of a run that never stopped. Work that holds
+CPUs when the run starts makes it wait, as any Ray request would. Every Ray Data task of a run
+(reading and shuffling the rows, reading the evaluation users) has ended before its workers
+start.
 
 A worker runs as many torch threads as the whole CPUs it holds, but no more than its share of
 the cores that its process may run on: Ray's logical CPUs may outnumber the cores (as in
@@ -23,9 +28,9 @@ def split_cpus(nodes: list[tuple[float, float]], num_workers: int, use_gpu: bool
     """The most whole CPUs each of ``num_workers`` workers can hold with all of them placed.
 
     Args:
-        nodes: (CPUs, GPUs) that each alive node can give.
+        nodes: (CPUs, GPUs) that each alive node can give the workers.
         num_workers: the workers to place (>= 1).
-        use_gpu: each worker also holds one GPU; only free GPUs count.
+        use_gpu: each worker also holds one GPU; only nodes with GPUs count.
 
     Returns:
         The largest ``c`` such that the nodes hold ``num_workers`` workers of ``c`` CPUs, at
@@ -43,15 +48,24 @@ def split_cpus(nodes: list[tuple[float, float]], num_workers: int, use_gpu: bool
     return next((c for c in range(largest, 0, -1) if fits(c) >= num_workers), 1)
 
 
-def free_on_nodes() -> list[tuple[float, float]]:
-    """(CPUs, GPUs) free now on each alive node of the Ray cluster this process is connected
-    to (Ray's DeveloperAPI: the public ``ray.available_resources`` sums over the nodes)."""
-    from ray._private.state import available_resources_per_node
+def nodes_for_workers() -> list[tuple[float, float]]:
+    """(CPUs, GPUs) of each alive node of the Ray cluster this process is connected to, less
+    what this process holds on its node when it is itself a Ray task or actor."""
+    import ray
 
-    return [
-        (free.get("CPU", 0.0), free.get("GPU", 0.0))
-        for free in available_resources_per_node().values()
-    ]
+    context = ray.get_runtime_context()
+    in_ray_worker = ray._private.worker.global_worker.mode == ray._private.worker.WORKER_MODE
+    held = context.get_assigned_resources() if in_ray_worker else {}
+    here = context.get_node_id()
+    nodes = []
+    for node in ray.nodes():
+        if not node["Alive"]:
+            continue
+        cpus, gpus = (node["Resources"].get(name, 0.0) for name in ("CPU", "GPU"))
+        if node["NodeID"] == here:
+            cpus, gpus = cpus - held.get("CPU", 0.0), gpus - held.get("GPU", 0.0)
+        nodes.append((cpus, gpus))
+    return nodes
 
 
 def worker_threads(cpus_held: float, workers_on_node: int) -> int:
