@@ -69,7 +69,8 @@ class Recoder:
             the CPUs of the nodes alive when a run starts (less what the caller holds, when it
             is a Ray task), each taking the largest whole number that lets all of them fit
             (with a GPU each, when ``use_cuda``), 1 where they do not fit. On an autoscaling
-            cluster whose nodes are yet to start, give it.
+            cluster, give it: a run resumed when more nodes are up would otherwise get more
+            CPUs, so more torch threads, and weights that differ in the last bits.
         storage_path: where Ray Train keeps the runs' checkpoints: a local path, or on a cluster
             of several nodes storage that every node reaches (``s3://bucket/prefix``,
             ``gs://...``, a shared filesystem). By default a temporary folder on this machine,
