@@ -4,8 +4,7 @@ Two gloo processes on this machine; a synthetic catalog with power-law (Zipf) it
 each rank's step touches the items of a batch of users (mini-batch negative sampling touches
 exactly those rows). SparseGradSync runs with its own choice of path (auto) and with each of
 its paths forced: gathering the rows (by the ring of sends, or by all-gather), or all-reducing
-them in a dense buffer. Prints
-one table of measured bytes and times, and their ratios.
+them in a dense buffer. Prints one table of measured bytes and times, and their ratios.
 
     python benchmarks/sparse_sync.py                      # 20k, 200k, 2M items x 200
     python benchmarks/sparse_sync.py --items 2810 40981 200000 --steps 7

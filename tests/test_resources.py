@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 import ray
@@ -112,21 +113,32 @@ def test_a_worker_takes_the_nodes_cpus_by_default(ray_session, tmp_path):
 
 
 @ray.remote(num_cpus=1)
-def nodes_seen_from_a_task():
+def nodes_seen_from_a_task(release: str):
+    """What a task holding 1 CPU sees; it keeps its CPU until ``release`` exists."""
     from recoder_dist.training.resources import nodes_for_workers
 
-    return nodes_for_workers()
+    seen = nodes_for_workers()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return seen
 
 
-def test_the_nodes_for_workers_are_totals_less_what_the_caller_holds(ray_session):
-    """From the driver: the node's total, whatever is busy. From a task holding 1 CPU: one
-    less, so that a run started there can be placed."""
+def test_the_nodes_for_workers_are_totals_less_what_the_caller_holds(ray_session, tmp_path):
+    """From the driver, while a task holds a CPU: the node's total, not what is free. From the
+    task: one less, so that a run started there can be placed."""
     from recoder_dist.training.resources import nodes_for_workers
 
     total = ray.cluster_resources()["CPU"]
     gpus = ray.cluster_resources().get("GPU", 0.0)
-    busy = nodes_seen_from_a_task.remote()  # holds 1 CPU while the driver looks
+    release = tmp_path / "release"
+    busy = nodes_seen_from_a_task.remote(str(release))
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0.0) > total - 1:  # until the task holds its CPU
+        assert time.monotonic() < deadline, "the task never started"
+        time.sleep(0.05)
     assert nodes_for_workers() == [(total, gpus)]
+    release.touch()
     assert ray.get(busy) == [(total - 1, gpus)]
 
 

@@ -172,7 +172,6 @@ def run_job(
                 "job": job if job.in_process else ray.put(job),
                 "train_blocks": train_blocks if job.in_process else ray.put(train_blocks),
                 "progress": progress.log,
-                "cpus_per_worker": cpus_per_worker,
             },
             torch_config=TorchConfig(backend=_torch_backend(job.use_cuda)),
             scaling_config=ScalingConfig(

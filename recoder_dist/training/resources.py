@@ -37,12 +37,10 @@ def split_cpus(nodes: list[tuple[float, float]], num_workers: int, use_gpu: bool
         least 1 (where not even 1 CPU each fits, the run waits for nodes, as Ray Train does).
     """
 
-    def fits(cpus: int) -> int:
-        per_node = (
-            min(int(node_cpus // cpus), int(node_gpus)) if use_gpu else int(node_cpus // cpus)
-            for node_cpus, node_gpus in nodes
-        )
-        return sum(per_node)
+    def fits(cpus: int) -> int:  # workers of ``cpus`` CPUs that the nodes hold
+        if use_gpu:
+            return sum(min(int(c // cpus), int(g)) for c, g in nodes)
+        return sum(int(c // cpus) for c, _ in nodes)
 
     largest = int(max((cpus for cpus, _ in nodes), default=0))
     return next((c for c in range(largest, 0, -1) if fits(c) >= num_workers), 1)
@@ -75,4 +73,4 @@ def worker_threads(cpus_held: float, workers_on_node: int) -> int:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
         cores = os.cpu_count() or 1
-    return max(1, min(math.floor(cpus_held), cores // max(workers_on_node, 1)))
+    return max(1, min(math.floor(cpus_held), cores // workers_on_node))

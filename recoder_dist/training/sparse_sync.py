@@ -67,6 +67,7 @@ class SparseGradSync:
         self.group = group
         self.exchange = exchange
         self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
         # Bytes of the rows that this rank contributed (padded for all_gather), and of the dense
         # buffer: accumulates over steps; the caller reads and resets it.
         self.bytes_sent = 0
@@ -129,10 +130,7 @@ class SparseGradSync:
                 [torch.arange(r * longest, r * longest + n) for r, n in enumerate(counts)]
             ).to(all_idx.device)
             all_idx, all_val = all_idx[keep], all_val[keep]
-        # Rows touched by several ranks appear once per rank; the optimizers coalesce (sum).
-        return torch.sparse_coo_tensor(
-            all_idx.unsqueeze(0), all_val, param.shape, check_invariants=False
-        )
+        return _rows_of_all_ranks(param, all_idx, all_val)
 
     def _ring_rows(self, grads: list[tuple]) -> None:
         """Sets the gradient of every (param, indices, values, counts) in ``grads`` to all
@@ -141,11 +139,8 @@ class SparseGradSync:
         sends slot ``rank - k`` to the next rank and receives slot ``rank - k - 1`` from the
         previous one. A slot of no rows is neither sent nor received (every rank knows the
         counts)."""
-        world, rank = self.world_size, dist.get_rank(self.group)
-        peer = (
-            (lambda r: r) if self.group is None else (lambda r: dist.get_global_rank(self.group, r))
-        )
-        after, before = peer((rank + 1) % world), peer((rank - 1) % world)
+        world, rank = self.world_size, self.rank
+        after, before = (rank + 1) % world, (rank - 1) % world
         tables = []
         for _, indices, values, counts in grads:
             starts = [0, *itertools.accumulate(counts)]
@@ -168,14 +163,13 @@ class SparseGradSync:
                         continue
                     for j, tensor in enumerate(tensors):  # the tag pairs a send with its receive
                         part = tensor[starts[slot] : starts[slot + 1]]
-                        ops.append(dist.P2POp(op, part, other, self.group, tag=2 * t + j))
+                        ops.append(
+                            dist.P2POp(op, part, group=self.group, tag=2 * t + j, group_peer=other)
+                        )
             for request in dist.batch_isend_irecv(ops) if ops else []:
                 request.wait()
         for (param, *_), (_, all_idx, all_val) in zip(grads, tables):
-            # Rows touched by several ranks appear once per rank; the optimizers coalesce (sum).
-            param.grad = torch.sparse_coo_tensor(
-                all_idx.unsqueeze(0), all_val, param.shape, check_invariants=False
-            )
+            param.grad = _rows_of_all_ranks(param, all_idx, all_val)
 
     def _reduce_dense(self, grads: list[tuple]) -> None:
         """All-reduces the rows of every (param, indices, values) in ``grads`` in one dense
@@ -203,6 +197,14 @@ class SparseGradSync:
                 is_coalesced=True,
                 check_invariants=False,
             )
+
+
+def _rows_of_all_ranks(param, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``param``'s gradient of every rank's rows in rank order: rows touched by several ranks
+    appear once per rank, and the optimizers coalesce (sum) them."""
+    return torch.sparse_coo_tensor(
+        indices.unsqueeze(0), values, param.shape, check_invariants=False
+    )
 
 
 def _views(buffer: torch.Tensor, start: int, rows: int, width: int):

@@ -49,10 +49,10 @@ def worker_loop(config: dict) -> None:
     ``config["job"]`` is a :class:`WorkerJob` or an ObjectRef to one (a large model crosses the
     object store once); ``config["train_blocks"]`` the :class:`RowBlocks` of the training rows
     (or an ObjectRef to them); ``config["progress"]`` the actor that rank 0 sends each epoch's
-    record to; ``config["cpus_per_worker"]`` the CPUs this worker holds, which set its torch
-    threads (in-process, the caller's setting stays). An evaluation job reports its results
-    (every rank, as Ray Train requires); a training job reports the epochs that evaluate or
-    checkpoint, the last one always.
+    record to. A worker runs as many torch threads as the CPUs it holds allow (in-process, the
+    caller's setting stays). An evaluation job reports its results (every rank, as Ray Train
+    requires); a training job reports the epochs that evaluate or checkpoint, the last one
+    always.
     """
     job, blocks = (
         ray.get(value) if isinstance(value, ray.ObjectRef) else value
@@ -62,8 +62,8 @@ def worker_loop(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     progress = config["progress"]
     if not job.in_process:
-        threads = worker_threads(config["cpus_per_worker"], context.get_local_world_size())
-        torch.set_num_threads(threads)
+        held = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+        torch.set_num_threads(worker_threads(held, context.get_local_world_size()))
     device = _device(job.use_cuda, rank, progress)
     model = job.model.to(device)
 
