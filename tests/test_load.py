@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from recoder_dist.baselines import Popularity, evaluate_scores
 from recoder_dist.datasets import strong_generalization_split
 from recoder_dist.metrics import NDCG
 from recoder_dist.model import Recoder
@@ -40,7 +41,13 @@ def test_ten_times_ml1m_trains_and_evaluates_in_bounded_memory(ray_session):
     small, _, _ = run(matrix, 1)
     large, recoder, split = run(matrix, 10)
     results = recoder.evaluate(split.test, 100, [NDCG(k=100)])
-    assert results["eval_users"] == 6000 and results["NDCG@100"] > 0.2
+    # A model that learned nothing about its users ranks no better than the items' popularity
+    # (NDCG@100 0.218 on this split); the 2 epochs reach 0.300 (ad hoc, 2026-12-05).
+    popular = evaluate_scores(
+        Popularity().fit(split.train.interactions).scores, split.test, [NDCG(k=100)]
+    )
+    assert results["eval_users"] == popular["eval_users"] == 6000
+    assert results["NDCG@100"] > 1.25 * popular["NDCG@100"]
     print(
         f"worker RSS, 1x / 10x: peak {small['peak_rss_mb']:.0f} / {large['peak_rss_mb']:.0f} MB,"
         f" private {small['private_rss_mb']:.0f} / {large['private_rss_mb']:.0f} MB"
