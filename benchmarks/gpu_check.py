@@ -1,7 +1,8 @@
 """One prepared check for a lent GPU machine (a few minutes): the NCCL sparse-sync path; epochs
 of an ML-20M-shaped synthetic dataset with negative sampling, dense and sparse embeddings, fp32
-and bf16, against the GPU's measured matmul rate; a profiled epoch; an epoch on a Ray Train
-worker; the host-device synchronizations of a CUDA step.
+and bf16, against the GPU's measured matmul rate; a profiled epoch; epochs on 1 Ray Train worker
+and on 2 (where there are 2 GPUs: NCCL does not put two ranks on one device); the evaluation's
+throughput; the host-device synchronizations of a CUDA step.
 
     python benchmarks/gpu_check.py            # on the GPU machine
     python benchmarks/gpu_check.py --small    # a CPU smoke run of the same script
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from recoder_dist.datasets import strong_generalization_split
 from recoder_dist.training.sparse_sync import EXCHANGES
 
 
@@ -74,9 +76,9 @@ def synthetic_ml20m(users: int, items: int, interactions: int, seed: int = 0):
 HIDDEN = 200
 
 
-def train_epochs(matrix, sparse: bool, use_cuda: bool, **kwargs) -> dict:
-    """The record of the second (warm) of two epochs; ``kwargs`` go to Recoder (num_workers)
-    and train (precision, profile)."""
+def train_epochs(matrix, sparse: bool, use_cuda: bool, **kwargs) -> tuple[dict, object]:
+    """The record of the second (warm) of two epochs, and the trained Recoder; ``kwargs`` go to
+    Recoder (num_workers) and train (precision, profile)."""
     from recoder_dist.data import RecommendationDataset
     from recoder_dist.model import Recoder
     from recoder_dist.nn import DynamicAutoencoder
@@ -99,7 +101,17 @@ def train_epochs(matrix, sparse: bool, use_cuda: bool, **kwargs) -> dict:
         negative_sampling=True,
         **kwargs,
     )
-    return history[-1]
+    return history[-1], recoder
+
+
+def evaluation_seconds(recoder, test) -> tuple[float, int]:
+    """Seconds that ``recoder.evaluate`` takes on ``test`` (top 100; Recall, NDCG and Average
+    Precision), with the start of its run, and the users it counted."""
+    from recoder_dist.metrics import NDCG, AveragePrecision, Recall
+
+    started = time.perf_counter()
+    result = recoder.evaluate(test, 100, [Recall(20), NDCG(100), AveragePrecision(100)])
+    return time.perf_counter() - started, result["eval_users"]
 
 
 def epoch_flops(matrix) -> float:
@@ -196,10 +208,15 @@ def main() -> None:
     init_local_ray(num_cpus=os.cpu_count(), logging_level="ERROR")
     shape = (13_600, 2_000, 1_000_000) if args.small else (136_000, 20_000, 10_000_000)
     started = time.perf_counter()
-    matrix = synthetic_ml20m(*shape)
+    events = synthetic_ml20m(*shape)
+    split = strong_generalization_split(
+        events, num_val_users=0, num_test_users=shape[0] // 10, min_items=2
+    )
+    train = split.train.interactions  # the held-out users' rows are empty here: drop them
+    matrix = train[np.flatnonzero(np.diff(train.indptr))]
     rows.append(
         (
-            "dataset",
+            "dataset (training users)",
             f"{matrix.shape[0]:,} x {matrix.shape[1]:,}, nnz {matrix.nnz:,} "
             f"({time.perf_counter() - started:.1f} s to build)",
         )
@@ -212,15 +229,33 @@ def main() -> None:
     rows.append(("epoch matmul work, dense embeddings (TFLOP)", f"{flops / 1e12:.2f}"))
     for sparse in (False, True):
         for precision in ("fp32", "bf16"):
-            record = train_epochs(matrix, sparse, use_cuda, precision=precision)
+            record, recoder = train_epochs(matrix, sparse, use_cuda, precision=precision)
             name = f"epoch, {'sparse' if sparse else 'dense'} embeddings, {precision} (s)"
             rate = flops / record["seconds"] / 1e12
             rows.append((name, f"{record['seconds']:.2f} ({rate:.2f} TFLOPS)"))
-    record = train_epochs(matrix, True, use_cuda, profile=True)
+    seconds, users = evaluation_seconds(recoder, split.test)  # the sparse bf16 model
+    rows.append(("evaluated users", f"{users:,}"))
+    rows.append(("evaluation, in-process (s, with its start)", f"{seconds:.1f}"))
+    record, _ = train_epochs(matrix, True, use_cuda, profile=True)
     phases = ", ".join(f"{k} {v[0]:.2f}" for k, v in record["profile"].items())
     rows.append(("phases, sparse fp32 in-process (s)", phases))
-    record = train_epochs(matrix, True, use_cuda, num_workers=1)
-    rows.append(("epoch, sparse fp32, 1 Ray Train worker (s)", f"{record['seconds']:.2f}"))
+    one, recoder = train_epochs(matrix, True, use_cuda, num_workers=1)
+    rows.append(("epoch, sparse fp32, 1 Ray Train worker (s)", f"{one['seconds']:.2f}"))
+    seconds, _ = evaluation_seconds(recoder, split.test)
+    rows.append(("evaluation, 1 Ray Train worker (s, with its start)", f"{seconds:.1f}"))
+    if world >= 2:
+        two, recoder = train_epochs(matrix, True, use_cuda, num_workers=2)
+        speedup = one["seconds"] / two["seconds"]
+        rows.append(
+            (
+                "epoch, sparse fp32, 2 Ray Train workers (s)",
+                f"{two['seconds']:.2f} ({speedup:.2f}x)",
+            )
+        )
+        seconds, _ = evaluation_seconds(recoder, split.test)
+        rows.append(("evaluation, 2 Ray Train workers (s, with its start)", f"{seconds:.1f}"))
+    else:
+        rows.append(("epoch, 2 Ray Train workers", "not run: NCCL needs a GPU per rank"))
     if use_cuda:
         rows.append(("host syncs per step (sparse, fp32)", host_syncs_per_step(matrix, device)))
     ray.shutdown()
