@@ -59,6 +59,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def dense_average(twins: list[nn.Embedding], world: int) -> list[torch.Tensor]:
+    """The reference: each dense twin's gradient all-reduced and divided by the world size (a
+    rank that touched nothing adds zeros)."""
+    averaged = []
+    for twin in twins:
+        grad = torch.zeros_like(twin.weight) if twin.weight.grad is None else twin.weight.grad
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        averaged.append(grad / world)
+    return averaged
+
+
+def coo_of(tables: list[nn.Embedding]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(indices, values) of each table's sparse gradient, as the sync left them (uncoalesced)."""
+    return [(t.weight.grad._indices(), t.weight.grad._values()) for t in tables]
+
+
+def assert_same_coo(ring: list, gathered: list) -> None:
+    """The same indices and values in the same order, table by table."""
+    for (ring_idx, ring_val), (gathered_idx, gathered_val) in zip(ring, gathered, strict=True):
+        assert torch.equal(ring_idx, gathered_idx)
+        assert torch.equal(ring_val, gathered_val)
+
+
 def run_case(rank: int, case: list, exchange: str) -> dict:
     """One step on this rank: returns the synced gradients, the dense reference and bytes."""
     tables, twins, losses = [], [], []
@@ -82,17 +105,13 @@ def run_case(rank: int, case: list, exchange: str) -> dict:
     sync = SparseGradSync([t.weight for t in tables], exchange=exchange)
     sync.synchronize()
 
-    reference = []
-    for twin in twins:
-        grad = torch.zeros_like(twin.weight) if twin.weight.grad is None else twin.weight.grad
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        reference.append(grad / WORLD)
+    reference = dense_average(twins, WORLD)
     return {
         "grads_before": grads_before,
         "is_sparse": [t.weight.grad.is_sparse for t in tables],
         "shapes": [tuple(t.weight.grad.shape) for t in tables],
         "synced": [t.weight.grad.to_dense() for t in tables],
-        "synced_coo": [(t.weight.grad._indices(), t.weight.grad._values()) for t in tables],
+        "synced_coo": coo_of(tables),
         "reference": reference,
         "bytes_sent": sync.bytes_sent,
         "dense_bytes": sync.dense_bytes,
@@ -170,10 +189,7 @@ def test_both_exchanges_give_the_same_gradient_to_the_bit(all_results, case):
     """The ring (exact counts, point to point) and the padded all-gather give the same sparse
     tensors: the same indices and values in the same order, so the optimizer sums alike."""
     for rank in (0, 1):
-        ring, gathered = (all_results[rank][e][case]["synced_coo"] for e in EXCHANGES)
-        for (ring_idx, ring_val), (gathered_idx, gathered_val) in zip(ring, gathered):
-            assert torch.equal(ring_idx, gathered_idx)
-            assert torch.equal(ring_val, gathered_val)
+        assert_same_coo(*(all_results[rank][e][case]["synced_coo"] for e in EXCHANGES))
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -279,17 +295,10 @@ def three_rank_worker(rank: int, port: int, out_dir: str) -> None:
                 tables.append(table)
                 twins.append(twin)
             SparseGradSync([t.weight for t in tables], exchange=exchange).synchronize()
-            reference = []
-            for twin in twins:
-                grad = (
-                    torch.zeros_like(twin.weight) if twin.weight.grad is None else twin.weight.grad
-                )
-                dist.all_reduce(grad)
-                reference.append(grad / 3)
             out[exchange] = {
-                "coo": [(t.weight.grad._indices(), t.weight.grad._values()) for t in tables],
+                "coo": coo_of(tables),
                 "synced": [t.weight.grad.to_dense() for t in tables],
-                "reference": reference,
+                "reference": dense_average(twins, 3),
             }
         torch.save(out, f"{out_dir}/rank{rank}.pt")
     finally:
@@ -304,8 +313,4 @@ def test_three_ranks_ring_equals_all_gather_and_the_dense_average(tmp_path):
         for exchange in EXCHANGES:
             for synced, reference in zip(got[exchange]["synced"], got[exchange]["reference"]):
                 torch.testing.assert_close(synced, reference)
-        for (ring_idx, ring_val), (gathered_idx, gathered_val) in zip(
-            got["ring"]["coo"], got["all_gather"]["coo"]
-        ):
-            assert torch.equal(ring_idx, gathered_idx)
-            assert torch.equal(ring_val, gathered_val)
+        assert_same_coo(got["ring"]["coo"], got["all_gather"]["coo"])
