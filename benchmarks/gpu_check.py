@@ -229,16 +229,16 @@ def main() -> None:
     rows.append(("epoch matmul work, dense embeddings (TFLOP)", f"{flops / 1e12:.2f}"))
     for sparse in (False, True):
         for precision in ("fp32", "bf16"):
-            record, recoder = train_epochs(matrix, sparse, use_cuda, precision=precision)
+            record, _ = train_epochs(matrix, sparse, use_cuda, precision=precision)
             name = f"epoch, {'sparse' if sparse else 'dense'} embeddings, {precision} (s)"
             rate = flops / record["seconds"] / 1e12
             rows.append((name, f"{record['seconds']:.2f} ({rate:.2f} TFLOPS)"))
-    seconds, users = evaluation_seconds(recoder, split.test)  # the sparse bf16 model
-    rows.append(("evaluated users", f"{users:,}"))
-    rows.append(("evaluation, in-process (s, with its start)", f"{seconds:.1f}"))
-    record, _ = train_epochs(matrix, True, use_cuda, profile=True)
+    record, recoder = train_epochs(matrix, True, use_cuda, profile=True)
     phases = ", ".join(f"{k} {v[0]:.2f}" for k, v in record["profile"].items())
     rows.append(("phases, sparse fp32 in-process (s)", phases))
+    seconds, users = evaluation_seconds(recoder, split.test)
+    rows.append(("evaluated users", f"{users:,}"))
+    rows.append(("evaluation, in-process (s, with its start)", f"{seconds:.1f}"))
     one, recoder = train_epochs(matrix, True, use_cuda, num_workers=1)
     rows.append(("epoch, sparse fp32, 1 Ray Train worker (s)", f"{one['seconds']:.2f}"))
     seconds, _ = evaluation_seconds(recoder, split.test)
