@@ -42,7 +42,7 @@ def test_ten_times_ml1m_trains_and_evaluates_in_bounded_memory(ray_session):
     large, recoder, split = run(matrix, 10)
     results = recoder.evaluate(split.test, 100, [NDCG(k=100)])
     # A model that learned nothing about its users ranks no better than the items' popularity
-    # (NDCG@100 0.218 on this split); the 2 epochs reach 0.300 (ad hoc, 2026-12-05).
+    # (both measured on this split: benchmarks/RESULTS.md, "the bound of tests/test_load.py").
     popular = evaluate_scores(
         Popularity().fit(split.train.interactions).scores, split.test, [NDCG(k=100)]
     )
