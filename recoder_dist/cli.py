@@ -11,12 +11,10 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 logger = logging.getLogger("recoder_dist")
-VERBOSE_ENV = "RECODER_DIST_VERBOSE"  # read by recoder_dist.training.launcher
 
 MODELS = ("autoencoder", "mf")
 DATASETS = ("ml-100k", "ml-1m", "ml-20m", "ml-25m", "ml-latest-small", "ml-latest", "events")
@@ -111,6 +109,7 @@ def _train(args) -> int:
         use_cuda=args.gpus,
         num_workers=args.workers,
         cpus_per_worker=args.cpus_per_worker,
+        backend=args.backend,
         seed=args.seed,
         max_failures=args.max_failures,
         storage_path=args.storage or storage.join(checkpoint_dir, "runs"),
@@ -156,7 +155,12 @@ def _run_name(checkpoint_dir: str) -> str:
 
 
 def _restored(
-    checkpoint: str, workers: int, gpus: bool, storage_path: str | None, cpus: float | None = None
+    checkpoint: str,
+    workers: int,
+    gpus: bool,
+    storage_path: str | None,
+    cpus: float | None = None,
+    backend: str | None = None,
 ):
     from recoder_dist import storage
     from recoder_dist.model import Recoder
@@ -167,7 +171,7 @@ def _restored(
     name = load_snapshot(checkpoint).model_class.rsplit(".", 1)[-1]
     if name not in known:
         raise UsageError(f"{checkpoint} holds a {name}; the CLI restores {sorted(known)}")
-    if storage_path is None and workers != 0:  # evaluation runs keep their results there
+    if storage_path is None and workers != 0:  # where Ray Train keeps an evaluation's run
         storage_path = storage.join(storage.parent(checkpoint), "runs")
     recoder = Recoder(
         known[name](),
@@ -175,6 +179,7 @@ def _restored(
         use_cuda=gpus,
         storage_path=storage_path,
         cpus_per_worker=cpus,
+        backend=backend,
     )
     recoder.init_from_model_file(checkpoint)
     return recoder
@@ -184,7 +189,7 @@ def _evaluate(args) -> int:
     from recoder_dist.datasets import open_prepared
 
     recoder = _restored(
-        args.checkpoint, args.workers, args.gpus, args.storage, args.cpus_per_worker
+        args.checkpoint, args.workers, args.gpus, args.storage, args.cpus_per_worker, args.backend
     )
     split = open_prepared(args.data)
     dataset = split.test if args.split == "test" else split.validation
@@ -226,6 +231,11 @@ def _add_common(parser) -> None:
         help="Ray Train workers; 0: in this process (the default on one machine; 1 on a cluster)",
     )
     parser.add_argument("--gpus", action="store_true", help="one GPU per worker")
+    parser.add_argument(
+        "--backend",
+        help="the workers' process group backend (default: Ray chooses, NCCL for GPU workers, "
+        "gloo otherwise); 'gloo' for GPU workers whose torch has no NCCL",
+    )
     parser.add_argument(
         "--metrics",
         type=int,
@@ -425,8 +435,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         args = _with_config(sys.argv[1:] if argv is None else argv)
-        if args.verbose:  # before Ray starts: its workers' logs reach this console too
-            os.environ[VERBOSE_ENV] = "1"
+        if args.verbose:
+            # Every epoch's line, and Ray's own logs: Ray is started (or joined) now, with its
+            # workers' logs on this console; otherwise a command starts it quietly when needed.
+            from recoder_dist.training.launcher import ensure_ray
+
+            logging.getLogger("recoder_dist").setLevel(logging.DEBUG)
+            ensure_ray(verbose=True)
         return args.run(args)
     except Exception as e:
         if not _is_user_error(e):

@@ -86,6 +86,10 @@ class Recoder:
             random one, or the one saved in the snapshot that ``init_from_model_file`` loads.
         callbacks: Ray Train ``UserCallback``s for the runs, e.g. Ray Tune's
             ``TuneReportCallback`` so that a Tune trial sees the evaluations.
+        backend: the workers' process group backend (Ray Train's ``TorchConfig``). None (the
+            default) lets Ray choose where the workers run: NCCL for workers that hold a GPU,
+            gloo otherwise. ``"gloo"`` for GPU workers whose torch has no NCCL (e.g. Ray's fake
+            GPUs on a CPU build), ``"cpu:gloo,cuda:nccl"`` for both in one group.
     """
 
     def __init__(
@@ -107,6 +111,7 @@ class Recoder:
         max_failures: int = 0,
         seed: int | None = None,
         callbacks: list | None = None,
+        backend: str | None = None,
     ):
         if not isinstance(model, FactorizationModel):
             raise TypeError(
@@ -141,6 +146,9 @@ class Recoder:
         self.run_name = run_name
         self.max_failures = max_failures
         self.callbacks = list(callbacks or [])
+        if backend is not None and not isinstance(backend, str):
+            raise TypeError(f"backend must be None or a str, got {type(backend).__name__}")
+        self.backend = backend
         self._seed_given = seed is not None
         self.seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else int(seed)
         self.current_epoch = 0
@@ -255,7 +263,11 @@ class Recoder:
                 f"train_dataset holds {blocks.num_rows} rows, but its description says "
                 f"{settings.num_train_rows}"
             )
-        datasets = {"eval": self._eval_dataset(val_dataset, eval_num_users)} if evaluating else {}
+        datasets = {}
+        if evaluating:
+            datasets["eval"] = self._eval_dataset(
+                val_dataset, eval_num_users, eval_settings.batch_size
+            )
         prefix = storage.normalized(model_checkpoint_prefix) if model_checkpoint_prefix else None
         logger.info(
             "training %s on %d users x %d items, %d worker(s), epochs %d..%d",
@@ -278,8 +290,9 @@ class Recoder:
             self._restore(output.final_snapshot(), restore_model=True)
         finally:
             output.discard()
-        self.history.extend(output.history)
-        return output.history
+        history = output.value  # rank 0's records, one per epoch of the run
+        self.history.extend(history)
+        return history
 
     # -------------------------------------------------------------- evaluation
 
@@ -306,10 +319,10 @@ class Recoder:
         self._check_eval_items(eval_dataset)
         workers = self.workers
         job = self._job(workers, use_cuda=self._use_gpus(workers), eval=settings)
-        output = self._run(job, {"eval": self._eval_dataset(eval_dataset, num_users)}, workers)
+        rows = self._eval_dataset(eval_dataset, num_users, settings.batch_size)
+        output = self._run(job, {"eval": rows}, workers)
         output.discard()
-        # What the run reported to Ray Train: each metric's mean, and the users counted.
-        return {key: output.metrics[key] for key in [*settings.metric_names, "eval_users"]}
+        return output.value  # each metric's mean, and the users counted
 
     def predict(self, users_interactions, return_input: bool = False):
         """Scores of every item for each row of ``users_interactions``.
@@ -461,8 +474,12 @@ class Recoder:
             logger.warning("use_cuda=True but no GPU is present here: running on CPU")
         return present
 
-    def _eval_dataset(self, dataset: RecommendationDataset | UserRowFiles, num_users: int | None):
-        """The evaluation users' rows (a fixed random sample of ``num_users`` of them)."""
+    def _eval_dataset(
+        self, dataset: RecommendationDataset | UserRowFiles, num_users: int | None, batch_size: int
+    ):
+        """The evaluation users' rows (a fixed random sample of ``num_users`` of them), in the
+        object store in blocks of about ``batch_size`` rows, in a fixed order: the launcher
+        deals blocks out to the workers, who score them a batch at a time."""
         if isinstance(dataset, UserRowFiles):  # its rows are the users with target items
             if dataset.num_rows == 0:
                 raise ValueError("the evaluation dataset has no user with target interactions")
@@ -476,14 +493,16 @@ class Recoder:
                     batch_format="pyarrow",
                 )
             # Read once, by the cluster, into the object store: every evaluation of every
-            # worker then reads blocks, instead of starting read tasks of its own.
-            return rows.materialize()
+            # worker then reads its blocks, instead of starting read tasks of its own (which
+            # would wait for CPUs that the workers hold).
+            rows.context.execution_options.preserve_order = True
+            return rows.repartition(target_num_rows_per_block=batch_size).materialize()
         users = np.flatnonzero(np.diff(dataset.target.indptr))
         if len(users) == 0:
             raise ValueError("the evaluation dataset has no user with target interactions")
         if num_users is not None and num_users < len(users):
             users = np.sort(np.random.default_rng(self.seed).choice(users, num_users, False))
-        return to_ray_dataset(user_rows_table(dataset, users))
+        return to_ray_dataset(user_rows_table(dataset, users), rows_per_block=batch_size)
 
     @property
     def workers(self) -> int:
@@ -524,6 +543,7 @@ class Recoder:
             run_name=self.run_name if job.train is not None else None,
             max_failures=self.max_failures,
             callbacks=self.callbacks,
+            backend=self.backend,
         )
 
     def _snapshot(self) -> Snapshot:

@@ -9,7 +9,6 @@ import tempfile
 import uuid
 
 import ray
-import torch.distributed as dist
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -29,25 +28,18 @@ logger = logging.getLogger(__name__)
 LOCAL_RUNTIME_ENV = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}}
 
 
-# RECODER_DIST_VERBOSE=1 (the CLI's --verbose): Ray's own logs on the console too. Otherwise
-# they go to Ray's log files only, and the console shows this library's lines.
-VERBOSE_ENV = "RECODER_DIST_VERBOSE"
-
-
-def verbose() -> bool:
-    return os.environ.get(VERBOSE_ENV) == "1"
-
-
-def ensure_ray() -> None:
-    """Connects to ``RAY_ADDRESS`` when set, else starts a local embedded Ray."""
+def ensure_ray(*, verbose: bool = False) -> None:
+    """Connects to ``RAY_ADDRESS`` when set, else starts a local embedded Ray. With
+    ``verbose``, Ray's own logs (the workers' included) reach this console too; otherwise they
+    stay in Ray's log files. A no-op when Ray is up already."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(**_console_settings())
-        if not verbose():
+        ray.init(**_console_settings(verbose))
+        if not verbose:
             _quiet_ray_data_console()
     else:
-        init_local_ray()
+        init_local_ray(verbose=verbose)
 
 
 def _quiet_ray_data_console() -> None:
@@ -70,48 +62,40 @@ def _drop_progress_bar_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Progress bars disabled")
 
 
-def init_local_ray(**kwargs) -> None:
+def init_local_ray(*, verbose: bool = False, **kwargs) -> None:
     """Starts a local embedded Ray tuned for this library (``kwargs`` go to ``ray.init``)."""
     # The dashboard stays on: it serves the state API, through which Ray Train's
     # PlacementGroupCleaner sees that a run's controller has died (a Tune trial stopped by its
     # scheduler kills it) and frees the run's CPUs. Without it they stay reserved for good, and
     # the next trial on a small machine waits for them forever.
-    for key, value in _console_settings().items():
+    for key, value in _console_settings(verbose).items():
         kwargs.setdefault(key, value)
-    if not verbose():
+    if not verbose:
         # Ray >= 2.59 turns token authentication on for a new local cluster, and says so with a
-        # warning that this local cluster makes no decision about.
-        logging.getLogger(_AUTH_LOGGER).addFilter(_drop_token_auth_notice)
+        # warning that this local cluster makes no decision about. Ray's console handlers hang
+        # on its top logger, "ray", whichever of its modules logs.
+        for handler in logging.getLogger("ray").handlers:
+            handler.addFilter(_drop_token_auth_notice)
     ray.init(runtime_env=LOCAL_RUNTIME_ENV, **kwargs)
-    if not verbose():
+    if not verbose:
         _quiet_ray_data_console()
-
-
-_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
 def _drop_token_auth_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Token authentication is enabled")
 
 
-def _console_settings() -> dict:
+def _console_settings(verbose: bool) -> dict:
     """Workers' output (Ray Data's and Ray Train's logs, which are in Ray's log files anyway)
     reaches the driver's console only when verbose."""
-    loud = verbose()
-    return {"log_to_driver": loud, "logging_level": logging.INFO if loud else logging.WARNING}
+    return {
+        "log_to_driver": verbose,
+        "logging_level": logging.INFO if verbose else logging.WARNING,
+    }
 
 
 def cluster_gpus() -> float:
     return ray.cluster_resources().get("GPU", 0.0)
-
-
-def _torch_backend(use_cuda: bool) -> str:
-    """The world group's backend: NCCL when GPU workers train and this process's torch has it,
-    gloo otherwise. Ray would pick NCCL for any worker that holds a GPU, but a CPU build of
-    torch has none (as on Ray's fake multi-node GPUs); where the driver's torch lacks NCCL but
-    the GPU workers' has it, the workers average gradients over an NCCL group of their own
-    (``worker_loop._gradient_group``)."""
-    return "nccl" if use_cuda and dist.is_nccl_available() else "gloo"
 
 
 def run_job(
@@ -125,16 +109,20 @@ def run_job(
     run_name: str | None = None,
     max_failures: int = 0,
     callbacks: list | None = None,
+    backend: str | None = None,
 ) -> RunOutput:
     """Runs ``job`` on ``num_workers`` Ray Train workers (in this process when 0, which the
     job must say too), training on ``train_blocks`` and evaluating the users of
-    ``datasets["eval"]`` (every worker reads it whole and keeps its own rows), logging rank
-    0's per-epoch progress on the driver as it arrives. Each worker holds ``cpus_per_worker``
-    CPUs; None splits the nodes' CPUs over the workers (``recoder_dist.training.resources``).
+    ``datasets["eval"]`` (a materialized dataset, dealt out to the workers once by
+    :class:`EvalSplit`), logging rank 0's per-epoch progress on the driver as it arrives. Each
+    worker holds ``cpus_per_worker`` CPUs; None splits the nodes' CPUs over the workers
+    (``recoder_dist.training.resources``). ``backend`` is the process group's (Ray Train's
+    ``TorchConfig``); None lets Ray choose where the workers run: NCCL for workers that hold a
+    GPU, gloo otherwise.
 
     The run keeps its checkpoints under ``storage_path`` (a temporary folder on this machine
-    when None) as ``run_name`` (a new name when None); a run of that name that stopped there
-    resumes from its last checkpoint (Ray Train restores it).
+    when None) as ``run_name`` (a new name when None), in folders named by epoch; a run of that
+    name that stopped there resumes from its last checkpoint (Ray Train restores it).
 
     Raises:
         ValueError: ``storage_path`` (or the default) is a folder that nodes which may run the
@@ -164,21 +152,21 @@ def run_job(
                 shutil.rmtree(storage_path, ignore_errors=True)
             raise
     num_epochs = job.train.num_epochs if job.train else 1
-    every = 1 if verbose() else epochs_between_lines(num_epochs)
-    with ProgressPrinter(every) as progress:
+    with ProgressPrinter(epochs_between_lines(num_epochs)) as progress:
         trainer = TorchTrainer(
             worker_loop,
             train_loop_config={
                 "job": job if job.in_process else ray.put(job),
                 "train_blocks": train_blocks if job.in_process else ray.put(train_blocks),
                 "progress": progress.log,
+                "storage_path": storage_path,
             },
-            torch_config=TorchConfig(backend=_torch_backend(job.use_cuda)),
+            torch_config=TorchConfig(backend=backend),
             scaling_config=ScalingConfig(
                 num_workers=num_workers, use_gpu=job.use_cuda, resources_per_worker=resources
             ),
             datasets=datasets,
-            dataset_config=DataConfig(datasets_to_split=[]),
+            dataset_config=EvalSplit(),
             run_config=RunConfig(
                 name=run_name or f"recoder-dist-{uuid.uuid4().hex[:8]}",
                 storage_path=storage_path,
@@ -188,19 +176,37 @@ def run_job(
             ),
         )
         result = trainer.fit()
-    return RunOutput(
-        result, progress.history(), storage_path if own_storage else None, job.in_process
-    )
+    return RunOutput(result, storage_path if own_storage else None, job.in_process)
+
+
+class EvalSplit(DataConfig):
+    """Deals the evaluation users out to the workers once: worker r of W reads the r-th of W
+    consecutive runs of the (materialized) dataset's blocks, so every user is scored by exactly
+    one worker, and the same worker on every evaluation of the run. Ray Train's own split
+    (``streaming_split(equal=True)``) would drop tail rows, and no split would send every row to
+    every worker.
+
+    ``DataConfig.configure`` is a DeveloperAPI (tests/test_training.py runs it on 1, 2 and 3
+    workers against one worker's numbers, so a change in it fails there)."""
+
+    def __init__(self):
+        super().__init__(datasets_to_split=[])
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        shards = [{} for _ in range(world_size)]
+        for name, dataset in datasets.items():
+            parts = dataset.split(world_size)  # no task: block references, in their order
+            for shard, part in zip(shards, parts, strict=True):
+                shard[name] = part.iterator()
+        return shards
 
 
 class RunOutput:
-    """What a run left: ``metrics``, the last results it reported to Ray Train (a training
-    run's last epoch, or an evaluation's results); ``history``, one record per epoch (the last
-    one of an epoch that a restart repeated); and, for training, the final snapshot."""
+    """What a run left: ``value``, what rank 0's loop returned (a training run's records, one
+    per epoch, or an evaluation's results), and, for training, the final snapshot."""
 
-    def __init__(self, result, history: list[dict], own_storage: str | None, in_process: bool):
-        self.metrics = dict(result.metrics or {})
-        self.history = history
+    def __init__(self, result, own_storage: str | None, in_process: bool):
+        self.value = result.return_value
         self._checkpoint = result.checkpoint
         self._own_storage = own_storage
         self._in_process = in_process

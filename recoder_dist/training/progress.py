@@ -2,9 +2,11 @@
 
 ``ray.train.report`` hands results to the Train controller through a one-slot queue that the
 controller empties every 2 s, so reporting every epoch would stall short epochs. Rank 0 instead
-appends each epoch's record to this small actor (a non-blocking call), and any rank may add a
-note (a warning the user must see: the workers' own logs stay in Ray's log files). What a run
-returns comes from Ray Train's Result; this actor only carries what is shown while it runs.
+sends each epoch's record to this small actor (a call that it never waits for), and any rank may
+add a note (a warning the user must see: the workers' own logs stay in Ray's log files). The
+actor lives on the driver's node, and only shows a run as it goes: what a run returns comes from
+Ray Train's Result (``Result.return_value``), so a lost actor costs the console its lines, never
+the run its results.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import math
 import threading
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 logger = logging.getLogger("recoder_dist")
 
@@ -66,15 +69,18 @@ def format_record(record: dict) -> str:
 
 class ProgressPrinter:
     """Logs what a :class:`ProgressLog` receives on the driver while a run goes on: every note,
-    and the epoch records of every ``every``-th epoch, of the first and last epochs and of the
-    epochs that evaluate."""
+    and at INFO the epoch records of every ``every``-th epoch, of the first and last epochs and
+    of the epochs that evaluate (the others at DEBUG)."""
 
     def __init__(self, every: int = 1, interval_s: float = 0.5):
-        self.log = ProgressLog.remote()
-        self.records: list[dict] = []
+        here = ray.get_runtime_context().get_node_id()
+        self.log = ProgressLog.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)
+        ).remote()
         self._every = max(1, every)
         self._interval_s = interval_s
         self._stop = threading.Event()
+        self._lost = False
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
     def __enter__(self) -> ProgressPrinter:
@@ -87,24 +93,29 @@ class ProgressPrinter:
         self._drain()
         ray.kill(self.log)
 
-    def history(self) -> list[dict]:
-        """One record per epoch, in order: after a restart from a checkpoint, the epochs
-        trained again replace their first records."""
-        by_epoch = {record["epoch"]: record for record in self.records}
-        return [by_epoch[epoch] for epoch in sorted(by_epoch)]
-
     def _poll(self) -> None:
-        while not self._stop.wait(self._interval_s):
-            self._drain()
+        while not self._stop.wait(self._interval_s) and self._drain():
+            pass
 
-    def _drain(self) -> None:
-        for kind, item in ray.get(self.log.unread.remote()):
+    def _drain(self) -> bool:
+        """Logs what arrived; False once the actor is gone (the run goes on without lines)."""
+        if self._lost:
+            return False
+        try:
+            items = ray.get(self.log.unread.remote())
+        except ray.exceptions.RayActorError as e:
+            self._lost = True
+            logger.warning(
+                "progress lines stop here (their actor was lost: %s)", str(e).splitlines()[0]
+            )
+            return False
+        for kind, item in items:
             if kind == "note":
                 logger.warning(item)
-                continue
-            self.records.append(item)
-            if self._shown(item):
-                logger.info(format_record(item))
+            else:
+                level = logging.INFO if self._shown(item) else logging.DEBUG
+                logger.log(level, format_record(item))
+        return True
 
     def _shown(self, record: dict) -> bool:
         epoch = record["epoch"]

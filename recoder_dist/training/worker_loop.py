@@ -2,7 +2,10 @@
 
 Ranks agree on the number of steps of an epoch before it starts, dense parameters are averaged
 by DDP, sparse embedding rows by :class:`SparseGradSync`, metrics are summed over ranks, and
-rank 0 writes the snapshots.
+rank 0 writes the snapshots. What the loop returns (on rank 0) is the run's result, which Ray
+Train hands to the driver as ``Result.return_value``: a training run's records, one per epoch,
+or an evaluation's results. The process group is the one Ray Train set up, whatever its backend:
+every tensor of a collective lives on the worker's device.
 """
 
 from __future__ import annotations
@@ -11,11 +14,11 @@ import json
 import logging
 import os
 import resource
-import shutil
 import tempfile
 import time
 
 import numpy as np
+import pyarrow.fs
 import ray
 import ray.train
 import torch
@@ -40,19 +43,25 @@ from recoder_dist.training.step_profile import StepProfile, gathered, timed_allr
 
 logger = logging.getLogger(__name__)
 SNAPSHOT_FILE = "snapshot.pt"
-RESULTS_FILE = "results.json"
+# The records of the epochs up to a checkpoint, beside its snapshot: a restarted run returns
+# the whole run's records.
+HISTORY_FILE = "history.json"
 
 
-def worker_loop(config: dict) -> None:
+def worker_loop(config: dict) -> list[dict] | dict:
     """Entry point of ``TorchTrainer(train_loop_per_worker=...)``.
 
     ``config["job"]`` is a :class:`WorkerJob` or an ObjectRef to one (a large model crosses the
     object store once); ``config["train_blocks"]`` the :class:`RowBlocks` of the training rows
     (or an ObjectRef to them); ``config["progress"]`` the actor that rank 0 sends each epoch's
-    record to. A worker runs as many torch threads as the CPUs it holds allow (in-process, the
-    caller's setting stays). An evaluation job reports its results (every rank, as Ray Train
-    requires); a training job reports the epochs that evaluate or checkpoint, the last one
-    always.
+    record to; ``config["storage_path"]`` the run's storage. A worker runs as many torch
+    threads as the CPUs it holds allow (in-process, the caller's setting stays).
+
+    Returns:
+        An evaluation job's results (``{metric: mean, "eval_users": n}``), or a training job's
+        records, one per epoch of the whole run (after a restart, the records of the epochs
+        before its checkpoint come from the checkpoint). A training job reports to Ray Train
+        the epochs that evaluate (for Tune) or checkpoint.
     """
     job, blocks = (
         ray.get(value) if isinstance(value, ray.ObjectRef) else value
@@ -69,13 +78,11 @@ def worker_loop(config: dict) -> None:
 
     if job.train is None:
         model.eval()
-        results = _evaluate(model, job, device, rank, world)
-        _report(results, job, rank, _results_writer(results))
-        return
+        return _evaluate(model, job, device, rank, world)
     # In-process, the loop seeds torch's global RNG: give the caller's RNG state back after.
     cuda = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda, enabled=job.in_process):
-        _train(model, job, blocks, progress, device, rank, world)
+        return _train(model, job, blocks, progress, device, rank, world, config["storage_path"])
 
 
 def _device(use_cuda: bool, rank: int, progress) -> torch.device:
@@ -97,30 +104,30 @@ def _note(progress, message: str) -> None:
     """A warning for the user: on the driver's console (this worker's own log is not shown
     there), and in this worker's log."""
     logger.warning(message)
-    progress.note.remote(message)
+    progress.note.remote(message)  # not waited for: a lost actor never fails the run
 
 
-def _train(model, job: WorkerJob, blocks: RowBlocks, progress, device, rank: int, world: int):
+def _train(
+    model, job: WorkerJob, blocks: RowBlocks, progress, device, rank: int, world: int, storage_path
+) -> list[dict]:
     settings: TrainSettings = job.train
-    start_epoch, optimizer_state = _resume(model, job, rank, progress)
+    start_epoch, optimizer_state, history = _resume(model, job, rank, progress)
     sparse_names = sparse_parameter_names(model)
     distributed = world > 1 and dist.is_initialized()
     dense_names = [n for n, p in model.named_parameters() if n not in sparse_names]
     profile = StepProfile(settings.profile, device)
-    group = _gradient_group(device) if distributed else None
     net = model
     if distributed and dense_names:
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sparse_names)
         net = DistributedDataParallel(
             model,
             device_ids=[device.index] if device.type == "cuda" else None,
-            process_group=group,
         )
         if settings.profile:
-            net.register_comm_hook(group, timed_allreduce_hook(profile))
+            net.register_comm_hook(None, timed_allreduce_hook(profile))
     sync = None
     if distributed and sparse_names:
-        sync = SparseGradSync([model.get_parameter(n) for n in sparse_names], group=group)
+        sync = SparseGradSync([model.get_parameter(n) for n in sparse_names])
 
     optimizers = build_optimizers(model, job.optimizer_type, settings.lr, settings.weight_decay)
     optimizers.load_state_dict(optimizer_state)
@@ -206,29 +213,14 @@ def _train(model, job: WorkerJob, blocks: RowBlocks, progress, device, rank: int
                     job.checkpoint_prefix, f"_epoch_{epoch}.model"
                 )
             metrics["seconds"] = time.perf_counter() - started
+            history.append(metrics)
             if rank == 0:
-                sent = progress.append.remote(metrics)
-                if epoch == last_epoch:  # the driver reads the history once the run ends
-                    ray.get(sent)
+                progress.append.remote(metrics)  # not waited for: only the console needs it
             if wants_checkpoint:  # what Ray Train (and Tune) must see
-                _report(
-                    metrics, job, rank, _snapshot_writer(metrics, model, optimizers, job, epoch)
-                )
+                _report_checkpoint(metrics, history, model, optimizers, job, rank, storage_path)
             elif evaluated:
-                _report(metrics, job, rank)
-
-
-def _gradient_group(device: torch.device):
-    """The process group that averages the gradients: NCCL between workers that all hold a GPU
-    and a torch with NCCL, even when Ray set the world group up with gloo (it follows the
-    driver's torch, which on a CPU-only head has no NCCL); otherwise None, the world group.
-    Every rank takes part in the decision and in creating the group, as torch requires."""
-    if dist.get_backend() == "nccl":
-        return None
-    capable = device.type == "cuda" and dist.is_nccl_available()
-    votes = torch.tensor([int(capable)])
-    dist.all_reduce(votes, op=dist.ReduceOp.MIN)  # on the gloo world group, in host memory
-    return dist.new_group(backend="nccl") if votes.item() else None
+                ray.train.report(metrics)
+    return history
 
 
 def _run_steps(net, loss_fn, optimizers, sync, batches, device, sparse_names, profile, bf16):
@@ -280,19 +272,24 @@ def _memory_mb(distributed: bool, device) -> dict[str, float]:
     return {"peak_rss_mb": peak, "private_rss_mb": private}
 
 
-def _resume(model, job: WorkerJob, rank: int, progress) -> tuple[int, dict]:
+def _resume(model, job: WorkerJob, rank: int, progress) -> tuple[int, dict, list[dict]]:
     """After a worker failure, or when a run of the same name and storage is started again (its
     driver was lost), Ray Train starts the loop with the run's last checkpoint: load its
-    weights, optimizer states and epoch. Otherwise start from the job."""
+    weights, optimizer states, epoch and the records of the epochs up to it. Otherwise start
+    from the job, with no records."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return job.start_epoch, job.optimizer_state
+        return job.start_epoch, job.optimizer_state, []
     with checkpoint.as_directory() as folder:
         snapshot = load_snapshot(os.path.join(folder, SNAPSHOT_FILE))
+        history = []  # a checkpoint of a recoder_dist that kept no records
+        if os.path.exists(os.path.join(folder, HISTORY_FILE)):
+            with open(os.path.join(folder, HISTORY_FILE)) as f:
+                history = json.load(f)
     model.load_state_dict(snapshot.model_state)
     if rank == 0:
         _note(progress, f"resuming from the checkpoint of epoch {snapshot.epoch}")
-    return snapshot.epoch, snapshot.optimizer_state
+    return snapshot.epoch, snapshot.optimizer_state, history
 
 
 def _check_gradients_are_where_expected(model, sparse_names: list[str]) -> None:
@@ -307,18 +304,12 @@ def _check_gradients_are_where_expected(model, sparse_names: list[str]) -> None:
 
 
 def _evaluate(model, job: WorkerJob, device, rank: int, world: int) -> dict:
-    """Metric means over all evaluation users. Rank r scores the blocks of ``batch_size``
-    consecutive rows whose block number is r modulo the world size: each user is counted
-    exactly once, and in the same batch as on one worker."""
+    """Metric means over all evaluation users: each rank scores its own share of them (dealt
+    out once, by the launcher's ``EvalSplit``), and the sums and counts are added up."""
     settings: EvalSettings = job.eval
     sums, count = np.zeros(len(settings.metrics)), 0
     shard = ray.train.get_dataset_shard("eval")
     for table in shard.iter_batches(batch_size=settings.batch_size, batch_format="pyarrow"):
-        owned = (table.column("position").to_numpy() // settings.batch_size) % world == rank
-        if not owned.any():
-            continue
-        if not owned.all():
-            table = table.filter(owned)
         batch_sums, batch_count = metric_sums(
             model,
             rows_from_arrow(table),
@@ -343,38 +334,39 @@ def _evaluate(model, job: WorkerJob, device, rank: int, world: int) -> dict:
     return results
 
 
-def _report(metrics: dict, job: WorkerJob, rank: int, write_checkpoint=None) -> None:
-    """Every rank reports ``metrics``. With ``write_checkpoint(folder)``, rank 0 attaches a
-    checkpoint that it writes there: Ray Train keeps it for restarts, and its metrics are the
-    ones that the run's Result holds (Ray Train 2.60 keeps metrics with checkpoints only)."""
-    if write_checkpoint is None or rank != 0:
-        ray.train.report(metrics)
+def _report_checkpoint(
+    metrics: dict, history: list[dict], model, optimizers, job: WorkerJob, rank: int, storage_path
+) -> None:
+    """Every rank reports ``metrics``; rank 0 attaches the checkpoint of ``metrics["epoch"]``
+    (the snapshot and the records so far), which Ray Train uploads once into the run's storage
+    as ``epoch_<N>`` and keeps for restarts, deleting the local folder. The user's own copy
+    (``metrics["snapshot"]``, named by model_checkpoint_prefix) is then copied from the
+    uploaded one: within one bucket that is the store's own copy, not a second upload."""
+    epoch = metrics["epoch"]
+    name = f"epoch_{epoch}"
+    if rank != 0:
+        ray.train.report(metrics, checkpoint_dir_name=name)
         return
     folder = tempfile.mkdtemp(prefix="recoder-dist-ckpt-")
-    write_checkpoint(folder)
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-    if not job.in_process:  # Ray has copied it into the run's storage
-        shutil.rmtree(folder, ignore_errors=True)
+    save_snapshot(
+        job.snapshot(model, epoch, optimizers.state_dict()), os.path.join(folder, SNAPSHOT_FILE)
+    )
+    with open(os.path.join(folder, HISTORY_FILE), "w") as f:
+        json.dump(history, f)
+    ray.train.report(
+        metrics,
+        checkpoint=ray.train.Checkpoint.from_directory(folder),
+        checkpoint_dir_name=name,
+        delete_local_checkpoint_after_upload=True,  # in-process, the folder is the checkpoint
+    )
+    if "snapshot" in metrics:
+        uploaded = ray.train.get_checkpoint()  # the persisted checkpoint, once report returns
+        copy_snapshot(_location(uploaded, storage_path, SNAPSHOT_FILE), metrics["snapshot"])
 
 
-def _snapshot_writer(metrics: dict, model, optimizers, job: WorkerJob, epoch: int):
-    """Writes the snapshot of ``epoch`` into a checkpoint folder, and the user's own copy
-    (``metrics["snapshot"]``, named by model_checkpoint_prefix) when there is one."""
-
-    def write(folder: str) -> None:
-        snapshot = job.snapshot(model, epoch, optimizers.state_dict())
-        path = save_snapshot(snapshot, os.path.join(folder, SNAPSHOT_FILE))
-        if "snapshot" in metrics:
-            copy_snapshot(path, metrics["snapshot"])
-
-    return write
-
-
-def _results_writer(results: dict):
-    """Writes an evaluation's results into its checkpoint folder, as JSON."""
-
-    def write(folder: str) -> None:
-        with open(os.path.join(folder, RESULTS_FILE), "w") as f:
-            json.dump(results, f)
-
-    return write
+def _location(checkpoint: ray.train.Checkpoint, storage_path: str, file: str) -> str:
+    """The location (a path or a URI) of ``file`` in ``checkpoint``, which lives in the run's
+    storage (``storage_path``) or, in-process, in a local folder."""
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return os.path.join(checkpoint.path, file)
+    return storage.with_path(storage_path, f"{checkpoint.path}/{file}")
