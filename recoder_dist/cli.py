@@ -423,12 +423,23 @@ def _with_config(argv: list[str]) -> argparse.Namespace:
     return cli.parse_args(argv)
 
 
-def _is_user_error(error: Exception) -> bool:
+_USER_ERRORS = (UsageError, ValueError, FileNotFoundError, FloatingPointError)
+
+
+def _user_error(error: Exception) -> Exception | None:
+    """The user's mistake behind ``error``, or None when it is not one: raised here, or by
+    every worker of a Ray Train run that failed (a bad value met in the rows, a loss that
+    diverged: the run's error then names the ranks, with each one's traceback)."""
     # A failed download is the user's to fix too (no network: pass --data-dir). Imported here,
     # not at the top, so that --help and argparse errors do not pay for importing pandas.
     from recoder_dist.datasets.download import DownloadError
 
-    return isinstance(error, (UsageError, ValueError, FileNotFoundError, DownloadError))
+    if isinstance(error, (*_USER_ERRORS, DownloadError)):
+        return error
+    failures = getattr(error, "worker_failures", None)  # ray.train.WorkerGroupError's
+    if failures and all(isinstance(e, _USER_ERRORS) for e in failures.values()):
+        return failures[min(failures)]
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -444,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
             ensure_ray(verbose=True)
         return args.run(args)
     except Exception as e:
-        if not _is_user_error(e):
-            raise
-        print(f"recoder-dist: error: {e}", file=sys.stderr)
+        mistake = _user_error(e)
+        if mistake is None:
+            raise  # the traceback (a failed run's includes each failed rank's)
+        print(f"recoder-dist: error: {mistake}", file=sys.stderr)
         return 2

@@ -99,3 +99,26 @@ def test_ray_deprecations_fail_the_tests():
     with pytest.raises(RayDeprecationWarning):
         warnings.warn("a deprecated Ray API", RayDeprecationWarning, stacklevel=1)
     assert os.environ.get("RECODER_DIST_VERBOSE") is None  # no switch through the environment
+
+
+class RaisesOnFirstBatch(torch.nn.Module):
+    """A loss that raises in the worker, as a bad value met there would."""
+
+    def forward(self, input, target):
+        raise ValueError("a mistake met on the worker")
+
+
+@pytest.mark.slow
+def test_a_workers_mistake_reaches_the_driver_as_one_line(ray_session):
+    from ray.train import TrainingFailedError
+
+    from recoder_dist.cli import _user_error
+
+    data = RecommendationDataset(ml100k_split().train.interactions[:100])
+    recoder = Recoder(DynamicAutoencoder([8]), loss=RaisesOnFirstBatch(), num_workers=1, seed=1)
+    with pytest.raises(TrainingFailedError) as failed:
+        recoder.train(data, batch_size=50)
+    assert "a mistake met on the worker" in str(failed.value)  # with the rank's traceback
+    mistake = _user_error(failed.value)  # what the CLI prints, in one line, exit status 2
+    assert isinstance(mistake, ValueError) and str(mistake) == "a mistake met on the worker"
+    assert _user_error(RuntimeError("a bug")) is None  # a bug keeps its traceback
