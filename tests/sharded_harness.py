@@ -12,6 +12,10 @@ import tempfile
 import numpy as np
 import scipy.sparse as sp
 import torch
+
+# An optimizer's constructor imports torch._dynamo (seconds): once here, in the parent, so that
+# the forked ranks inherit it rather than each importing it.
+import torch._dynamo  # noqa: F401
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
