@@ -60,9 +60,10 @@ def _reference(hidden, constrained, sparse, seed):
     return model
 
 
-def _steps(rank, world):
-    matrix = interactions(20, NUM_ITEMS, TOUCHED, seed=1)
-    for number, case in enumerate(CASES):
+def _steps(rank, world, matrix=None, cases=CASES):
+    if matrix is None:
+        matrix = interactions(20, NUM_ITEMS, TOUCHED, seed=1)
+    for number, case in enumerate(cases):
         loss, negative_sampling, optimizer, sparse, constrained = case
         hidden = [6, 4] if number % 2 else [6]
         reference = _reference(hidden, constrained, sparse, seed=number)
@@ -108,6 +109,19 @@ def _steps(rank, world):
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_sharded_steps_equal_one_process(world):
     run_ranks(world, _steps)
+
+
+def _items_of_one_owner():
+    """A matrix whose items are all multiples of 3: on 3 ranks, ranks 1 and 2 own none of the
+    step's items (nothing to score with negative sampling, only zero rows to pool)."""
+    matrix = interactions(20, NUM_ITEMS, 8, seed=3).tocoo()
+    matrix.col *= 3
+    return matrix.tocsr()
+
+
+def test_owners_without_items():
+    cases = [case for case in CASES if case[1] and case[3] and not case[4]]  # sparse Adam, NS
+    run_ranks(3, _steps, _items_of_one_owner(), cases)
 
 
 def _noise_with_mask(rank, world):
