@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from recoder_dist.sharded.ownership import Ownership, balance
-from recoder_dist.sharded.tables import ShardedTable
+from recoder_dist.sharded.tables import ShardedTable, reshard_rows
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 7])
@@ -64,3 +64,13 @@ def test_resharding_three_to_two():
         ShardedTable(23, 4, rank=0, world=2).load_shard_states(old[:2])
     with pytest.raises(ValueError, match="table"):
         ShardedTable(24, 4, rank=0, world=2).load_shard_states(old)
+
+
+def test_reshard_rows_of_optimizer_moments():
+    # Per-item tensors of any shape (Adam's moments as the table): 2 ranks -> 3.
+    full = torch.randn(23, 4)
+    saved = [(rank, 2, full[rank::2]) for rank in range(2)]
+    for rank in range(3):
+        assert torch.equal(reshard_rows(iter(saved), Ownership(23, 3), rank), full[rank::3])
+    with pytest.raises(ValueError, match="layout"):
+        reshard_rows([(0, 2, full[:5])], Ownership(23, 3), 0)

@@ -103,26 +103,22 @@ class ShardedTable(nn.Module):
     @torch.no_grad()
     def load_shard_states(self, states) -> None:
         """Takes this rank's rows from shards saved by any world size (resharding). ``states``
-        may be an iterable that loads one saved shard at a time.
+        (``shard_state`` dicts) may be an iterable that loads one saved shard at a time.
 
         Raises:
             ValueError: a shard of another table, or rows of this shard that no state had.
         """
-        filled = 0
-        for state in states:
-            if state["num_items"] != self.num_items or state["weight"].shape[1] != self.dim:
-                raise ValueError(
-                    f"a shard of a {state['num_items']} x {state['weight'].shape[1]} table "
-                    f"for a {self.num_items} x {self.dim} one"
-                )
-            ids = Ownership(self.num_items, state["world"]).global_ids(state["rank"])
-            mine = self.ownership.owner(ids) == self.rank
-            self.weight[self.ownership.local_index(ids[mine])] = state["weight"][mine].to(
-                self.weight
-            )
-            filled += int(mine.sum())
-        if filled != len(self.weight):
-            raise ValueError(f"the shards gave {filled} of this rank's {len(self.weight)} rows")
+
+        def pieces():  # checked one at a time, as they are read
+            for state in states:
+                if state["num_items"] != self.num_items or state["weight"].shape[1:] != (self.dim,):
+                    raise ValueError(
+                        f"a shard of a {state['num_items']} x {state['weight'].shape[1]} table "
+                        f"for a {self.num_items} x {self.dim} one"
+                    )
+                yield state["rank"], state["world"], state["weight"]
+
+        self.weight.copy_(reshard_rows(pieces(), self.ownership, self.rank))
 
     @torch.no_grad()
     def load_full(self, full: torch.Tensor) -> None:
@@ -149,3 +145,33 @@ class ShardedTable(nn.Module):
         for owner, part in enumerate(parts):
             full[owner::world] = part[: self.ownership.rows_of(owner)]
         return full
+
+
+def reshard_rows(pieces, ownership: Ownership, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s rows under ``ownership``, from rows saved under other layouts: any
+    per-item tensor (a table, or its optimizer's moments) saved shard by shard.
+
+    Args:
+        pieces: ``(saved_rank, saved_world, rows)`` for every saved shard (an iterable: one
+            shard in memory at a time), ``rows[j]`` being item ``saved_rank + j * saved_world``.
+        ownership: the new layout.
+        rank: the rank whose rows to build.
+
+    Raises:
+        ValueError: when the pieces leave some of the rank's rows unfilled.
+    """
+    out, filled = None, 0
+    for saved_rank, saved_world, rows in pieces:
+        if out is None:
+            out = rows.new_empty((ownership.rows_of(rank), *rows.shape[1:]))
+        ids = Ownership(ownership.num_items, saved_world).global_ids(saved_rank)
+        if len(ids) != len(rows):
+            raise ValueError(f"a saved shard of {len(rows)} rows where its layout has {len(ids)}")
+        mine = ownership.owner(ids) == rank
+        out[ownership.local_index(ids[mine])] = rows[mine]
+        filled += int(mine.sum())
+    if out is None or filled != len(out):
+        raise ValueError(
+            f"the shards gave {filled} of rank {rank}'s {ownership.rows_of(rank)} rows"
+        )
+    return out
