@@ -191,5 +191,23 @@ def _bad_routes(rank, world):
         raise AssertionError("a world other than the group's was accepted")
 
 
-def test_bad_routes():
+def _initialization(rank, world):
+    """The tables are the seeded full xavier draws; the dense layers DynamicAutoencoder's
+    kinds of weights (xavier, zero biases) from their own seeded stream."""
+    model = ShardedAutoencoder(NUM_ITEMS, [6, 4], seed=5)
+
+    def xavier(shape, seed):
+        return torch.nn.init.xavier_uniform_(
+            torch.empty(shape), generator=torch.Generator().manual_seed(seed)
+        )
+
+    assert torch.equal(model.encoder_table.weight, xavier((NUM_ITEMS, 6), 5)[rank::world])
+    assert torch.equal(model.decoder_table.weight, xavier((NUM_ITEMS, 6), 6)[rank::world])
+    assert not model.bias_table.weight.any()
+    assert torch.equal(model.encoder_layers[0].weight, xavier((4, 6), 7))
+    assert not model.encoder_layers[0].bias.any()
+
+
+def test_bad_routes_and_initialization():
     run_ranks(1, _bad_routes)
+    run_ranks(2, _initialization)

@@ -33,7 +33,9 @@ class ShardedAutoencoder(nn.Module):
         dropout_prob: dropout on the code (drawn on the user's rank).
         noise_prob: dropout on the normalized input entries (drawn on the user's rank).
         sparse: sparse gradients for the item tables.
-        seed: the tables' initialization seed (encoder ``seed``, decoder ``seed + 1``).
+        seed: the initialization seed: the encoder's table draws from ``seed``, the
+            decoder's from ``seed + 1``, the dense layers from ``seed + 2`` (the same on every
+            rank, with no broadcast; xavier weights and zero biases, as DynamicAutoencoder's).
         group: the process group of the shards (None: the default group).
     """
 
@@ -76,6 +78,11 @@ class ShardedAutoencoder(nn.Module):
             self.decoder_layers = nn.ModuleList(
                 nn.Linear(a, b) for a, b in zip(reversed(sizes[1:]), reversed(sizes[:-1]))
             )
+        generator = torch.Generator().manual_seed(seed + 2)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight, generator=generator)
+                nn.init.zeros_(module.bias)
 
     def dense_parameters(self) -> list[nn.Parameter]:
         """The data-parallel parameters (everything but the item tables)."""
