@@ -5,7 +5,8 @@ Plain torch and ``torch.distributed`` (no Ray): every item table keeps only its 
 the rows are (``encoder``); the decoder scores each owner's items for every user of the step and
 computes the loss there (``decoder``). Only dense collectives of sizes known to both sides are
 used (``comm``): NCCL and gloo do all of them. ``autoencoder`` composes them into
-DynamicAutoencoder's step (the dense layers data-parallel).
+DynamicAutoencoder's step (the dense layers data-parallel); ``replicas`` shards within groups
+of ranks and replicates across them (the 2D layout).
 """
 
 from recoder_dist.sharded.autoencoder import ShardedAutoencoder
