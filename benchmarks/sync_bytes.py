@@ -24,6 +24,12 @@ is compute / (compute + link bytes / bandwidth).
     python benchmarks/sync_bytes.py
     python benchmarks/sync_bytes.py --datasets gowalla --step-ms 5
     python benchmarks/sync_bytes.py --step-ms 2 --plot benchmarks/sync_projection.png
+
+Beside today's sync, the sharded path of ``recoder_dist/sharded`` (issue #32), counted from the
+same sampled steps: what each rank sends in one step, forward and backward, through its link
+(``sharded_bytes``). Its figures are given twice: with 500 users a rank (the global batch grows
+with the world, as above), and with the global batch fixed at 500 users (``batch_size=500``
+split over the ranks). Ranks' own entries and codes never cross a link and are not counted.
 """
 
 from __future__ import annotations
@@ -37,6 +43,10 @@ from _common import load_matrix, markdown_table
 from recoder_dist.training.sparse_sync import DENSE_SHARE
 
 TABLE_DIMS = (200, 200, 1)  # encoder, decoder, bias: each one row per item
+HIDDEN = 200  # the codes' width (the [200] autoencoder)
+# An entry on its way to the item's owner: its row and local index (int64 each), its input
+# value (normalized, noised) and its target value (float32 each).
+ENTRY_BYTES = 8 + 8 + 4 + 4
 GROUP = 500
 WORLDS = (1, 2, 4, 8, 16, 32, 64)
 LINKS = {"NVLink 4, 450 GB/s": 450e9, "InfiniBand NDR, 50 GB/s": 50e9}
@@ -69,6 +79,50 @@ def link_bytes(counts: list[int], num_items: int) -> tuple[float, float]:
     return sync + ring * dense_buffer, ring * ddp
 
 
+def sharded_bytes(block: sp.csr_matrix, sizes: list[int], hidden: int = HIDDEN) -> dict:
+    """Bytes that each rank sends in one sharded step (forward and backward), per exchange.
+
+    Args:
+        block: the step's global batch (rank 0's rows, then rank 1's, ...).
+        sizes: users of each rank.
+        hidden: the codes' width.
+
+    Returns:
+        per-rank arrays: ``entries`` (to the items' owners), ``partials`` (partial codes back
+        to the users' ranks, and their gradients to the owners), ``codes`` (the all-gather of
+        every rank's codes, padded to the longest rank's, in a ring; and the codes' gradients
+        back, an all-to-all), ``small`` (counts, batch sizes, the encoder bias's all-reduce,
+        the loss), ``stats`` (logloss only: the rows' max and sum of exponentials, and the
+        gradient of their log-sum-exp: three all-reduces of the global batch's floats),
+        and ``scores`` (users x items this rank scores).
+    """
+    world, users = len(sizes), block.shape[0]
+    rank_of_row = np.repeat(np.arange(world), sizes)
+    rows = np.repeat(np.arange(users), np.diff(block.indptr))
+    source, owner = rank_of_row[rows], block.indices % world
+    away = source != owner
+    entries = np.bincount(source[away], minlength=world) * ENTRY_BYTES
+    # One partial code per (user, owner) pair with entries; the user's own rank's stays home.
+    pairs = np.unique(rows.astype(np.int64) * world + owner)
+    pair_owner, pair_source = pairs % world, rank_of_row[pairs // world]
+    away = pair_source != pair_owner
+    row_bytes = hidden * 4
+    partials = (
+        np.bincount(pair_owner[away], minlength=world)
+        + np.bincount(pair_source[away], minlength=world)
+    ) * row_bytes
+    sizes = np.asarray(sizes)
+    codes = (world - 1) * sizes.max() * row_bytes + (users - sizes) * row_bytes
+    ring = 2 * (world - 1) / world
+    small = 2 * (world - 1) * 8 + ring * (hidden + 1) * 4
+    stats = np.full(world, 3 * ring * users * 4)
+    items = np.unique(block.indices)
+    scores = users * np.bincount(items % world, minlength=world)
+    return dict(
+        entries=entries, partials=partials, codes=codes, small=small, stats=stats, scores=scores
+    )
+
+
 def measure(matrix: sp.csr_matrix, steps: int, seed: int) -> dict[int, dict]:
     """Per world size: the mean rows a rank touches, and the mean link bytes of both syncs."""
     rng = np.random.default_rng(seed)
@@ -77,7 +131,7 @@ def measure(matrix: sp.csr_matrix, steps: int, seed: int) -> dict[int, dict]:
     for world in WORLDS:
         if world * GROUP > num_users:  # fewer users than one step of every rank takes
             continue
-        rows, sync, ddp = [], [], []
+        rows, sync, ddp, scores, sharded, fixed = [], [], [], [], [], []
         for _ in range(steps):
             users = rng.choice(num_users, size=world * GROUP, replace=False)
             counts = [
@@ -85,11 +139,76 @@ def measure(matrix: sp.csr_matrix, steps: int, seed: int) -> dict[int, dict]:
                 for r in range(world)
             ]
             rows.append(np.mean(counts))
+            scores.append(GROUP * np.mean(counts))  # today: a rank scores its group's items
             step_sync, step_ddp = link_bytes(counts, num_items)
             sync.append(step_sync)
             ddp.append(step_ddp)
-        out[world] = dict(rows=np.mean(rows), sync=np.mean(sync), ddp=np.mean(ddp))
+            sharded.append(sharded_bytes(matrix[users], [GROUP] * world))
+            # The global batch fixed at GROUP users, dealt out as evenly as it goes.
+            fixed_sizes = [len(part) for part in np.array_split(np.arange(GROUP), world)]
+            fixed.append(sharded_bytes(matrix[users[:GROUP]], fixed_sizes))
+        out[world] = dict(
+            rows=np.mean(rows),
+            sync=np.mean(sync),
+            ddp=np.mean(ddp),
+            today_scores=np.mean(scores),
+            sharded=_mean_over_steps(sharded),
+            fixed=_mean_over_steps(fixed),
+        )
     return out
+
+
+def _mean_over_steps(steps: list[dict]) -> dict:
+    """Each exchange's bytes, mean over ranks and steps; ``total`` (mse, logistic: no stats)
+    and ``total_logloss``; ``max_total``: the busiest rank's total, mean over steps."""
+    keys = ("entries", "partials", "codes", "small", "stats", "scores")
+    out = {key: float(np.mean([np.mean(step[key]) for step in steps])) for key in keys}
+    out["total"] = out["entries"] + out["partials"] + out["codes"] + out["small"]
+    out["total_logloss"] = out["total"] + out["stats"]
+    out["max_total"] = float(
+        np.mean(
+            [
+                np.max(step["entries"] + step["partials"] + step["codes"]) + step["small"]
+                for step in steps
+            ]
+        )
+    )
+    return out
+
+
+def sharded_rows(measured: dict, layout: str) -> tuple[list[str], list[list]]:
+    """The sharded bytes of ``layout`` beside today's sync (whose steps have 500 users a
+    rank: the ratio compares the same global batch only for layout ``sharded``)."""
+    header = [
+        "ranks",
+        "entries",
+        "partial codes",
+        "codes",
+        "logloss stats",
+        "total (mse, logistic)",
+        "total (logloss)",
+        "busiest rank",
+        "today's sync",
+        "today / sharded",
+        "scores a rank, vs today",
+    ]
+    rows = []
+    for world, m in measured.items():
+        b = m[layout]
+        ratio = m["sync"] / b["total_logloss"] if m["sync"] and b["total_logloss"] else 0
+        rows.append(
+            [
+                world,
+                *(f"{b[key] / 1e6:,.3f}" for key in ("entries", "partials", "codes", "stats")),
+                f"{b['total'] / 1e6:,.3f}",
+                f"{b['total_logloss'] / 1e6:,.3f}",
+                f"{b['max_total'] / 1e6:,.3f}",
+                f"{m['sync'] / 1e6:,.1f}",
+                f"{ratio:.1f}x" if ratio else "-",
+                f"{b['scores'] / m['today_scores']:.2f}x",
+            ]
+        )
+    return header, rows
 
 
 def projection(bytes_by_world: dict, step_seconds: float, key: str) -> list[list]:
@@ -170,7 +289,16 @@ def main():
             for world, m in measured.items()
         ]
         print(markdown_table(header, rows))
-        for key, label in (("sync", "SparseGradSync"), ("ddp", "DDP dense all-reduce")):
+        for layout, label in (("sharded", "500 users a rank"), ("fixed", "global batch of 500")):
+            print(f"\nsharded, {label}: MB a rank sends a step (mean over ranks)\n")
+            print(markdown_table(*sharded_rows(measured, layout)))
+        for m in measured.values():
+            m["sharded_total"] = m["sharded"]["total_logloss"]
+        for key, label in (
+            ("sync", "SparseGradSync"),
+            ("ddp", "DDP dense all-reduce"),
+            ("sharded_total", "sharded, 500 users a rank, logloss"),
+        ):
             print(
                 f"\nprojected scaling efficiency, {label}, {args.step_ms:g} ms of compute a step\n"
             )
