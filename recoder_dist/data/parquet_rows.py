@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from recoder_dist import storage
 from recoder_dist.data.collator import UserRows
 from recoder_dist.data.dataset import RecommendationDataset
+from recoder_dist.data.epoch_order import RowBlocks
 from recoder_dist.data.ray_dataset import DEFAULT_ROWS_PER_BLOCK, rows_from_arrow
 
 # Interactions per file: about 64 MB of item ids and values, so that a large table is many
@@ -124,6 +125,71 @@ class UserRowFiles:
             ]
         return ray.data.from_arrow_refs(refs)
 
+    def row_blocks(self, rows_per_block: int) -> RowBlocks:
+        """The rows in the object store, each row group's ``rows_per_block`` at a time, with
+        the blocks' row counts: read by Ray tasks, a row group each, which check the rows
+        (``checked_table``) as they read them. From a URI the tasks run anywhere in the
+        cluster; from a local folder, which other nodes may not see, on this node, asking no
+        CPU (a head may have none). This process reads the files' footers, and holds an object
+        reference and a count a block, never rows; it waits for the reads, so that a bad row
+        fails here, before any worker starts.
+
+        Not Ray Data: it hands out a dataset's blocks only through DeveloperAPIs
+        (``iter_internal_ref_bundles``, ``to_arrow_refs``), and its executor runs in this
+        process. The blocks, in row order, are the same on every call, so the epochs' orders
+        (``epoch_order``), which permute them, are too.
+
+        Raises:
+            FileNotFoundError: a file is missing.
+            ValueError: the files do not hold user rows, hold another number of rows than
+                this description says, or hold a row that training cannot take (named with
+                its file).
+        """
+        import ray
+
+        if isinstance(rows_per_block, bool) or not isinstance(rows_per_block, int):
+            raise TypeError(f"rows_per_block must be an int, got {rows_per_block!r}")
+        if rows_per_block < 1:
+            raise ValueError(f"rows_per_block must be >= 1, got {rows_per_block}")
+        read = ray.remote(_read_blocks)
+        where = {}  # from a URI, Ray's defaults: 1 CPU, anywhere
+        if not storage.is_uri(self.location):
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            node = ray.get_runtime_context().get_node_id()
+            where = dict(
+                num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+            )
+        refs, rows, reads = [], [], []
+        for path in self.paths:
+            metadata = _footer(path)
+            check_schema(metadata.schema.to_arrow_schema(), self.has_target, path)
+            for group in range(metadata.num_row_groups):
+                count = metadata.row_group(group).num_rows
+                sizes = [min(rows_per_block, count - s) for s in range(0, count, rows_per_block)]
+                if not sizes:
+                    continue
+                # The blocks, then their sizes as read: one task, len(sizes) + 1 objects.
+                out = read.options(num_returns=len(sizes) + 1, **where).remote(
+                    path, group, rows_per_block, self.num_items, self.has_target
+                )
+                refs += out[:-1]
+                rows += sizes
+                reads.append((out[-1], sizes, path))
+        if sum(rows) != self.num_rows:
+            raise ValueError(
+                f"{self.location}: the files hold {sum(rows)} rows, the description says "
+                f"{self.num_rows}"
+            )
+        try:
+            read_sizes = ray.get([ref for ref, _, _ in reads])
+        except ray.exceptions.RayTaskError as error:  # checked_table's ValueError, as raised
+            raise error.cause if isinstance(error.cause, ValueError) else error from None
+        for got, (_, sizes, path) in zip(read_sizes, reads):
+            if got != sizes:
+                raise ValueError(f"{path}: a row group holds {got} rows, its footer says {sizes}")
+        return RowBlocks(tuple(refs), tuple(rows))
+
     def to_dataset(self) -> RecommendationDataset:
         """The rows read here, as a matrix (for data that fits this machine)."""
         shape = (self.num_users, self.num_items)
@@ -142,6 +208,26 @@ class UserRowFiles:
 
 def _read_row_group(path: str, index: int, num_items: int, has_target: bool) -> pa.Table:
     return checked_table(pq.ParquetFile(path).read_row_group(index), num_items, has_target, path)
+
+
+def _footer(path: str) -> pq.FileMetaData:
+    """The Parquet metadata of the file at ``path`` (local or a URI), read from its footer."""
+    if not storage.is_file(path):
+        raise FileNotFoundError(f"the user rows' file {path} is missing")
+    fs, fs_path = storage.filesystem(path)
+    with fs.open_input_file(fs_path) as file:
+        return pq.ParquetFile(file).metadata
+
+
+def _read_blocks(path: str, group: int, rows_per_block: int, num_items: int, has_target: bool):
+    """Row group ``group`` of the file at ``path``, checked, in tables of ``rows_per_block``
+    rows, and (the last value) their sizes."""
+    fs, fs_path = storage.filesystem(path)
+    with fs.open_input_file(fs_path) as file:
+        table = pq.ParquetFile(file).read_row_group(group)
+    checked_table(table, num_items, has_target, path)
+    blocks = [table.slice(s, rows_per_block) for s in range(0, table.num_rows, rows_per_block)]
+    return (*blocks, [b.num_rows for b in blocks])
 
 
 def write_user_rows(table: pa.Table, folder: str, name: str, dataset: RecommendationDataset):
