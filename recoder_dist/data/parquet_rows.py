@@ -151,8 +151,23 @@ class UserRowFiles:
             raise TypeError(f"rows_per_block must be an int, got {rows_per_block!r}")
         if rows_per_block < 1:
             raise ValueError(f"rows_per_block must be >= 1, got {rows_per_block}")
+        groups = []  # (path, row group, its blocks' sizes), in row order
+        for path in self.paths:
+            metadata = _footer(path)
+            check_schema(metadata.schema.to_arrow_schema(), self.has_target, path)
+            for group in range(metadata.num_row_groups):
+                count = metadata.row_group(group).num_rows
+                sizes = [min(rows_per_block, count - s) for s in range(0, count, rows_per_block)]
+                if sizes:
+                    groups.append((path, group, sizes))
+        total = sum(sum(sizes) for _, _, sizes in groups)
+        if total != self.num_rows:
+            raise ValueError(
+                f"{self.location}: the files hold {total} rows, the description says "
+                f"{self.num_rows}"
+            )
         read = ray.remote(_read_blocks)
-        where = {}  # from a URI, Ray's defaults: 1 CPU, anywhere
+        where, in_flight = {}, len(groups)  # from a URI, Ray's defaults: 1 CPU, anywhere
         if not storage.is_uri(self.location):
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -160,34 +175,20 @@ class UserRowFiles:
             where = dict(
                 num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
             )
-        refs, rows, reads = [], [], []
-        for path in self.paths:
-            metadata = _footer(path)
-            check_schema(metadata.schema.to_arrow_schema(), self.has_target, path)
-            for group in range(metadata.num_row_groups):
-                count = metadata.row_group(group).num_rows
-                sizes = [min(rows_per_block, count - s) for s in range(0, count, rows_per_block)]
-                if not sizes:
-                    continue
-                # The blocks, then their sizes as read: one task, len(sizes) + 1 objects.
-                out = read.options(num_returns=len(sizes) + 1, **where).remote(
-                    path, group, rows_per_block, self.num_items, self.has_target
-                )
-                refs += out[:-1]
-                rows += sizes
-                reads.append((out[-1], sizes, path))
-        if sum(rows) != self.num_rows:
-            raise ValueError(
-                f"{self.location}: the files hold {sum(rows)} rows, the description says "
-                f"{self.num_rows}"
+            # Tasks that ask no CPU all run at once, a worker process each: a few at a time.
+            in_flight = _LOCAL_READS_IN_FLIGHT
+        refs, pending = [], {}
+        for path, group, sizes in groups:
+            if len(pending) >= in_flight:
+                _check_reads(pending, wait_for=1)
+            # The blocks, then their sizes as read: one task, len(sizes) + 1 objects.
+            out = read.options(num_returns=len(sizes) + 1, **where).remote(
+                path, group, rows_per_block, self.num_items, self.has_target
             )
-        try:
-            read_sizes = ray.get([ref for ref, _, _ in reads])
-        except ray.exceptions.RayTaskError as error:  # checked_table's ValueError, as raised
-            raise error.cause if isinstance(error.cause, ValueError) else error from None
-        for got, (_, sizes, path) in zip(read_sizes, reads):
-            if got != sizes:
-                raise ValueError(f"{path}: a row group holds {got} rows, its footer says {sizes}")
+            refs += out[:-1]
+            pending[out[-1]] = (sizes, path)
+        _check_reads(pending, wait_for=len(pending))
+        rows = [size for _, _, sizes in groups for size in sizes]
         return RowBlocks(tuple(refs), tuple(rows))
 
     def to_dataset(self) -> RecommendationDataset:
@@ -208,6 +209,31 @@ class UserRowFiles:
 
 def _read_row_group(path: str, index: int, num_items: int, has_target: bool) -> pa.Table:
     return checked_table(pq.ParquetFile(path).read_row_group(index), num_items, has_target, path)
+
+
+# Read tasks of a local folder's row groups at once (see UserRowFiles.row_blocks).
+_LOCAL_READS_IN_FLIGHT = 4
+
+
+def _check_reads(pending: dict, wait_for: int) -> None:
+    """Waits for ``wait_for`` of the ``pending`` reads (size ref -> (sizes, path)), removes
+    them, and checks that each read the rows that its footer promised.
+
+    Raises:
+        ValueError: a read refused a row (``checked_table``'s error, as raised there), or
+            read another number of rows than the footer says.
+    """
+    import ray
+
+    done, _ = ray.wait(list(pending), num_returns=wait_for, fetch_local=True)
+    for ref in done:
+        sizes, path = pending.pop(ref)
+        try:
+            got = ray.get(ref)
+        except ray.exceptions.RayTaskError as error:
+            raise error.cause if isinstance(error.cause, ValueError) else error from None
+        if got != sizes:
+            raise ValueError(f"{path}: a row group holds {got} rows, its footer says {sizes}")
 
 
 def _footer(path: str) -> pq.FileMetaData:
