@@ -4,8 +4,10 @@ A table of user rows (``ray_dataset.user_rows_table``'s schema: ``user``, ``posi
 ``items: list<int32>``, ``values: list<float32>``, and ``target_items``/``target_values`` for
 evaluation users) is written as a few Parquet files, in row groups of
 ``DEFAULT_ROWS_PER_BLOCK`` rows. :class:`UserRowFiles` describes them: where they are, their
-sizes, and the catalog's. Training and evaluation hand that description to the cluster, which
-reads the files with ``ray.data.read_parquet``; the driver reads the files' footers only.
+sizes, and the catalog's. Training hands that description to the cluster, whose Ray tasks read
+the files into blocks in the object store (``UserRowFiles.row_blocks``); evaluation reads them
+as a Ray Dataset (``UserRowFiles.ray_dataset``). Either way the driver reads the files'
+footers only.
 """
 
 from __future__ import annotations
@@ -126,13 +128,18 @@ class UserRowFiles:
         return ray.data.from_arrow_refs(refs)
 
     def row_blocks(self, rows_per_block: int) -> RowBlocks:
-        """The rows in the object store, each row group's ``rows_per_block`` at a time, with
-        the blocks' row counts: read by Ray tasks, a row group each, which check the rows
+        """The rows in the object store, in blocks of ``rows_per_block`` rows (the last of a
+        read shorter), with their row counts: read by Ray tasks, which check the rows
         (``checked_table``) as they read them. From a URI the tasks run anywhere in the
         cluster; from a local folder, which other nodes may not see, on this node, asking no
         CPU (a head may have none). This process reads the files' footers, and holds an object
-        reference and a count a block, never rows; it waits for the reads, so that a bad row
-        fails here, before any worker starts.
+        reference, a start and a count a block, never rows; it waits for the reads, so that a
+        bad row fails here, before any worker starts.
+
+        A task reads consecutive row groups of a file, at least ``_MIN_READ_BYTES`` of them
+        where the file has as many, and returns them as one table, whose blocks are slices:
+        Ray returns an object under 100 KB (a block of 256 users of 50 items is about that)
+        inside the reply to its owner, this process, which would then hold every row.
 
         Not Ray Data: it hands out a dataset's blocks only through DeveloperAPIs
         (``iter_internal_ref_bundles``, ``to_arrow_refs``), and its executor runs in this
@@ -151,23 +158,19 @@ class UserRowFiles:
             raise TypeError(f"rows_per_block must be an int, got {rows_per_block!r}")
         if rows_per_block < 1:
             raise ValueError(f"rows_per_block must be >= 1, got {rows_per_block}")
-        groups = []  # (path, row group, its blocks' sizes), in row order
+        reads = []  # (path, row groups, rows), in row order
         for path in self.paths:
             metadata = _footer(path)
             check_schema(metadata.schema.to_arrow_schema(), self.has_target, path)
-            for group in range(metadata.num_row_groups):
-                count = metadata.row_group(group).num_rows
-                sizes = [min(rows_per_block, count - s) for s in range(0, count, rows_per_block)]
-                if sizes:
-                    groups.append((path, group, sizes))
-        total = sum(sum(sizes) for _, _, sizes in groups)
+            reads += _reads_of(path, metadata)
+        total = sum(count for _, _, count in reads)
         if total != self.num_rows:
             raise ValueError(
                 f"{self.location}: the files hold {total} rows, the description says "
                 f"{self.num_rows}"
             )
-        read = ray.remote(_read_blocks)
-        where, in_flight = {}, len(groups)  # from a URI, Ray's defaults: 1 CPU, anywhere
+        read = ray.remote(num_returns=2)(_read_row_groups)
+        where, in_flight = {}, len(reads)  # from a URI, Ray's defaults: 1 CPU, anywhere
         if not storage.is_uri(self.location):
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -177,19 +180,20 @@ class UserRowFiles:
             )
             # Tasks that ask no CPU all run at once, a worker process each: a few at a time.
             in_flight = _LOCAL_READS_IN_FLIGHT
-        refs, pending = [], {}
-        for path, group, sizes in groups:
+        refs, starts, rows, pending = [], [], [], {}
+        for path, groups, count in reads:
             if len(pending) >= in_flight:
                 _check_reads(pending, wait_for=1)
-            # The blocks, then their sizes as read: one task, len(sizes) + 1 objects.
-            out = read.options(num_returns=len(sizes) + 1, **where).remote(
-                path, group, rows_per_block, self.num_items, self.has_target
+            table, read_rows = read.options(**where).remote(
+                path, groups, self.num_items, self.has_target
             )
-            refs += out[:-1]
-            pending[out[-1]] = (sizes, path)
+            pending[read_rows] = (count, path)
+            for start in range(0, count, rows_per_block):
+                refs.append(table)
+                starts.append(start)
+                rows.append(min(rows_per_block, count - start))
         _check_reads(pending, wait_for=len(pending))
-        rows = [size for _, _, sizes in groups for size in sizes]
-        return RowBlocks(tuple(refs), tuple(rows))
+        return RowBlocks(tuple(refs), tuple(rows), tuple(starts))
 
     def to_dataset(self) -> RecommendationDataset:
         """The rows read here, as a matrix (for data that fits this machine)."""
@@ -216,7 +220,7 @@ _LOCAL_READS_IN_FLIGHT = 4
 
 
 def _check_reads(pending: dict, wait_for: int) -> None:
-    """Waits for ``wait_for`` of the ``pending`` reads (size ref -> (sizes, path)), removes
+    """Waits for ``wait_for`` of the ``pending`` reads (rows' ref -> (rows, path)), removes
     them, and checks that each read the rows that its footer promised.
 
     Raises:
@@ -227,13 +231,36 @@ def _check_reads(pending: dict, wait_for: int) -> None:
 
     done, _ = ray.wait(list(pending), num_returns=wait_for, fetch_local=True)
     for ref in done:
-        sizes, path = pending.pop(ref)
+        rows, path = pending.pop(ref)
         try:
             got = ray.get(ref)
         except ray.exceptions.RayTaskError as error:
             raise error.cause if isinstance(error.cause, ValueError) else error from None
-        if got != sizes:
-            raise ValueError(f"{path}: a row group holds {got} rows, its footer says {sizes}")
+        if got != rows:
+            raise ValueError(f"{path}: its row groups hold {got} rows, its footer says {rows}")
+
+
+# Uncompressed bytes that a read task gathers at least (where a file has them): far above
+# the 100 KB under which Ray returns an object to its owner's memory instead of the store.
+_MIN_READ_BYTES = 4 << 20
+
+
+def _reads_of(path: str, metadata: pq.FileMetaData) -> list[tuple[str, tuple[int, ...], int]]:
+    """The file's row groups, gathered in order into reads of at least ``_MIN_READ_BYTES``
+    (the last read of the file may be smaller): (path, row groups, rows) each."""
+    reads, groups, rows, size = [], [], 0, 0
+    for group in range(metadata.num_row_groups):
+        if metadata.row_group(group).num_rows == 0:
+            continue
+        groups.append(group)
+        rows += metadata.row_group(group).num_rows
+        size += metadata.row_group(group).total_byte_size
+        if size >= _MIN_READ_BYTES:
+            reads.append((path, tuple(groups), rows))
+            groups, rows, size = [], 0, 0
+    if groups:
+        reads.append((path, tuple(groups), rows))
+    return reads
 
 
 def _footer(path: str) -> pq.FileMetaData:
@@ -245,15 +272,13 @@ def _footer(path: str) -> pq.FileMetaData:
         return pq.ParquetFile(file).metadata
 
 
-def _read_blocks(path: str, group: int, rows_per_block: int, num_items: int, has_target: bool):
-    """Row group ``group`` of the file at ``path``, checked, in tables of ``rows_per_block``
-    rows, and (the last value) their sizes."""
+def _read_row_groups(path: str, groups: tuple[int, ...], num_items: int, has_target: bool):
+    """Row groups ``groups`` of the file at ``path``, as one checked table, and its rows."""
     fs, fs_path = storage.filesystem(path)
     with fs.open_input_file(fs_path) as file:
-        table = pq.ParquetFile(file).read_row_group(group)
+        table = pq.ParquetFile(file).read_row_groups(list(groups))
     checked_table(table, num_items, has_target, path)
-    blocks = [table.slice(s, rows_per_block) for s in range(0, table.num_rows, rows_per_block)]
-    return (*blocks, [b.num_rows for b in blocks])
+    return table, table.num_rows
 
 
 def write_user_rows(table: pa.Table, folder: str, name: str, dataset: RecommendationDataset):
