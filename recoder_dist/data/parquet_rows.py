@@ -141,10 +141,10 @@ class UserRowFiles:
         Ray returns an object under 100 KB (a block of 256 users of 50 items is about that)
         inside the reply to its owner, this process, which would then hold every row.
 
-        Not Ray Data: it hands out a dataset's blocks only through DeveloperAPIs
-        (``iter_internal_ref_bundles``, ``to_arrow_refs``), and its executor runs in this
-        process. The blocks, in row order, are the same on every call, so the epochs' orders
-        (``epoch_order``), which permute them, are too.
+        Not Ray Data: it hands out a dataset's blocks only through DeveloperAPIs (see
+        ``ray_dataset.row_blocks``), its executor runs in this process, and its small blocks
+        come back inline as well. The blocks, in row order, are the same on every call, so
+        the epochs' orders (``epoch_order``), which permute them, are too.
 
         Raises:
             FileNotFoundError: a file is missing.
