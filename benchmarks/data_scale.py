@@ -1,10 +1,18 @@
 """What the data path costs as the data grow: prepare time, driver and worker peak RSS, epoch.
 
-Synthetic event tables of a given number of interactions, in two shapes:
+Synthetic event tables of a given number of interactions, in three shapes:
 
 - ``ml20m``: shaped like MovieLens 20M (about 144 items a user, 27,000 items, popularity
   following a Zipf law of exponent 1);
-- ``longtail``: a catalog of 1,000,000 items, 50 items a user, Zipf exponent 0.8.
+- ``longtail``: a catalog of 1,000,000 items, 50 items a user, Zipf exponent 0.8;
+- ``users``: the users grow with the events, the catalog stays: 50 events a user, items
+  drawn by a Zipf law of exponent 1 over 20,000 (repeats within a user are events that
+  ``prepare`` drops). Its training is what a user runs: ``recoder-dist train --epochs 1
+  --workers 2`` under ``/usr/bin/time -v``, on the cluster at ``RAY_ADDRESS`` when set (start
+  one with ``ray start --head``: the driver then holds only what is its own), with the CLI's
+  evaluation of the test users at the end; its driver's peak is time's "Maximum resident set
+  size", and the peaks of its private (``RssAnon``) and shared (``RssShmem``: the object
+  store's pages that the driver touched) memory are sampled from ``/proc`` every 0.1 s.
 
 Each table is written as Parquet files of 1M events, then ``recoder-dist prepare --dataset
 events`` (on the cluster: Ray Data reads, groups and splits) and training (2 workers, 2
@@ -16,11 +24,13 @@ store's shared pages it has read rows from) and its private memory (``RssAnon``)
 an epoch, the larger of the two epochs'. The epoch time is the second epoch's.
 
     python benchmarks/data_scale.py --interactions 1e6 1e7 --shapes ml20m longtail
+    RAY_ADDRESS=... python benchmarks/data_scale.py --interactions 4e6 8e6 16e6 32e6 --shapes users
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -39,6 +49,7 @@ from _common import load_average, markdown_table  # noqa: E402
 SHAPES = {
     "ml20m": dict(items_per_user=144, num_items=27_000, zipf=1.0),
     "longtail": dict(items_per_user=50, num_items=1_000_000, zipf=0.8),
+    "users": dict(items_per_user=50, num_items=20_000, zipf=1.0),
 }
 
 
@@ -57,6 +68,22 @@ def synthetic_events(interactions: int, shape: dict, seed: int = 0) -> pd.DataFr
     item = rng.choice(shape["num_items"], size=len(user), p=popularity)
     frame = pd.DataFrame({"user": user, "item": item}).drop_duplicates()
     return frame.iloc[: int(interactions)]
+
+
+def write_users_shape(interactions: int, folder: Path, seed: int = 0) -> tuple[int, int]:
+    """The ``users`` shape as Parquet files of ``EVENTS_PER_FILE`` events, written a file at
+    a time (32M events take seconds): user ``e // 50`` for event ``e``, items by inverting the
+    Zipf law's cumulative distribution. Returns (events, users)."""
+    shape = SHAPES["users"]
+    rng = np.random.default_rng(seed)
+    cdf = np.cumsum(np.arange(1, shape["num_items"] + 1) ** -shape["zipf"])
+    cdf /= cdf[-1]
+    for number, start in enumerate(range(0, interactions, EVENTS_PER_FILE)):
+        events = np.arange(start, min(start + EVENTS_PER_FILE, interactions), dtype=np.int64)
+        item = np.searchsorted(cdf, rng.random(len(events)))
+        frame = pd.DataFrame({"user": events // shape["items_per_user"], "item": item})
+        frame.to_parquet(folder / f"part-{number:04d}.parquet")
+    return interactions, -(-interactions // shape["items_per_user"])
 
 
 def run(cmd: list[str]) -> tuple[float, str]:
@@ -98,15 +125,20 @@ print(json.dumps({
 
 
 def measure(interactions: int, shape_name: str, folder: Path) -> dict:
-    events = synthetic_events(interactions, SHAPES[shape_name])
     table = folder / f"{shape_name}-{interactions}"
     table.mkdir()
-    for number, start in enumerate(range(0, len(events), EVENTS_PER_FILE)):
-        events.iloc[start : start + EVENTS_PER_FILE].to_parquet(
-            table / f"part-{number:04d}.parquet"
-        )
+    if shape_name == "users":
+        num_events, num_users = write_users_shape(interactions, table)
+        held_out = 100  # prepare's default: the CLI's evaluation at the end stays small
+    else:
+        events = synthetic_events(interactions, SHAPES[shape_name])
+        for number, start in enumerate(range(0, len(events), EVENTS_PER_FILE)):
+            events.iloc[start : start + EVENTS_PER_FILE].to_parquet(
+                table / f"part-{number:04d}.parquet"
+            )
+        num_events, num_users = len(events), int(events.user.nunique())
+        held_out = max(num_users // 20, 1)
     prepared = folder / f"{shape_name}-{interactions}-prepared"
-    held_out = max(len(events.user.unique()) // 20, 1)
     prepare_s, out = run(
         [
             sys.executable, "-c", PREPARE_SCRIPT, "prepare", "--dataset", "events",
@@ -115,15 +147,51 @@ def measure(interactions: int, shape_name: str, folder: Path) -> dict:
         ]
     )  # fmt: skip
     prepared_result = last_json(out)
-    _, out = run([sys.executable, "-c", TRAIN_SCRIPT, str(prepared)])
+    if shape_name == "users":
+        trained = cli_train_driver(prepared, folder / f"{shape_name}-{interactions}-checkpoints")
+    else:
+        trained = last_json(run([sys.executable, "-c", TRAIN_SCRIPT, str(prepared)])[1])
     return dict(
         shape=shape_name,
-        interactions=len(events),
-        users=int(events.user.nunique()),
+        interactions=num_events,
+        users=num_users,
         prepare_s=prepare_s,
         **prepared_result,
-        **last_json(out),
+        **trained,
     )
+
+
+def cli_train_driver(prepared: Path, checkpoints: Path) -> dict:
+    """``recoder-dist train --epochs 1 --workers 2`` under ``/usr/bin/time -v``: the driver's
+    peak RSS (time's), and the peaks of its ``RssAnon`` and ``RssShmem`` sampled from
+    ``/proc`` (the process that time starts)."""
+    cli = str(Path(sys.executable).parent / "recoder-dist")
+    command = ["/usr/bin/time", "-v", cli, "train", "--epochs", "1", "--workers", "2",
+               "--data", str(prepared), "--checkpoint-dir", str(checkpoints)]  # fmt: skip
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peaks = {"RssAnon": 0, "RssShmem": 0}
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+    while process.poll() is None:
+        with contextlib.suppress(OSError, ValueError):
+            for pid in children.read_text().split():
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    key, _, value = line.partition(":")
+                    if key in peaks:
+                        peaks[key] = max(peaks[key], int(value.split()[0]))
+        time.sleep(0.1)
+    out, err = process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{out[-2000:]}{err[-3000:]}")
+    peak_kb = next(
+        int(line.rsplit(":", 1)[1]) for line in err.splitlines() if "Maximum resident" in line
+    )
+    return {
+        "driver_peak_mb": peak_kb / 1024,
+        "driver_anon_mb": peaks["RssAnon"] / 1024,
+        "driver_shmem_mb": peaks["RssShmem"] / 1024,
+        "train_s": time.perf_counter() - started,
+    }
 
 
 def last_json(out: str) -> dict:
@@ -143,17 +211,31 @@ def main(argv=None) -> None:
             for interactions in args.interactions:
                 rows.append(measure(int(interactions), shape, Path(scratch)))
                 print(json.dumps(rows[-1]), flush=True)
-    header = ["shape", "interactions", "users", "prepare s", "prepare driver peak MB",
-              "train driver peak MB", "worker peak MB",
-              "worker private MB", "epoch s (2 workers)"]  # fmt: skip
-    table = [
-        [r["shape"], f"{r['interactions']:,}", f"{r['users']:,}", f"{r['prepare_s']:.1f}",
-         f"{r['prepare_peak_mb']:.0f}", f"{r['driver_peak_mb']:.0f}",
-         f"{r['worker_peak_mb']:.0f}", f"{r['worker_private_mb']:.0f}", f"{r['epoch_s']:.2f}"]
-        for r in rows
-    ]  # fmt: skip
     print(f"\nload: {load_average()}; peak RSS of this process {peak_mb():.0f} MB\n")
-    print(markdown_table(header, table))
+    library = [r for r in rows if r["shape"] != "users"]
+    if library:
+        header = ["shape", "interactions", "users", "prepare s", "prepare driver peak MB",
+                  "train driver peak MB", "worker peak MB",
+                  "worker private MB", "epoch s (2 workers)"]  # fmt: skip
+        table = [
+            [r["shape"], f"{r['interactions']:,}", f"{r['users']:,}", f"{r['prepare_s']:.1f}",
+             f"{r['prepare_peak_mb']:.0f}", f"{r['driver_peak_mb']:.0f}",
+             f"{r['worker_peak_mb']:.0f}", f"{r['worker_private_mb']:.0f}",
+             f"{r['epoch_s']:.2f}"]
+            for r in library
+        ]  # fmt: skip
+        print(markdown_table(header, table))
+    cli = [r for r in rows if r["shape"] == "users"]
+    if cli:
+        header = ["shape", "interactions", "users", "prepare s", "train driver peak MB",
+                  "peak RssAnon MB", "peak RssShmem MB", "train s (CLI)"]  # fmt: skip
+        table = [
+            [r["shape"], f"{r['interactions']:,}", f"{r['users']:,}", f"{r['prepare_s']:.1f}",
+             f"{r['driver_peak_mb']:.0f}", f"{r['driver_anon_mb']:.0f}",
+             f"{r['driver_shmem_mb']:.0f}", f"{r['train_s']:.1f}"]
+            for r in cli
+        ]  # fmt: skip
+        print(markdown_table(header, table))
     for shape in args.shapes:
         mine = [r for r in rows if r["shape"] == shape]
         if len(mine) > 1:
@@ -181,7 +263,7 @@ def plot(rows: list[dict], path: Path) -> None:
         mine = [r for r in rows if r["shape"] == shape]
         x = [r["interactions"] for r in mine]
         for ax, key in zip(axes, ("prepare_s", "driver_peak_mb", "epoch_s")):
-            ax.plot(x, [r[key] for r in mine], marker="o", label=shape)
+            ax.plot(x, [r.get(key, np.nan) for r in mine], marker="o", label=shape)
             ax.set_xscale("log")
             ax.set_xlabel("interactions")
             ax.set_title(key)

@@ -18,7 +18,6 @@ from recoder_dist.data.parquet_rows import UserRowFiles
 from recoder_dist.data.ray_dataset import (
     TRAIN_ROWS_PER_BLOCK,
     put_blocks,
-    row_blocks,
     to_ray_dataset,
     user_rows_table,
 )
@@ -607,10 +606,9 @@ def _num_interactions(dataset: RecommendationDataset | UserRowFiles) -> int:
 
 def _train_blocks(dataset: RecommendationDataset | UserRowFiles) -> RowBlocks:
     """A training set's rows in the object store, in blocks of ``TRAIN_ROWS_PER_BLOCK`` rows:
-    read by the cluster from files (Ray Data), or put there from this process's matrix."""
+    read by the cluster from files (Ray tasks), or put there from this process's matrix."""
     if isinstance(dataset, UserRowFiles):
-        rows = dataset.ray_dataset()
-        return row_blocks(rows.repartition(target_num_rows_per_block=TRAIN_ROWS_PER_BLOCK))
+        return dataset.row_blocks(TRAIN_ROWS_PER_BLOCK)
     return put_blocks(user_rows_table(dataset), TRAIN_ROWS_PER_BLOCK)
 
 

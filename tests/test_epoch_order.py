@@ -40,6 +40,23 @@ def test_ranks_take_even_consecutive_shares_of_the_permuted_blocks(world):
     ]
 
 
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_blocks_that_share_tables_are_the_blocks_cut_out(world):
+    """Blocks given as slices (start, rows) of two shared tables read as the same blocks given
+    as tables of their own (the reference): the same shares, row for row."""
+    own = numbered_blocks(SIZES)
+    whole = pa.concat_tables(own.refs)
+    first = sum(SIZES[:3])  # the first three blocks in one table, the rest in another
+    tables = (whole.slice(0, first), whole.slice(first))
+    ends = np.cumsum(SIZES)
+    starts = [int(e - n - (0 if i < 3 else first)) for i, (e, n) in enumerate(zip(ends, SIZES))]
+    shared = RowBlocks(tuple(tables[i >= 3] for i in range(6)), tuple(SIZES), tuple(starts))
+    for rank in range(world):
+        assert rows_of(rank_rows(shared, 5, 2, rank, world, identity)) == rows_of(
+            rank_rows(own, 5, 2, rank, world, identity)
+        )
+
+
 def test_the_order_depends_on_seed_and_epoch_only():
     blocks = numbered_blocks(SIZES)
 

@@ -88,6 +88,50 @@ def files_of(folder, table, dataset) -> UserRowFiles:
     return write_user_rows(table, str(folder), "rows", dataset)
 
 
+@pytest.mark.parametrize("read_bytes", [0, 1 << 30])  # a read a row group; a read a file
+@pytest.mark.parametrize("rows_per_block", [1, 5, 64])
+def test_the_files_blocks_hold_their_rows_in_order(
+    ray_session, tmp_path, monkeypatch, rows_per_block, read_bytes
+):
+    """Several files, of several row groups each (the last ones short): the blocks, laid end
+    to end, are the files' rows as pyarrow reads them (the reference), each block no longer
+    than asked, and each count its block's."""
+    from recoder_dist.data import parquet_rows
+    from recoder_dist.data.parquet_rows import UserRowsWriter
+    from tests.test_data import random_dataset
+
+    monkeypatch.setattr(parquet_rows, "_MIN_READ_BYTES", read_bytes)
+    dataset = random_dataset(300, 40, 0.2, seed=3)
+    table = user_rows_table(dataset)
+    writer = UserRowsWriter(str(tmp_path), "rows", 300, 40, True, per_file=900)
+    for start in range(0, table.num_rows, 70):  # row groups end where a write ends
+        writer.write(table.slice(start, 70))
+    files = writer.close()
+    groups = [pq.ParquetFile(path).metadata.num_row_groups for path in files.paths]
+    assert len(groups) > 2 and max(groups) > 1  # the case this test is about
+    blocks = files.row_blocks(rows_per_block)
+    got = [blocks.block(i, ray_session.get) for i in range(len(blocks.rows))]
+    assert [t.num_rows for t in got] == list(blocks.rows)
+    assert max(blocks.rows) <= rows_per_block and blocks.num_rows == table.num_rows
+    reference = pa.concat_tables(pq.read_table(path) for path in files.paths)
+    assert pa.concat_tables(got).equals(reference)
+    assert reference.drop_columns(["position"]).equals(table.drop_columns(["position"]))
+    # A read a row group, or a read a file: the blocks share that many objects.
+    assert len(set(blocks.refs)) == (sum(groups) if read_bytes == 0 else len(groups))
+
+
+def test_the_files_blocks_are_refused_when_the_files_disagree(ray_session, tmp_path):
+    dataset, table = small_table()
+    files = files_of(tmp_path, table, dataset)
+    with pytest.raises(ValueError, match="hold 3 rows, the description says 5"):
+        UserRowFiles(**{**files.__dict__, "num_rows": 5}).row_blocks(2)
+    with pytest.raises(ValueError, match="rows_per_block must be >= 1"):
+        files.row_blocks(0)
+    (tmp_path / files.files[0]).unlink()
+    with pytest.raises(FileNotFoundError, match="rows-00000.parquet is missing"):
+        files.row_blocks(2)
+
+
 def test_a_missing_file_is_named(ray_session, tmp_path):
     dataset, table = small_table()
     files = files_of(tmp_path, table, dataset)

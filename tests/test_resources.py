@@ -142,6 +142,40 @@ def test_the_nodes_for_workers_are_totals_less_what_the_caller_holds(ray_session
     assert ray.get(busy) == [(total - 1, gpus)]
 
 
+@ray.remote(num_cpus=0.5)
+class HoldsHalfACpu:
+    def held(self):
+        from recoder_dist.training.resources import held_by_caller
+
+        return held_by_caller(ray.get_runtime_context())
+
+
+def test_what_the_caller_holds_through_rays_public_api(ray_session):
+    """The upgrade test of ``held_by_caller``: a driver holds nothing, and asking says so
+    without the warning that Ray's other public ways log in a driver ("This method is only
+    available when the process is a worker"); an actor holds what it asked for. A Ray that
+    refuses a driver otherwise than with its AssertionError fails here."""
+    import logging
+
+    from recoder_dist.training.resources import held_by_caller
+
+    records = []
+    handler = logging.Handler(level=logging.DEBUG)
+    handler.emit = records.append
+    ray_logger = logging.getLogger("ray")
+    ray_logger.addHandler(handler)
+    try:
+        assert held_by_caller(ray.get_runtime_context()) == {}
+    finally:
+        ray_logger.removeHandler(handler)
+    assert [r.getMessage() for r in records if r.levelno >= logging.WARNING] == []
+    actor = HoldsHalfACpu.remote()
+    try:
+        assert ray.get(actor.held.remote()) == {"CPU": 0.5}
+    finally:
+        ray.kill(actor)
+
+
 def test_cpus_per_worker_given_is_what_each_worker_holds(ray_session, tmp_path):
     """1.5 CPUs each: Ray reserves 1.5, torch runs 1 thread (whole CPUs only)."""
     recoder = Recoder(

@@ -23,15 +23,25 @@ import pyarrow as pa
 
 @dataclass(frozen=True)
 class RowBlocks:
-    """Blocks of user rows: ``refs[i]`` (an object reference, or in tests the table itself)
-    holds ``rows[i]`` rows."""
+    """Blocks of user rows: block ``i`` is the ``rows[i]`` rows of the table at ``refs[i]``
+    (an object reference, or in tests the table itself) from row ``starts[i]`` on; with
+    ``starts`` None, each block is its whole table. Several blocks may share a table: a
+    table of many blocks is one object (see ``UserRowFiles.row_blocks``)."""
 
     refs: tuple
     rows: tuple[int, ...]
+    starts: tuple[int, ...] | None = None
 
     @property
     def num_rows(self) -> int:
         return sum(self.rows)
+
+    def block(self, index: int, fetch: Callable[[object], pa.Table]) -> pa.Table:
+        """The table of block ``index``, from ``fetch(refs[index])``."""
+        table = fetch(self.refs[index])
+        if self.starts is None:
+            return table
+        return table.slice(self.starts[index], self.rows[index])
 
 
 def rank_rows(
@@ -52,7 +62,7 @@ def rank_rows(
         begin, end = max(start - offset, 0), min(stop - offset, rows)
         offset += rows
         if begin < end:
-            table = fetch(blocks.refs[index])
+            table = blocks.block(index, fetch)
             yield table if (begin, end) == (0, rows) else table.slice(begin, end - begin)
         if offset >= stop:
             return

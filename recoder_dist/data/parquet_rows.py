@@ -4,8 +4,10 @@ A table of user rows (``ray_dataset.user_rows_table``'s schema: ``user``, ``posi
 ``items: list<int32>``, ``values: list<float32>``, and ``target_items``/``target_values`` for
 evaluation users) is written as a few Parquet files, in row groups of
 ``DEFAULT_ROWS_PER_BLOCK`` rows. :class:`UserRowFiles` describes them: where they are, their
-sizes, and the catalog's. Training and evaluation hand that description to the cluster, which
-reads the files with ``ray.data.read_parquet``; the driver reads the files' footers only.
+sizes, and the catalog's. Training hands that description to the cluster, whose Ray tasks read
+the files into blocks in the object store (``UserRowFiles.row_blocks``); evaluation reads them
+as a Ray Dataset (``UserRowFiles.ray_dataset``). Either way the driver reads the files'
+footers only.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pyarrow.parquet as pq
 from recoder_dist import storage
 from recoder_dist.data.collator import UserRows
 from recoder_dist.data.dataset import RecommendationDataset
+from recoder_dist.data.epoch_order import RowBlocks
 from recoder_dist.data.ray_dataset import DEFAULT_ROWS_PER_BLOCK, rows_from_arrow
 
 # Interactions per file: about 64 MB of item ids and values, so that a large table is many
@@ -124,6 +127,74 @@ class UserRowFiles:
             ]
         return ray.data.from_arrow_refs(refs)
 
+    def row_blocks(self, rows_per_block: int) -> RowBlocks:
+        """The rows in the object store, in blocks of ``rows_per_block`` rows (the last of a
+        read shorter), with their row counts: read by Ray tasks, which check the rows
+        (``checked_table``) as they read them. From a URI the tasks run anywhere in the
+        cluster; from a local folder, which other nodes may not see, on this node, asking no
+        CPU (a head may have none). This process reads the files' footers, and holds an object
+        reference, a start and a count a block, never rows; it waits for the reads, so that a
+        bad row fails here, before any worker starts.
+
+        A task reads consecutive row groups of a file, at least ``_MIN_READ_BYTES`` of them
+        where the file has as many, and returns them as one table, whose blocks are slices:
+        Ray returns an object under 100 KB (a block of 256 users of 50 items is about that)
+        inside the reply to its owner, this process, which would then hold every row.
+
+        Not Ray Data: it hands out a dataset's blocks only through DeveloperAPIs (see
+        ``ray_dataset.row_blocks``), its executor runs in this process, and its small blocks
+        come back inline as well. The blocks, in row order, are the same on every call, so
+        the epochs' orders (``epoch_order``), which permute them, are too.
+
+        Raises:
+            FileNotFoundError: a file is missing.
+            ValueError: the files do not hold user rows, hold another number of rows than
+                this description says, or hold a row that training cannot take (named with
+                its file).
+        """
+        import ray
+
+        if isinstance(rows_per_block, bool) or not isinstance(rows_per_block, int):
+            raise TypeError(f"rows_per_block must be an int, got {rows_per_block!r}")
+        if rows_per_block < 1:
+            raise ValueError(f"rows_per_block must be >= 1, got {rows_per_block}")
+        reads = []  # (path, row groups, rows), in row order
+        for path in self.paths:
+            metadata = _footer(path)
+            check_schema(metadata.schema.to_arrow_schema(), self.has_target, path)
+            reads += _reads_of(path, metadata)
+        total = sum(count for _, _, count in reads)
+        if total != self.num_rows:
+            raise ValueError(
+                f"{self.location}: the files hold {total} rows, the description says "
+                f"{self.num_rows}"
+            )
+        read = ray.remote(num_returns=2)(_read_row_groups)
+        where, in_flight = {}, len(reads)  # from a URI, Ray's defaults: 1 CPU, anywhere
+        if not storage.is_uri(self.location):
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            node = ray.get_runtime_context().get_node_id()
+            where = dict(
+                num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+            )
+            # Tasks that ask no CPU all run at once, a worker process each: a few at a time.
+            in_flight = _LOCAL_READS_IN_FLIGHT
+        refs, starts, rows, pending = [], [], [], {}
+        for path, groups, count in reads:
+            if len(pending) >= in_flight:
+                _check_reads(pending, wait_for=1)
+            table, read_rows = read.options(**where).remote(
+                path, groups, self.num_items, self.has_target
+            )
+            pending[read_rows] = (count, path)
+            for start in range(0, count, rows_per_block):
+                refs.append(table)
+                starts.append(start)
+                rows.append(min(rows_per_block, count - start))
+        _check_reads(pending, wait_for=len(pending))
+        return RowBlocks(tuple(refs), tuple(rows), tuple(starts))
+
     def to_dataset(self) -> RecommendationDataset:
         """The rows read here, as a matrix (for data that fits this machine)."""
         shape = (self.num_users, self.num_items)
@@ -142,6 +213,72 @@ class UserRowFiles:
 
 def _read_row_group(path: str, index: int, num_items: int, has_target: bool) -> pa.Table:
     return checked_table(pq.ParquetFile(path).read_row_group(index), num_items, has_target, path)
+
+
+# Read tasks of a local folder's row groups at once (see UserRowFiles.row_blocks).
+_LOCAL_READS_IN_FLIGHT = 4
+
+
+def _check_reads(pending: dict, wait_for: int) -> None:
+    """Waits for ``wait_for`` of the ``pending`` reads (rows' ref -> (rows, path)), removes
+    them, and checks that each read the rows that its footer promised.
+
+    Raises:
+        ValueError: a read refused a row (``checked_table``'s error, as raised there), or
+            read another number of rows than the footer says.
+    """
+    import ray
+
+    done, _ = ray.wait(list(pending), num_returns=wait_for, fetch_local=True)
+    for ref in done:
+        rows, path = pending.pop(ref)
+        try:
+            got = ray.get(ref)
+        except ray.exceptions.RayTaskError as error:
+            raise error.cause if isinstance(error.cause, ValueError) else error from None
+        if got != rows:
+            raise ValueError(f"{path}: its row groups hold {got} rows, its footer says {rows}")
+
+
+# Uncompressed bytes that a read task gathers at least (where a file has them): far above
+# the 100 KB under which Ray returns an object to its owner's memory instead of the store.
+_MIN_READ_BYTES = 4 << 20
+
+
+def _reads_of(path: str, metadata: pq.FileMetaData) -> list[tuple[str, tuple[int, ...], int]]:
+    """The file's row groups, gathered in order into reads of at least ``_MIN_READ_BYTES``
+    (the last read of the file may be smaller): (path, row groups, rows) each."""
+    reads, groups, rows, size = [], [], 0, 0
+    for group in range(metadata.num_row_groups):
+        if metadata.row_group(group).num_rows == 0:
+            continue
+        groups.append(group)
+        rows += metadata.row_group(group).num_rows
+        size += metadata.row_group(group).total_byte_size
+        if size >= _MIN_READ_BYTES:
+            reads.append((path, tuple(groups), rows))
+            groups, rows, size = [], 0, 0
+    if groups:
+        reads.append((path, tuple(groups), rows))
+    return reads
+
+
+def _footer(path: str) -> pq.FileMetaData:
+    """The Parquet metadata of the file at ``path`` (local or a URI), read from its footer."""
+    if not storage.is_file(path):
+        raise FileNotFoundError(f"the user rows' file {path} is missing")
+    fs, fs_path = storage.filesystem(path)
+    with fs.open_input_file(fs_path) as file:
+        return pq.ParquetFile(file).metadata
+
+
+def _read_row_groups(path: str, groups: tuple[int, ...], num_items: int, has_target: bool):
+    """Row groups ``groups`` of the file at ``path``, as one checked table, and its rows."""
+    fs, fs_path = storage.filesystem(path)
+    with fs.open_input_file(fs_path) as file:
+        table = pq.ParquetFile(file).read_row_groups(list(groups))
+    checked_table(table, num_items, has_target, path)
+    return table, table.num_rows
 
 
 def write_user_rows(table: pa.Table, folder: str, name: str, dataset: RecommendationDataset):

@@ -57,8 +57,8 @@ def to_ray_dataset(table: pa.Table, rows_per_block: int = DEFAULT_ROWS_PER_BLOCK
 
 def put_blocks(table: pa.Table, rows_per_block: int) -> RowBlocks:
     """The rows of ``table`` in the object store, ``rows_per_block`` at a time: the blocks of
-    ``row_blocks(to_ray_dataset(table, rows_per_block))``, without Ray Data, whose ``from_arrow``
-    runs a task per block for its metadata (seconds of a run's start: benchmarks/RESULTS.md).
+    ``to_ray_dataset(table, rows_per_block)``, without Ray Data, whose ``from_arrow`` runs a
+    task per block for its metadata (seconds of a run's start: benchmarks/RESULTS.md).
     For rows that are in this process already; files are read by the cluster instead."""
     import ray
 
@@ -70,11 +70,17 @@ def put_blocks(table: pa.Table, rows_per_block: int) -> RowBlocks:
 
 def row_blocks(dataset) -> RowBlocks:
     """The blocks of the Ray Dataset ``dataset`` in the object store, with their row counts.
-    Executes the dataset on the cluster (reading files there); this process receives object
-    references and metadata, not rows."""
+    Executes the dataset on the cluster; this process receives object references and
+    metadata, not rows.
+
+    The one use of Ray Data's internals in this package (``prepare`` on a cluster hands the
+    blocks of its grouped rows to its write tasks): every way out of a Dataset to its blocks
+    is a DeveloperAPI (``iter_internal_ref_bundles``, ``to_arrow_refs``, which lacks the
+    counts), and the bundles' fields are internal. ``tests/test_data.py``'s upgrade test
+    fails when a Ray upgrade changes them. Training reads its rows without Ray Data
+    (``UserRowFiles.row_blocks``).
+    """
     refs, rows = [], []
-    # iter_internal_ref_bundles is a DeveloperAPI: the public to_arrow_refs() gives no row
-    # counts, which would cost a task per block to learn.
     for bundle in dataset.iter_internal_ref_bundles():
         for entry, piece in zip(bundle.blocks, bundle.slices):
             if piece is not None:

@@ -52,8 +52,7 @@ def nodes_for_workers() -> list[tuple[float, float]]:
     import ray
 
     context = ray.get_runtime_context()
-    in_ray_worker = ray._private.worker.global_worker.mode == ray._private.worker.WORKER_MODE
-    held = context.get_assigned_resources() if in_ray_worker else {}
+    held = held_by_caller(context)
     here = context.get_node_id()
     nodes = []
     for node in ray.nodes():
@@ -64,6 +63,23 @@ def nodes_for_workers() -> list[tuple[float, float]]:
             cpus, gpus = cpus - held.get("CPU", 0.0), gpus - held.get("GPU", 0.0)
         nodes.append((cpus, gpus))
     return nodes
+
+
+def held_by_caller(context) -> dict[str, float]:
+    """The resources that this process holds: a Ray task's or actor's assignment (e.g.
+    ``{"CPU": 1.0}``), nothing for a driver.
+
+    Ray's public ``RuntimeContext.get_assigned_resources`` refuses a driver with an
+    ``AssertionError`` (its documented "only available when the process is a worker"), and
+    under ``python -O``, which strips that assertion, returns ``{}`` there. The public ways to
+    ask whether the caller is a task instead (``get_task_id``, ``get_task_name``) log a
+    warning in a driver, and ``get_actor_id`` tells actors only. Should a Ray upgrade refuse
+    a driver in another way, ``tests/test_resources.py`` fails, naming this function.
+    """
+    try:
+        return dict(context.get_assigned_resources())
+    except AssertionError:  # a driver: it holds nothing
+        return {}
 
 
 def worker_threads(cpus_held: float, workers_on_node: int) -> int:
