@@ -273,5 +273,4 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("RECODER_DIST_VERBOSE", "0")
     main()
