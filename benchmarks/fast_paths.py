@@ -3,11 +3,11 @@ fast path on, and with each one replaced by its reference, one at a time.
 
 What is measured (one torch thread, in-process training and evaluation, ``num_workers=0``):
 
-- ``ml-1m train`` / ``gowalla train``: seconds of a training epoch (the worker loop's own
-  per-epoch ``seconds``), the ML-20M script's settings as in ``train_speed.py``:
+- ``ml-1m train`` / ``gowalla train``: seconds of a training epoch's steps (collation,
+  forward, backward, optimizer), the ML-20M script's settings as in ``train_speed.py``:
   DynamicAutoencoder([200], tanh, noise 0.5, sparse embeddings), batch 500, negative sampling,
-  Adam (SparseAdam for the embeddings), loss 'logloss'. Each run trains --epochs epochs, the
-  first dropped.
+  Adam (SparseAdam for the embeddings), loss 'logloss'. A round is one training run with an
+  epoch per variant (``--repeats`` of each), after an untimed first epoch.
 - ``ml-1m train, all items``: the same with ``negative_sampling=False``: the case where a batch
   touches every row of the tables (what ``_EveryRow`` and SparseAdam's every-row update are
   for).
@@ -16,8 +16,8 @@ What is measured (one torch thread, in-process training and evaluation, ``num_wo
   ``eval_speed.py``), on a model trained for one epoch.
 
 Each fast path is switched off by replacing it with its reference; the replacements are
-listed in ``SWITCHES``, and a workload only runs the switches whose code it reaches. Rounds
-interleave the variants (the order rotates each round); the table gives the median and the
+listed in ``SWITCHES``, and a workload only runs the switches whose code it reaches. Variants
+interleave (A B C A B C; the order rotates each round); the table gives the median and the
 range over every timed epoch or evaluation, and "off/on": the median with the path off over
 the median with every path on, in CPU seconds of this process (which a loaded machine moves
 far less than the wall clock) and in wall-clock seconds.
@@ -161,8 +161,14 @@ TRAIN_PATHS = [
     "_SparseRowsTimes backward",
     "_EveryRow",
 ]
-# A group of 500 Gowalla users never touches all 40,981 items: no every-row case to reach.
-GOWALLA_TRAIN_PATHS = [p for p in TRAIN_PATHS if "every-row" not in p and p != "_EveryRow"]
+# With negative sampling, a group of 500 users rarely touches every item (never on Gowalla):
+# the every-row paths are measured where they are reached, training on all items.
+NS_TRAIN_PATHS = [p for p in TRAIN_PATHS if "every-row" not in p and p != "_EveryRow"]
+ALL_ITEMS_PATHS = [
+    "SparseAdam compiled update (numba)",
+    "SparseAdam every-row update",
+    "_EveryRow",
+]
 EVAL_PATHS = [
     "collator row numbers (numba)",
     "top-k kernel (numba)",
@@ -213,41 +219,40 @@ def _recoder():
     )
 
 
-@contextlib.contextmanager
-def _timed_epochs(windows: list):
-    """Appends ``(wall, cpu)`` seconds of each epoch's steps to ``windows``: the worker loop
-    runs in this process (``num_workers=0``), so its per-epoch ``_run_steps`` is wrapped. CPU
-    seconds are this process's, all threads (the prefetching of the next epoch's batches
-    included): on a loaded machine they move far less than the wall clock."""
+def training(name: str, negative_sampling: bool, args):
+    """A function of a list of variants that trains one run with an epoch per variant (and
+    a first, untimed epoch) and returns each epoch's (wall, CPU) seconds. The worker loop runs
+    in this process (``num_workers=0``): each epoch's ``_run_steps`` is wrapped so that its
+    variant's paths are off while it runs. The batches of an epoch are made a few ahead in a
+    thread (``EpochPrefetcher``): a few at the edge of an epoch are made under its
+    neighbour's variant. CPU seconds are this process's, all threads: on a loaded machine they
+    move far less than the wall clock."""
+    from recoder_dist.data.dataset import RecommendationDataset
     from recoder_dist.training import worker_loop
 
+    dataset = RecommendationDataset(load_matrix(name))
     original = worker_loop._run_steps
 
-    def timed(*args, **kwargs):
-        wall, cpu = time.perf_counter(), time.process_time()
+    def run(schedule: list[tuple[str, ...]]) -> list[tuple[float, float]]:
+        pending, windows = [(), *schedule], []
+
+        def timed(*args, **kwargs):
+            with switched_off(pending.pop(0)):
+                wall, cpu = time.perf_counter(), time.process_time()
+                result = original(*args, **kwargs)
+                windows.append((time.perf_counter() - wall, time.process_time() - cpu))
+            return result
+
+        worker_loop._run_steps = timed
         try:
-            return original(*args, **kwargs)
-        finally:
-            windows.append((time.perf_counter() - wall, time.process_time() - cpu))
-
-    worker_loop._run_steps = timed
-    try:
-        yield
-    finally:
-        worker_loop._run_steps = original
-
-
-def training(name: str, negative_sampling: bool, epochs: int):
-    from recoder_dist.data.dataset import RecommendationDataset
-
-    dataset = RecommendationDataset(load_matrix(name))
-
-    def run(variant: str) -> list[tuple[float, float]]:
-        windows = []
-        with _timed_epochs(windows):
             _recoder().train(
-                dataset, num_epochs=epochs, negative_sampling=negative_sampling, **TRAIN
+                dataset,
+                num_epochs=len(schedule) + 1,
+                negative_sampling=negative_sampling,
+                **TRAIN,
             )
+        finally:
+            worker_loop._run_steps = original
         return windows[1:]
 
     return run
@@ -261,20 +266,23 @@ def evaluation(name: str):
     recoder.train(RecommendationDataset(train), num_epochs=1, negative_sampling=True, **TRAIN)
     dataset = RecommendationDataset(inputs, targets)
 
-    def run(variant: str) -> list[tuple[float, float]]:
-        wall, cpu = time.perf_counter(), time.process_time()
-        found = recoder.evaluate(dataset, num_recommendations=100, metrics=metrics())
-        seconds = (time.perf_counter() - wall, time.process_time() - cpu)
-        MEANS[(f"{name} eval", variant)] = found  # every variant should rank the same
-        return [seconds]
+    def run(schedule: list[tuple[str, ...]]) -> list[tuple[float, float]]:
+        windows = []
+        for paths in schedule:
+            with switched_off(paths):
+                wall, cpu = time.perf_counter(), time.process_time()
+                found = recoder.evaluate(dataset, num_recommendations=100, metrics=metrics())
+                windows.append((time.perf_counter() - wall, time.process_time() - cpu))
+            MEANS[(f"{name} eval", paths)] = found  # every variant should rank the same
+        return windows
 
     return run
 
 
 WORKLOADS = {
-    "ml-1m train": (lambda args: training("ml-1m", True, args.epochs), TRAIN_PATHS),
-    "gowalla train": (lambda args: training("gowalla", True, args.epochs), GOWALLA_TRAIN_PATHS),
-    "ml-1m train, all items": (lambda args: training("ml-1m", False, args.epochs), TRAIN_PATHS),
+    "ml-1m train": (lambda args: training("ml-1m", True, args), NS_TRAIN_PATHS),
+    "gowalla train": (lambda args: training("gowalla", True, args), NS_TRAIN_PATHS),
+    "ml-1m train, all items": (lambda args: training("ml-1m", False, args), ALL_ITEMS_PATHS),
     "ml-1m eval": (lambda args: evaluation("ml-1m"), EVAL_PATHS),
     "gowalla eval": (lambda args: evaluation("gowalla"), EVAL_PATHS),
 }
@@ -285,7 +293,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=3, help="per training run; first dropped")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="epochs or evaluations of each variant a round"
+    )
     parser.add_argument("--quick", action="store_true", help="ml-1m only, 1 round")
     args = parser.parse_args()
     if args.quick:
@@ -302,10 +312,10 @@ def main():
             found = variants(WORKLOADS[name][1])
             order = list(found)
             shift = round_ % len(order)
-            for variant in order[shift:] + order[:shift]:
-                print(f"round {round_ + 1}/{args.rounds}: {name}: {variant}", flush=True)
-                with switched_off(found[variant]):
-                    times.setdefault((name, variant), []).extend(runs[name](variant))
+            order = (order[shift:] + order[:shift]) * args.repeats
+            print(f"round {round_ + 1}/{args.rounds}: {name}: {order}", flush=True)
+            for variant, seconds in zip(order, runs[name]([found[v] for v in order])):
+                times.setdefault((name, variant), []).append(seconds)
             loads.append(os.getloadavg()[0])
 
     print(f"\nmachine load (1-minute average) before and after each round: {loads}")
@@ -327,7 +337,7 @@ def main():
         print(f"\n### {name}: seconds (CPU of this process, and wall clock)\n")
         header = ["variant", "CPU s", "range", "off/on", "wall s", "range", "off/on", "n"]
         print(markdown_table(header, rows))
-        means = {v: m for (w, v), m in MEANS.items() if w == name}
+        means = {paths: m for (w, paths), m in MEANS.items() if w == name}
         if means:
             keys = list(next(iter(means.values())))
             spread = {
