@@ -187,16 +187,13 @@ class DynamicAutoencoder(FactorizationModel):
     def _codes(self, input: torch.Tensor, input_items: torch.Tensor | None) -> torch.Tensor:
         """The decoder's last hidden layer for the rows of ``input``."""
         encoder = embedding_rows(self.encoder_embedding, input_items)
-        if input.is_sparse and (input.device.type != "cpu" or input.requires_grad):
-            input = input.to_dense()
-        if input.is_sparse:
+        if input.is_sparse and input.device.type == "cpu" and not input.requires_grad:
             input = input.coalesce()  # a no-op for the trainer's batches, built coalesced
             rows, cols = input.indices()
             z = self._encode_entries(rows, cols, input.values(), input.shape[0], encoder)
-        elif input.device.type == "cpu" and not input.requires_grad:
-            rows, cols = input.nonzero(as_tuple=True)  # row-major: a row's entries contiguous
-            z = self._encode_entries(rows, cols, input[rows, cols], len(input), encoder)
-        else:
+        else:  # the reference
+            if input.is_sparse:
+                input = input.to_dense()
             z = self.noise(F.normalize(input, p=2, dim=1)) @ encoder
         z = self.act(z + self.encoder_bias)
         for layer in self.encoder_layers:
@@ -219,7 +216,8 @@ class DynamicAutoencoder(FactorizationModel):
         contribute nothing to either, so this normalizes, drops out and sums the non-zeros
         alone (``embedding_bag`` with per-entry weights): the same result up to rounding, each
         non-zero dropped with the same probability (the random draws differ from the dense
-        path's). On CUDA the dense path stays: ``nonzero`` would force a host sync every step.
+        path's). A dense input takes the dense path, which is this one's reference; the trainer
+        hands the model a sparse input on CPU only (``training.step.model_input``).
         """
         # F.normalize: each row divided by max(its L2 norm, 1e-12).
         norms = torch.zeros(num_rows, dtype=values.dtype).index_add_(0, rows, values * values)
