@@ -8,19 +8,19 @@ What is measured (one torch thread, in-process training and evaluation, ``num_wo
   DynamicAutoencoder([200], tanh, noise 0.5, sparse embeddings), batch 500, negative sampling,
   Adam (SparseAdam for the embeddings), loss 'logloss'. A round is one training run with an
   epoch per variant (``--repeats`` of each), after an untimed first epoch.
-- ``ml-1m train, all items``: the same with ``negative_sampling=False``: the case where a batch
-  touches every row of the tables (what ``_EveryRow`` and SparseAdam's every-row update are
-  for).
 - ``ml-1m eval`` / ``gowalla eval``: seconds of a whole ``Recoder.evaluate`` call (top 100 over
   all items, Recall@20, Recall@50, NDCG@100, batches of 500 users; the splits of
   ``eval_speed.py``), on a model trained for one epoch.
 
-Each fast path is switched off by replacing it with its reference; the replacements are
-listed in ``SWITCHES``, and a workload only runs the switches whose code it reaches. Variants
-interleave (A B C A B C; the order rotates each round); the table gives the median and the
-range over every timed epoch or evaluation, and "off/on": the median with the path off over
-the median with every path on, in CPU seconds of this process (which a loaded machine moves
-far less than the wall clock) and in wall-clock seconds.
+Each fast path is switched off by replacing it with its reference (``SWITCHES``); with all of
+them off, a run is what ``Recoder(..., kernels="reference")`` runs. Variants interleave
+(A B C A B C; the order rotates each round); the table gives the median and the range over
+every timed epoch or evaluation, and "off/on": the median with the path off over the median
+with every path on, in CPU seconds of this process (which a loaded machine moves far less
+than the wall clock) and in wall-clock seconds.
+
+The paths measured on 2026-12-06 that gained less than 10% were deleted (benchmarks/
+RESULTS.md); the script that measured them is this file at commit 9ec6217.
 
     python benchmarks/fast_paths.py                  # ~15 min on an idle 2-core machine
     python benchmarks/fast_paths.py --quick          # ml-1m only, 1 round
@@ -35,9 +35,7 @@ import logging
 import os
 import time
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from _common import load_average, load_matrix, markdown_table, median
 from eval_speed import eval_matrices, metrics
 
@@ -48,137 +46,26 @@ TRAIN = dict(batch_size=500, lr=1e-3, weight_decay=2e-5)
 # ------------------------------------------------------------------ the references
 
 
-def _unique_items(indices, size):
-    """The collator's item marking by ``np.unique`` (its reference)."""
-    items, positions = np.unique(indices, return_inverse=True)
-    return items.astype(np.int64), positions.reshape(-1).astype(np.int64, copy=False)
-
-
-def _repeated_rows(indptr):
-    """The collator's row numbers by ``np.repeat`` (its reference)."""
-    return np.repeat(np.arange(len(indptr) - 1, dtype=np.int64), np.diff(indptr))
-
-
-def _searched_hits(items, targets, num_items, device):
-    from recoder_dist.training import evaluation
-
-    return evaluation._searched_hits(items, targets, num_items, device)
-
-
-def _gathered_every_row(param, values, exp_avg, exp_avg_sq, beta1, beta2, eps, step_size):
-    """SparseAdam's update of a gradient with every row, through the gather/scatter path."""
-    rows = torch.arange(len(param))
-    old_avg, old_avg_sq = exp_avg.index_select(0, rows), exp_avg_sq.index_select(0, rows)
-    avg = values.sub(old_avg).mul_(1 - beta1).add_(old_avg)
-    avg_sq = values.pow(2).sub_(old_avg_sq).mul_(1 - beta2).add_(old_avg_sq)
-    exp_avg.index_copy_(0, rows, avg)
-    exp_avg_sq.index_copy_(0, rows, avg_sq)
-    param.index_add_(0, rows, avg.div_(avg_sq.sqrt_().add_(eps)).mul_(-step_size))
-
-
-class _AutogradEmbeddingBag:
-    """``_SparseRowsTimes`` replaced by ``embedding_bag`` with autograd's own backward."""
-
-    @staticmethod
-    def apply(weight, rows, cols, values, num_rows):
-        from recoder_dist.nn.autoencoder import _bag_offsets
-
-        offsets = _bag_offsets(rows, num_rows)
-        return F.embedding_bag(cols, weight, offsets, mode="sum", per_sample_weights=values)
-
-
-def _looked_up_rows(embedding, items):
-    """``embedding_rows`` without ``_EveryRow`` and the every-row check: a lookup of
-    ``0..n-1`` where every row is read with gradients."""
-    if items is None:
-        if embedding.sparse and torch.is_grad_enabled():
-            return embedding(torch.arange(embedding.num_embeddings))
-        return embedding.weight
-    return embedding(items)
-
-
-def _dense_codes(self, input, input_items):
-    """``DynamicAutoencoder._codes`` through the dense product only (the encoding's
-    reference): the input densified, normalized, dropped out and multiplied."""
-    from recoder_dist.nn.base import embedding_rows
-
-    encoder = embedding_rows(self.encoder_embedding, input_items)
-    if input.is_sparse:
-        input = input.to_dense()
-    z = self.noise(F.normalize(input, p=2, dim=1)) @ encoder
-    z = self.act(z + self.encoder_bias)
-    for layer in self.encoder_layers:
-        z = self.act(layer(z))
-    z = self.dropout(z)
-    if self.is_constrained:
-        for layer, bias in zip(reversed(self.encoder_layers), self.decoder_biases):
-            z = self.act(F.linear(z, layer.weight.t(), bias))
-    else:
-        for layer in self.decoder_layers:
-            z = self.act(layer(z))
-    return z
-
-
 def _switches():
     """Fast path -> the (object, attribute, reference) replacements that switch it off."""
-    from recoder_dist.data import collator
-    from recoder_dist.nn import autoencoder, base, factorization
-    from recoder_dist.training import evaluation, sparse_adam, top_k_kernel
+    from recoder_dist.nn import autoencoder
+    from recoder_dist.training import top_k_kernel
 
-    no = lambda *args: False  # noqa: E731
     return {
-        "collator item marking (numba)": [(collator, "_marked_items", _unique_items)],
-        "collator row numbers (numba)": [(collator, "_filled_row_numbers", _repeated_rows)],
-        "top-k kernel (numba)": [(top_k_kernel, "applies", no)],
-        "hit test (numba)": [(evaluation, "_is_target", _searched_hits)],
-        "SparseAdam compiled update (numba)": [(sparse_adam, "_compiled_update_applies", no)],
-        "SparseAdam every-row update": [(sparse_adam, "_update_every_row", _gathered_every_row)],
+        # A dense input: the step densifies the batch, the model multiplies it whole.
         "encoding from entries (sparse input)": [
-            (autoencoder.DynamicAutoencoder, "accepts_sparse_input", False),
-            (autoencoder.DynamicAutoencoder, "_codes", _dense_codes),
+            (autoencoder.DynamicAutoencoder, "accepts_sparse_input", False)
         ],
-        "_SparseRowsTimes backward": [(autoencoder, "_SparseRowsTimes", _AutogradEmbeddingBag)],
-        "_EveryRow": [
-            (autoencoder, "embedding_rows", _looked_up_rows),
-            (factorization, "embedding_rows", _looked_up_rows),
-            (base, "embedding_rows", _looked_up_rows),
-        ],
-        "top-k product slicing (score_factors)": [
-            (evaluation, "_score_factors", lambda *args: None)
-        ],
+        "top-k kernel (numba)": [(top_k_kernel, "applies", lambda *args: False)],
     }
+
+
+TRAIN_PATHS = ["encoding from entries (sparse input)"]
+EVAL_PATHS = ["encoding from entries (sparse input)", "top-k kernel (numba)"]
 
 
 MEANS = {}  # (workload, variant) -> the evaluation's metric means
 SWITCHES = None  # filled in main(): importing the package here would slow --help
-
-TRAIN_PATHS = [
-    "collator item marking (numba)",
-    "collator row numbers (numba)",
-    "SparseAdam compiled update (numba)",
-    "SparseAdam every-row update",
-    "encoding from entries (sparse input)",
-    "_SparseRowsTimes backward",
-    "_EveryRow",
-]
-# With negative sampling, a group of 500 users rarely touches every item (never on Gowalla):
-# the every-row paths are measured where they are reached, training on all items.
-NS_TRAIN_PATHS = [p for p in TRAIN_PATHS if "every-row" not in p and p != "_EveryRow"]
-ALL_ITEMS_PATHS = [
-    "SparseAdam compiled update (numba)",
-    "SparseAdam every-row update",
-    "_EveryRow",
-]
-EVAL_PATHS = [
-    "collator row numbers (numba)",
-    "top-k kernel (numba)",
-    "hit test (numba)",
-    "encoding from entries (sparse input)",
-    "top-k product slicing (score_factors)",
-]
-# Variants beyond "each path off alone": the every-row update is only reached where the
-# compiled update does not apply, and every path off at once.
-ADAM_BOTH = ("SparseAdam compiled update (numba)", "SparseAdam every-row update")
 
 
 @contextlib.contextmanager
@@ -197,12 +84,9 @@ def switched_off(paths):
 
 def variants(paths: list[str]) -> dict[str, tuple[str, ...]]:
     found = {"every fast path on": ()}
-    for path in paths:
-        if path == ADAM_BOTH[1]:  # reached only where the compiled update does not apply
-            found["off: both SparseAdam fast updates"] = ADAM_BOTH
-        else:
-            found[f"off: {path}"] = (path,)
-    found["off: all of the above"] = tuple(paths)
+    found.update({f"off: {path}": (path,) for path in paths})
+    if len(paths) > 1:
+        found["off: all of the above"] = tuple(paths)
     return found
 
 
@@ -280,9 +164,8 @@ def evaluation(name: str):
 
 
 WORKLOADS = {
-    "ml-1m train": (lambda args: training("ml-1m", True, args), NS_TRAIN_PATHS),
-    "gowalla train": (lambda args: training("gowalla", True, args), NS_TRAIN_PATHS),
-    "ml-1m train, all items": (lambda args: training("ml-1m", False, args), ALL_ITEMS_PATHS),
+    "ml-1m train": (lambda args: training("ml-1m", True, args), TRAIN_PATHS),
+    "gowalla train": (lambda args: training("gowalla", True, args), TRAIN_PATHS),
     "ml-1m eval": (lambda args: evaluation("ml-1m"), EVAL_PATHS),
     "gowalla eval": (lambda args: evaluation("gowalla"), EVAL_PATHS),
 }

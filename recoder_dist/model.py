@@ -22,6 +22,7 @@ from recoder_dist.data.ray_dataset import (
     to_ray_dataset,
     user_rows_table,
 )
+from recoder_dist.kernels import compiled as compiled_kernels
 from recoder_dist.legacy import NotARecoder040File, load_recoder040_file
 from recoder_dist.losses import build_loss
 from recoder_dist.metrics import Metric
@@ -86,6 +87,9 @@ class Recoder:
             random one, or the one saved in the snapshot that ``init_from_model_file`` loads.
         callbacks: Ray Train ``UserCallback``s for the runs, e.g. Ray Tune's
             ``TuneReportCallback`` so that a Tune trial sees the evaluations.
+        kernels: ``"compiled"`` (the default): training, evaluation, ``predict`` and
+            ``recommend`` take the CPU fast paths; ``"reference"``: their plain numpy/torch
+            references, which compute the same results (see ``recoder_dist.kernels``).
     """
 
     def __init__(
@@ -107,6 +111,7 @@ class Recoder:
         max_failures: int = 0,
         seed: int | None = None,
         callbacks: list | None = None,
+        kernels: str = "compiled",
     ):
         if not isinstance(model, FactorizationModel):
             raise TypeError(
@@ -125,6 +130,8 @@ class Recoder:
                 f"cpus_per_worker must be None or a finite number > 0, got {cpus_per_worker!r}"
             )
         check_optimizer_type(optimizer_type)
+        self._compiled = compiled_kernels(kernels)  # validates the mode
+        self.kernels = kernels
         build_loss(loss, loss_params)  # validates the name and parameters now
         self.model = model
         self.num_items = num_items
@@ -324,7 +331,9 @@ class Recoder:
         self._require_model()
         rows = self._user_rows(users_interactions)
         self.model.eval()
-        scores = predict_scores(self.model, rows, self.num_items, torch.device("cpu"))
+        scores = predict_scores(
+            self.model, rows, self.num_items, torch.device("cpu"), compiled=self._compiled
+        )
         scores = scores.numpy()
         if not return_input:
             return scores
@@ -339,7 +348,12 @@ class Recoder:
         rows = self._user_rows(users_interactions)
         self.model.eval()
         items, valid = recommend_top_k(
-            self.model, rows, self.num_items, num_recommendations, torch.device("cpu")
+            self.model,
+            rows,
+            self.num_items,
+            num_recommendations,
+            torch.device("cpu"),
+            compiled=self._compiled,
         )
         return [row[ok].tolist() for row, ok in zip(items.numpy(), valid.numpy())]
 
@@ -510,6 +524,7 @@ class Recoder:
             seed=self.seed,
             start_epoch=self.current_epoch,
             optimizer_state=self._optimizer_state,
+            kernels=self.kernels,
             **kwargs,
         )
 

@@ -87,20 +87,6 @@ class FactorizationModel(nn.Module):
         """
         raise NotImplementedError
 
-    def score_factors(
-        self,
-        input: torch.Tensor,
-        input_users: torch.Tensor | None = None,
-        input_items: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """``(codes, item_vectors, item_bias)`` such that ``forward``'s scores of every item
-        are ``item_bias + codes @ item_vectors.T``, or None when they do not factor that way.
-
-        Evaluation reads them (without gradients) to score the catalog in cache-sized slices
-        of items; a model that returns None is scored whole by ``forward``.
-        """
-        return None
-
 
 def embedding_rows(embedding: nn.Embedding, items: torch.Tensor | None) -> torch.Tensor:
     """Rows ``items`` of an embedding table (all rows when None).

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from recoder_dist import storage
+from recoder_dist import kernels, storage
 from recoder_dist.data.collator import Collator
 from recoder_dist.data.epoch_order import RowBlocks
 from recoder_dist.data.ray_dataset import rows_from_arrow
@@ -166,6 +166,7 @@ def _train(model, job: WorkerJob, blocks: RowBlocks, progress, device, rank: int
                 sparse_names,
                 profile,
                 bf16=settings.precision == "bf16",
+                compiled=kernels.compiled(job.kernels),
             )
             loss_sum = torch.stack([loss_total, torch.tensor(float(users), device=device).double()])
             if distributed:
@@ -231,14 +232,16 @@ def _gradient_group(device: torch.device):
     return dist.new_group(backend="nccl") if votes.item() else None
 
 
-def _run_steps(net, loss_fn, optimizers, sync, batches, device, sparse_names, profile, bf16):
+def _run_steps(
+    net, loss_fn, optimizers, sync, batches, device, sparse_names, profile, bf16, compiled
+):
     """One epoch's training steps, their phases timed by ``profile``; returns the loss summed
     over its users (on the device: no sync per step) and the number of users."""
     loss_total, users = torch.zeros((), dtype=torch.float64, device=device), 0
     for step, batch in enumerate(profile.timed(batches, "data")):
         optimizers.zero_grad()
         with profile.phase("forward"):
-            loss = batch_loss(net, loss_fn, batch, device, bf16)
+            loss = batch_loss(net, loss_fn, batch, device, bf16, compiled=compiled)
         with profile.phase("backward"):
             loss.backward()
         if step == 0:
@@ -327,6 +330,7 @@ def _evaluate(model, job: WorkerJob, device, rank: int, world: int) -> dict:
             settings.num_recommendations,
             job.num_items,
             device,
+            compiled=kernels.compiled(job.kernels),
         )
         sums += batch_sums
         count += batch_count
