@@ -15,8 +15,8 @@ must agree.
 Timed: recsys-recoder's ``RecommenderEvaluator(InferenceRecommender(...)).evaluate`` (what its
 ``Recoder.evaluate`` runs) inside a subprocess of its own environment, repeated, the first
 dropped; ours (a) the per-batch work of a worker, ``metric_sums`` over batches of
-``UserRows``, with the compiled loops and with their numpy/torch references
-(``recoder_dist.kernels``), and (b) the whole ``Recoder(num_workers=0).evaluate`` call (Ray
+``UserRows``, with the CPU fast paths and with their numpy/torch references
+(``compiled=False``), and (b) the whole ``Recoder(num_workers=0).evaluate`` call (Ray
 Data set-up and the Train controller included). Rounds interleave the sides; medians.
 
     python benchmarks/eval_speed.py             # ml-1m and Gowalla, ~5 min
@@ -44,8 +44,6 @@ from _common import (
     save_bar_plot,
 )
 from _reference_venv import run_reference
-
-from recoder_dist import kernels
 
 MODEL = dict(hidden_layers=[200], activation_type="tanh", noise_prob=0.5, sparse=True)
 K = 100
@@ -97,7 +95,7 @@ def trained_recoder(train: sp.csr_matrix, epochs: int):
     return recoder
 
 
-def our_worker_batches(model, inputs, targets) -> tuple[float, dict]:
+def our_worker_batches(model, inputs, targets, compiled: bool = True) -> tuple[float, dict]:
     """Seconds of ``metric_sums`` over all batches (a worker's evaluation work) and the means."""
     from recoder_dist.data.collator import UserRows
     from recoder_dist.training.evaluation import metric_sums
@@ -115,6 +113,7 @@ def our_worker_batches(model, inputs, targets) -> tuple[float, dict]:
             K,
             inputs.shape[1],
             torch.device("cpu"),
+            compiled=compiled,
         )
         sums, count = sums + batch_sums, count + batch_count
     seconds = time.perf_counter() - start
@@ -160,10 +159,9 @@ def measure(name: str, args) -> dict:
         for _ in range(args.repeats):
             seconds, means["ours"] = our_worker_batches(model, inputs, targets)
             times["worker"].append(seconds)
-            with kernels.use("reference"):
-                seconds, means["ours, reference kernels"] = our_worker_batches(
-                    model, inputs, targets
-                )
+            seconds, means["ours, reference kernels"] = our_worker_batches(
+                model, inputs, targets, compiled=False
+            )
             times["reference"].append(seconds)
         seconds, means["ours, Recoder.evaluate"] = our_evaluate_call(recoder, inputs, targets)
         times["call"].append(seconds)

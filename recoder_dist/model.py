@@ -21,6 +21,7 @@ from recoder_dist.data.ray_dataset import (
     to_ray_dataset,
     user_rows_table,
 )
+from recoder_dist.kernels import compiled as compiled_kernels
 from recoder_dist.legacy import NotARecoder040File, load_recoder040_file
 from recoder_dist.losses import build_loss
 from recoder_dist.metrics import Metric
@@ -89,6 +90,9 @@ class Recoder:
             default) lets Ray choose where the workers run: NCCL for workers that hold a GPU,
             gloo otherwise. ``"gloo"`` for GPU workers whose torch has no NCCL (e.g. Ray's fake
             GPUs on a CPU build), ``"cpu:gloo,cuda:nccl"`` for both in one group.
+        kernels: ``"compiled"`` (the default): training, evaluation, ``predict`` and
+            ``recommend`` take the CPU fast paths; ``"reference"``: their plain numpy/torch
+            references, which compute the same results (see ``recoder_dist.kernels``).
     """
 
     def __init__(
@@ -111,6 +115,7 @@ class Recoder:
         seed: int | None = None,
         callbacks: list | None = None,
         backend: str | None = None,
+        kernels: str = "compiled",
     ):
         if not isinstance(model, FactorizationModel):
             raise TypeError(
@@ -129,6 +134,8 @@ class Recoder:
                 f"cpus_per_worker must be None or a finite number > 0, got {cpus_per_worker!r}"
             )
         check_optimizer_type(optimizer_type)
+        self._compiled = compiled_kernels(kernels)  # validates the mode
+        self.kernels = kernels
         build_loss(loss, loss_params)  # validates the name and parameters now
         self.model = model
         self.num_items = num_items
@@ -336,7 +343,9 @@ class Recoder:
         self._require_model()
         rows = self._user_rows(users_interactions)
         self.model.eval()
-        scores = predict_scores(self.model, rows, self.num_items, torch.device("cpu"))
+        scores = predict_scores(
+            self.model, rows, self.num_items, torch.device("cpu"), compiled=self._compiled
+        )
         scores = scores.numpy()
         if not return_input:
             return scores
@@ -351,7 +360,12 @@ class Recoder:
         rows = self._user_rows(users_interactions)
         self.model.eval()
         items, valid = recommend_top_k(
-            self.model, rows, self.num_items, num_recommendations, torch.device("cpu")
+            self.model,
+            rows,
+            self.num_items,
+            num_recommendations,
+            torch.device("cpu"),
+            compiled=self._compiled,
         )
         return [row[ok].tolist() for row, ok in zip(items.numpy(), valid.numpy())]
 
@@ -528,6 +542,7 @@ class Recoder:
             seed=self.seed,
             start_epoch=self.current_epoch,
             optimizer_state=self._optimizer_state,
+            kernels=self.kernels,
             **kwargs,
         )
 

@@ -28,12 +28,17 @@ def shared_data(name: str) -> Path:
 
 
 @pytest.fixture(params=["compiled", "reference"])
-def kernel_mode(request):
-    """Runs a test once with the compiled loops and once with their numpy/torch references."""
-    from recoder_dist import kernels
+def kernel_mode(request) -> str:
+    """Runs a test once with the CPU fast paths ("compiled") and once with their numpy/torch
+    references ("reference"); the test passes the mode on as an argument."""
+    return request.param
 
-    with kernels.use(request.param):
-        yield request.param
+
+@pytest.fixture
+def compiled(kernel_mode) -> bool:
+    """``kernel_mode`` as the ``compiled=`` argument of the functions and objects that hold a
+    fast path."""
+    return kernel_mode == "compiled"
 
 
 @pytest.fixture(scope="session")

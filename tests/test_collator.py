@@ -18,9 +18,6 @@ from recoder_dist.data.collator import (
     row_numbers,
 )
 
-# Every test runs with the compiled loops and with their numpy references.
-pytestmark = pytest.mark.usefixtures("kernel_mode")
-
 
 def random_matrix(num_users, num_items, density, seed, empty_rows=()):
     """A random CSR matrix with values in [1, 5] (never an explicit zero) and some empty rows."""
@@ -206,12 +203,12 @@ def test_sampling_users_not_multiple(batch_size, num_sampling_users):
 
 @pytest.mark.parametrize(
     "num_entries, largest",
-    [(1, 0), (50, 10), (5000, 2809), (300, 4799), (300, 4800), (40, 2_000_000)],
+    [(1, 0), (50, 10), (5000, 2809), (300, 4799), (40, 2_000_000)],
 )
 @pytest.mark.parametrize("dtype", [np.int64, np.int32])
 def test_sampled_items_is_np_unique_with_inverse(num_entries, largest, dtype):
-    """Both ways, the item table (ids up to 16x the entries) and sorting (beyond), against
-    ``np.unique``; the largest id always occurs. int32 read-only ids are the Arrow column's."""
+    """Against ``np.unique``, in int64 also from the Arrow column's read-only int32 ids; the
+    largest id always occurs."""
     rng = np.random.default_rng(num_entries)
     indices = rng.integers(0, largest + 1, num_entries).astype(dtype)
     indices[rng.integers(num_entries)] = largest
@@ -223,15 +220,13 @@ def test_sampled_items_is_np_unique_with_inverse(num_entries, largest, dtype):
     np.testing.assert_array_equal(positions, expected_positions.reshape(-1))
 
 
-@pytest.mark.parametrize("spacing", [1, 100])  # ids up to the entries: marked; 100x: sorted
-@pytest.mark.parametrize("bad", [-1, -(2**31), 1000 * 100, 2**31 - 1])
-def test_item_id_outside_the_catalog_is_a_value_error(spacing, bad):
-    """An id below 0 or at num_items and beyond is refused both ways; the table would index
-    with it unchecked."""
-    indices = np.arange(1000, dtype=np.int32) * spacing
+@pytest.mark.parametrize("bad", [-1, -(2**31), 1000, 2**31 - 1])
+def test_item_id_outside_the_catalog_is_a_value_error(bad):
+    """An id below 0 or at num_items and beyond is refused."""
+    indices = np.arange(1000, dtype=np.int32)
     indices[500] = bad
     with pytest.raises(ValueError, match=r"item ids must be in \[0, num_items"):
-        _sampled_items(indices, 1000 * spacing)
+        _sampled_items(indices, 1000)
 
 
 @pytest.mark.parametrize(
@@ -248,7 +243,7 @@ def test_row_numbers_is_np_repeat(lengths, first):
 
 
 def test_huge_catalog_small_group_matches_reference():
-    """Item ids far beyond the group's entries: the collator sorts instead of marking."""
+    """Item ids far beyond the group's entries."""
     matrix = sp.csr_matrix(
         (np.ones(5, np.float32), ([0, 0, 1, 2, 2], [3, 1_999_999, 70_000, 3, 5])),
         shape=(3, 2_000_000),

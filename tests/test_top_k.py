@@ -1,4 +1,4 @@
-"""top_k and the sliced score product against torch.topk and naive per-user loops."""
+"""top_k and evaluation's metric sums against torch.topk and naive per-user loops."""
 
 from __future__ import annotations
 
@@ -9,20 +9,16 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from recoder_dist import kernels
 from recoder_dist.data.collator import UserRows
 from recoder_dist.metrics import NDCG, AveragePrecision, Recall
 from recoder_dist.nn import DynamicAutoencoder, MatrixFactorization
 from recoder_dist.training import top_k_kernel
 from recoder_dist.training.evaluation import (
-    _as_batch,
     _is_target,
-    _score_factors,
-    _searched_hits,
     metric_sums,
     predict_scores,
 )
-from recoder_dist.training.top_k import top_k, top_k_of_product
+from recoder_dist.training.top_k import top_k
 from tests.test_metrics import naive
 
 CPU = torch.device("cpu")
@@ -37,39 +33,15 @@ CPU = torch.device("cpu")
         (2810, torch.float64, False),
     ],
 )
-def test_top_k_matches_torch_topk(num_items, dtype, kernel, kernel_mode):
+def test_top_k_matches_torch_topk(num_items, dtype, kernel, compiled):
     generator = torch.Generator().manual_seed(num_items)
     scores = torch.randn(37, num_items, generator=generator, dtype=dtype)
     k = 100
     assert top_k_kernel.applies(scores, k) == kernel
-    assert kernels.compiled() == (kernel_mode == "compiled")
-    values, items = top_k(scores, k)
+    values, items = top_k(scores, k, compiled=compiled)
     expected_values, expected_items = torch.topk(scores, k, dim=1)
     assert torch.equal(values, expected_values)
     assert torch.equal(items, expected_items)
-
-
-@pytest.mark.parametrize(
-    "num_items, dtype",
-    [(3001, torch.float32), (1500, torch.float32), (1000, torch.float32), (3001, torch.float64)],
-)
-def test_sliced_product_matches_the_whole_product(num_items, dtype, kernel_mode):
-    """3,001 items: three slices, the last one 953 items (not a whole number of blocks of 32);
-    1,000 items: one slice."""
-    generator = torch.Generator().manual_seed(2)
-    codes = torch.randn(40, 16, generator=generator, dtype=dtype)
-    vectors = torch.randn(num_items, 16, generator=generator, dtype=dtype)
-    bias = torch.randn(num_items, generator=generator, dtype=dtype)
-    rows = torch.randint(0, 40, (600,), generator=generator)
-    cols = torch.randint(0, num_items, (600,), generator=generator)
-    k = 10
-    values, items = top_k_of_product(codes, vectors, bias, k, rows, cols)
-    scores = torch.addmm(bias, codes, vectors.t())
-    scores[rows, cols] = -torch.inf
-    expected_values, expected_items = torch.topk(scores, k, dim=1)
-    torch.testing.assert_close(values, expected_values, rtol=1e-6, atol=1e-6)
-    assert torch.equal(items, expected_items)
-    assert not bool(torch.isinf(values).any())
 
 
 def _models(num_items: int, num_users: int):
@@ -94,18 +66,20 @@ def _rows(num_users: int, num_items: int, density: float, seed: int):
 
 
 @pytest.mark.parametrize("model_index", [0, 1, 2])
-def test_score_factors_give_the_forward_scores(model_index):
+def test_the_scores_of_the_sparse_input_are_the_dense_inputs(model_index):
+    """``predict_scores`` with the CPU fast path (the model reads a sparse input) against its
+    reference (a dense input)."""
     inputs = _rows(30, 400, 0.05, seed=4)
     model = _models(400, 30)[model_index]
     rows = UserRows.from_csr(inputs)
     scores = predict_scores(model, rows, 400, CPU)
-    codes, vectors, bias = _score_factors(model, _as_batch(rows, 400), CPU)
-    torch.testing.assert_close(bias + codes @ vectors.t(), scores, rtol=1e-5, atol=1e-5)
+    reference = predict_scores(model, rows, 400, CPU, compiled=False)
+    torch.testing.assert_close(scores, reference, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("model_index", [0, 1, 2])
-def test_metric_sums_match_a_naive_loop_on_a_large_catalog(model_index, kernel_mode):
-    """3,001 items and k=20: the sliced product and the top-k kernel run; every user's metrics
+def test_metric_sums_match_a_naive_loop_on_a_large_catalog(model_index, compiled):
+    """3,001 items and k=20: the top-k kernel runs (with ``compiled``); every user's metrics
     are recomputed from a full argsort of ``forward``'s scores."""
     num_users, num_items, k = 120, 3001, 20
     inputs = _rows(num_users, num_items, 0.01, seed=5)
@@ -116,10 +90,18 @@ def test_metric_sums_match_a_naive_loop_on_a_large_catalog(model_index, kernel_m
     model = _models(num_items, num_users)[model_index]
 
     sums, count = metric_sums(
-        model, UserRows.from_csr(inputs), UserRows.from_csr(targets), metrics, k, num_items, CPU
+        model,
+        UserRows.from_csr(inputs),
+        UserRows.from_csr(targets),
+        metrics,
+        k,
+        num_items,
+        CPU,
+        compiled=compiled,
     )
 
-    scores = predict_scores(model, UserRows.from_csr(inputs), num_items, CPU).numpy()
+    rows = UserRows.from_csr(inputs)
+    scores = predict_scores(model, rows, num_items, CPU, compiled=compiled).numpy()
     expected, counted = np.zeros(len(metrics)), 0
     for user in range(num_users):
         relevant = set(targets[user].indices.tolist())
@@ -135,10 +117,9 @@ def test_metric_sums_match_a_naive_loop_on_a_large_catalog(model_index, kernel_m
 
 
 @pytest.mark.parametrize("arrow_ids", [False, True])
-def test_the_hit_tables_of_cpu_and_device_agree_with_set_lookups(arrow_ids, kernel_mode):
-    """``_is_target`` marks targets in a table on CPU and binary-searches keys on a device;
-    both against a set lookup per user (the device path run here on CPU tensors), also with
-    the read-only int32 ids that ``rows_from_arrow`` gives."""
+def test_the_hit_test_agrees_with_set_lookups(arrow_ids):
+    """``_is_target`` against a set lookup per user, also with the read-only int32 ids that
+    ``rows_from_arrow`` gives."""
     rng = np.random.default_rng(8)
     num_items = 700
     targets = _rows(60, num_items, 0.05, seed=8)
@@ -156,4 +137,3 @@ def test_the_hit_tables_of_cpu_and_device_agree_with_set_lookups(arrow_ids, kern
     )
     assert 0 < expected.sum() < expected.size
     assert np.array_equal(_is_target(items, rows, num_items, CPU).numpy(), expected)
-    assert np.array_equal(_searched_hits(items, rows, num_items, CPU).numpy(), expected)

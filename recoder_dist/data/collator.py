@@ -1,7 +1,6 @@
 """Mini-batch negative sampling: turning groups of user rows into sparse training batches.
 
-numpy and two compiled loops (numba), no torch and no Ray, so it is tested in milliseconds
-against a scipy reference.
+numpy only, no torch and no Ray, so it is tested in milliseconds against a scipy reference.
 
 For a sampling group of users, the item set is the union of their items (``np.unique`` of the
 group's column indices): every user's row is scored only on those items, so each user's
@@ -15,10 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numba
 import numpy as np
-
-from recoder_dist import kernels
 
 
 @dataclass(frozen=True)
@@ -165,66 +161,17 @@ def _sampled_items(indices: np.ndarray, num_items: int) -> tuple[np.ndarray, np.
     """``np.unique(indices, return_inverse=True)``: the sorted distinct items, and the position
     of each entry's item among them, both int64. An id outside ``[0, num_items)`` is a
     ValueError.
-
-    ``np.unique`` (the reference) sorts the group's entries. Marking the items in a table of the
-    catalog is linear instead (``_marked_items``); it is used while that table is not much
-    longer than the list of entries.
     """
-    # The reference; also the faster way for a huge catalog and a small group.
-    if not kernels.compiled() or num_items > 16 * len(indices):
-        items, positions = np.unique(indices, return_inverse=True)
-        if len(items) and not 0 <= items[0] <= items[-1] < num_items:
-            raise ValueError(f"item ids must be in [0, num_items={num_items})")
-        return items.astype(np.int64), positions.reshape(-1).astype(np.int64, copy=False)
-    return _marked_items(indices, num_items)
-
-
-# The compiled loops below index with unsigned integers: numba then leaves out the wrap-around
-# of negative indices, a branch per access that keeps LLVM from vectorizing a loop.
-
-
-@numba.njit(nogil=True, cache=True)
-def _marked_items(indices, size):
-    """``_sampled_items`` through a table of ``size`` items, with no temporaries as long as
-    the entries: mark the items, list the marked ones, number them, and look each entry's
-    number up. ``indices`` may be the Arrow column's int32 as it is."""
-    marks = np.zeros(size, np.uint8)
-    for item in indices:
-        if np.uint64(item) >= np.uint64(size):  # a negative id too; predicted, so ~free
-            raise ValueError("item ids must be in [0, num_items)")
-        marks[np.uint64(item)] = 1
-    items = np.empty(min(size, len(indices) + 1), np.int64)
-    count = 0
-    for item in range(np.uint64(size)):  # branchless: whether an item is present is unpredictable
-        items[count] = item  # kept only when marked: count moves on past it
-        count += marks[item]
-    position = np.empty(size, np.int64)  # read only at marked items; int64 loads vectorize
-    for column in range(count):
-        position[np.uint64(items[column])] = column
-    positions = np.empty(len(indices), np.int64)
-    for entry in range(len(indices)):
-        positions[entry] = position[np.uint64(indices[entry])]
-    return items[:count], positions
+    items, positions = np.unique(indices, return_inverse=True)
+    if len(items) and not 0 <= items[0] <= items[-1] < num_items:
+        raise ValueError(f"item ids must be in [0, num_items={num_items})")
+    return items.astype(np.int64), positions.reshape(-1).astype(np.int64, copy=False)
 
 
 def row_numbers(indptr: np.ndarray) -> np.ndarray:
     """The row (int64) of each entry of a CSR block, counted from ``indptr[0]`` (``indptr``
     may be a slice of a larger block's)."""
-    if kernels.compiled():
-        return _filled_row_numbers(indptr)
     return np.repeat(np.arange(len(indptr) - 1, dtype=np.int64), np.diff(indptr))
-
-
-@numba.njit(nogil=True, cache=True)
-def _filled_row_numbers(indptr):
-    """``row_numbers`` with one vectorized fill a row."""
-    rows = np.empty(indptr[-1] - indptr[0], np.int64)
-    for row in range(len(indptr) - 1):
-        entry, stop = np.uint64(indptr[row] - indptr[0]), np.uint64(indptr[row + 1] - indptr[0])
-        while entry < stop:
-            rows[entry] = row
-            entry += np.uint64(1)
-    return rows
 
 
 def resolve_sampling_users(batch_size: int, num_sampling_users: int) -> int:

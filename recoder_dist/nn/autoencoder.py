@@ -7,7 +7,6 @@ which is what mini-batch negative sampling relies on.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -180,23 +179,16 @@ class DynamicAutoencoder(FactorizationModel):
         bias = embedding_rows(self.decoder_bias, target_items).squeeze(1)
         return torch.addmm(bias, codes, weight.t())
 
-    def score_factors(self, input, input_users=None, input_items=None):
-        codes = self._codes(input, input_items)
-        return codes, self.decoder_embedding.weight, self.decoder_bias.weight.squeeze(1)
-
     def _codes(self, input: torch.Tensor, input_items: torch.Tensor | None) -> torch.Tensor:
         """The decoder's last hidden layer for the rows of ``input``."""
         encoder = embedding_rows(self.encoder_embedding, input_items)
-        if input.is_sparse and (input.device.type != "cpu" or input.requires_grad):
-            input = input.to_dense()
-        if input.is_sparse:
+        if input.is_sparse and input.device.type == "cpu" and not input.requires_grad:
             input = input.coalesce()  # a no-op for the trainer's batches, built coalesced
             rows, cols = input.indices()
             z = self._encode_entries(rows, cols, input.values(), input.shape[0], encoder)
-        elif input.device.type == "cpu" and not input.requires_grad:
-            rows, cols = input.nonzero(as_tuple=True)  # row-major: a row's entries contiguous
-            z = self._encode_entries(rows, cols, input[rows, cols], len(input), encoder)
-        else:
+        else:  # the reference
+            if input.is_sparse:
+                input = input.to_dense()
             z = self.noise(F.normalize(input, p=2, dim=1)) @ encoder
         z = self.act(z + self.encoder_bias)
         for layer in self.encoder_layers:
@@ -219,7 +211,8 @@ class DynamicAutoencoder(FactorizationModel):
         contribute nothing to either, so this normalizes, drops out and sums the non-zeros
         alone (``embedding_bag`` with per-entry weights): the same result up to rounding, each
         non-zero dropped with the same probability (the random draws differ from the dense
-        path's). On CUDA the dense path stays: ``nonzero`` would force a host sync every step.
+        path's). A dense input takes the dense path, which is this one's reference; the trainer
+        hands the model a sparse input on CPU only (``training.step.model_input``).
         """
         # F.normalize: each row divided by max(its L2 norm, 1e-12).
         norms = torch.zeros(num_rows, dtype=values.dtype).index_add_(0, rows, values * values)
@@ -229,7 +222,8 @@ class DynamicAutoencoder(FactorizationModel):
             # kept entries and their scale are the same.
             keep = torch.rand_like(values) >= self.noise_prob
             values = values.mul_(keep).div_(1 - self.noise_prob)
-        return _SparseRowsTimes.apply(encoder, rows, cols, values, num_rows)
+        offsets = _bag_offsets(rows, num_rows)
+        return F.embedding_bag(cols, encoder, offsets, mode="sum", per_sample_weights=values)
 
 
 class _TiedDecoderLayer(nn.Module):
@@ -250,46 +244,6 @@ class _TiedDecoderLayer(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.linear(input, self.weight, self.bias)
-
-
-class _SparseRowsTimes(torch.autograd.Function):
-    """``S @ weight`` for the ``rows x len(weight)`` sparse matrix ``S`` whose entries are
-    ``(rows[j], cols[j], values[j])`` in row-major order, differentiable in ``weight`` only.
-
-    Both directions are ``embedding_bag`` sums over the entries: the forward groups them by
-    row, the backward (``S.T @ grad``) by column. Autograd's own backward of ``embedding_bag``
-    takes several times as long as the forward (benchmarks/RESULTS.md).
-    """
-
-    @staticmethod
-    def forward(ctx, weight, rows, cols, values, num_rows):
-        ctx.save_for_backward(rows, cols, values)
-        ctx.num_weight_rows = len(weight)
-        return F.embedding_bag(
-            cols, weight, _bag_offsets(rows, num_rows), mode="sum", per_sample_weights=values
-        )
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        rows, cols, values = ctx.saved_tensors
-        by_column = _stable_order(cols, ctx.num_weight_rows)
-        grad_weight = F.embedding_bag(
-            rows.index_select(0, by_column),  # cheaper than rows[by_column]
-            grad,
-            _bag_offsets(cols, ctx.num_weight_rows),  # counts need no sorting
-            mode="sum",
-            per_sample_weights=values.index_select(0, by_column),
-        )
-        return grad_weight, None, None, None, None
-
-
-def _stable_order(keys: torch.Tensor, num_keys: int) -> torch.Tensor:
-    """``torch.argsort(keys, stable=True)``. For keys below 2**16 on CPU, numpy's stable sort
-    of 16-bit integers is a radix sort, cheaper than torch's comparison sort."""
-    if keys.device.type == "cpu" and num_keys <= 2**16:
-        return torch.from_numpy(np.argsort(keys.numpy().astype(np.uint16), kind="stable"))
-    return torch.argsort(keys, stable=True)
 
 
 def _bag_offsets(bags: torch.Tensor, num_bags: int) -> torch.Tensor:

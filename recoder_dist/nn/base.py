@@ -87,63 +87,17 @@ class FactorizationModel(nn.Module):
         """
         raise NotImplementedError
 
-    def score_factors(
-        self,
-        input: torch.Tensor,
-        input_users: torch.Tensor | None = None,
-        input_items: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """``(codes, item_vectors, item_bias)`` such that ``forward``'s scores of every item
-        are ``item_bias + codes @ item_vectors.T``, or None when they do not factor that way.
-
-        Evaluation reads them (without gradients) to score the catalog in cache-sized slices
-        of items; a model that returns None is scored whole by ``forward``.
-        """
-        return None
-
 
 def embedding_rows(embedding: nn.Embedding, items: torch.Tensor | None) -> torch.Tensor:
-    """Rows ``items`` of an embedding table (all rows when None, or when ``items`` is
-    ``0..n-1``: then the weight itself is read, not a gathered copy).
+    """Rows ``items`` of an embedding table (all rows when None).
 
-    A sparse embedding is always looked up, never read through ``.weight``: reading the weight
-    directly would give it a dense gradient, which SparseAdam and the sparse sync refuse. Where
-    no gradient is recorded (evaluation), all rows are the weight itself, not a copy.
+    A sparse embedding is always looked up where a gradient is recorded, never read through
+    ``.weight``: reading the weight directly would give it a dense gradient, which SparseAdam
+    and the sparse sync refuse. Where no gradient is recorded (evaluation), all rows are the
+    weight itself, not a copy.
     """
-    if items is not None and not _every_row(embedding, items):
+    if items is not None:
         return embedding(items)
     if embedding.sparse and torch.is_grad_enabled():
-        return _EveryRow.apply(embedding.weight)
+        return embedding(torch.arange(embedding.num_embeddings, device=embedding.weight.device))
     return embedding.weight
-
-
-def _every_row(embedding: nn.Embedding, items: torch.Tensor) -> bool:
-    """Whether ``items`` is ``0, 1, ..., num_embeddings - 1`` (a sampling group that touched
-    every item: rare with negative sampling on a real catalog), checked on CPU only: on CUDA
-    the check would wait for the device."""
-    last = embedding.num_embeddings - 1
-    return (
-        items.device.type == "cpu"
-        and last >= 0
-        and embedding.max_norm is None
-        and items.shape == (last + 1,)
-        and int(items[0]) == 0
-        and int(items[-1]) == last
-        and bool((items[1:] > items[:-1]).all())
-    )
-
-
-class _EveryRow(torch.autograd.Function):
-    """``embedding(arange(num_embeddings))`` without the copy: the weight itself, and in the
-    backward the sparse gradient that the lookup gives (rows 0..n-1, values the gradient)."""
-
-    @staticmethod
-    def forward(ctx, weight):
-        return weight.view_as(weight)
-
-    @staticmethod
-    def backward(ctx, grad):
-        rows = torch.arange(len(grad), device=grad.device)
-        return torch.sparse_coo_tensor(
-            rows[None], grad.contiguous(), grad.shape, check_invariants=False
-        )

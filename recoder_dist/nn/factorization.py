@@ -107,10 +107,6 @@ class MatrixFactorization(FactorizationModel):
         bias = embedding_rows(self.item_bias, target_items).squeeze(1)
         return torch.addmm(bias, self._user_codes(input_users), items.t())
 
-    def score_factors(self, input, input_users=None, input_items=None):
-        items = self.item_embedding.weight
-        return self._user_codes(input_users), items, self.item_bias.weight.squeeze(1)
-
     def _user_codes(self, input_users: torch.Tensor | None) -> torch.Tensor:
         if input_users is None:
             raise ValueError("MatrixFactorization scores known users: pass input_users")

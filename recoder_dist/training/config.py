@@ -93,6 +93,8 @@ class WorkerJob:
     ``model`` is the initialized model with its current weights (identical on every rank);
     ``train`` is None for an evaluation-only job. ``seed`` fixes the data order and dropout
     noise of every (epoch, rank), so that a resumed run repeats what a straight one does.
+    ``kernels``: the CPU fast paths ("compiled") or their references ("reference"), see
+    ``recoder_dist.kernels``.
     """
 
     model: object
@@ -109,6 +111,7 @@ class WorkerJob:
     optimizer_state: dict = field(default_factory=dict)
     train: TrainSettings | None = None
     eval: EvalSettings | None = None
+    kernels: str = "compiled"
 
     def snapshot(self, model, epoch: int, optimizer_state: dict) -> Snapshot:
         """The snapshot of ``model`` (this job's model, or its copy on a worker) at ``epoch``.

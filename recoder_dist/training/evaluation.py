@@ -1,16 +1,18 @@
-"""Top-k recommendation and metric sums for batches of evaluation users (no Ray here)."""
+"""Top-k recommendation and metric sums for batches of evaluation users (no Ray here).
+
+``compiled`` (True by default) chooses the CPU fast paths: the model's sparse input and the
+top-k kernel; False, their references (a dense input, ``torch.topk``).
+"""
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import torch
 
-from recoder_dist import kernels
 from recoder_dist.data.collator import SparseBatch, UserRows, row_numbers
 from recoder_dist.metrics import Metric
-from recoder_dist.training.step import model_input, to_device, unwrapped
-from recoder_dist.training.top_k import top_k, top_k_of_product
+from recoder_dist.training.step import model_input, to_device
+from recoder_dist.training.top_k import top_k
 
 
 def _as_batch(rows: UserRows, num_items: int) -> SparseBatch:
@@ -25,18 +27,23 @@ def _as_batch(rows: UserRows, num_items: int) -> SparseBatch:
 
 
 @torch.no_grad()
-def predict_scores(model, rows: UserRows, num_items: int, device) -> torch.Tensor:
+def predict_scores(
+    model, rows: UserRows, num_items: int, device, *, compiled: bool = True
+) -> torch.Tensor:
     """Scores of all items for the users of ``rows``, from their interactions."""
-    return _scores(model, _as_batch(rows, num_items), device)
+    return _scores(model, _as_batch(rows, num_items), device, compiled)
 
 
-def _scores(model, batch: SparseBatch, device) -> torch.Tensor:
+def _scores(model, batch: SparseBatch, device, compiled: bool) -> torch.Tensor:
     users = to_device(batch.users, device)
-    return model(model_input(model, batch, device), input_users=users, target_users=users)
+    input = model_input(model, batch, device, compiled=compiled)
+    return model(input, input_users=users, target_users=users)
 
 
 @torch.no_grad()
-def recommend_top_k(model, rows: UserRows, num_items: int, k: int, device):
+def recommend_top_k(
+    model, rows: UserRows, num_items: int, k: int, device, *, compiled: bool = True
+):
     """Top ``k`` items per user, never an item of the user's input.
 
     Returns:
@@ -46,23 +53,10 @@ def recommend_top_k(model, rows: UserRows, num_items: int, k: int, device):
     batch = _as_batch(rows, num_items)
     k = min(k, num_items)
     excluded_rows, excluded_cols = to_device(batch.rows, device), to_device(batch.cols, device)
-    factors = _score_factors(model, batch, device)
-    if factors is not None:
-        top_scores, top_items = top_k_of_product(*factors, k, excluded_rows, excluded_cols)
-    else:
-        scores = _scores(model, batch, device)
-        scores[excluded_rows, excluded_cols] = -torch.inf
-        top_scores, top_items = top_k(scores, k)
+    scores = _scores(model, batch, device, compiled)
+    scores[excluded_rows, excluded_cols] = -torch.inf
+    top_scores, top_items = top_k(scores, k, compiled=compiled)
     return top_items, top_scores > -torch.inf
-
-
-def _score_factors(model, batch: SparseBatch, device):
-    """The model's ``score_factors`` on CPU (where slicing the product pays), else None."""
-    model = unwrapped(model)
-    if device.type != "cpu" or not hasattr(model, "score_factors"):
-        return None
-    users = to_device(batch.users, device)
-    return model.score_factors(model_input(model, batch, device), input_users=users)
 
 
 def metric_sums(
@@ -73,6 +67,8 @@ def metric_sums(
     k: int,
     num_items: int,
     device,
+    *,
+    compiled: bool = True,
 ) -> tuple[np.ndarray, int]:
     """Sum over the users of the batch of each metric, and the number of users counted.
 
@@ -86,7 +82,7 @@ def metric_sums(
         inputs, targets = _select(inputs, keep), _select(targets, keep)
         num_relevant = num_relevant[keep]
 
-    top_items, valid = recommend_top_k(model, inputs, num_items, k, device)
+    top_items, valid = recommend_top_k(model, inputs, num_items, k, device, compiled=compiled)
     hits = (_is_target(top_items, targets, num_items, device) & valid).cpu().numpy()
     lists = relevant_lists = None  # only metrics without evaluate_hits read these
 
@@ -104,32 +100,9 @@ def metric_sums(
 
 
 def _is_target(items: torch.Tensor, targets: UserRows, num_items: int, device) -> torch.Tensor:
-    """Whether ``items[r, j]`` is a target of row ``r``. ``metric_sums`` only asks with some
-    targets."""
-    if items.device.type == "cpu" and kernels.compiled():
-        hits = _marked_hits(items.numpy(), targets.indptr, targets.indices, num_items)
-        return torch.from_numpy(hits)
-    return _searched_hits(items, targets, num_items, device)
-
-
-@numba.njit(nogil=True, cache=True)
-def _marked_hits(items, indptr, indices, num_items):
-    """Row ``r`` marks its targets with ``r + 1`` in one table of the items, so nothing is
-    cleared between rows (its reference: ``_searched_hits``)."""
-    mark = np.zeros(num_items, np.int64)
-    hits = np.empty(items.shape, np.bool_)
-    for r in range(len(items)):
-        for j in range(indptr[r], indptr[r + 1]):
-            mark[indices[j]] = r + 1
-        for j in range(items.shape[1]):
-            hits[r, j] = mark[items[r, j]] == r + 1
-    return hits
-
-
-def _searched_hits(items, targets: UserRows, num_items: int, device) -> torch.Tensor:
-    """``_is_target`` on a device, and its reference on CPU: a binary search of the keys
+    """Whether ``items[r, j]`` is a target of row ``r``: a binary search of the keys
     ``row * num_items + item`` among the targets', not a users x items table to clear and
-    fill."""
+    fill. ``metric_sums`` only asks with some targets."""
     target_keys = row_numbers(targets.indptr) * num_items + targets.indices
     target_keys = to_device(np.sort(target_keys), device)
     keys = torch.arange(len(items), device=device)[:, None] * num_items + items

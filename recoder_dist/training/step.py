@@ -44,26 +44,37 @@ def unwrapped(model):
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def model_input(model, batch: SparseBatch, device: torch.device) -> torch.Tensor:
+def model_input(
+    model, batch: SparseBatch, device: torch.device, *, compiled: bool = True
+) -> torch.Tensor:
     """The batch as ``model`` reads it: sparse on CPU when the model takes a sparse input
-    (building the dense batch costs more than the encoder itself there), otherwise dense."""
-    if device.type == "cpu" and getattr(unwrapped(model), "accepts_sparse_input", False):
+    (building the dense batch costs more than the encoder itself there), otherwise dense.
+    ``compiled=False`` (the references): always dense."""
+    sparse_ok = getattr(unwrapped(model), "accepts_sparse_input", False)
+    if compiled and device.type == "cpu" and sparse_ok:
         return sparse_tensor(batch)
     return densify(batch, device)
 
 
 def batch_loss(
-    model, loss_fn, batch: SparseBatch, device: torch.device, bf16: bool = False
+    model,
+    loss_fn,
+    batch: SparseBatch,
+    device: torch.device,
+    bf16: bool = False,
+    *,
+    compiled: bool = True,
 ) -> torch.Tensor:
     """Reconstruction loss of one batch, averaged over its users.
 
     The model reads the batch's rows over the sampled items and is scored on the same items.
     With ``bf16`` the model's forward runs under autocast to bfloat16 (its weights and
     gradients stay float32); the loss is computed from its output cast back to float32.
+    ``compiled``: the CPU fast paths (see ``model_input``), or their references.
     """
     if DEBUG:
         batch.check()
-    input = model_input(model, batch, device)
+    input = model_input(model, batch, device, compiled=compiled)
     target = input
     if input.is_sparse and not getattr(loss_fn, "accepts_sparse_target", False):
         target = densify(batch, device)

@@ -3,7 +3,7 @@
 ``torch.topk`` on CPU copies each row into (value, index) pairs and runs ``nth_element`` on
 them; this kernel reads each row a few times in vectorized passes instead (measured in
 ``benchmarks/eval_speed.py``; figures in ``benchmarks/RESULTS.md``). Its reference is
-``torch.topk`` (``recoder_dist.kernels``).
+``torch.topk`` (``top_k(..., compiled=False)``).
 
 Per row:
 

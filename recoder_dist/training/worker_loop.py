@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from recoder_dist import storage
+from recoder_dist import kernels, storage
 from recoder_dist.data.collator import Collator
 from recoder_dist.data.epoch_order import RowBlocks
 from recoder_dist.data.ray_dataset import rows_from_arrow
@@ -173,6 +173,7 @@ def _train(
                 sparse_names,
                 profile,
                 bf16=settings.precision == "bf16",
+                compiled=kernels.compiled(job.kernels),
             )
             loss_sum = torch.stack([loss_total, torch.tensor(float(users), device=device).double()])
             if distributed:
@@ -223,14 +224,16 @@ def _train(
     return history
 
 
-def _run_steps(net, loss_fn, optimizers, sync, batches, device, sparse_names, profile, bf16):
+def _run_steps(
+    net, loss_fn, optimizers, sync, batches, device, sparse_names, profile, bf16, compiled
+):
     """One epoch's training steps, their phases timed by ``profile``; returns the loss summed
     over its users (on the device: no sync per step) and the number of users."""
     loss_total, users = torch.zeros((), dtype=torch.float64, device=device), 0
     for step, batch in enumerate(profile.timed(batches, "data")):
         optimizers.zero_grad()
         with profile.phase("forward"):
-            loss = batch_loss(net, loss_fn, batch, device, bf16)
+            loss = batch_loss(net, loss_fn, batch, device, bf16, compiled=compiled)
         with profile.phase("backward"):
             loss.backward()
         if step == 0:
@@ -318,6 +321,7 @@ def _evaluate(model, job: WorkerJob, device, rank: int, world: int) -> dict:
             settings.num_recommendations,
             job.num_items,
             device,
+            compiled=kernels.compiled(job.kernels),
         )
         sums += batch_sums
         count += batch_count
