@@ -21,6 +21,7 @@ from recoder_dist.data.ray_dataset import (
     to_ray_dataset,
     user_rows_table,
 )
+from recoder_dist.data.training_rows import TrainingRows
 from recoder_dist.kernels import compiled as compiled_kernels
 from recoder_dist.legacy import NotARecoder040File, load_recoder040_file
 from recoder_dist.losses import build_loss
@@ -166,7 +167,7 @@ class Recoder:
 
     def train(
         self,
-        train_dataset: RecommendationDataset | UserRowFiles,
+        train_dataset: RecommendationDataset | UserRowFiles | TrainingRows,
         val_dataset: RecommendationDataset | UserRowFiles | None = None,
         lr: float = 0.001,
         weight_decay: float = 0.0,
@@ -194,7 +195,8 @@ class Recoder:
         Args:
             train_dataset: the users' interactions to reconstruct: a matrix, or user rows in
                 Parquet files (``UserRowFiles``, e.g. ``open_prepared(uri).train``), which the
-                cluster reads without passing them through this process.
+                cluster reads without passing them through this process, or rows that
+                ``read_training_rows`` read once for several runs (``TrainingRows``).
             val_dataset: users with ``target`` interactions (a matrix or files), evaluated every
                 ``eval_freq`` epochs with ``metrics``.
             lr: learning rate.
@@ -601,30 +603,65 @@ class Recoder:
 
 
 def _check_dataset(dataset, name: str, needs_target: bool = False) -> None:
+    if isinstance(dataset, TrainingRows):  # training rows only: they carry no targets
+        if needs_target:
+            raise TypeError(f"{name}: TrainingRows hold training rows, which have no target items")
+        return
     if isinstance(dataset, UserRowFiles):
         if needs_target and not dataset.has_target:
             raise ValueError(f"{name}: the user rows at {dataset.location} have no target items")
         return
     if not isinstance(dataset, RecommendationDataset):
         raise TypeError(
-            f"{name} must be a RecommendationDataset or UserRowFiles, got {type(dataset).__name__}"
+            f"{name} must be a RecommendationDataset, UserRowFiles or TrainingRows, got "
+            f"{type(dataset).__name__}"
         )
     if needs_target and dataset.target is None:
         raise ValueError(f"{name} needs target interactions: RecommendationDataset(input, target)")
 
 
-def _num_interactions(dataset: RecommendationDataset | UserRowFiles) -> int:
-    if isinstance(dataset, UserRowFiles):
+def _num_interactions(dataset: RecommendationDataset | UserRowFiles | TrainingRows) -> int:
+    if isinstance(dataset, (UserRowFiles, TrainingRows)):
         return dataset.num_interactions
     return dataset.interactions.nnz
 
 
-def _train_blocks(dataset: RecommendationDataset | UserRowFiles) -> RowBlocks:
+def _train_blocks(dataset: RecommendationDataset | UserRowFiles | TrainingRows) -> RowBlocks:
     """A training set's rows in the object store, in blocks of ``TRAIN_ROWS_PER_BLOCK`` rows:
-    read by the cluster from files (Ray tasks), or put there from this process's matrix."""
+    read by the cluster from files (Ray tasks), or put there from this process's matrix; rows
+    that ``read_training_rows`` read are there already."""
+    if isinstance(dataset, TrainingRows):
+        return dataset.blocks
     if isinstance(dataset, UserRowFiles):
         return dataset.row_blocks(TRAIN_ROWS_PER_BLOCK)
     return put_blocks(user_rows_table(dataset), TRAIN_ROWS_PER_BLOCK)
+
+
+def read_training_rows(dataset: RecommendationDataset | UserRowFiles) -> TrainingRows:
+    """Reads a training set's rows into the object store once, for several ``Recoder.train``
+    calls (the trials of a sweep): each of them then trains from the same blocks instead of
+    reading and repartitioning the files again. The rows live as long as the returned value
+    does, in this process (their owner); keep it until the runs are over.
+
+    Raises:
+        TypeError: ``dataset`` is neither a ``RecommendationDataset`` nor ``UserRowFiles``.
+        ValueError: ``dataset`` has no interactions.
+    """
+    if isinstance(dataset, TrainingRows):
+        return dataset
+    if not isinstance(dataset, (RecommendationDataset, UserRowFiles)):
+        raise TypeError(
+            f"dataset must be a RecommendationDataset or UserRowFiles, got {type(dataset).__name__}"
+        )
+    if _num_interactions(dataset) == 0:
+        raise ValueError("the training dataset has no interactions")
+    ensure_ray()
+    return TrainingRows(
+        blocks=_train_blocks(dataset),
+        num_users=dataset.num_users,
+        num_items=dataset.num_items,
+        num_interactions=_num_interactions(dataset),
+    )
 
 
 def _check_positive_int(value, name: str) -> None:
@@ -632,4 +669,4 @@ def _check_positive_int(value, name: str) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-__all__ = ["Recoder"]
+__all__ = ["Recoder", "TrainingRows", "read_training_rows"]

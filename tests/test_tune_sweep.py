@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -11,6 +16,7 @@ from recoder_dist.datasets import load_prepared
 from recoder_dist.metrics import NDCG
 from recoder_dist.model import Recoder
 from recoder_dist.nn import DynamicAutoencoder
+from tests.second_ray import stop_session
 from tune.sweep import main as sweep
 
 
@@ -69,3 +75,91 @@ def assert_no_reservation_left(ray, within_s: float = 90.0) -> None:
                 f"of {ray.cluster_resources()}"
             )
         time.sleep(0.5)
+
+
+REPO = Path(__file__).resolve().parents[1]
+TRIAL_TIMEOUT_S = 420  # a trial took up to 175 s on this 2-core machine under a load of 50
+
+
+def _terminated(line: str) -> int:
+    """The number of ended trials in a Tune status line ("Trial status: 2 TERMINATED | ...")."""
+    if not line.startswith("Trial status:"):
+        return 0
+    words = line.split()
+    return sum(int(words[i - 1]) for i, w in enumerate(words) if w in ("TERMINATED", "ERROR"))
+
+
+@pytest.mark.slow
+def test_four_trials_in_turn_finish_on_the_real_cpus_beside_another_ray_instance(
+    ray_session, prepared_ml100k, tmp_path
+):
+    """The sweep in a process of its own, on a local Ray of this machine's CPUs, while this
+    test session's Ray runs too: Ray Train's cleaner cannot free a stopped trial's CPUs then,
+    and before `ReleaseStoppedRuns` the second trial waited for them forever."""
+    cpus = len(os.sched_getaffinity(0))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    command = [
+        sys.executable,
+        str(REPO / "tune" / "sweep.py"),
+        "--data",
+        str(prepared_ml100k),
+        "--storage",
+        str(tmp_path / "sweep"),
+        "--lrs",
+        "1e-3",
+        "3e-3",
+        "--batch-sizes",
+        "100",
+        "200",
+        "--epochs",
+        "4",
+        "--eval-freq",
+        "2",
+        "--hidden",
+        "64",
+        "--concurrent",
+        "1",
+    ]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,  # its Ray's processes too: stopped by their group on failure
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
+    try:
+        # A hang is a trial that never gets its CPUs: no trial ends any more. A busy machine
+        # only makes every trial slow, so the bound is on the time between two trials' ends.
+        ended, last_end = 0, time.monotonic()
+        while process.poll() is None:
+            now_ended = max([_terminated(line) for line in lines[-200:]] + [ended])
+            if now_ended > ended:
+                ended, last_end = now_ended, time.monotonic()
+            if time.monotonic() - last_end > TRIAL_TIMEOUT_S:
+                status = [line for line in lines if line.startswith("Trial status")]
+                pytest.fail(
+                    f"no trial ended in {TRIAL_TIMEOUT_S} s (last status: "
+                    f"{status[-1].strip() if status else 'none'}): a trial waiting for CPUs "
+                    "that a stopped trial's Ray Train run still holds? The sweep's output "
+                    f"ends:\n{''.join(lines)[-3000:]}"
+                )
+            time.sleep(1)
+    finally:
+        stop_session(process)
+        reader.join(timeout=30)
+    output = "".join(lines)
+    assert process.returncode == 0, output[-3000:]
+    assert f"/{cpus} CPUs" in output, "the sweep's Ray did not advertise the machine's CPUs"
+    table = pd.read_csv(tmp_path / "sweep" / "results.csv")
+    assert len(table) == 4 and table["NDCG@100"].notna().all()
+    assert sorted(zip(table["config/lr"], table["config/batch_size"])) == [
+        (1e-3, 100),
+        (1e-3, 200),
+        (3e-3, 100),
+        (3e-3, 200),
+    ]

@@ -23,6 +23,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
+import threading
+import time
 
 import ray
 from ray import tune
@@ -32,11 +35,14 @@ from ray.tune.schedulers import ASHAScheduler
 from recoder_dist import storage
 from recoder_dist.datasets import open_prepared
 from recoder_dist.metrics import NDCG, Recall
-from recoder_dist.model import Recoder
+from recoder_dist.model import Recoder, TrainingRows, read_training_rows
 from recoder_dist.nn import DynamicAutoencoder
+from recoder_dist.training import release
 from recoder_dist.training.launcher import ensure_ray
 from recoder_dist.training.snapshot import copy_snapshot
 from recoder_dist.training.worker_loop import SNAPSHOT_FILE
+
+logger = logging.getLogger(__name__)
 
 METRICS = (Recall(k=20), Recall(k=50), NDCG(k=100))
 DRIVER_RESOURCE = "trial_driver"  # advertised by cluster.yaml's head
@@ -55,8 +61,10 @@ CHOSEN = (
 )
 
 
-def run_trial(config: dict) -> None:
-    """One trial: a Tune function trainable that drives one distributed training run."""
+def run_trial(config: dict, train_rows: TrainingRows | None = None) -> None:
+    """One trial: a Tune function trainable that drives one distributed training run, on
+    ``train_rows`` (the sweep's driver read them once for every trial) or, without them, on the
+    training files (read again by this trial)."""
     split = open_prepared(config["data"])  # the rows are read by the cluster
     model = DynamicAutoencoder(
         hidden_layers=config["hidden_layers"],
@@ -82,7 +90,7 @@ def run_trial(config: dict) -> None:
     # The workers' reports reach Tune (ASHA may stop the trial at any of them), each
     # checkpoint's location with them.
     recoder.train(
-        train_dataset=split.train,
+        train_dataset=split.train if train_rows is None else train_rows,
         val_dataset=split.validation,
         lr=config["lr"],
         weight_decay=config["weight_decay"],
@@ -149,15 +157,84 @@ def driver_resources(args) -> dict:
     return {"CPU": 0.1}
 
 
+class ReleaseStoppedRuns(tune.Callback):
+    """Frees the resources of the Ray Train runs of the trials that Tune stopped.
+
+    Tune stops a trial (ASHA at a rung, or at ``max_t``) by ending its actor, which kills the
+    trial's Ray Train controller before it can remove its workers' placement group; only Ray
+    Train's ``PlacementGroupCleaner`` would then free those CPUs, and it cannot where two Ray
+    instances run on one machine (``recoder_dist.training.release``). So for ``watch_s`` after
+    each trial ends, every ``every_s``, and at the end of the sweep, this driver removes the
+    groups whose workers are all dead, itself: in a thread of its own, since the state API can
+    take a second to answer on a busy machine and Tune's loop should not wait for it.
+    """
+
+    def __init__(self, watch_s: float = 120.0, every_s: float = 1.0, final_wait_s: float = 60.0):
+        self._watch_s, self._every_s, self._final_wait_s = watch_s, every_s, final_wait_s
+        self._watch_until = 0.0  # a stopped trial's workers die a moment after the trial ends
+        self._wake = threading.Event()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __getstate__(self):  # Tune saves its callbacks with the experiment: no thread there
+        return {"watch_s": self._watch_s, "every_s": self._every_s, "final": self._final_wait_s}
+
+    def __setstate__(self, state):
+        self.__init__(state["watch_s"], state["every_s"], state["final"])
+
+    def setup(self, **info):
+        self._thread = threading.Thread(target=self._watch, name="release-stopped-runs")
+        self._thread.daemon = True
+        self._thread.start()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._trial_ended()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._trial_ended()
+
+    def on_experiment_end(self, trials, **info):
+        self._done.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            held = release.release_until_none_held(self._final_wait_s)
+        except Exception as e:  # a sweep's results matter more than this check
+            logger.warning("could not check that the trials' runs freed their resources: %s", e)
+            return
+        if held:
+            logger.warning("Ray Train runs still hold placement groups: %s", sorted(held))
+
+    def _trial_ended(self) -> None:
+        self._watch_until = time.monotonic() + self._watch_s
+        self._wake.set()
+
+    def _watch(self) -> None:
+        while not self._done.is_set():
+            self._wake.wait()
+            self._wake.clear()
+            while not self._done.is_set() and time.monotonic() < self._watch_until:
+                try:
+                    release.release_abandoned_train_groups()
+                except Exception as e:  # the state API busy or down: try again
+                    logger.warning("could not release the resources of stopped runs: %s", e)
+                self._done.wait(self._every_s)
+
+
 def sweep(args) -> tune.ResultGrid:
     ensure_ray()
     root = storage.normalized(args.storage)
-    trainable = tune.with_resources(run_trial, driver_resources(args))
+    # The training rows are read once, here, and every trial trains from the same blocks.
+    rows = read_training_rows(open_prepared(args.data).train)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, train_rows=rows), driver_resources(args)
+    )
     state = storage.join(root, "tune")
     if args.resume and tune.Tuner.can_restore(state):
         tuner = tune.Tuner.restore(state, trainable, resume_errored=True)
     else:
-        grace_period = args.grace_period or max(args.eval_freq, 1)
+        grace_period = args.grace_period or min(max(args.eval_freq, 1), args.epochs)
         scheduler = ASHAScheduler(time_attr="epoch", max_t=args.epochs, grace_period=grace_period)
         tuner = tune.Tuner(
             trainable,
@@ -175,6 +252,7 @@ def sweep(args) -> tune.ResultGrid:
                 # An interrupted trial (a lost node, a killed driver) starts again, and its Ray
                 # Train run resumes from its last checkpoint.
                 failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                callbacks=[ReleaseStoppedRuns()],
             ),
         )
     return tuner.fit()
@@ -271,7 +349,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--grace-period",
         type=int,
-        help="epochs before ASHA may stop a trial (default --eval-freq; --epochs: never)",
+        help="epochs before ASHA may stop a trial (default --eval-freq, at most --epochs; "
+        "--epochs: never)",
     )
     parser.add_argument("--num-samples", type=int, default=1, help="repeats of the grid")
     parser.add_argument("--concurrent", type=int, default=2)
@@ -289,6 +368,8 @@ def main(argv: list[str] | None = None) -> dict:
         "--max-failures", type=int, default=1, help="restarts of an interrupted trial"
     )
     args = parser.parse_args(argv)
+    if args.grace_period is not None and not 1 <= args.grace_period <= args.epochs:
+        parser.error(f"--grace-period must be between 1 and --epochs ({args.epochs})")
     if args.workers < 1:
         # Ray Train's in-process mode cannot report from inside a Tune trial (Ray raises a
         # DeprecationWarning at ray.train.get_context()).
