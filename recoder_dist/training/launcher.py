@@ -64,10 +64,10 @@ def _drop_progress_bar_notice(record: logging.LogRecord) -> bool:
 
 def init_local_ray(*, verbose: bool = False, **kwargs) -> None:
     """Starts a local embedded Ray tuned for this library (``kwargs`` go to ``ray.init``)."""
-    # The dashboard stays on: it serves the state API, through which Ray Train's
-    # PlacementGroupCleaner sees that a run's controller has died (a Tune trial stopped by its
-    # scheduler kills it) and frees the run's CPUs. Without it they stay reserved for good, and
-    # the next trial on a small machine waits for them forever.
+    # The dashboard stays on: it serves the state API, through which a sweep's driver
+    # (recoder_dist.training.release) and Ray Train's PlacementGroupCleaner see that a run's
+    # controller has died (a Tune trial stopped by its scheduler kills it) and free the run's
+    # CPUs. Without it they stay reserved for good, and the next trial waits for them forever.
     for key, value in _console_settings(verbose).items():
         kwargs.setdefault(key, value)
     if not verbose:
