@@ -255,6 +255,13 @@ def _add_worker_cpus(parser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line's parser."""
+    return parsers()[0]
+
+
+def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The command line's parser, and each command's own by name (whose defaults ``--preset``
+    and ``--config`` set)."""
     main = _Parser(prog="recoder-dist", description=__doc__.splitlines()[0])
     main.add_argument("--config", help="YAML or JSON file of defaults for the command's flags")
     main.add_argument(
@@ -388,15 +395,15 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--lr", type=float, default=1e-3)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(run=_demo)
-    return main
+    return main, {"prepare": p, "train": t, "evaluate": e, "recommend": r, "demo": d}
 
 
 def _with_config(argv: list[str]) -> argparse.Namespace:
     """Flags on the command line win over the ``--config`` file, which wins over a ``--preset``,
     which wins over the defaults."""
-    cli = parser()
+    cli, commands = parsers()
     args = cli.parse_args(argv)
-    sub = cli._subparsers._group_actions[0].choices[args.command]
+    sub = commands[args.command]
     if getattr(args, "preset", None):
         from recoder_dist.presets import preset
 
