@@ -200,10 +200,11 @@ def _evaluate(args) -> int:
 
 
 def _recommend(args) -> int:
-    from recoder_dist.datasets import load_prepared
+    from recoder_dist.datasets import open_prepared
     from recoder_dist.inference import write_recommendations
 
-    prepared = load_prepared(args.data)
+    # The cluster reads the split's rows and id maps; this process, split.json only.
+    prepared = open_prepared(args.data)
     recoder = _restored(args.checkpoint, 0, False, None)
     rows = write_recommendations(
         recoder,
@@ -378,7 +379,11 @@ def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     r.add_argument("--checkpoint", required=True)
     r.add_argument("--data", required=True)
     r.add_argument("--split", choices=("train", "test", "validation"), default="test")
-    r.add_argument("--output", required=True)
+    r.add_argument(
+        "--output",
+        required=True,
+        help="a folder or a URI; what it holds is replaced once the new files are all written",
+    )
     r.add_argument("--top-k", type=int, default=100)
     _add_common(r)
     r.set_defaults(run=_recommend)
