@@ -200,10 +200,11 @@ def _evaluate(args) -> int:
 
 
 def _recommend(args) -> int:
-    from recoder_dist.datasets import load_prepared
+    from recoder_dist.datasets import open_prepared
     from recoder_dist.inference import write_recommendations
 
-    prepared = load_prepared(args.data)
+    # The cluster reads the split's rows and id maps; this process, split.json only.
+    prepared = open_prepared(args.data)
     recoder = _restored(args.checkpoint, 0, False, None)
     rows = write_recommendations(
         recoder,
@@ -255,6 +256,13 @@ def _add_worker_cpus(parser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line's parser."""
+    return parsers()[0]
+
+
+def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The command line's parser, and each command's own by name (whose defaults ``--preset``
+    and ``--config`` set)."""
     main = _Parser(prog="recoder-dist", description=__doc__.splitlines()[0])
     main.add_argument("--config", help="YAML or JSON file of defaults for the command's flags")
     main.add_argument(
@@ -371,7 +379,11 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--checkpoint", required=True)
     r.add_argument("--data", required=True)
     r.add_argument("--split", choices=("train", "test", "validation"), default="test")
-    r.add_argument("--output", required=True)
+    r.add_argument(
+        "--output",
+        required=True,
+        help="a folder or a URI; what it holds is replaced once the new files are all written",
+    )
     r.add_argument("--top-k", type=int, default=100)
     _add_common(r)
     r.set_defaults(run=_recommend)
@@ -388,15 +400,15 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--lr", type=float, default=1e-3)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(run=_demo)
-    return main
+    return main, {"prepare": p, "train": t, "evaluate": e, "recommend": r, "demo": d}
 
 
 def _with_config(argv: list[str]) -> argparse.Namespace:
     """Flags on the command line win over the ``--config`` file, which wins over a ``--preset``,
     which wins over the defaults."""
-    cli = parser()
+    cli, commands = parsers()
     args = cli.parse_args(argv)
-    sub = cli._subparsers._group_actions[0].choices[args.command]
+    sub = commands[args.command]
     if getattr(args, "preset", None):
         from recoder_dist.presets import preset
 

@@ -1,22 +1,38 @@
-"""Batch inference: the top-K items of every user of a dataset, to Parquet, with Ray Data.
+"""Batch inference: the top-K items of every user of a prepared split's part, to Parquet, with
+Ray Data.
 
-The model goes to the object store once; a pool of actors each takes a copy (on a GPU each
-when asked), and ``map_batches`` streams user rows through them, so scoring is spread over the
-cluster and the Parquet files are written by the nodes in parallel, to a folder or a URI.
+The part's rows are read by the cluster (``UserRowFiles.ray_dataset``); the model goes to the
+object store once, and so do the id maps, read there by a task: this process holds neither rows
+nor ids. A pool of actors each takes a copy (on a GPU each when asked), and ``map_batches``
+streams user rows through them. The Parquet files are written by any node to a URI, by tasks
+on this node to a local folder (other nodes may not see it), into a fresh sibling of the output
+that replaces the output once complete: a second run replaces the first, and a run that fails
+leaves the earlier output as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import uuid
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 from ray.data import ActorPoolStrategy
 
 from recoder_dist import storage
-from recoder_dist.data.ray_dataset import rows_from_arrow, to_ray_dataset, user_rows_table
+from recoder_dist.data.local_files import on_this_node
+from recoder_dist.data.ray_dataset import rows_from_arrow
 from recoder_dist.training.evaluation import recommend_top_k
+from recoder_dist.utils import load_id_map
+
+# Rows per block that the actors take at a time.
+_ROWS_PER_BLOCK = 1024
 
 
 class _TopK:
@@ -25,18 +41,25 @@ class _TopK:
     def __init__(self, model, k: int, num_items: int, user_ids, item_ids, use_gpu: bool):
         import torch
 
-        if isinstance(model, ray.ObjectRef):
-            model = ray.get(model)
+        model, user_ids, item_ids = (
+            ray.get(value) if isinstance(value, ray.ObjectRef) else value
+            for value in (model, user_ids, item_ids)
+        )
         gpu = use_gpu and torch.cuda.is_available()  # Ray gave this actor a GPU: it is cuda:0
         self.device = torch.device("cuda" if gpu else "cpu")
         self.model = model.to(self.device).eval()
         self.k, self.num_items = k, num_items
-        self.user_ids, self.item_ids = np.asarray(user_ids), np.asarray(item_ids)
+        self.user_ids, self.item_ids = user_ids, item_ids
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        # Users with no input items (an evaluation part may hold some) get no recommendation.
+        table = table.filter(pc.greater(pc.list_value_length(table.column("items")), 0))
         rows = rows_from_arrow(table)
-        items, valid = recommend_top_k(self.model, rows, self.num_items, self.k, self.device)
-        items, valid = items.cpu().numpy(), valid.cpu().numpy()
+        if len(rows.users):
+            items, valid = recommend_top_k(self.model, rows, self.num_items, self.k, self.device)
+            items, valid = items.cpu().numpy(), valid.cpu().numpy()
+        else:
+            items, valid = np.zeros((0, 0), dtype=np.int64), np.zeros((0, 0), dtype=bool)
         lengths = valid.sum(1)
         offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
         flat = self.item_ids[items[valid]]
@@ -59,38 +82,121 @@ def write_recommendations(
     use_gpu: bool = False,
 ) -> int:
     """Writes ``user, rank_items`` (original ids, best first; the user's own items excluded)
-    for every user of ``prepared.split.<part>`` with interactions as Parquet files in
-    ``output`` (a folder or a URI); returns how many users. ``workers`` actors score them, with
-    a GPU each when ``use_gpu``."""
-    dataset = {
-        "train": prepared.split.train,
-        "test": prepared.split.test,
-        "validation": prepared.split.validation,
-    }[part]
-    if dataset is None:
+    for every user of ``prepared.<part>`` with input items as Parquet files in ``output`` (a
+    folder or a URI), replacing what was there; returns how many users. ``workers`` actors
+    score them, with a GPU each when ``use_gpu``.
+
+    Args:
+        recoder: a ``Recoder`` holding the model.
+        prepared: the split, as :func:`~recoder_dist.datasets.open_prepared` describes it.
+        output: the folder (or URI) of the Parquet files; what it held is replaced once the
+            new files are all written (a local folder by two renames; a URI's files are
+            deleted, then the new ones copied in by the store).
+        k: items per user.
+        part: ``train``, ``validation`` or ``test``.
+        workers: the actors that score.
+        use_gpu: a GPU for each actor.
+
+    Raises:
+        ValueError: no such part, ``k`` below 1, a model for another number of items, or an
+            output that is a file.
+    """
+    parts = {"train": prepared.train, "validation": prepared.validation, "test": prepared.test}
+    if part not in parts:
+        raise ValueError(f"part must be one of {sorted(parts)}, got {part!r}")
+    files = parts[part]
+    if files is None:
         raise ValueError(f"the prepared split has no {part} part")
     if k < 1:
         raise ValueError(f"--top-k must be >= 1, got {k}")
-    user_ids, item_ids = _inverse(prepared.user_id_map), _inverse(prepared.item_id_map)
-    table = user_rows_table(dataset)
-    table = table.drop_columns([c for c in table.column_names if c.startswith("target_")])
-    rows = to_ray_dataset(table, rows_per_block=1024)
+    if files.num_items != recoder.num_items:
+        raise ValueError(
+            f"the model scores {recoder.num_items} items; the split at {prepared.location} "
+            f"has {files.num_items}: a checkpoint of another dataset"
+        )
+    output = storage.normalized(output)
+    if storage.is_file(output):
+        raise ValueError(f"the output {output} is a file, not a folder")
+    rows = files.ray_dataset().select_columns(["user", "items", "values"])
+    # The files' blocks (row groups) are large: smaller ones spread the users over the actors.
+    rows = rows.repartition(target_num_rows_per_block=_ROWS_PER_BLOCK)
+    # The id maps, read into the object store by a task on this node (which sees the split's
+    # folder); the actors fetch them from there.
+    read_ids = ray.remote(_ids_of).options(**on_this_node())
+    ids = [read_ids.remote(prepared.id_map_path(kind)) for kind in ("user", "item")]
     model = ray.put(recoder.model)
     scored = rows.map_batches(
         _TopK,
-        fn_constructor_args=(model, k, recoder.num_items, user_ids, item_ids, use_gpu),
+        fn_constructor_args=(model, k, recoder.num_items, *ids, use_gpu),
         batch_size=256,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=workers),
         num_gpus=1 if use_gpu else 0,
     )
-    filesystem, path = storage.filesystem(output)
-    scored.write_parquet(path, filesystem=filesystem)
-    return table.num_rows
+    return _replaced(output, lambda fresh: _write(scored, fresh))
 
 
-def _inverse(id_map: dict) -> list:
-    ids = [None] * len(id_map)
-    for raw, index in id_map.items():
-        ids[index] = raw
-    return ids
+def _ids_of(id_map_path: str) -> np.ndarray:
+    """The original ids of an id map file, in the order of their indices."""
+    with storage.local_copy(id_map_path) as local:
+        return np.asarray(list(load_id_map(local)))  # a map's keys are in index order
+
+
+def _write(dataset, folder: str) -> int:
+    """Writes ``dataset`` as Parquet files into ``folder`` (a new one); returns its rows, as
+    the files' footers count them."""
+    fs, path = storage.filesystem(folder)
+    # A local folder is written by tasks on this node; a URI by any node's.
+    remote_args = {} if storage.is_uri(folder) else on_this_node()
+    dataset.write_parquet(path, filesystem=fs, ray_remote_args=remote_args)
+    rows = 0
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)):
+        if info.type == pafs.FileType.File and info.base_name.endswith(".parquet"):
+            with fs.open_input_file(info.path) as f:
+                rows += pq.ParquetFile(f).metadata.num_rows
+    return rows
+
+
+def _replaced(output: str, write) -> int:
+    """``write(fresh)`` into a fresh sibling folder of ``output``, which then takes the place of
+    ``output``; returns what ``write`` returns. A failure deletes the fresh folder and leaves
+    ``output`` as it was."""
+    token = uuid.uuid4().hex[:8]
+    fresh = storage.suffixed(output, f".tmp-{token}")
+    try:
+        result = write(fresh)
+    except BaseException:
+        _delete_folder(fresh)
+        raise
+    if storage.is_uri(output):
+        _move_objects(fresh, output)
+    else:
+        os.makedirs(fresh, exist_ok=True)  # no rows: Ray Data may have written no file
+        old = f"{output}.old-{token}"
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(output, old)
+        os.rename(fresh, output)
+        shutil.rmtree(old, ignore_errors=True)
+    return result
+
+
+def _move_objects(fresh: str, output: str) -> None:
+    """An object store has no rename: deletes what is under ``output``, then copies the objects
+    under ``fresh`` there (the store copies them, nothing passes through here), then deletes
+    ``fresh``. Between the two, ``output`` holds part of the new files, never old ones."""
+    fs, source = storage.filesystem(fresh)
+    _, target = storage.filesystem(output)
+    infos = fs.get_file_info(pafs.FileSelector(source, recursive=True, allow_not_found=True))
+    fs.delete_dir_contents(target, missing_dir_ok=True)
+    for info in infos:
+        if info.type == pafs.FileType.File:
+            fs.copy_file(info.path, target + info.path[len(source) :])
+    fs.delete_dir_contents(source, missing_dir_ok=True)
+    with contextlib.suppress(OSError):
+        fs.delete_dir(source)
+
+
+def _delete_folder(folder: str) -> None:
+    fs, path = storage.filesystem(folder)
+    with contextlib.suppress(FileNotFoundError, OSError):
+        fs.delete_dir(path)

@@ -294,6 +294,38 @@ def test_prepare_reads_events_from_the_bucket_on_the_cluster(
     assert pairs == {name: expected.get(name, set()) for name in pairs}
 
 
+@pytest.mark.slow
+def test_a_head_with_no_cpu_prepares_a_local_file(no_shared_disk_cluster, tmp_path):
+    """A CSV on the head's disk, which the worker node does not see, prepared into a folder
+    there: the head (0 CPUs) reads and writes with tasks that ask for none, the worker node
+    parses, groups and splits. The split of the documented rule."""
+    from recoder_dist.datasets import StrongSplitConfig, load_movielens
+    from tests.test_cluster_prepare import naive_split
+    from tests.test_splits import raw_pairs
+
+    cluster = no_shared_disk_cluster
+    events = load_movielens("ml-100k", shared_data("ml-100k"))[["user", "item", "value"]]
+    source = tmp_path / "events.csv"
+    events.rename(columns={"user": "uid", "item": "iid", "value": "rating"}).to_csv(
+        source, index=False
+    )
+    prepare = [
+        "recoder-dist", "prepare", "--dataset", "events", "--input", str(source),
+        "--user-col", "uid", "--item-col", "iid", "--value-col", "rating",
+        "--positive-above", "3.5", "--val-users", "50", "--test-users", "60", "--seed", "4",
+        "--output", str(tmp_path / "split"),
+    ]  # fmt: skip
+    printed = last_json(cluster.submit(*prepare))
+    config = StrongSplitConfig(num_val_users=50, num_test_users=60, seed=4)
+    expected, users, items = naive_split(events, config, positive_above=3.5)
+    prepared = load_prepared(tmp_path / "split")
+    assert printed["users"] == len(users) and printed["test_users"] == 60
+    assert list(prepared.user_id_map) == users and list(prepared.item_id_map) == items
+    pairs = raw_pairs(prepared.split, prepared.user_id_map, prepared.item_id_map)
+    assert pairs == {name: expected.get(name, set()) for name in pairs}
+    assert set(expected) <= set(pairs)
+
+
 def test_a_stopped_training_job_resubmitted_resumes_to_the_weights_of_a_straight_run(
     no_shared_disk_cluster, prepared_ml100k, bucket_credentials
 ):

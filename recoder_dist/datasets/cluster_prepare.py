@@ -4,9 +4,12 @@ writes, which training reads (:func:`~recoder_dist.datasets.open_prepared`).
 
 What passes through this process: the files' headers or footers, the sorted user and item ids
 (8 bytes each; the id maps are built from them), and references and counts. Never the events
-or the rows: tasks on this node write the rows' Parquet files into a local temporary folder,
-which is then moved into place as ``prepare`` does (atomically: a failure halfway leaves the
-earlier split).
+or the rows. Where the files are is where the work is pinned, and nowhere else: local input is
+read by tasks on this node, and local output written by them, asking for no CPU (the head of a
+cluster may advertise none); a URI is read and written by any node's tasks. The parts' files
+go straight to their place under names of their own, and ``split.json`` then lists them, as
+``prepare`` publishes (atomically: a failure halfway leaves the earlier split, and deletes the
+files it wrote).
 
 The split is drawn from seeded hashes of the ids (``draw_keys``), not from a random generator
 that walks the table in order, so that it does not depend on how the cluster partitions the
@@ -39,6 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from recoder_dist import storage
+from recoder_dist.data.local_files import on_this_node
 from recoder_dist.data.parquet_rows import UserRowFiles, UserRowsWriter
 from recoder_dist.datasets.prepare import (
     PreparedFiles,
@@ -131,7 +135,7 @@ def prepare_on_cluster(
             batch_size=None,
             batch_format="pyarrow",
         ).sort(["part", "user"])
-        write = functools.partial(_write_files, split_rows, users, items)
+        write = functools.partial(_write_files, split_rows, users, items, location)
         publish(location, split, positive_above, write)
     except ray.exceptions.RayTaskError as e:
         raise _cause(e) from None
@@ -150,10 +154,17 @@ def _rows_per_user(events, input_bytes: int, min_items: int):
     ).materialize()
 
 
-def _write_files(split_rows, users, items, local: str, token: str) -> dict:
-    """``publish``'s writer: the parts' files and the id maps in ``local``, and what
-    ``split.json`` says of them."""
-    parts = _write_parts(split_rows, local, token, len(users), len(items))
+def _write_files(split_rows, users, items, location: str, local: str, token: str) -> dict:
+    """``publish``'s writer: the parts' files straight into ``location`` (``publish`` lists
+    them in ``split.json`` once they are all there), the id maps into ``local`` (for
+    ``publish`` to move), and what ``split.json`` says of them."""
+    if not storage.is_uri(location):
+        os.makedirs(location, exist_ok=True)
+    try:
+        parts = _write_parts(split_rows, location, token, len(users), len(items))
+    except BaseException:
+        _delete_parts(location, token)
+        raise
     user_id_map, item_id_map = (
         {raw: index for index, raw in enumerate(ids.tolist())} for ids in (users, items)
     )
@@ -250,13 +261,15 @@ def _read(paths: list[str], parquet: bool, columns: dict, positive_above):
     """The events as a Ray Dataset of ``user``, ``item`` (int64), positives only, each block
     checked and named with its file."""
     import pyarrow.csv as pacsv
-    import ray
     import ray.data
 
     remote_args = {}
     if not storage.is_uri(paths[0]):
-        # Local files are read by tasks on this node: other nodes may not see them.
-        remote_args["label_selector"] = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
+        # Local files are read by tasks on this node (other nodes may not see them), which ask
+        # for no CPU: a cluster's head may advertise none. They only read (a task per file,
+        # or per part of a large one); the checks and the grouping that follow ask for CPUs
+        # and run on any node.
+        remote_args = on_this_node()
     wanted = list(dict.fromkeys(columns.values()))
     fs, located = storage.for_ray_data(paths)
     if parquet:
@@ -447,30 +460,32 @@ def _part_rows(part, row_of, columns, given, target, index) -> pa.Table:
     return pa.table(table)
 
 
-def _write_parts(split_rows, local: str, token: str, num_users: int, num_items: int) -> dict:
-    """Writes the sorted rows of every part as Parquet files in ``local`` (on this node), by
-    tasks on this node, a file per block and part: this process handles references and counts,
-    never rows. Returns each part's description (None for validation without rows)."""
+def _write_parts(split_rows, location: str, token: str, num_users: int, num_items: int) -> dict:
+    """Writes the sorted rows of every part as Parquet files into ``location``, a file per
+    block and part (``{part}-{token}-{block}-NNNNN.parquet``): by tasks on any node for a URI,
+    by tasks on this node (asking for no CPU) for a local folder, which other nodes may not
+    see. This process handles references and counts, never rows. Returns each part's
+    description (None for validation without rows)."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from recoder_dist.data.ray_dataset import row_blocks
-
-    # No CPU asked (a head may have none); at most a few blocks in flight instead. The counts
-    # are taken where each block is (Ray places a task by its arguments' locations).
+    refs = split_rows.to_arrow_refs()  # in the order of the sort; the blocks stay where they are
+    # The counts are taken where each block is (Ray places a task by its arguments' locations).
     count = ray.remote(num_cpus=0)(_part_counts)
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    write = ray.remote(num_cpus=0)(_write_block).options(scheduling_strategy=here)
-    refs = row_blocks(split_rows).refs
     counts = np.array(ray.get([count.remote(ref) for ref in refs])).reshape(-1, len(_PARTS))
     starts = np.cumsum(counts, axis=0) - counts  # each block's first row within each part
     sizes = (num_users, num_items)
+    if storage.is_uri(location):
+        # Any node: Ray queues the tasks by CPUs, and prefers the node that holds the block.
+        write, in_flight = ray.remote(_write_block), len(refs)
+    else:
+        # No CPU asked, so a few blocks at a time instead.
+        write, in_flight = ray.remote(_write_block).options(**on_this_node()), _BLOCKS_IN_FLIGHT
     pending, written = [], []
     for index, ref in enumerate(refs):
-        if len(pending) >= _BLOCKS_IN_FLIGHT:
+        if len(pending) >= in_flight:
             done, pending = ray.wait(pending, num_returns=1)
             written += ray.get(done)
-        pending.append(write.remote(ref, local, token, index, starts[index].tolist(), sizes))
+        pending.append(write.remote(ref, location, token, index, starts[index].tolist(), sizes))
     written += ray.get(pending)
     described = {}
     for name in _PARTS:
@@ -491,6 +506,16 @@ def _write_parts(split_rows, local: str, token: str, num_users: int, num_items: 
     return described
 
 
+def _delete_parts(location: str, token: str) -> None:
+    """Deletes the parts' files of the write ``token`` under ``location`` (a failed write's)."""
+    fs, path = storage.filesystem(location)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    prefixes = tuple(f"{name}-{token}-" for name in _PARTS)
+    for info in infos:
+        if info.type == pafs.FileType.File and info.base_name.startswith(prefixes):
+            fs.delete_file(info.path)
+
+
 # Blocks that write tasks hold at once.
 _BLOCKS_IN_FLIGHT = 4
 
@@ -508,9 +533,9 @@ def _part_counts(block: pa.Table) -> list[int]:
     return np.bincount(block.column("part").to_numpy(), minlength=len(_PARTS)).tolist()
 
 
-def _write_block(block: pa.Table, local: str, token: str, index: int, starts, sizes) -> list:
-    """Writes the rows of each part in ``block`` (the ``index``-th of the sorted rows), their
-    positions counted from ``starts[part]``."""
+def _write_block(block: pa.Table, location: str, token: str, index: int, starts, sizes) -> list:
+    """Writes the rows of each part in ``block`` (the ``index``-th of the sorted rows) into
+    ``location``, their positions counted from ``starts[part]``."""
     parts = block.column("part").to_numpy()
     pieces = []
     for part in np.unique(parts):
@@ -519,7 +544,7 @@ def _write_block(block: pa.Table, local: str, token: str, index: int, starts, si
         if name == "train":
             rows = rows.drop_columns(["target_items", "target_values"])
         writer = UserRowsWriter(
-            local,
+            location,
             f"{name}-{token}-{index:05d}",
             *sizes,
             has_target=name != "train",
