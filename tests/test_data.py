@@ -303,33 +303,15 @@ def test_rows_are_writable_copies():
 def test_put_blocks_are_ray_datas_blocks(ray_session, rows_per_block):
     """The blocks put straight into the object store are those that Ray Data's from_arrow
     gives for the same table (the reference): the same rows, in the same blocks and order."""
-    from recoder_dist.data.ray_dataset import put_blocks, row_blocks, to_ray_dataset
+    from recoder_dist.data.ray_dataset import put_blocks, to_ray_dataset
 
     table = user_rows_table(random_dataset(10, 9, 0.3, seed=2))
     ours = put_blocks(table, rows_per_block)
-    reference = row_blocks(to_ray_dataset(table, rows_per_block))
-    assert ours.rows == reference.rows
-    got, expected = ray_session.get(list(ours.refs)), ray_session.get(list(reference.refs))
+    expected = ray_session.get(to_ray_dataset(table, rows_per_block).to_arrow_refs())
+    got = ray_session.get(list(ours.refs))
+    assert list(ours.rows) == [t.num_rows for t in expected]
     assert [t.to_pydict() for t in got] == [t.to_pydict() for t in expected]
     assert pa.concat_tables(got).equals(table)
-
-
-def test_row_blocks_the_one_use_of_ray_datas_internals(ray_session):
-    """The upgrade test of ``row_blocks``, which reads Ray Data's bundles (a DeveloperAPI and
-    its internal fields): a dataset's blocks and counts are the table's slices (the naive
-    reference), also after a map that Ray Data runs as tasks. A Ray upgrade that changes
-    ``iter_internal_ref_bundles`` or the bundles' fields fails here."""
-    from recoder_dist.data.ray_dataset import row_blocks, to_ray_dataset
-
-    table = user_rows_table(random_dataset(30, 9, 0.3, seed=4))
-    dataset = to_ray_dataset(table, 7)
-    for rows in (dataset, dataset.map_batches(lambda t: t, batch_format="pyarrow")):
-        blocks = row_blocks(rows)
-        got = ray_session.get(list(blocks.refs))
-        assert [t.num_rows for t in got] == list(blocks.rows)
-        assert pa.concat_tables(got).sort_by("position").equals(table)
-    n = table.num_rows
-    assert row_blocks(dataset).rows == tuple(min(7, n - s) for s in range(0, n, 7))
 
 
 def test_put_blocks_refuses_no_rows(ray_session):

@@ -68,28 +68,6 @@ def put_blocks(table: pa.Table, rows_per_block: int) -> RowBlocks:
     return RowBlocks(tuple(ray.put(s) for s in slices), tuple(s.num_rows for s in slices))
 
 
-def row_blocks(dataset) -> RowBlocks:
-    """The blocks of the Ray Dataset ``dataset`` in the object store, with their row counts.
-    Executes the dataset on the cluster; this process receives object references and
-    metadata, not rows.
-
-    The one use of Ray Data's internals in this package (``prepare`` on a cluster hands the
-    blocks of its grouped rows to its write tasks): every way out of a Dataset to its blocks
-    is a DeveloperAPI (``iter_internal_ref_bundles``, ``to_arrow_refs``, which lacks the
-    counts), and the bundles' fields are internal. ``tests/test_data.py``'s upgrade test
-    fails when a Ray upgrade changes them. Training reads its rows without Ray Data
-    (``UserRowFiles.row_blocks``).
-    """
-    refs, rows = [], []
-    for bundle in dataset.iter_internal_ref_bundles():
-        for entry, piece in zip(bundle.blocks, bundle.slices):
-            if piece is not None:
-                raise RuntimeError("a Ray Data bundle holds a slice of a block; unexpected here")
-            refs.append(entry.ref)
-            rows.append(int(entry.metadata.num_rows))
-    return RowBlocks(tuple(refs), tuple(rows))
-
-
 def rows_from_arrow(batch: pa.Table | pa.RecordBatch, prefix: str = "") -> UserRows:
     """The CSR block of a batch of user rows (``prefix='target_'`` for the targets)."""
     items = _combined(batch.column(f"{prefix}items"))
