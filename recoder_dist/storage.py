@@ -174,10 +174,31 @@ def local_copy(location: str | os.PathLike) -> Iterator[str]:
 
 
 def copy(source: str | os.PathLike, destination: str | os.PathLike) -> str:
-    """Copies a file between any two locations, atomically at the destination."""
+    """Copies a file between any two locations, atomically at the destination. Within one
+    object store (the same scheme and query: bucket to bucket on one endpoint) the store copies
+    the object itself (S3's CopyObject: no bytes through this machine, and the new object
+    appears whole); otherwise through a local file.
+
+    Raises:
+        FileNotFoundError: no file at ``source``.
+    """
+    source, destination = normalized(source), normalized(destination)
+    if _one_store(source, destination):
+        if not is_file(source):
+            raise FileNotFoundError(f"no file at {source}")
+        fs, path = filesystem(source)
+        fs.copy_file(path, filesystem(destination)[1])
+        return destination
     with local_copy(source) as local:
         upload(local, destination)
-    return normalized(destination)
+    return destination
+
+
+def _one_store(a: str, b: str) -> bool:
+    if not (is_uri(a) and is_uri(b)):
+        return False
+    a, b = urlsplit(a), urlsplit(b)
+    return a.scheme == b.scheme and a.query == b.query
 
 
 def _write_local_atomically(path: str, write: Callable[[BinaryIO], None]) -> str:

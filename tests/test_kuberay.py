@@ -23,9 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "deploy" / "kuberay"
 CLUSTER_YAML = ROOT / "cluster.yaml"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
-KUBERAY_CRDS = Path(
-    os.environ.get("RECODER_DIST_KUBERAY_CRDS", ROOT.parent / "shared" / "kuberay")
-)
+KUBERAY_CRDS = Path(os.environ.get("RECODER_DIST_KUBERAY_CRDS", ROOT.parent / "shared" / "kuberay"))
 # ObjectMeta fields a manifest may set; the CRD leaves metadata to the API server's own schema.
 OBJECT_META = {"name", "generateName", "namespace", "labels", "annotations"}
 ROLE_ARN = re.compile(r"arn:aws:iam::(\d{12}):role/[\w+=,.@-]+")

@@ -115,5 +115,15 @@ def test_snapshots_round_trip_through_a_bucket(s3_server, tmp_path, monkeypatch)
     assert load_snapshot(local).epoch == 2
     back = storage.copy(local, s3_server.uri("copies/back.model"))
     assert load_snapshot(back).epoch == 2
+    # Bucket to bucket, the store's own copy: the same bytes.
+    within = storage.copy(location, s3_server.uri("copies/within.model"))
+    fs = s3_server.filesystem()
+    with fs.open_input_stream(s3_server.path("copies/within.model")) as f:
+        copied = f.read()
+    with fs.open_input_stream(s3_server.path("snapshots/model_epoch_2.model")) as f:
+        assert copied == f.read()
+    assert load_snapshot(within).epoch == 2
+    with pytest.raises(FileNotFoundError, match="no file at s3://"):
+        storage.copy(s3_server.uri("snapshots/missing.model"), s3_server.uri("copies/x.model"))
     with pytest.raises(FileNotFoundError, match="no snapshot file at s3://"):
         load_snapshot(s3_server.uri("snapshots/missing.model"))
