@@ -122,3 +122,15 @@ def test_a_workers_mistake_reaches_the_driver_as_one_line(ray_session):
     mistake = _user_error(failed.value)  # what the CLI prints, in one line, exit status 2
     assert isinstance(mistake, ValueError) and str(mistake) == "a mistake met on the worker"
     assert _user_error(RuntimeError("a bug")) is None  # a bug keeps its traceback
+
+
+def test_a_node_gone_since_it_was_listed_is_not_a_node_that_cannot_see(ray_session, tmp_path):
+    """The storage check asks every other node whether it sees the run's folder. A node that
+    an autoscaler removed between the listing and the question runs no worker: it is skipped,
+    not reported as blind (the fake GPU cluster's test met this race)."""
+    from recoder_dist.training.storage_check import _nodes_that_cannot_see
+
+    here = ray.get_runtime_context().get_node_id()
+    gone = {"NodeID": "ab" * 28, "NodeManagerAddress": "10.9.9.9"}  # no such node
+    alive = {"NodeID": here, "NodeManagerAddress": "this node"}
+    assert _nodes_that_cannot_see(str(tmp_path / "runs"), [gone, alive]) == []

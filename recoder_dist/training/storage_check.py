@@ -59,18 +59,22 @@ def _nodes_that_cannot_see(folder: str, nodes: list[dict]) -> list[str]:
     marker = os.path.join(folder, f".recoder-dist-reach-{uuid.uuid4().hex}")
     open(marker, "w").close()
     try:
-        seen = ray.get(
-            [
-                _sees.options(
-                    scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
-                ).remote(marker)
-                for node in nodes
-            ],
-            timeout=120,
-        )
+        looks = [
+            _sees.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+            ).remote(marker)
+            for node in nodes
+        ]
+        blind = []
+        for node, look in zip(nodes, looks):
+            try:
+                if not ray.get(look, timeout=120):
+                    blind.append(node["NodeManagerAddress"])
+            except ray.exceptions.TaskUnschedulableError:
+                pass  # the node left the cluster since it was listed (an autoscaler removed it)
     finally:
         os.unlink(marker)
-    return [node["NodeManagerAddress"] for node, ok in zip(nodes, seen) if not ok]
+    return blind
 
 
 @ray.remote(num_cpus=0)
