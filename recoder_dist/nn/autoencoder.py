@@ -190,17 +190,7 @@ class DynamicAutoencoder(FactorizationModel):
             if input.is_sparse:
                 input = input.to_dense()
             z = self.noise(F.normalize(input, p=2, dim=1)) @ encoder
-        z = self.act(z + self.encoder_bias)
-        for layer in self.encoder_layers:
-            z = self.act(layer(z))
-        z = self.dropout(z)
-        if self.is_constrained:
-            for layer, bias in zip(reversed(self.encoder_layers), self.decoder_biases):
-                z = self.act(F.linear(z, layer.weight.t(), bias))
-        else:
-            for layer in self.decoder_layers:
-                z = self.act(layer(z))
-        return z
+        return dense_codes(self, z)
 
     def _encode_entries(self, rows, cols, values, num_rows: int, encoder) -> torch.Tensor:
         """``noise(normalize(input)) @ encoder`` from the stored entries ``(rows, cols,
@@ -224,6 +214,23 @@ class DynamicAutoencoder(FactorizationModel):
             values = values.mul_(keep).div_(1 - self.noise_prob)
         offsets = _bag_offsets(rows, num_rows)
         return F.embedding_bag(cols, encoder, offsets, mode="sum", per_sample_weights=values)
+
+
+def dense_codes(model, pooled: torch.Tensor) -> torch.Tensor:
+    """The dense layers after the input embedding's pooling: encoder bias and layers, dropout
+    on the code, decoder layers (tied or not), up to the decoder's last hidden layer. ``model``
+    is a DynamicAutoencoder, or a module holding the same dense layers (the sharded one)."""
+    z = model.act(pooled + model.encoder_bias)
+    for layer in model.encoder_layers:
+        z = model.act(layer(z))
+    z = model.dropout(z)
+    if model.is_constrained:
+        for layer, bias in zip(reversed(model.encoder_layers), model.decoder_biases):
+            z = model.act(F.linear(z, layer.weight.t(), bias))
+    else:
+        for layer in model.decoder_layers:
+            z = model.act(layer(z))
+    return z
 
 
 class _TiedDecoderLayer(nn.Module):

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
+from recoder_dist.nn.autoencoder import dense_codes
 from recoder_dist.nn.base import activation
 from recoder_dist.sharded import comm
 from recoder_dist.sharded.decoder import sharded_loss
@@ -114,17 +114,7 @@ class ShardedAutoencoder(nn.Module):
 
     def codes(self, pooled: torch.Tensor) -> torch.Tensor:
         """The dense layers on this rank's users: DynamicAutoencoder's path after the pooling."""
-        z = self.act(pooled + self.encoder_bias)
-        for layer in self.encoder_layers:
-            z = self.act(layer(z))
-        z = self.dropout(z)
-        if self.is_constrained:
-            for layer, bias in zip(reversed(self.encoder_layers), self.decoder_biases):
-                z = self.act(F.linear(z, layer.weight.t(), bias))
-        else:
-            for layer in self.decoder_layers:
-                z = self.act(layer(z))
-        return z
+        return dense_codes(self, pooled)
 
     def loss(
         self,

@@ -2,12 +2,12 @@
 
 Why modulo and not contiguous ranges: item ids are usually numbered in order of first
 appearance or of popularity, so a range split would put the popular head on one rank. Modulo
-deals the ids round-robin, so every rank gets every ``world``-th id of the head and of the tail:
-on Gowalla the rows a step touches are within 1% across ranks, and within 3% on a Zipf catalog
-with ids in random order (benchmarks/RESULTS.md, "the sharded path"). Structure in the ids
-shows up directly (the synthetic 1M catalog's generator puts twice the mean on one rank of 64);
-a hash would hide it but would need a lookup table to map back to a local row, where modulo maps
-both ways in arithmetic: renumber the items at random once, where ids may carry structure.
+deals the ids round-robin, so every rank gets every ``world``-th id of the head and of the tail
+(the rows a step touches per rank, on Gowalla and a Zipf catalog: benchmarks/RESULTS.md, "the
+sharded path"). Structure in the ids shows up directly (as in the synthetic 1M catalog's
+generator, whose rounded draws crowd one rank); a hash would hide it but would need a lookup
+table to map back to a local row, where modulo maps both ways in arithmetic: renumber the
+items at random once, where ids may carry structure.
 """
 
 from __future__ import annotations
