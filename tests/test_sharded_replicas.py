@@ -59,9 +59,9 @@ def _two_groups(rank, world):
 
         _close(sharded.encoder_bias, reference.encoder_bias, f"{loss} encoder bias")
         tables = [
-            (sharded.encoder_table, reference.encoder_embedding.weight),
-            (sharded.decoder_table, reference.decoder_embedding.weight),
-            (sharded.bias_table, reference.decoder_bias.weight),
+            (sharded.encoder_embedding, reference.encoder_embedding.weight),
+            (sharded.decoder_embedding, reference.decoder_embedding.weight),
+            (sharded.decoder_bias, reference.decoder_bias.weight),
         ]
         for table, full in tables:
             gathered = table.gather_full(dst=0, group=shard_group)

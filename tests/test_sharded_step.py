@@ -16,13 +16,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recoder_dist.data.collator import Collator, UserRows
+from recoder_dist.data.collator import Collator, SparseBatch, UserRows
 from recoder_dist.losses import build_loss
 from recoder_dist.nn.autoencoder import DynamicAutoencoder
 from recoder_dist.sharded.autoencoder import ShardedAutoencoder
 from recoder_dist.sharded.encoder import input_noise
 from recoder_dist.sharded.ownership import Ownership
 from recoder_dist.sharded.routes import route_entries
+from recoder_dist.sharded.state import (
+    gathered_optimizer_state,
+    gathered_state,
+    sharded_optimizer_state,
+    sharded_state,
+)
 from recoder_dist.training.optimizers import build_optimizers
 from recoder_dist.training.step import batch_loss
 from tests.sharded_harness import interactions, rank_entries, run_ranks, split
@@ -96,9 +102,9 @@ def _steps(rank, world, matrix=None, cases=CASES):
         for mine, theirs in zip(sharded.encoder_layers, reference.encoder_layers):
             _close(mine.weight, theirs.weight, f"{case} encoder layer")
         tables = [
-            (sharded.encoder_table, reference.encoder_embedding.weight),
-            (sharded.decoder_table, reference.decoder_embedding.weight),
-            (sharded.bias_table, reference.decoder_bias.weight),
+            (sharded.encoder_embedding, reference.encoder_embedding.weight),
+            (sharded.decoder_embedding, reference.decoder_embedding.weight),
+            (sharded.decoder_bias, reference.decoder_bias.weight),
         ]
         for table, full in tables:
             gathered = table.gather_full(dst=0)
@@ -155,7 +161,7 @@ def _noise_with_mask(rank, world):
     sharded.all_reduce_dense_grads()
     torch.optim.SGD(sharded.parameters(), lr=0.1).step()
     _close(total, expected.detach(), "loss with a given noise mask")
-    gathered = sharded.encoder_table.gather_full()
+    gathered = sharded.encoder_embedding.gather_full()
     if rank == 0:
         _close(gathered, reference.encoder_embedding.weight, "encoder table after SGD")
 
@@ -201,9 +207,9 @@ def _initialization(rank, world):
             torch.empty(shape), generator=torch.Generator().manual_seed(seed)
         )
 
-    assert torch.equal(model.encoder_table.weight, xavier((NUM_ITEMS, 6), 5)[rank::world])
-    assert torch.equal(model.decoder_table.weight, xavier((NUM_ITEMS, 6), 6)[rank::world])
-    assert not model.bias_table.weight.any()
+    assert torch.equal(model.encoder_embedding.weight, xavier((NUM_ITEMS, 6), 5)[rank::world])
+    assert torch.equal(model.decoder_embedding.weight, xavier((NUM_ITEMS, 6), 6)[rank::world])
+    assert not model.decoder_bias.weight.any()
     assert torch.equal(model.encoder_layers[0].weight, xavier((4, 6), 7))
     assert not model.encoder_layers[0].bias.any()
 
@@ -211,3 +217,129 @@ def _initialization(rank, world):
 def test_bad_routes_and_initialization():
     run_ranks(1, _bad_routes)
     run_ranks(2, _initialization)
+
+
+def _global_batch(matrix, users, items):
+    """The single-process batch of ``users`` scored on ``items`` (sorted global ids)."""
+    block = matrix[users]
+    return SparseBatch(
+        users=np.asarray(users),
+        items=items,
+        rows=np.repeat(np.arange(len(users)), np.diff(block.indptr)).astype(np.int64),
+        cols=np.searchsorted(items, block.indices).astype(np.int64),
+        values=block.data.astype(np.float32),
+        shape=(len(users), len(items)),
+    )
+
+
+def _sampled_beyond_entries(rank, world):
+    """A sampling group larger than the batch: each rank scores its group's items, more than
+    its batch's entries touch; one process scores the union of every rank's group."""
+    matrix = interactions(20, NUM_ITEMS, TOUCHED, seed=4)
+    users, sizes = STEP_USERS[0], SIZES[world][0]
+    groups = np.array_split(np.arange(10, 20), world)  # each rank's rest of its group
+    reference = _reference([6], False, True, seed=1)
+    sharded = ShardedAutoencoder.like(reference)
+    reference_opt = build_optimizers(reference, "adam", 0.05, 0.0)
+    sharded_opt = build_optimizers(sharded, "adam", 0.05, 0.0)
+
+    mine = users[split(sizes, rank)]
+    sampled = [
+        np.unique(matrix[np.concatenate([users[split(sizes, r)], groups[r]])].indices)
+        for r in range(world)
+    ]
+    batch = _global_batch(matrix, users, np.unique(np.concatenate(sampled)))
+    expected = batch_loss(reference, build_loss("logloss"), batch, torch.device("cpu"))
+    expected.backward()
+    reference_opt.step()
+
+    rows, items, values, num_users = rank_entries(matrix, mine)
+    share, total = sharded.loss(
+        rows,
+        items,
+        values,
+        num_users,
+        loss="logloss",
+        sampled=torch.from_numpy(sampled[rank].astype(np.int64)),
+    )
+    share.backward()
+    sharded.all_reduce_dense_grads()
+    sharded_opt.step()
+    _close(total, expected.detach(), "loss over the sampled items")
+    gathered = gathered_state(sharded)
+    if rank == 0:
+        for key, value in reference.state_dict().items():
+            _close(gathered[key], value, f"{key} after a step over the sampled items")
+
+
+def test_sampling_groups_larger_than_the_batch():
+    run_ranks(2, _sampled_beyond_entries)
+    run_ranks(3, _sampled_beyond_entries)
+
+
+def _state_round_trip(rank, world, sparse, constrained):
+    """The whole model's state and optimizer state from the shards equal one process's after
+    a step; loaded back into fresh shards (any world size reads the whole state), the next
+    step goes on as one process's."""
+    matrix = interactions(20, NUM_ITEMS, TOUCHED, seed=5)
+    reference = _reference([6, 4], constrained, sparse, seed=2)
+    sharded = ShardedAutoencoder.like(reference)
+    reference_opt = build_optimizers(reference, "adam", 0.05, 0.0)
+    sharded_opt = build_optimizers(sharded, "adam", 0.05, 0.0)
+
+    def step(model, optimizers, users, sizes):
+        optimizers.zero_grad()
+        if model is reference:
+            batch = next(
+                Collator(num_items=NUM_ITEMS, batch_size=len(users))(
+                    UserRows.from_csr(matrix, users)
+                )
+            )
+            loss = batch_loss(model, build_loss("mse"), batch, torch.device("cpu"))
+            loss.backward()
+        else:
+            rows, items, values, num_users = rank_entries(matrix, users[split(sizes, rank)])
+            share, _ = model.loss(rows, items, values, num_users)
+            share.backward()
+            model.all_reduce_dense_grads()
+        optimizers.step()
+
+    step(reference, reference_opt, STEP_USERS[0], None)
+    step(sharded, sharded_opt, STEP_USERS[0], SIZES[world][0])
+    model_state = gathered_state(sharded, dst=None)  # on every rank
+    optimizer_state = gathered_optimizer_state(sharded_opt, sharded, dst=None)
+    expected_state = reference_opt.state_dict()
+    for key, value in reference.state_dict().items():
+        _close(model_state[key], value, f"gathered {key}")
+    for kind in ("dense", "sparse"):
+        theirs, ours = expected_state[kind], optimizer_state[kind]
+        assert (theirs is None) == (ours is None), kind
+        for index, entry in (theirs or {"state": {}})["state"].items():
+            for name, value in entry.items():
+                if torch.is_tensor(value):
+                    _close(
+                        torch.as_tensor(ours["state"][index][name]).float(),
+                        value.float(),
+                        f"{kind} {index} {name}",
+                    )
+                else:
+                    assert ours["state"][index][name] == value
+
+    fresh = ShardedAutoencoder(
+        NUM_ITEMS, [6, 4], is_constrained=constrained, sparse=sparse, seed=None
+    )
+    fresh.load_state_dict(sharded_state(model_state, fresh))
+    fresh_opt = build_optimizers(fresh, "adam", 0.05, 0.0)
+    fresh_opt.load_state_dict(sharded_optimizer_state(optimizer_state, fresh_opt, fresh))
+    step(reference, reference_opt, STEP_USERS[1], None)
+    step(fresh, fresh_opt, STEP_USERS[1], SIZES[world][1])
+    model_state = gathered_state(fresh)
+    if rank == 0:
+        for key, value in reference.state_dict().items():
+            _close(model_state[key], value, f"{key} after a step from the loaded state")
+
+
+@pytest.mark.parametrize("sparse,constrained", [(True, False), (False, True)])
+def test_whole_state_round_trip(sparse, constrained):
+    run_ranks(2, _state_round_trip, sparse, constrained)
+    run_ranks(3, _state_round_trip, sparse, constrained)

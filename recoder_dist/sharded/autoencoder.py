@@ -19,11 +19,16 @@ from recoder_dist.sharded.decoder import sharded_loss
 from recoder_dist.sharded.encoder import input_noise, normalized_values, sharded_pooling
 from recoder_dist.sharded.ownership import Ownership
 from recoder_dist.sharded.routes import route_entries
+from recoder_dist.sharded.state import sharded_state
 from recoder_dist.sharded.tables import ShardedTable
 
 
 class ShardedAutoencoder(nn.Module):
     """A DynamicAutoencoder whose three item tables hold only this rank's rows.
+
+    Its parameters have DynamicAutoencoder's names, in its order: the state of a whole model
+    (its ``state_dict``, and its optimizers' states) is this model's with each table's rows
+    ``rank::world`` (see ``recoder_dist.sharded.state``).
 
     Args:
         num_items: catalog size.
@@ -36,7 +41,9 @@ class ShardedAutoencoder(nn.Module):
         seed: the initialization seed: the encoder's table draws from ``seed``, the
             decoder's from ``seed + 1``, the dense layers from ``seed + 2`` (the same on every
             rank, with no broadcast; xavier weights and zero biases, as DynamicAutoencoder's).
+            None: the tables are left uninitialized (their rows are to be loaded).
         group: the process group of the shards (None: the default group).
+        device: where the model lives.
     """
 
     def __init__(
@@ -49,8 +56,9 @@ class ShardedAutoencoder(nn.Module):
         dropout_prob: float = 0.0,
         noise_prob: float = 0.0,
         sparse: bool = False,
-        seed: int = 0,
+        seed: int | None = 0,
         group=None,
+        device: torch.device | str | None = None,
     ):
         super().__init__()
         rank, world = comm.rank_and_world(group)
@@ -60,57 +68,78 @@ class ShardedAutoencoder(nn.Module):
         self.act = activation(activation_type)
         self.dropout = nn.Dropout(dropout_prob)
         self.is_constrained = is_constrained
-        table = dict(rank=rank, world=world, sparse=sparse)
-        self.encoder_table = ShardedTable(num_items, sizes[0], seed=seed, **table)
-        self.decoder_table = (
-            self.encoder_table
-            if is_constrained
-            else ShardedTable(num_items, sizes[0], seed=seed + 1, **table)
+        table = dict(rank=rank, world=world, sparse=sparse, device=device)
+        xavier = None if seed is None else "xavier"
+        # Registered in DynamicAutoencoder's order, under its names (see the class docstring).
+        self.encoder_embedding = ShardedTable(
+            num_items, sizes[0], init=xavier, seed=seed or 0, **table
         )
-        self.bias_table = ShardedTable(num_items, 1, init="zeros", **table)
-        self.encoder_bias = nn.Parameter(torch.zeros(sizes[0]))
-        self.encoder_layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.encoder_bias = nn.Parameter(torch.zeros(sizes[0], device=device))
+        self.encoder_layers = nn.ModuleList(
+            nn.Linear(a, b, device=device) for a, b in zip(sizes[:-1], sizes[1:])
+        )
         if is_constrained:
             self.decoder_biases = nn.ParameterList(
-                nn.Parameter(torch.zeros(n)) for n in reversed(sizes[:-1])
+                nn.Parameter(torch.zeros(n, device=device)) for n in reversed(sizes[:-1])
             )
+            self.decoder_embedding = self.encoder_embedding
         else:
             self.decoder_layers = nn.ModuleList(
-                nn.Linear(a, b) for a, b in zip(reversed(sizes[1:]), reversed(sizes[:-1]))
+                nn.Linear(a, b, device=device)
+                for a, b in zip(reversed(sizes[1:]), reversed(sizes[:-1]))
             )
-        generator = torch.Generator().manual_seed(seed + 2)
+            self.decoder_embedding = ShardedTable(
+                num_items, sizes[0], init=xavier, seed=(seed or 0) + 1, **table
+            )
+        self.decoder_bias = ShardedTable(num_items, 1, init="zeros", **table)
+        generator = torch.Generator().manual_seed((seed or 0) + 2)
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight, generator=generator)
+                weight = torch.empty(module.weight.shape)
+                nn.init.xavier_uniform_(weight, generator=generator)  # drawn on the CPU
+                with torch.no_grad():
+                    module.weight.copy_(weight)
                 nn.init.zeros_(module.bias)
+
+    @classmethod
+    def like(cls, model, group=None, device=None) -> ShardedAutoencoder:
+        """This rank's shard of ``model`` (a whole, initialized DynamicAutoencoder): its
+        hyper-parameters, its dense layers and its tables' rows ``rank::world``."""
+        params = model.model_params()
+        sharded = cls(
+            model.num_items,
+            params["hidden_layers"],
+            activation_type=params["activation_type"],
+            is_constrained=params["is_constrained"],
+            dropout_prob=params["dropout_prob"],
+            noise_prob=params["noise_prob"],
+            sparse=params["sparse"],
+            seed=None,
+            group=group,
+            device=device,
+        )
+        sharded.load_from(model)
+        return sharded
 
     def dense_parameters(self) -> list[nn.Parameter]:
         """The data-parallel parameters (everything but the item tables)."""
-        tables = {id(p) for t in self.tables() for p in t.parameters()}
+        tables = {id(t.weight) for t in self.tables()}
         return [p for p in self.parameters() if id(p) not in tables]
 
     def tables(self) -> list[ShardedTable]:
         """The distinct sharded tables (two when the decoder is tied to the encoder)."""
         return list(
-            {id(t): t for t in (self.encoder_table, self.decoder_table, self.bias_table)}.values()
+            {
+                id(t): t
+                for t in (self.encoder_embedding, self.decoder_embedding, self.decoder_bias)
+            }.values()
         )
 
     @torch.no_grad()
     def load_from(self, model) -> None:
         """This rank's rows and the dense layers of a whole DynamicAutoencoder (a model that
         fits in one process: tests, and today's snapshots)."""
-        self.encoder_table.load_full(model.encoder_embedding.weight)
-        self.decoder_table.load_full(model.decoder_embedding.weight)
-        self.bias_table.load_full(model.decoder_bias.weight)
-        self.encoder_bias.copy_(model.encoder_bias)
-        for mine, theirs in zip(self.encoder_layers, model.encoder_layers):
-            mine.load_state_dict(theirs.state_dict())
-        if self.is_constrained:
-            for mine, theirs in zip(self.decoder_biases, model.decoder_biases):
-                mine.copy_(theirs)
-        else:
-            for mine, theirs in zip(self.decoder_layers, model.decoder_layers):
-                mine.load_state_dict(theirs.state_dict())
+        self.load_state_dict(sharded_state(model.state_dict(), self))
 
     def codes(self, pooled: torch.Tensor) -> torch.Tensor:
         """The dense layers on this rank's users: DynamicAutoencoder's path after the pooling."""
@@ -127,24 +156,27 @@ class ShardedAutoencoder(nn.Module):
         loss_params: dict | None = None,
         negative_sampling: bool = True,
         keep: torch.Tensor | None = None,
+        sampled: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One step's loss on this rank's batch (entries ``rows``, global ``items``,
         ``values``), as DynamicAutoencoder's ``batch_loss`` on the global batch.
 
-        ``keep`` is the input noise's mask per entry (drawn here when None). Returns
-        ``(share, total)`` as ``sharded_loss``; a collective.
+        ``keep`` is the input noise's mask per entry (drawn here when None). ``sampled``: the
+        items that this rank's sampling group scores (global ids), when more than its entries'
+        (a sampling group larger than the batch). Returns ``(share, total)`` as
+        ``sharded_loss``; a collective.
         """
-        routes = route_entries(rows, items, num_users, self.ownership, self.group)
+        routes = route_entries(rows, items, num_users, self.ownership, self.group, sampled)
         inputs = normalized_values(rows, values, num_users)
         if self.training:
             inputs = input_noise(inputs, self.noise_prob, keep)
-        pooled = sharded_pooling(self.encoder_table, routes, inputs, negative_sampling)
+        pooled = sharded_pooling(self.encoder_embedding, routes, inputs, negative_sampling)
         return sharded_loss(
             self.codes(pooled),
             routes,
             values,
-            self.decoder_table,
-            self.bias_table,
+            self.decoder_embedding,
+            self.decoder_bias,
             loss,
             loss_params,
             negative_sampling,
@@ -152,8 +184,14 @@ class ShardedAutoencoder(nn.Module):
 
     def all_reduce_dense_grads(self) -> None:
         """Sums the dense layers' gradients over the ranks (what DDP does; the loss is already
-        averaged over the global batch, so a sum, not a mean)."""
-        for param in self.dense_parameters():
+        averaged over the global batch, so a sum, not a mean), in one flat all-reduce."""
+        params = self.dense_parameters()
+        if not params:
+            return
+        for param in params:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
-            dist.all_reduce(param.grad, group=self.group)
+        flat = torch.cat([param.grad.reshape(-1) for param in params])
+        dist.all_reduce(flat, group=self.group)
+        for param, part in zip(params, flat.split([p.numel() for p in params])):
+            param.grad.copy_(part.view_as(param))

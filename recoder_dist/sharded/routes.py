@@ -35,6 +35,8 @@ class EntryRoutes:
         home_rows: this rank's rows that have entries at each owner, owner by owner (the
             order in which the owners' partial codes arrive).
         home_counts: rows of ``home_rows`` per owner.
+        sampled_rows: local rows of the items that some rank's sampling group scores beyond
+            its entries' (None when no rank gave ``sampled``).
     """
 
     ownership: Ownership
@@ -51,6 +53,7 @@ class EntryRoutes:
     home_rows: torch.Tensor
     home_counts: list[int]
     group: object = None
+    sampled_rows: torch.Tensor | None = None
 
     @property
     def num_users(self) -> int:
@@ -65,7 +68,12 @@ class EntryRoutes:
     def scored_items(self, shard_rows: int, negative_sampling: bool):
         """The step's items on this owner (local rows, sorted) and each received entry's
         column among them: with negative sampling, the union of every rank's batch items
-        (here, the rows that received entries); without, every row of the shard."""
+        (here, the rows that received entries or were sampled); without, every row of the
+        shard."""
+        if negative_sampling and self.sampled_rows is not None:
+            rows = torch.cat([self.local_rows, self.sampled_rows])
+            items, columns = torch.unique(rows, return_inverse=True)
+            return items, columns[: len(self.local_rows)]
         if negative_sampling:
             return torch.unique(self.local_rows, return_inverse=True)
         return torch.arange(shard_rows, device=self.local_rows.device), self.local_rows
@@ -84,6 +92,7 @@ def route_entries(
     num_users: int,
     ownership: Ownership,
     group=None,
+    sampled: torch.Tensor | None = None,
 ) -> EntryRoutes:
     """The routes of this rank's batch entries (a collective: every rank calls it).
 
@@ -94,6 +103,9 @@ def route_entries(
         num_users: users in this rank's batch (0 is allowed: the rank still takes part).
         ownership: where the rows of the item tables live; its world is the group's size.
         group: the process group of the shards (None: the default group).
+        sampled: the global ids that this rank's sampling group scores, when a step scores
+            more items than its entries' (a sampling group larger than the batch: every
+            batch of the group scores the group's items). Every rank gives it, or none.
 
     Raises:
         ValueError: rows out of order or out of range, ids outside the catalog, or a world
@@ -112,6 +124,8 @@ def route_entries(
         if bool((rows[1:] < rows[:-1]).any()):
             raise ValueError("entry rows must be nondecreasing (row-major entries)")
     ownership.check_ids(items)
+    if sampled is not None:
+        ownership.check_ids(sampled)
     device = rows.device
     batch_sizes = comm.all_sizes(num_users, device, group)
 
@@ -140,6 +154,17 @@ def route_entries(
     home_counts = torch.bincount(
         torch.div(home_keys, max(num_users, 1), rounding_mode="floor"), minlength=world
     ).tolist()
+    sampled_rows = None
+    if sampled is not None:
+        owners_of_sampled = ownership.owner(sampled)
+        sampled_order = torch.argsort(owners_of_sampled, stable=True)
+        counts = torch.bincount(owners_of_sampled, minlength=world)
+        sampled_rows = comm.all_to_all(
+            ownership.local_index(sampled).index_select(0, sampled_order),
+            counts.tolist(),
+            comm.exchange_counts(counts, group).tolist(),
+            group,
+        )
     return EntryRoutes(
         ownership=ownership,
         rank=rank,
@@ -155,4 +180,5 @@ def route_entries(
         home_rows=home_rows,
         home_counts=home_counts,
         group=group,
+        sampled_rows=sampled_rows,
     )

@@ -23,17 +23,20 @@ from recoder_dist.sharded.ownership import Ownership
 CHUNK_ROWS = 1 << 16
 
 
-class ShardedTable(nn.Module):
-    """Rows ``rank, rank + world, ...`` of a ``num_items x dim`` table.
+class ShardedTable(nn.Embedding):
+    """Rows ``rank, rank + world, ...`` of a ``num_items x dim`` table: an ``nn.Embedding`` of
+    the shard's rows, so that the project's optimizers (SparseAdam for ``sparse``) and a model's
+    ``state_dict`` see it as they see a whole table, under the same name.
 
     Args:
         num_items: rows of the full table.
         dim: columns.
         rank: this rank's place in the group of shards.
         world: ranks in the group.
-        sparse: give the rows sparse gradients (an ``nn.Embedding(sparse=True)``: the
-            project's optimizers route it to SparseAdam).
-        init: ``"xavier"`` (seeded, as the module docstring says) or ``"zeros"``.
+        sparse: give the rows sparse gradients (``nn.Embedding(sparse=True)``: the project's
+            optimizers route it to SparseAdam).
+        init: ``"xavier"`` (seeded, as the module docstring says), ``"zeros"``, or None (left
+            uninitialized: rows to be loaded, e.g. ``load_full``).
         seed: the generator's seed for ``"xavier"``.
         device: where the shard lives.
     """
@@ -46,43 +49,36 @@ class ShardedTable(nn.Module):
         rank: int,
         world: int,
         sparse: bool = False,
-        init: str = "xavier",
+        init: str | None = "xavier",
         seed: int = 0,
         device: torch.device | str | None = None,
     ):
-        super().__init__()
         if dim < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
-        if init not in ("xavier", "zeros"):
-            raise ValueError(f"init must be 'xavier' or 'zeros', got {init!r}")
-        self.ownership = Ownership(num_items, world)
+        if init not in ("xavier", "zeros", None):
+            raise ValueError(f"init must be 'xavier', 'zeros' or None, got {init!r}")
+        ownership = Ownership(num_items, world)
+        rows = ownership.rows_of(rank)
+        # An explicit weight: nn.Embedding's own (normal) initialization would be thrown away.
+        super().__init__(rows, dim, sparse=sparse, _weight=torch.empty(rows, dim, device=device))
+        self.ownership = ownership
         self.rank = rank
         self.num_items, self.dim = int(num_items), int(dim)
-        self.embedding = nn.Embedding(
-            self.ownership.rows_of(rank), dim, sparse=sparse, device=device
-        )
-        self.sparse = sparse
-        self.reset_parameters(init, seed)
-
-    @property
-    def weight(self) -> nn.Parameter:
-        """This rank's rows (row ``j`` is item ``rank + j * world``)."""
-        return self.embedding.weight
-
-    def forward(self, local_rows: torch.Tensor) -> torch.Tensor:
-        """Rows ``local_rows`` of the shard (a lookup: a sparse gradient when ``sparse``)."""
-        return self.embedding(local_rows)
+        self.init, self.seed = init, seed
+        self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self, init: str = "xavier", seed: int = 0) -> None:
-        """Redraws the shard (see the module docstring)."""
-        weight = self.embedding.weight
-        if init == "zeros":
+    def reset_parameters(self) -> None:
+        """Draws the shard (see the module docstring); a no-op for ``init=None``."""
+        weight = self.weight
+        if self.init is None:
+            return
+        if self.init == "zeros":
             weight.zero_()
             return
         # torch's xavier bound for a 2-D (num_items x dim) weight: fan_in dim, fan_out rows.
         bound = math.sqrt(6.0 / (self.dim + self.num_items))
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(self.seed)
         world = self.ownership.world
         for start in range(0, self.num_items, CHUNK_ROWS):
             stop = min(start + CHUNK_ROWS, self.num_items)
@@ -127,24 +123,36 @@ class ShardedTable(nn.Module):
             raise ValueError(f"a {tuple(full.shape)} table for {self.num_items} x {self.dim}")
         self.weight.copy_(full[self.rank :: self.ownership.world])
 
-    @torch.no_grad()
-    def gather_full(self, dst: int = 0, group=None) -> torch.Tensor | None:
-        """The full table on rank ``dst`` (None elsewhere), for today's single-file snapshot
-        of a model that fits in one process. A collective: every rank calls it."""
-        rank, world = comm.rank_and_world(group)
-        rows = self.ownership.rows_of(0)  # the longest shard: gather needs equal sizes
-        padded = self.weight.new_zeros((rows, self.dim))
-        padded[: len(self.weight)] = self.weight
-        parts = [torch.empty_like(padded) for _ in range(world)] if rank == dst else None
+    def gather_full(self, dst: int | None = 0, group=None) -> torch.Tensor | None:
+        """The full table on rank ``dst`` (on every rank when None; None elsewhere), for
+        today's single-file snapshot of a model that fits in one process. A collective."""
+        return gather_full_rows(self.weight.detach(), self.ownership, dst, group)
+
+
+@torch.no_grad()
+def gather_full_rows(
+    rows: torch.Tensor, ownership: Ownership, dst: int | None = 0, group=None
+) -> torch.Tensor | None:
+    """A per-item tensor (a table, or its optimizer's moments) whole, from every rank's
+    ``rows`` under ``ownership``: on rank ``dst`` of ``group`` (every rank when None; None
+    elsewhere). A collective: every rank calls it."""
+    rank, world = comm.rank_and_world(group)
+    longest = ownership.rows_of(0)  # gather needs equal sizes: pad to the longest shard
+    padded = rows.new_zeros((longest, *rows.shape[1:]))
+    padded[: len(rows)] = rows
+    parts = [torch.empty_like(padded) for _ in range(world)] if dst in (None, rank) else None
+    if dst is None:
+        dist.all_gather(parts, padded, group=group)
+    else:
         dist.gather(
             padded, parts, dst=dist.get_global_rank(group, dst) if group else dst, group=group
         )
-        if rank != dst:
-            return None
-        full = self.weight.new_empty((self.num_items, self.dim))
-        for owner, part in enumerate(parts):
-            full[owner::world] = part[: self.ownership.rows_of(owner)]
-        return full
+    if parts is None:
+        return None
+    full = rows.new_empty((ownership.num_items, *rows.shape[1:]))
+    for owner, part in enumerate(parts):
+        full[owner::world] = part[: ownership.rows_of(owner)]
+    return full
 
 
 def reshard_rows(pieces, ownership: Ownership, rank: int) -> torch.Tensor:
