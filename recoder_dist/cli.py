@@ -110,6 +110,7 @@ def _train(args) -> int:
         num_workers=args.workers,
         cpus_per_worker=args.cpus_per_worker,
         backend=args.backend,
+        tables=args.tables,
         seed=args.seed,
         max_failures=args.max_failures,
         storage_path=args.storage or storage.join(checkpoint_dir, "runs"),
@@ -326,6 +327,13 @@ def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     t.add_argument("--dropout", type=float, default=0.0)
     t.add_argument("--constrained", action="store_true", help="tie the decoder to the encoder")
     t.add_argument("--sparse", action=argparse.BooleanOptionalAction, default=True)
+    t.add_argument(
+        "--tables",
+        choices=["sharded", "replicated"],
+        default="sharded",
+        help="the autoencoder's item tables with several workers: each worker holds its rows "
+        "(sharded), or every worker holds every row (replicated)",
+    )
     t.add_argument("--loss", default="logloss")
     t.add_argument("--optimizer", default="adam")
     t.add_argument("--lr", type=float, default=1e-3)

@@ -31,6 +31,7 @@ from recoder_dist.training.config import EvalSettings, TrainSettings, WorkerJob
 from recoder_dist.training.evaluation import predict_scores, recommend_top_k
 from recoder_dist.training.launcher import cluster_gpus, ensure_ray, run_job
 from recoder_dist.training.optimizers import build_optimizers, check_optimizer_type
+from recoder_dist.training.sharded_step import check_tables
 from recoder_dist.training.snapshot import (
     Snapshot,
     load_snapshot,
@@ -94,6 +95,12 @@ class Recoder:
         kernels: ``"compiled"`` (the default): training, evaluation, ``predict`` and
             ``recommend`` take the CPU fast paths; ``"reference"``: their plain numpy/torch
             references, which compute the same results (see ``recoder_dist.kernels``).
+        tables: ``"sharded"`` (the default): with several workers, each holds and updates
+            only its rows of the DynamicAutoencoder's item tables (item ``i`` on worker
+            ``i % workers``), and a step trains the model that one process trains on the
+            workers' batches together; ``"replicated"``: every worker holds every table and
+            the touched rows are exchanged (each worker samples its negatives among its own
+            batch's items). Other models replicate their tables either way.
     """
 
     def __init__(
@@ -117,6 +124,7 @@ class Recoder:
         callbacks: list | None = None,
         backend: str | None = None,
         kernels: str = "compiled",
+        tables: str = "sharded",
     ):
         if not isinstance(model, FactorizationModel):
             raise TypeError(
@@ -137,6 +145,8 @@ class Recoder:
         check_optimizer_type(optimizer_type)
         self._compiled = compiled_kernels(kernels)  # validates the mode
         self.kernels = kernels
+        check_tables(tables)
+        self.tables = tables
         build_loss(loss, loss_params)  # validates the name and parameters now
         self.model = model
         self.num_items = num_items
@@ -545,6 +555,7 @@ class Recoder:
             start_epoch=self.current_epoch,
             optimizer_state=self._optimizer_state,
             kernels=self.kernels,
+            tables=self.tables,
             **kwargs,
         )
 

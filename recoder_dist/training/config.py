@@ -94,7 +94,8 @@ class WorkerJob:
     ``train`` is None for an evaluation-only job. ``seed`` fixes the data order and dropout
     noise of every (epoch, rank), so that a resumed run repeats what a straight one does.
     ``kernels``: the CPU fast paths ("compiled") or their references ("reference"), see
-    ``recoder_dist.kernels``.
+    ``recoder_dist.kernels``. ``tables``: the item tables sharded by row over the ranks
+    ("sharded") or whole on every rank ("replicated"), see ``training.sharded_step``.
     """
 
     model: object
@@ -112,6 +113,7 @@ class WorkerJob:
     train: TrainSettings | None = None
     eval: EvalSettings | None = None
     kernels: str = "compiled"
+    tables: str = "sharded"
 
     def snapshot(self, model, epoch: int, optimizer_state: dict) -> Snapshot:
         """The snapshot of ``model`` (this job's model, or its copy on a worker) at ``epoch``.

@@ -1,10 +1,13 @@
 """The function every Ray Train worker runs: train (and evaluate) on its shard of user rows.
 
-Ranks agree on the number of steps of an epoch before it starts, dense parameters are averaged
-by DDP, sparse embedding rows by :class:`SparseGradSync`, metrics are summed over ranks, and
-rank 0 writes the snapshots. What the loop returns (on rank 0) is the run's result, which Ray
-Train hands to the driver as ``Result.return_value``: a training run's records, one per epoch,
-or an evaluation's results. The process group is the one Ray Train set up, whatever its backend:
+Ranks agree on the number of steps of an epoch before it starts. With sharded tables
+(``WorkerJob.tables``, see ``training.sharded_step``) each rank holds its rows of every item
+table and the dense layers' gradients are all-reduced; with replicated tables dense parameters
+are averaged by DDP, sparse embedding rows by :class:`SparseGradSync`. Metrics are summed over
+ranks, and rank 0 writes the snapshots (of the whole model: a sharded one's rows are
+gathered). What the loop returns (on rank 0) is the run's result, which Ray Train hands to the
+driver as ``Result.return_value``: a training run's records, one per epoch, or an evaluation's
+results. The process group is the one Ray Train set up, whatever its backend:
 every tensor of a collective lives on the worker's device.
 """
 
@@ -30,12 +33,19 @@ from recoder_dist.data.collator import Collator
 from recoder_dist.data.epoch_order import RowBlocks
 from recoder_dist.data.ray_dataset import rows_from_arrow
 from recoder_dist.losses import build_loss
+from recoder_dist.sharded.autoencoder import ShardedAutoencoder
+from recoder_dist.sharded.state import (
+    gathered_optimizer_state,
+    gathered_state,
+    sharded_optimizer_state,
+)
 from recoder_dist.training.config import EvalSettings, TrainSettings, WorkerJob
 from recoder_dist.training.evaluation import metric_sums
 from recoder_dist.training.optimizers import build_optimizers, epoch_lrs, sparse_parameter_names
 from recoder_dist.training.prefetch import EpochPrefetcher
 from recoder_dist.training.resources import worker_threads
 from recoder_dist.training.schedule import agreed_steps, epoch_batches
+from recoder_dist.training.sharded_step import sharded_batch_loss, shards_tables
 from recoder_dist.training.snapshot import copy_snapshot, load_snapshot, save_snapshot
 from recoder_dist.training.sparse_sync import SparseGradSync
 from recoder_dist.training.step import batch_loss, unwrapped
@@ -112,12 +122,22 @@ def _train(
 ) -> list[dict]:
     settings: TrainSettings = job.train
     start_epoch, optimizer_state, history = _resume(model, job, rank, progress)
-    sparse_names = sparse_parameter_names(model)
     distributed = world > 1 and dist.is_initialized()
+    whole = model  # the whole model: what snapshots hold, and what evaluation reads
+    sharded = distributed and shards_tables(model, job.tables, world)
+    if sharded:
+        if settings.precision != "fp32":
+            raise ValueError(
+                f"precision={settings.precision!r} trains with tables='replicated' only"
+            )
+        model = ShardedAutoencoder.like(whole, device=device)
+    sparse_names = sparse_parameter_names(model)
     dense_names = [n for n, p in model.named_parameters() if n not in sparse_names]
     profile = StepProfile(settings.profile, device)
-    net = model
-    if distributed and dense_names:
+    net, sync = model, None
+    if sharded:
+        sync = _DenseGradSum(model)
+    elif distributed and dense_names:
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sparse_names)
         net = DistributedDataParallel(
             model,
@@ -125,11 +145,12 @@ def _train(
         )
         if settings.profile:
             net.register_comm_hook(None, timed_allreduce_hook(profile))
-    sync = None
-    if distributed and sparse_names:
+    if distributed and sparse_names and not sharded:
         sync = SparseGradSync([model.get_parameter(n) for n in sparse_names])
 
     optimizers = build_optimizers(model, job.optimizer_type, settings.lr, settings.weight_decay)
+    if sharded:
+        optimizer_state = sharded_optimizer_state(optimizer_state, optimizers, model)
     optimizers.load_state_dict(optimizer_state)
     loss_fn = build_loss(job.loss, job.loss_params).to(device)
     collator = Collator(
@@ -138,6 +159,26 @@ def _train(
         num_sampling_users=settings.num_sampling_users,
         negative_sampling=settings.negative_sampling,
     )
+    if sharded:
+
+        def loss_of(batch):
+            return sharded_batch_loss(
+                model,
+                batch,
+                device,
+                loss_fn,
+                job.loss_params,
+                settings.negative_sampling,
+                collator.num_sampling_users > settings.batch_size,
+            )
+
+    else:
+        bf16, compiled = settings.precision == "bf16", kernels.compiled(job.kernels)
+
+        def loss_of(batch):
+            loss = batch_loss(net, loss_fn, batch, device, bf16, compiled=compiled)
+            return loss, loss.detach()
+
     steps = agreed_steps(settings, collator, world, device)
 
     last_epoch = job.start_epoch + settings.num_epochs
@@ -164,16 +205,14 @@ def _train(
             model.train()
             profile.restart()
             loss_total, users = _run_steps(
-                net,
-                loss_fn,
+                loss_of,
+                unwrapped(net),
                 optimizers,
                 sync,
                 prefetcher.next_epoch(),
                 device,
                 sparse_names,
                 profile,
-                bf16=settings.precision == "bf16",
-                compiled=kernels.compiled(job.kernels),
             )
             loss_sum = torch.stack([loss_total, torch.tensor(float(users), device=device).double()])
             if distributed:
@@ -190,7 +229,7 @@ def _train(
             metrics.update(_memory_mb(distributed, device))
             if step_seconds is not None:
                 metrics["profile"] = gathered(step_seconds, world if distributed else 1, device)
-            if sync is not None:
+            if isinstance(sync, SparseGradSync):
                 # Bytes this rank contributed to the sparse sync, against the dense gradients that
                 # DDP would all-reduce for the same parameters.
                 metrics["sync_bytes_per_step"] = sync.bytes_sent / steps
@@ -204,7 +243,10 @@ def _train(
                 and (epoch % settings.eval_freq == 0 or epoch == last_epoch)
             ):
                 model.eval()
-                metrics.update(_evaluate(model, job, device, rank, world))
+                if sharded:  # every rank scores its users with the whole model
+                    whole.load_state_dict(gathered_state(model, dst=None))
+                    whole.eval()
+                metrics.update(_evaluate(whole, job, device, rank, world))
             evaluated = "eval_users" in metrics
             wants_checkpoint = epoch == last_epoch or (
                 settings.checkpoint_freq > 0 and epoch % settings.checkpoint_freq == 0
@@ -218,35 +260,54 @@ def _train(
             if rank == 0:
                 progress.append.remote(metrics)  # not waited for: only the console needs it
             if wants_checkpoint:  # what Ray Train (and Tune) must see
-                _report_checkpoint(metrics, history, model, optimizers, job, rank, storage_path)
+                if sharded:  # the whole model's state on rank 0 (a collective)
+                    state = gathered_state(model), gathered_optimizer_state(optimizers, model)
+                    if rank == 0:
+                        whole.load_state_dict(state[0])
+                    state = whole, state[1]
+                else:
+                    state = model, optimizers.state_dict()
+                _report_checkpoint(metrics, history, *state, job, rank, storage_path)
             elif evaluated:
                 ray.train.report(metrics)
     return history
 
 
-def _run_steps(
-    net, loss_fn, optimizers, sync, batches, device, sparse_names, profile, bf16, compiled
-):
+def _run_steps(loss_of, model, optimizers, sync, batches, device, sparse_names, profile):
     """One epoch's training steps, their phases timed by ``profile``; returns the loss summed
-    over its users (on the device: no sync per step) and the number of users."""
+    over its users (on the device: no sync per step) and the number of users.
+
+    ``loss_of(batch)`` gives the tensor to call ``backward`` on and the batch's mean loss (the
+    global batch's with sharded tables); ``sync`` adds up the gradients over the ranks."""
     loss_total, users = torch.zeros((), dtype=torch.float64, device=device), 0
     for step, batch in enumerate(profile.timed(batches, "data")):
         optimizers.zero_grad()
         with profile.phase("forward"):
-            loss = batch_loss(net, loss_fn, batch, device, bf16, compiled=compiled)
+            loss, value = loss_of(batch)
         with profile.phase("backward"):
             loss.backward()
         if step == 0:
-            _check_gradients_are_where_expected(unwrapped(net), sparse_names)
+            _check_gradients_are_where_expected(model, sparse_names)
         if sync is not None:
             profile.barrier()
             with profile.phase("sparse_sync"):
                 sync.synchronize()
         with profile.phase("optimizer"):
             optimizers.step()
-        loss_total += loss.detach() * batch.shape[0]
+        loss_total += value * batch.shape[0]
         users += batch.shape[0]
     return loss_total, users
+
+
+class _DenseGradSum:
+    """The gradient sync of a sharded model: its dense layers' gradients summed over the ranks
+    (the tables' rows have their gradients where they live)."""
+
+    def __init__(self, model: ShardedAutoencoder):
+        self.model = model
+
+    def synchronize(self) -> None:
+        self.model.all_reduce_dense_grads()
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -339,11 +400,18 @@ def _evaluate(model, job: WorkerJob, device, rank: int, world: int) -> dict:
 
 
 def _report_checkpoint(
-    metrics: dict, history: list[dict], model, optimizers, job: WorkerJob, rank: int, storage_path
+    metrics: dict,
+    history: list[dict],
+    model,
+    optimizer_state: dict,
+    job: WorkerJob,
+    rank: int,
+    storage_path,
 ) -> None:
     """Every rank reports ``metrics``; rank 0 attaches the checkpoint of ``metrics["epoch"]``
-    (the snapshot and the records so far), which Ray Train uploads once into the run's storage
-    as ``epoch_<N>`` and keeps for restarts, deleting the local folder. The user's own copy
+    (the snapshot of the whole ``model`` with ``optimizer_state``, and the records so far),
+    which Ray Train uploads once into the run's storage as ``epoch_<N>`` and keeps for
+    restarts, deleting the local folder. The user's own copy
     (``metrics["snapshot"]``, named by model_checkpoint_prefix) is then copied from the
     uploaded one: within one bucket that is the store's own copy, not a second upload."""
     epoch = metrics["epoch"]
@@ -352,9 +420,7 @@ def _report_checkpoint(
         ray.train.report(metrics, checkpoint_dir_name=name)
         return
     folder = tempfile.mkdtemp(prefix="recoder-dist-ckpt-")
-    save_snapshot(
-        job.snapshot(model, epoch, optimizers.state_dict()), os.path.join(folder, SNAPSHOT_FILE)
-    )
+    save_snapshot(job.snapshot(model, epoch, optimizer_state), os.path.join(folder, SNAPSHOT_FILE))
     with open(os.path.join(folder, HISTORY_FILE), "w") as f:
         json.dump(history, f)
     ray.train.report(

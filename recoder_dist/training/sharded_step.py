@@ -1,0 +1,65 @@
+"""The training step of a model whose item tables are sharded over the ranks (hybrid
+parallelism, ``recoder_dist.sharded``): a rank's batch as the sharded model reads it.
+
+The batch is the same ``SparseBatch`` that the replicated step reads; its entries go to the
+items' owners, so its columns become global item ids, and with negative sampling its sampled
+items (those of its sampling group) are scored as well.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from recoder_dist.data.collator import SparseBatch
+from recoder_dist.nn.autoencoder import DynamicAutoencoder
+from recoder_dist.sharded.autoencoder import ShardedAutoencoder
+from recoder_dist.training.step import DEBUG, to_device
+
+TABLES = ("sharded", "replicated")
+
+
+def check_tables(tables: str) -> None:
+    if tables not in TABLES:
+        raise ValueError(f"tables must be one of {TABLES}, got {tables!r}")
+
+
+def shards_tables(model, tables: str, world: int) -> bool:
+    """Whether a run of ``world`` ranks trains ``model`` with sharded tables: asked for, more
+    than one rank (one rank holds every row either way), and a model that has a sharded form
+    (DynamicAutoencoder; the others replicate their tables)."""
+    return tables == "sharded" and world > 1 and isinstance(model, DynamicAutoencoder)
+
+
+def sharded_batch_loss(
+    model: ShardedAutoencoder,
+    batch: SparseBatch,
+    device: torch.device,
+    loss,
+    loss_params: dict,
+    negative_sampling: bool,
+    groups_exceed_batches: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(share, total)`` of this rank's ``batch`` (see ``ShardedAutoencoder.loss``): call
+    ``backward`` on the share; ``total`` is the global batch's mean loss. A collective.
+
+    ``groups_exceed_batches``: sampling groups hold more users than a batch
+    (``num_sampling_users > batch_size``), so a batch scores items beyond its entries', which
+    travel to their owners too (the same on every rank).
+    """
+    if DEBUG:
+        batch.check()
+    items = batch.cols if batch.items is None else batch.items[batch.cols]
+    sampled = None
+    if negative_sampling and groups_exceed_batches:
+        sampled = to_device(np.ascontiguousarray(batch.items, dtype=np.int64), device)
+    return model.loss(
+        to_device(batch.rows, device),
+        to_device(np.ascontiguousarray(items, dtype=np.int64), device),
+        to_device(batch.values, device),
+        batch.shape[0],
+        loss=loss,
+        loss_params=loss_params,
+        negative_sampling=negative_sampling,
+        sampled=sampled,
+    )

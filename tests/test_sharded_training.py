@@ -1,0 +1,145 @@
+"""Training with sharded tables through Ray Train against one process fed the same global
+batches: N workers train the model that one process trains on their batches together.
+
+The reference rebuilds every rank's batches of every epoch (``epoch_batches``, the workers'
+own function, from the same row blocks and seeds), joins each step's batches into the global
+batch (its users in rank order, scored on the union of the ranks' sampled items) and takes
+DynamicAutoencoder's plain step on it. No noise or dropout: their draws differ by rank.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from recoder_dist.data import RecommendationDataset
+from recoder_dist.data.collator import Collator, SparseBatch
+from recoder_dist.losses import build_loss
+from recoder_dist.metrics import NDCG, Recall
+from recoder_dist.model import Recoder, read_training_rows
+from recoder_dist.nn import DynamicAutoencoder
+from recoder_dist.training.config import TrainSettings
+from recoder_dist.training.optimizers import build_optimizers
+from recoder_dist.training.schedule import agreed_steps, epoch_batches
+from recoder_dist.training.step import batch_loss
+from tests.ml100k import ml100k_split
+
+pytestmark = pytest.mark.slow
+MODEL = dict(hidden_layers=[16, 8], activation_type="tanh", sparse=True)
+TRAIN = dict(batch_size=40, num_sampling_users=80, lr=0.01, negative_sampling=True)
+SEED = 3
+
+
+def _joined(batches: list[SparseBatch]) -> SparseBatch:
+    """The global batch of the ranks' ``batches``: users in rank order, scored on the union
+    of their sampled items."""
+    items = np.unique(np.concatenate([b.items for b in batches]))
+    offsets = np.cumsum([0] + [b.shape[0] for b in batches])
+    return SparseBatch(
+        users=np.concatenate([b.users for b in batches]),
+        items=items,
+        rows=np.concatenate([b.rows + o for b, o in zip(batches, offsets)]),
+        cols=np.concatenate([np.searchsorted(items, b.items[b.cols]) for b in batches]),
+        values=np.concatenate([b.values for b in batches]),
+        shape=(int(offsets[-1]), len(items)),
+    )
+
+
+def _reference_epochs(model, optimizers, rows, num_items, world, epochs, loss="logloss"):
+    """One process's epochs ``epochs`` on the global batches of ``world`` ranks; the mean
+    loss of each epoch."""
+    settings = TrainSettings(
+        lr=TRAIN["lr"],
+        weight_decay=0.0,
+        num_epochs=1,
+        batch_size=TRAIN["batch_size"],
+        num_sampling_users=TRAIN["num_sampling_users"],
+        negative_sampling=True,
+        num_train_rows=rows.blocks.num_rows,
+    )
+    collator = Collator(
+        num_items=num_items,
+        batch_size=TRAIN["batch_size"],
+        num_sampling_users=TRAIN["num_sampling_users"],
+    )
+    steps = agreed_steps(settings, collator, world, torch.device("cpu"))
+    loss_fn = build_loss(loss)
+    losses = []
+    for epoch in epochs:
+        ranks = [
+            epoch_batches(rows.blocks, collator, steps, (SEED, epoch, rank), world)
+            for rank in range(world)
+        ]
+        total, users = 0.0, 0
+        for batches in zip(*ranks):
+            batch = _joined(list(batches))
+            optimizers.zero_grad()
+            loss = batch_loss(model, loss_fn, batch, torch.device("cpu"))
+            loss.backward()
+            optimizers.step()
+            total += loss.item() * batch.shape[0]
+            users += batch.shape[0]
+        losses.append(total / users)
+    return losses
+
+
+def _close(actual: dict, expected: dict):
+    for key, value in expected.items():
+        gap = (actual[key] - value).abs().max().item()
+        assert torch.allclose(actual[key], value, rtol=1e-4, atol=1e-5), f"{key}: {gap}"
+
+
+def test_workers_train_the_model_of_one_process_on_their_joined_batches(ray_session):
+    split = ml100k_split()
+    rows = read_training_rows(RecommendationDataset(split.train.interactions[:400]))
+    num_items = split.train.num_items
+    recoder = Recoder(DynamicAutoencoder(**MODEL), num_items=num_items, num_workers=2, seed=SEED)
+    history = recoder.train(
+        rows,
+        val_dataset=split.test,
+        eval_freq=2,
+        metrics=[Recall(k=20), NDCG(k=50)],
+        num_epochs=2,
+        **TRAIN,
+    )
+
+    reference = DynamicAutoencoder(**MODEL)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)  # the initial weights that Recoder draws from its seed
+        reference.init_model(num_items=num_items)
+    optimizers = build_optimizers(reference, "adam", TRAIN["lr"], 0.0)
+    losses = _reference_epochs(reference, optimizers, rows, num_items, 2, [1, 2])
+    _close(recoder.model.state_dict(), reference.state_dict())
+    np.testing.assert_allclose([h["loss"] for h in history], losses, rtol=1e-5)
+    # The evaluation of the last epoch (every rank with the whole model) is one process's.
+    recoder.num_workers = 0
+    expected = recoder.evaluate(split.test, 50, [Recall(k=20), NDCG(k=50)], batch_size=40)
+    for name in ("Recall@20", "NDCG@50"):
+        assert history[-1][name] == pytest.approx(expected[name], abs=1e-6)
+
+
+def test_a_three_worker_run_continues_on_two(ray_session):
+    """The whole state of a 3-worker run (weights and Adam's moments, gathered from the
+    shards) continues on 2 workers as one process continues it on their batches."""
+    split = ml100k_split()
+    rows = read_training_rows(RecommendationDataset(split.train.interactions[:300]))
+    num_items = split.train.num_items
+    recoder = Recoder(
+        DynamicAutoencoder(**MODEL),
+        num_items=num_items,
+        num_workers=3,
+        seed=SEED,
+        cpus_per_worker=1,
+    )
+    recoder.train(rows, num_epochs=1, **TRAIN)
+    reference = DynamicAutoencoder(**MODEL)
+    reference.init_model(num_items=num_items)
+    reference.load_state_dict(recoder.model.state_dict())
+    optimizers = build_optimizers(reference, "adam", TRAIN["lr"], 0.0)
+    optimizers.load_state_dict(recoder._optimizer_state)
+
+    recoder.num_workers = 2
+    recoder.train(rows, num_epochs=1, **TRAIN)
+    _reference_epochs(reference, optimizers, rows, num_items, 2, [2])
+    _close(recoder.model.state_dict(), reference.state_dict())
