@@ -100,7 +100,8 @@ class Recoder:
             ``i % workers``), and a step trains the model that one process trains on the
             workers' batches together; ``"replicated"``: every worker holds every table and
             the touched rows are exchanged (each worker samples its negatives among its own
-            batch's items). Other models replicate their tables either way.
+            batch's items). Other models, and a loss Module of the user's (it reads the
+            whole output), replicate the tables either way.
     """
 
     def __init__(

@@ -1,4 +1,6 @@
-"""Sparse embeddings trained over 2 gloo workers end where dense embeddings (plain DDP) end."""
+"""Replicated tables: sparse embeddings trained over 2 gloo workers end where dense embeddings
+(plain DDP) end. (Sharded tables, sparse and dense, are checked against one process in
+test_sharded_step.)"""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ def test_two_workers_sparse_equals_two_workers_dense(ray_session):
             loss="logloss",
             num_workers=2,
             seed=3,
+            tables="replicated",
         )
         torch.manual_seed(0)  # the model is initialized inside train: same start for both
         history[sparse] = recoder.train(

@@ -50,6 +50,14 @@ class _GlobalLogSumExp(torch.autograd.Function):
         return grad.unsqueeze(1) * torch.exp(scores - lse.unsqueeze(1)), None
 
 
+def computes(loss_fn: nn.Module) -> bool:
+    """Whether ``sharded_loss`` computes ``loss_fn`` (a module of ``build_loss``): the
+    project's own mse, logistic and logloss, not a subclass (whose ``forward`` may differ)."""
+    if type(loss_fn) is nn.BCEWithLogitsLoss:
+        return loss_fn.reduction == "sum" and loss_fn.weight is None and loss_fn.pos_weight is None
+    return type(loss_fn) in (MSELoss, MultinomialNLLLoss)
+
+
 def sharded_loss(
     codes: torch.Tensor,
     routes: EntryRoutes,
@@ -84,12 +92,11 @@ def sharded_loss(
         ValueError: a loss that is not a sum of per-row terms handled here.
     """
     loss_fn = build_loss(loss, loss_params)
-    if not isinstance(loss_fn, (MSELoss, MultinomialNLLLoss, nn.BCEWithLogitsLoss)):
-        raise ValueError(f"the sharded decoder computes mse, logistic and logloss, not {loss_fn}")
-    if isinstance(loss_fn, nn.BCEWithLogitsLoss) and (
-        loss_fn.reduction != "sum" or loss_fn.weight is not None or loss_fn.pos_weight is not None
-    ):
-        raise ValueError("the sharded logistic loss takes reduction='sum' and no weights")
+    if not computes(loss_fn):
+        raise ValueError(
+            f"the sharded decoder computes mse, logistic (reduction='sum', no weights) and "
+            f"logloss, not {loss_fn}"
+        )
 
     items, columns = routes.scored_items(len(decoder.weight), negative_sampling)
     all_codes = comm.gather_rows(codes, routes.batch_sizes, routes.group)

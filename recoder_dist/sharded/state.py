@@ -89,13 +89,19 @@ def _map_rows(state: dict, optimizers, model: nn.Module, per_row) -> dict:
         for index in sorted(kind_state["state"]):  # the same order on every rank
             table = tables.get(id(params[index]))
             mapped[index] = {
-                name: per_row(value, table)
+                name: per_row(_dense(value), table)
                 if table is not None and torch.is_tensor(value) and value.dim() >= 1
                 else value
                 for name, value in kind_state["state"][index].items()
             }
         out[kind] = {**kind_state, "state": mapped}
     return out
+
+
+def _dense(value: torch.Tensor) -> torch.Tensor:
+    """A state tensor with rows: SGD's momentum of a sparse gradient is sparse (its values are
+    the same dense; an optimizer given the dense one goes on with the same arithmetic)."""
+    return value.to_dense() if value.is_sparse else value
 
 
 def _rows_of(value: torch.Tensor, table: ShardedTable) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 from recoder_dist.data.collator import SparseBatch
 from recoder_dist.nn.autoencoder import DynamicAutoencoder
 from recoder_dist.sharded.autoencoder import ShardedAutoencoder
+from recoder_dist.sharded.decoder import computes
 from recoder_dist.training.step import DEBUG, to_device
 
 TABLES = ("sharded", "replicated")
@@ -24,11 +25,18 @@ def check_tables(tables: str) -> None:
         raise ValueError(f"tables must be one of {TABLES}, got {tables!r}")
 
 
-def shards_tables(model, tables: str, world: int) -> bool:
+def shards_tables(model, loss_fn, tables: str, world: int) -> bool:
     """Whether a run of ``world`` ranks trains ``model`` with sharded tables: asked for, more
-    than one rank (one rank holds every row either way), and a model that has a sharded form
-    (DynamicAutoencoder; the others replicate their tables)."""
-    return tables == "sharded" and world > 1 and isinstance(model, DynamicAutoencoder)
+    than one rank (one rank holds every row either way), a model that has a sharded form
+    (DynamicAutoencoder; the others replicate their tables) and a loss that the sharded
+    decoder computes (mse, logistic, logloss; a loss module of the user's reads the whole
+    output, so its tables are replicated)."""
+    return (
+        tables == "sharded"
+        and world > 1
+        and isinstance(model, DynamicAutoencoder)
+        and computes(loss_fn)
+    )
 
 
 def sharded_batch_loss(

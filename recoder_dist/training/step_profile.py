@@ -3,11 +3,14 @@
 ``Recoder.train(..., profile=True)`` times each phase of every step:
 
 - ``data``: waiting for the next batch (made ahead by the prefetch thread);
-- ``forward``: moving the batch to the device and computing the loss;
-- ``backward``: autograd, less the DDP all-reduce inside it;
+- ``forward``: moving the batch to the device and computing the loss (with sharded tables,
+  the exchanges of entries and codes with the tables' owners too);
+- ``backward``: autograd, less the DDP all-reduce inside it (with sharded tables, the
+  gradients of codes and partial sums going back to their ranks too);
 - ``wait``: waiting for the slowest rank, before the step's first collective;
-- ``ddp_allreduce``: DDP's all-reduce of the dense gradients;
-- ``sparse_sync``: averaging the sparse embedding gradients (``SparseGradSync``);
+- ``ddp_allreduce``: DDP's all-reduce of the dense gradients (replicated tables);
+- ``sparse_sync``: averaging the sparse embedding gradients (``SparseGradSync``, replicated
+  tables), or summing the dense layers' gradients (sharded tables);
 - ``optimizer``: the optimizers' step;
 - ``other``: the rest of the epoch (zeroing gradients, the loss sum, the end-of-epoch
   collectives).

@@ -124,7 +124,8 @@ def _train(
     start_epoch, optimizer_state, history = _resume(model, job, rank, progress)
     distributed = world > 1 and dist.is_initialized()
     whole = model  # the whole model: what snapshots hold, and what evaluation reads
-    sharded = distributed and shards_tables(model, job.tables, world)
+    loss_fn = build_loss(job.loss, job.loss_params).to(device)
+    sharded = distributed and shards_tables(model, loss_fn, job.tables, world)
     if sharded:
         if settings.precision != "fp32":
             raise ValueError(
@@ -152,7 +153,6 @@ def _train(
     if sharded:
         optimizer_state = sharded_optimizer_state(optimizer_state, optimizers, model)
     optimizers.load_state_dict(optimizer_state)
-    loss_fn = build_loss(job.loss, job.loss_params).to(device)
     collator = Collator(
         num_items=job.num_items,
         batch_size=settings.batch_size,
