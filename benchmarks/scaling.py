@@ -4,10 +4,11 @@ What is measured, on ml-1m-implicit and Gowalla, with the settings of train_spee
 script's: DynamicAutoencoder [200] tanh, noise 0.5, sparse embeddings, Adam, batch 500 per
 worker, negative sampling), one torch thread per worker (and in-process):
 
-- seconds per epoch of unprofiled runs (the first epoch of every run dropped, the others pooled
-  over the rounds; median), the throughput against 1 worker, and the fixed cost of a run: the
-  wall time of ``Recoder.train`` less the time of its epochs (Ray Train's start and end, the
-  driver's preparation);
+- seconds per epoch of unprofiled runs (2 workers with the item tables replicated, today's
+  sync of touched rows, and sharded, each worker holding its rows; the first epoch of every
+  run dropped, the others pooled over the rounds; median), the throughput against 1 worker,
+  and the fixed cost of a run: the wall time of ``Recoder.train`` less the time of its epochs
+  (Ray Train's start and end, the driver's preparation);
 - with ``--reference``, recsys-recoder 0.4.0 on 2 torch threads beside them (ml-1m only);
 - one profiled run per side (``Recoder.train(profile=True)``): seconds per epoch in each phase
   of the step (see recoder_dist/training/step_profile.py), the mean over ranks, and the bytes
@@ -17,7 +18,8 @@ With ``--defaults``, what a user who changes nothing gets instead: the workers' 
 by default (``cpus_per_worker=None``, on a local Ray of this machine's cores) and torch's own
 thread count in-process.
 
-    python benchmarks/scaling.py                         # ml-1m and Gowalla, ~8 min
+    python benchmarks/scaling.py                         # ml-1m and Gowalla, ~12 min
+    python benchmarks/scaling.py --datasets gowalla --sides 1 2r 2s
     python benchmarks/scaling.py --datasets ml-1m --rounds 3 --reference
     python benchmarks/scaling.py --datasets ml-1m --reference --defaults
 """
@@ -32,11 +34,17 @@ import time
 from _common import load_average, load_matrix, markdown_table, median, npz_path
 from train_speed import CONFIGS, MODEL, TRAIN, reference_epochs
 
-SIDES = {0: "in-process", 1: "1 worker", 2: "2 workers"}
+# side -> (workers, tables, label)
+SIDES = {
+    "0": (0, "sharded", "in-process"),
+    "1": (1, "sharded", "1 worker"),
+    "2r": (2, "replicated", "2 workers, replicated tables"),
+    "2s": (2, "sharded", "2 workers, sharded tables"),
+}
 
 
 def run(
-    matrix, workers: int, epochs: int, profile: bool, cpus: float | None
+    matrix, side: str, epochs: int, profile: bool, cpus: float | None
 ) -> tuple[list[dict], float]:
     """The history of one training run and its wall time."""
     from recoder_dist import nn
@@ -47,9 +55,10 @@ def run(
         nn.DynamicAutoencoder(**MODEL, sparse=True),
         optimizer_type="adam",
         loss="logloss",
-        num_workers=workers,
+        num_workers=SIDES[side][0],
         cpus_per_worker=cpus,
         seed=0,
+        tables=SIDES[side][1],
     )
     dataset = RecommendationDataset(matrix)
     started = time.perf_counter()
@@ -84,7 +93,7 @@ def measure(name: str, args) -> dict:
 
 
 def epoch_rows(result: dict, sides: list[int]) -> list[list]:
-    one = median(result["seconds"].get(1, []))
+    one = median(result["seconds"].get("1", []))
     rows = []
     if result["reference"]:
         ref = median(result["reference"])
@@ -93,7 +102,7 @@ def epoch_rows(result: dict, sides: list[int]) -> list[list]:
         seconds = median(result["seconds"][side])
         rows.append(
             [
-                SIDES[side],
+                SIDES[side][2],
                 f"{seconds:.3f}",
                 f"{one / seconds:.2f}x",
                 f"{median(result['fixed'][side]):.1f}",
@@ -130,7 +139,7 @@ def main():
     parser.add_argument("--datasets", nargs="+", default=["ml-1m", "gowalla"])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=4, help="per run; the first is dropped")
-    parser.add_argument("--sides", type=int, nargs="+", default=[0, 1, 2], choices=[0, 1, 2])
+    parser.add_argument("--sides", nargs="+", default=list(SIDES), choices=list(SIDES))
     parser.add_argument(
         "--reference", action="store_true", help="recsys-recoder 0.4.0 (2 threads) on ml-1m"
     )
@@ -164,7 +173,7 @@ def main():
         header = ["run", "s/epoch", "throughput vs 1 worker", "fixed cost of a run, s"]
         print(markdown_table(header, epoch_rows(result, args.sides)))
         print(f"\n### {name}: seconds per epoch in each phase (profiled runs, mean over ranks)\n")
-        header = ["phase", *(SIDES[side] for side in args.sides)]
+        header = ["phase", *(SIDES[side][2] for side in args.sides)]
         print(markdown_table(header, phase_rows(result, args.sides)))
     print(f"\nwall time of the benchmark: {time.perf_counter() - started:.0f} s")
 

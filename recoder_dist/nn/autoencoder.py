@@ -212,7 +212,7 @@ class DynamicAutoencoder(FactorizationModel):
             # kept entries and their scale are the same.
             keep = torch.rand_like(values) >= self.noise_prob
             values = values.mul_(keep).div_(1 - self.noise_prob)
-        offsets = _bag_offsets(rows, num_rows)
+        offsets = bag_offsets(rows, num_rows)
         return F.embedding_bag(cols, encoder, offsets, mode="sum", per_sample_weights=values)
 
 
@@ -253,7 +253,7 @@ class _TiedDecoderLayer(nn.Module):
         return F.linear(input, self.weight, self.bias)
 
 
-def _bag_offsets(bags: torch.Tensor, num_bags: int) -> torch.Tensor:
+def bag_offsets(bags: torch.Tensor, num_bags: int) -> torch.Tensor:
     """Start of each bag in the list of ``bags``'s entries sorted by bag (empty bags included)."""
     counts = torch.bincount(bags, minlength=num_bags)
     return counts.cumsum(0) - counts

@@ -35,19 +35,19 @@ class _GlobalLogSumExp(torch.autograd.Function):
             local_max = scores.new_full((len(scores),), float("-inf"))
         row_max = comm.all_reduce(local_max, dist.ReduceOp.MAX, group)
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        sum_exp = comm.all_reduce(torch.exp(scores - row_max.unsqueeze(1)).sum(1), group=group)
-        lse = row_max + torch.log(sum_exp)
-        ctx.save_for_backward(scores, lse)
+        exps = torch.exp(scores - row_max.unsqueeze(1))
+        sum_exp = comm.all_reduce(exps.sum(1), group=group)
+        ctx.save_for_backward(exps, sum_exp)  # the softmax is exps / sum_exp: no second exp
         ctx.group = group
-        return lse
+        return row_max + torch.log(sum_exp)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        scores, lse = ctx.saved_tensors
+        exps, sum_exp = ctx.saved_tensors
         # Every rank's share of the loss uses the same lse: its gradient is their sum.
         grad = comm.all_reduce(grad, group=ctx.group)
-        return grad.unsqueeze(1) * torch.exp(scores - lse.unsqueeze(1)), None
+        return exps * (grad / sum_exp).unsqueeze(1), None
 
 
 def computes(loss_fn: nn.Module) -> bool:
@@ -101,15 +101,17 @@ def sharded_loss(
     items, columns = routes.scored_items(len(decoder.weight), negative_sampling)
     all_codes = comm.gather_rows(codes, routes.batch_sizes, routes.group)
     scores = torch.addmm(bias(items).squeeze(1), all_codes, decoder(items).t())
-    dense_targets = scores.new_zeros(scores.shape)
-    dense_targets[routes.users, columns] = routes.to_owners(targets.detach())
-
+    targets = routes.to_owners(targets.detach())
     if isinstance(loss_fn, MultinomialNLLLoss):
-        # -sum_i t_ui log_softmax(s_u)_i = -sum_i t_ui s_ui + (sum_i t_ui) lse_u, split by owner.
+        # -sum_i t_ui log_softmax(s_u)_i = -sum_i t_ui s_ui + (sum_i t_ui) lse_u, split by owner;
+        # the targets are zero but at the entries.
         lse = _GlobalLogSumExp.apply(scores, routes.group)
-        share = -(dense_targets * scores).sum() + (dense_targets.sum(1) * lse).sum()
-    else:
-        share = loss_fn(scores, dense_targets)  # elementwise: the owner's columns' terms
+        row_targets = targets.new_zeros(len(scores)).index_add_(0, routes.users, targets)
+        share = (row_targets * lse).sum() - (scores[routes.users, columns] * targets).sum()
+    else:  # elementwise: the owner's columns' terms
+        dense_targets = scores.new_zeros(scores.shape)
+        dense_targets[routes.users, columns] = targets
+        share = loss_fn(scores, dense_targets)
     share = share / max(routes.num_users, 1)
     total = comm.all_reduce(share.detach(), group=routes.group)
     return share, total

@@ -10,7 +10,9 @@ each partial's gradient goes to its owner, and the rows' gradients stay there.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from recoder_dist.nn.autoencoder import bag_offsets
 from recoder_dist.sharded import comm
 from recoder_dist.sharded.routes import EntryRoutes
 from recoder_dist.sharded.tables import ShardedTable
@@ -57,12 +59,13 @@ def sharded_pooling(
         entries); differentiable in every shard's rows.
     """
     received = routes.to_owners(values.detach())
-    # A lookup of the scored rows + index_add rather than embedding_bag: the shard always gets
-    # a gradient on the rows that one process's table gets one on (zero rows included).
+    # A lookup of the scored rows, then a bag sum over them: the shard gets a gradient on the
+    # rows that one process's table gets one on (zero rows included), and no entry's row is
+    # ever materialized (entries x dim: most of a step's time when it was).
     items, columns = routes.scored_items(len(table.weight), negative_sampling)
-    rows = table(items).index_select(0, columns) * received.unsqueeze(1)
-    partials = rows.new_zeros((len(routes.bag_users), table.dim)).index_add(
-        0, routes.bag_of_entry, rows
+    offsets = bag_offsets(routes.bag_of_entry, len(routes.bag_users))  # entries come by bag
+    partials = F.embedding_bag(
+        columns, table(items), offsets, mode="sum", per_sample_weights=received
     )
     returned = comm.all_to_all_rows(partials, routes.bag_counts, routes.home_counts, routes.group)
     num_users = routes.batch_sizes[routes.rank]

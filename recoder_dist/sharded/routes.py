@@ -7,7 +7,7 @@ the decoder's targets then travel the same route (``EntryRoutes.to_owners``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -54,6 +54,8 @@ class EntryRoutes:
     home_counts: list[int]
     group: object = None
     sampled_rows: torch.Tensor | None = None
+    # scored_items's answers (the encoder and the decoder ask the same question each step).
+    _scored: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_users(self) -> int:
@@ -70,6 +72,12 @@ class EntryRoutes:
         column among them: with negative sampling, the union of every rank's batch items
         (here, the rows that received entries or were sampled); without, every row of the
         shard."""
+        key = (shard_rows, negative_sampling)
+        if key not in self._scored:
+            self._scored[key] = self._scored_items(shard_rows, negative_sampling)
+        return self._scored[key]
+
+    def _scored_items(self, shard_rows: int, negative_sampling: bool):
         if negative_sampling and self.sampled_rows is not None:
             rows = torch.cat([self.local_rows, self.sampled_rows])
             items, columns = torch.unique(rows, return_inverse=True)
