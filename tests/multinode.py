@@ -269,9 +269,11 @@ def running_s3_server(log_dir: Path):
             server.wait(timeout=10)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    """A local S3 server with a bucket (see S3Server); its log is in a temp dir."""
+    """A local S3 server with a bucket (see S3Server); its log is in a temp dir. One for the
+    session: the modules that use it (test_storage, test_multinode) write under keys of their
+    own, and each start of moto_server (with the IAM user and the bucket) costs seconds."""
     with running_s3_server(tmp_path_factory.mktemp("s3")) as server:
         yield server
 
