@@ -97,9 +97,11 @@ class Recoder:
             references, which compute the same results (see ``recoder_dist.kernels``).
         tables: ``"sharded"`` (the default): with several workers, each holds and updates
             only its rows of the DynamicAutoencoder's item tables (item ``i`` on worker
-            ``i % workers``), and a step trains the model that one process trains on the
-            workers' batches together; ``"replicated"``: every worker holds every table and
-            the touched rows are exchanged (each worker samples its negatives among its own
+            ``i % workers``); ``train``'s ``batch_size`` and ``num_sampling_users`` are then a
+            step's global batch and sampling group, split over the workers, so any number of
+            workers trains the model that one process trains with the same settings.
+            ``"replicated"``: every worker holds every table, the touched rows are exchanged,
+            and ``batch_size`` is per worker (each worker samples its negatives among its own
             batch's items). Other models, and a loss Module of the user's (it reads the
             whole output), replicate the tables either way.
     """
@@ -217,7 +219,8 @@ class Recoder:
             lr_milestones: epochs at whose start the dense parameters' learning rate is
                 multiplied by 0.1 (the sparse embeddings' too with ``decay_sparse_lr``).
             iters_per_epoch: cap on the training batches of an epoch (per worker).
-            batch_size: users per training batch, per worker.
+            batch_size: users per training batch: a step's global batch, split over the
+                workers, with sharded tables (see ``tables``); per worker with replicated ones.
             negative_sampling: score each batch only on the items its sampling group touched.
             num_sampling_users: users per sampling group (a multiple of ``batch_size``; 0 means
                 ``batch_size``); a group is sliced into batches that share its items.

@@ -1,5 +1,6 @@
 """Training with sharded tables through Ray Train against one process fed the same global
-batches: N workers train the model that one process trains on their batches together.
+batches: N workers train the model that one process trains on their batches together
+(``batch_size`` users a step in all, split over the workers).
 
 The reference rebuilds every rank's batches of every epoch (``epoch_batches``, the workers'
 own function, from the same row blocks and seeds), joins each step's batches into the global
@@ -22,12 +23,14 @@ from recoder_dist.nn import DynamicAutoencoder
 from recoder_dist.training.config import TrainSettings
 from recoder_dist.training.optimizers import build_optimizers
 from recoder_dist.training.schedule import agreed_steps, epoch_batches
+from recoder_dist.training.sharded_step import rank_batch
 from recoder_dist.training.step import batch_loss
 from tests.ml100k import ml100k_split
 
 pytestmark = pytest.mark.slow
 MODEL = dict(hidden_layers=[16, 8], activation_type="tanh", sparse=True)
-TRAIN = dict(batch_size=40, num_sampling_users=80, lr=0.01, negative_sampling=True)
+# A step's global batch and sampling group (40 and 80 users a rank on 2 workers).
+TRAIN = dict(batch_size=80, num_sampling_users=160, lr=0.01, negative_sampling=True)
 SEED = 3
 
 
@@ -58,17 +61,24 @@ def _reference_epochs(model, optimizers, rows, num_items, world, epochs, loss="l
         negative_sampling=True,
         num_train_rows=rows.blocks.num_rows,
     )
-    collator = Collator(
-        num_items=num_items,
-        batch_size=TRAIN["batch_size"],
-        num_sampling_users=TRAIN["num_sampling_users"],
-    )
-    steps = agreed_steps(settings, collator, world, torch.device("cpu"))
+    collators = [
+        Collator(
+            num_items=num_items,
+            **dict(
+                zip(
+                    ("batch_size", "num_sampling_users"),
+                    rank_batch(TRAIN["batch_size"], TRAIN["num_sampling_users"], rank, world),
+                )
+            ),
+        )
+        for rank in range(world)
+    ]
+    steps = min(agreed_steps(settings, c, world, torch.device("cpu")) for c in collators)
     loss_fn = build_loss(loss)
     losses = []
     for epoch in epochs:
         ranks = [
-            epoch_batches(rows.blocks, collator, steps, (SEED, epoch, rank), world)
+            epoch_batches(rows.blocks, collators[rank], steps, (SEED, epoch, rank), world)
             for rank in range(world)
         ]
         total, users = 0.0, 0

@@ -19,12 +19,13 @@ logger = logging.getLogger(__name__)
 
 
 def agreed_steps(settings: TrainSettings, collator: Collator, world: int, device) -> int:
-    """Steps every rank runs this epoch. ``rank_rows`` gives each rank ``rows // world`` rows
-    or one more; the all-reduce (min) makes any disagreement impossible."""
+    """Steps every rank runs this epoch, with its ``collator``'s batch geometry. ``rank_rows``
+    gives each rank ``rows // world`` rows or one more; the all-reduce (min) makes any
+    disagreement impossible."""
     rows = settings.num_train_rows // world
     group = collator.num_sampling_users
-    steps = (rows // group) * (group // settings.batch_size)
-    steps += batches_per_group(rows % group, settings.batch_size)
+    steps = (rows // group) * (group // collator.batch_size)
+    steps += batches_per_group(rows % group, collator.batch_size)
     if settings.iters_per_epoch:
         steps = min(steps, settings.iters_per_epoch)
     if world > 1 and dist.is_initialized():

@@ -39,6 +39,24 @@ def shards_tables(model, loss_fn, tables: str, world: int) -> bool:
     )
 
 
+def rank_batch(batch_size: int, num_sampling_users: int, rank: int, world: int) -> tuple[int, int]:
+    """This rank's users a step and a sampling group with sharded tables, where ``batch_size``
+    and ``num_sampling_users`` are the step's global batch and sampling group (split over the
+    ranks, the first ``batch_size % world`` ranks taking one user more): the settings of one
+    process give the model of one process, whatever the number of workers.
+
+    Raises:
+        ValueError: a global batch smaller than the number of workers.
+    """
+    if batch_size < world:
+        raise ValueError(
+            f"batch_size={batch_size} is smaller than the {world} workers: with sharded tables "
+            "it is the step's global batch, split over the workers"
+        )
+    batch = batch_size // world + (rank < batch_size % world)
+    return batch, (num_sampling_users // batch_size) * batch
+
+
 def sharded_batch_loss(
     model: ShardedAutoencoder,
     batch: SparseBatch,

@@ -45,7 +45,7 @@ from recoder_dist.training.optimizers import build_optimizers, epoch_lrs, sparse
 from recoder_dist.training.prefetch import EpochPrefetcher
 from recoder_dist.training.resources import worker_threads
 from recoder_dist.training.schedule import agreed_steps, epoch_batches
-from recoder_dist.training.sharded_step import sharded_batch_loss, shards_tables
+from recoder_dist.training.sharded_step import rank_batch, sharded_batch_loss, shards_tables
 from recoder_dist.training.snapshot import copy_snapshot, load_snapshot, save_snapshot
 from recoder_dist.training.sparse_sync import SparseGradSync
 from recoder_dist.training.step import batch_loss, unwrapped
@@ -153,10 +153,13 @@ def _train(
     if sharded:
         optimizer_state = sharded_optimizer_state(optimizer_state, optimizers, model)
     optimizers.load_state_dict(optimizer_state)
+    batch_size, group_size = settings.batch_size, settings.num_sampling_users
+    if sharded:  # the global batch, split over the ranks
+        batch_size, group_size = rank_batch(batch_size, group_size, rank, world)
     collator = Collator(
         num_items=job.num_items,
-        batch_size=settings.batch_size,
-        num_sampling_users=settings.num_sampling_users,
+        batch_size=batch_size,
+        num_sampling_users=group_size,
         negative_sampling=settings.negative_sampling,
     )
     if sharded:
@@ -169,7 +172,7 @@ def _train(
                 loss_fn,
                 job.loss_params,
                 settings.negative_sampling,
-                collator.num_sampling_users > settings.batch_size,
+                collator.num_sampling_users > collator.batch_size,
             )
 
     else:
