@@ -2,12 +2,12 @@
 
 No Ray: the ranks are forked processes joined by gloo (``tests/sharded_harness.py``), one
 torch thread each, so what is timed is the step itself (the exchanges, the scoring and the
-optimizer), not a worker group. For each dataset: one process on a batch of ``--batch``
-users; one process on the global batch (``world x batch`` users: the model that ``world``
-sharded ranks train); and ``world`` ranks with ``--batch`` users each. DynamicAutoencoder
-[200], tanh, noise 0.5, sparse tables, Adam, logloss, negative sampling (the settings of
-train_speed.py); random users each step; the first 2 steps of 12 dropped. A rank's ``cpu`` is
-its process's CPU time (every thread), ``wall`` the step's wall time.
+optimizer), not a worker group. For each dataset and each global batch (``--batch`` users,
+what ``batch_size`` means with sharded tables, and ``world x batch``, what it meant per
+worker before): one process on the global batch, against ``world`` ranks that split it.
+DynamicAutoencoder [200], tanh, noise 0.5, sparse tables, Adam, logloss, negative sampling
+(the settings of train_speed.py); random users each step; the first 2 steps of 12 dropped.
+A rank's ``cpu`` is its process's CPU time (every thread), ``wall`` the step's wall time.
 
     python benchmarks/sharded_step.py                    # ml-1m and Gowalla, 2 ranks, ~1 min
 """
@@ -100,43 +100,27 @@ def sharded(matrix, batch: int, world: int) -> list[dict]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=["ml-1m", "gowalla"])
-    parser.add_argument("--batch", type=int, default=500, help="users a rank a step")
+    parser.add_argument("--batch", type=int, default=500, help="the global batch, users a step")
     parser.add_argument("--world", type=int, default=2)
     args = parser.parse_args()
     rows = []
     for name in args.datasets:
         matrix = load_matrix(name)
-        alone = one_process(matrix, args.batch)
-        whole = one_process(matrix, args.batch * args.world)
-        ranks = sharded(matrix, args.batch, args.world)
-        wall = max(r["wall"] for r in ranks)
-        users = args.batch * args.world
-        rows += [
-            [
-                name,
-                f"1 process, {args.batch} users",
-                f"{alone['cpu']:.1f}",
-                f"{alone['wall']:.1f}",
-                f"{alone['wall'] / args.batch * users:.1f}",
-                "1.00x",
-            ],
-            [
-                name,
-                f"1 process, {users} users (the global batch)",
-                f"{whole['cpu']:.1f}",
-                f"{whole['wall']:.1f}",
-                f"{whole['wall']:.1f}",
-                f"{alone['wall'] / args.batch * users / whole['wall']:.2f}x",
-            ],
-            [
-                name,
-                f"{args.world} sharded ranks, {args.batch} users each",
-                " / ".join(f"{r['cpu']:.1f}" for r in ranks),
-                f"{wall:.1f}",
-                f"{wall:.1f}",
-                f"{alone['wall'] / args.batch * users / wall:.2f}x",
-            ],
-        ]
+        for users in (args.batch, args.batch * args.world):
+            alone = one_process(matrix, users)
+            ranks = sharded(matrix, users // args.world, args.world)
+            wall = max(r["wall"] for r in ranks)
+            rows += [
+                [name, users, "1 process", f"{alone['cpu']:.1f}", f"{alone['wall']:.1f}", "1.00x"],
+                [
+                    name,
+                    users,
+                    f"{args.world} sharded ranks",
+                    " / ".join(f"{r['cpu']:.1f}" for r in ranks),
+                    f"{wall:.1f}",
+                    f"{alone['wall'] / wall:.2f}x",
+                ],
+            ]
     print(f"machine load: {load_average()}; 1 torch thread a process")
     header = [
         "dataset",
