@@ -137,10 +137,14 @@ def parse_args() -> argparse.Namespace:
 
 
 def train(model, run: Run, dataset, workers: int, seed: int, epochs: int | None, precision="fp32"):
-    """A Recoder trained on ``dataset``, and the seconds its training took."""
-    if run.batch_size % max(workers, 1):
+    """A Recoder trained on ``dataset``, and the seconds its training took. ``run``'s batch
+    and sampling group are a step's global ones: given as they are where the tables are
+    sharded (a DynamicAutoencoder on several workers), split by hand where they are
+    replicated (``batch_size`` is then per worker)."""
+    shares = 1 if isinstance(model, DynamicAutoencoder) else max(workers, 1)
+    if run.batch_size % shares:
         raise ValueError(f"batch size {run.batch_size} does not split over {workers} workers")
-    per_worker = run.batch_size // max(workers, 1)
+    per_worker = run.batch_size // shares
     recoder = Recoder(model, optimizer_type="adam", loss=run.loss, num_workers=workers, seed=seed)
     started = time.perf_counter()
     recoder.train(
@@ -151,7 +155,7 @@ def train(model, run: Run, dataset, workers: int, seed: int, epochs: int | None,
         batch_size=per_worker,
         lr_milestones=list(run.lr_milestones) if run.lr_milestones else None,
         negative_sampling=run.negative_sampling,
-        num_sampling_users=run.num_sampling_users // max(workers, 1),
+        num_sampling_users=run.num_sampling_users // shares,
         precision=precision,
     )
     return recoder, time.perf_counter() - started

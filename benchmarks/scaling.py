@@ -1,8 +1,10 @@
 """Scaling with workers: epoch time in-process, with 1 and 2 Ray Train workers, and where it goes.
 
 What is measured, on ml-1m-implicit and Gowalla, with the settings of train_speed.py (the ML-20M
-script's: DynamicAutoencoder [200] tanh, noise 0.5, sparse embeddings, Adam, batch 500 per
-worker, negative sampling), one torch thread per worker (and in-process):
+script's: DynamicAutoencoder [200] tanh, noise 0.5, sparse embeddings, Adam, batch 500 (per
+worker with replicated tables; a step's global batch, split over the workers, with sharded
+ones: the model of 1 worker), negative sampling), one torch thread per worker (and
+in-process):
 
 - seconds per epoch of unprofiled runs (2 workers with the item tables replicated, today's
   sync of touched rows, and sharded, each worker holding its rows; the first epoch of every

@@ -124,11 +124,11 @@ def main():
     print(f"machine load: {load_average()}; 1 torch thread a process")
     header = [
         "dataset",
+        "global batch",
         "run",
-        "cpu ms a step (a rank)",
+        "cpu ms a step (each rank)",
         "wall ms a step",
-        f"wall ms per {args.batch * args.world} users",
-        "users/s vs 1 process",
+        "steps/s vs 1 process",
     ]
     print(markdown_table(header, rows))
 
