@@ -31,7 +31,7 @@ from recoder_dist.training.config import EvalSettings, TrainSettings, WorkerJob
 from recoder_dist.training.evaluation import predict_scores, recommend_top_k
 from recoder_dist.training.launcher import cluster_gpus, ensure_ray, run_job
 from recoder_dist.training.optimizers import build_optimizers, check_optimizer_type
-from recoder_dist.training.sharded_step import check_tables
+from recoder_dist.training.sharded_step import check_tables, rank_batch, shards_tables
 from recoder_dist.training.snapshot import (
     Snapshot,
     load_snapshot,
@@ -102,8 +102,9 @@ class Recoder:
             workers trains the model that one process trains with the same settings.
             ``"replicated"``: every worker holds every table, the touched rows are exchanged,
             and ``batch_size`` is per worker (each worker samples its negatives among its own
-            batch's items). Other models, and a loss Module of the user's (it reads the
-            whole output), replicate the tables either way.
+            batch's items). Other models (a subclass of DynamicAutoencoder too), a loss
+            Module of the user's (it reads the whole output) and ``precision="bf16"``
+            replicate the tables either way.
     """
 
     def __init__(
@@ -274,6 +275,10 @@ class Recoder:
         if evaluating:
             self._check_eval_items(val_dataset)
         workers = self.workers  # resolved once: the log, the job and the run agree
+        loss = build_loss(self.loss, self.loss_params)
+        if shards_tables(self.model, loss, self.tables, workers, precision):
+            # The global batch's split, refused now rather than in the workers.
+            rank_batch(batch_size, settings.num_sampling_users, workers)
         use_gpus = self._use_gpus(workers)
         # Builds the optimizers once here so that a model/optimizer mismatch fails now.
         build_optimizers(self.model, self.optimizer_type, lr, weight_decay)

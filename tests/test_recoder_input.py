@@ -36,6 +36,7 @@ def trained_recoder(ray_session) -> Recoder:
         ({"loss": "hinge"}, ValueError, "unknown loss 'hinge'"),
         ({"loss": 3}, TypeError, "loss must be"),
         ({"loss": "mse", "loss_params": {"gamma": 1}}, ValueError, "loss_params"),
+        ({"tables": "split"}, ValueError, "tables must be one of"),
         ({"num_workers": -1}, ValueError, "num_workers"),
         ({"num_workers": 1.5}, ValueError, "num_workers"),
     ],
@@ -90,6 +91,12 @@ def test_train_rejects_bad_datasets():
             metrics=[Recall(50)],
             eval_num_recommendations=20,
         )
+
+
+def test_a_global_batch_that_does_not_split_over_the_workers_is_refused_before_they_start():
+    three = Recoder(DynamicAutoencoder([8], sparse=True), num_workers=3)
+    with pytest.raises(ValueError, match="batch_size=10 does not split over 3 workers"):
+        three.train(RecommendationDataset(matrix()), batch_size=10, num_epochs=1)
 
 
 def test_sparse_model_with_an_optimizer_that_cannot_take_sparse_gradients():

@@ -29,8 +29,9 @@ from tests.ml100k import ml100k_split
 
 pytestmark = pytest.mark.slow
 MODEL = dict(hidden_layers=[16, 8], activation_type="tanh", sparse=True)
-# A step's global batch and sampling group (40 and 80 users a rank on 2 workers).
-TRAIN = dict(batch_size=80, num_sampling_users=160, lr=0.01, negative_sampling=True)
+# A step's global batch and sampling group (42 and 84 users a rank on 2 workers, 28 and 56
+# on 3).
+TRAIN = dict(batch_size=84, num_sampling_users=168, lr=0.01, negative_sampling=True)
 SEED = 3
 
 
@@ -67,7 +68,7 @@ def _reference_epochs(model, optimizers, rows, num_items, world, epochs, loss="l
             **dict(
                 zip(
                     ("batch_size", "num_sampling_users"),
-                    rank_batch(TRAIN["batch_size"], TRAIN["num_sampling_users"], rank, world),
+                    rank_batch(TRAIN["batch_size"], TRAIN["num_sampling_users"], world),
                 )
             ),
         )

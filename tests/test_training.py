@@ -72,16 +72,16 @@ def test_two_workers_evaluate_exactly_like_one(trained):
 
 @pytest.mark.slow
 def test_two_workers_train_as_well_as_one(ray_session, tmp_path):
-    """Same global batch (2 x 50 vs 1 x 100), same epochs: the same quality, and rank 0 writes
-    the periodic snapshots: the trained weights. Scored in this process, from those snapshots
-    (the workers' evaluation has tests of its own)."""
+    """Same global batch (100 users a step: 2 x 50 with sharded tables), same epochs: the same
+    quality, and rank 0 writes the periodic snapshots: the trained weights. Scored in this
+    process, from those snapshots (the workers' evaluation has tests of its own)."""
     split = ml100k_split()
     ndcg = {}
     for workers in (1, 2):
         recoder = autoencoder_recoder(num_workers=workers, seed=1)
         recoder.train(
             split.train,
-            batch_size=100 // workers,
+            batch_size=100,
             lr=1e-3,
             num_epochs=20,
             negative_sampling=True,

@@ -25,36 +25,37 @@ def check_tables(tables: str) -> None:
         raise ValueError(f"tables must be one of {TABLES}, got {tables!r}")
 
 
-def shards_tables(model, loss_fn, tables: str, world: int) -> bool:
+def shards_tables(model, loss_fn, tables: str, world: int, precision: str = "fp32") -> bool:
     """Whether a run of ``world`` ranks trains ``model`` with sharded tables: asked for, more
-    than one rank (one rank holds every row either way), a model that has a sharded form
-    (DynamicAutoencoder; the others replicate their tables) and a loss that the sharded
-    decoder computes (mse, logistic, logloss; a loss module of the user's reads the whole
-    output, so its tables are replicated)."""
+    than one rank (one rank holds every row either way), a DynamicAutoencoder itself (the
+    other models, and a subclass whose forward may differ, replicate their tables), a loss
+    that the sharded decoder computes (mse, logistic, logloss; a loss module of the user's
+    reads the whole output) and float32 steps (bf16 autocast runs on the replicated path)."""
     return (
         tables == "sharded"
         and world > 1
-        and isinstance(model, DynamicAutoencoder)
+        and type(model) is DynamicAutoencoder
         and computes(loss_fn)
+        and precision == "fp32"
     )
 
 
-def rank_batch(batch_size: int, num_sampling_users: int, rank: int, world: int) -> tuple[int, int]:
-    """This rank's users a step and a sampling group with sharded tables, where ``batch_size``
-    and ``num_sampling_users`` are the step's global batch and sampling group (split over the
-    ranks, the first ``batch_size % world`` ranks taking one user more): the settings of one
-    process give the model of one process, whatever the number of workers.
+def rank_batch(batch_size: int, num_sampling_users: int, world: int) -> tuple[int, int]:
+    """Each rank's users a step and sampling group with sharded tables, where ``batch_size``
+    and ``num_sampling_users`` are the step's global batch and sampling group, split evenly
+    over the ranks: the settings of one process give the model of one process, whatever the
+    number of workers. (Uneven shares would end an epoch when the rank of the larger share
+    runs out of rows, leaving the others' last users untrained.)
 
     Raises:
-        ValueError: a global batch smaller than the number of workers.
+        ValueError: a global batch that does not split evenly over the workers.
     """
-    if batch_size < world:
+    if batch_size % world:
         raise ValueError(
-            f"batch_size={batch_size} is smaller than the {world} workers: with sharded tables "
-            "it is the step's global batch, split over the workers"
+            f"batch_size={batch_size} does not split over {world} workers: with sharded tables "
+            "it is the step's global batch, an equal share a worker (or tables='replicated')"
         )
-    batch = batch_size // world + (rank < batch_size % world)
-    return batch, (num_sampling_users // batch_size) * batch
+    return batch_size // world, num_sampling_users // world
 
 
 def sharded_batch_loss(

@@ -125,12 +125,8 @@ def _train(
     distributed = world > 1 and dist.is_initialized()
     whole = model  # the whole model: what snapshots hold, and what evaluation reads
     loss_fn = build_loss(job.loss, job.loss_params).to(device)
-    sharded = distributed and shards_tables(model, loss_fn, job.tables, world)
+    sharded = distributed and shards_tables(model, loss_fn, job.tables, world, settings.precision)
     if sharded:
-        if settings.precision != "fp32":
-            raise ValueError(
-                f"precision={settings.precision!r} trains with tables='replicated' only"
-            )
         model = ShardedAutoencoder.like(whole, device=device)
     sparse_names = sparse_parameter_names(model)
     dense_names = [n for n, p in model.named_parameters() if n not in sparse_names]
@@ -155,7 +151,7 @@ def _train(
     optimizers.load_state_dict(optimizer_state)
     batch_size, group_size = settings.batch_size, settings.num_sampling_users
     if sharded:  # the global batch, split over the ranks
-        batch_size, group_size = rank_batch(batch_size, group_size, rank, world)
+        batch_size, group_size = rank_batch(batch_size, group_size, world)
     collator = Collator(
         num_items=job.num_items,
         batch_size=batch_size,
