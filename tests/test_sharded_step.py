@@ -57,6 +57,15 @@ def _close(actual, expected, what):
         raise AssertionError(f"{what}: max difference {gap}")
 
 
+def _close_state(sharded, reference, what, dst=0):
+    """The whole model's state gathered from the shards (a collective) against one process's
+    model, on the shards' rank ``dst`` (every rank when None)."""
+    gathered = gathered_state(sharded, dst=dst)
+    if gathered is not None:
+        for key, value in reference.state_dict().items():
+            _close(gathered[key], value, f"{what}: {key}")
+
+
 def _reference(hidden, constrained, sparse, seed):
     torch.manual_seed(seed)
     model = DynamicAutoencoder(hidden, is_constrained=constrained, sparse=sparse)
@@ -97,19 +106,7 @@ def _steps(rank, world, matrix=None, cases=CASES):
             sharded_opt.step()
             _close(total, expected.detach(), f"{case} loss")
 
-        for name in ("encoder_bias",):
-            _close(getattr(sharded, name), getattr(reference, name), f"{case} {name}")
-        for mine, theirs in zip(sharded.encoder_layers, reference.encoder_layers):
-            _close(mine.weight, theirs.weight, f"{case} encoder layer")
-        tables = [
-            (sharded.encoder_embedding, reference.encoder_embedding.weight),
-            (sharded.decoder_embedding, reference.decoder_embedding.weight),
-            (sharded.decoder_bias, reference.decoder_bias.weight),
-        ]
-        for table, full in tables:
-            gathered = table.gather_full(dst=0)
-            if rank == 0:
-                _close(gathered, full, f"{case} gathered table")
+        _close_state(sharded, reference, str(case))
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -266,10 +263,7 @@ def _sampled_beyond_entries(rank, world):
     sharded.all_reduce_dense_grads()
     sharded_opt.step()
     _close(total, expected.detach(), "loss over the sampled items")
-    gathered = gathered_state(sharded)
-    if rank == 0:
-        for key, value in reference.state_dict().items():
-            _close(gathered[key], value, f"{key} after a step over the sampled items")
+    _close_state(sharded, reference, "after a step over the sampled items")
 
 
 def test_sampling_groups_larger_than_the_batch():
@@ -333,10 +327,7 @@ def _state_round_trip(rank, world, sparse, constrained):
     fresh_opt.load_state_dict(sharded_optimizer_state(optimizer_state, fresh_opt, fresh))
     step(reference, reference_opt, STEP_USERS[1], None)
     step(fresh, fresh_opt, STEP_USERS[1], SIZES[world][1])
-    model_state = gathered_state(fresh)
-    if rank == 0:
-        for key, value in reference.state_dict().items():
-            _close(model_state[key], value, f"{key} after a step from the loaded state")
+    _close_state(fresh, reference, "after a step from the loaded state")
 
 
 @pytest.mark.parametrize("sparse,constrained", [(True, False), (False, True)])

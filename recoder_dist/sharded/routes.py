@@ -138,15 +138,12 @@ def route_entries(
     batch_sizes = comm.all_sizes(num_users, device, group)
 
     owners = ownership.owner(items)
-    order = torch.argsort(owners, stable=True)
-    send = torch.bincount(owners, minlength=world)
-    recv = comm.exchange_counts(send, group)
-    send_counts, recv_counts = send.tolist(), recv.tolist()
-
-    sent = torch.stack([rows, ownership.local_index(items)], 1).index_select(0, order)
-    received = comm.all_to_all(sent, send_counts, recv_counts, group)
+    sent = torch.stack([rows, ownership.local_index(items)], 1)
+    received, order, send_counts, recv_counts = _to_owners(sent, owners, world, group)
     offsets = torch.tensor([0, *batch_sizes[:-1]], device=device).cumsum(0)
-    sources = torch.repeat_interleave(torch.arange(world, device=device), recv)
+    sources = torch.repeat_interleave(
+        torch.arange(world, device=device), torch.tensor(recv_counts, device=device)
+    )
     users = received[:, 0] + offsets.index_select(0, sources)
 
     # One pooling bag per (source, user): the users arrive sorted, so the bags are runs.
@@ -155,7 +152,7 @@ def route_entries(
     bag_counts = torch.bincount(bag_sources, minlength=world).tolist()
 
     # The same runs seen from home: this rank's distinct rows per owner, in the owners' order.
-    sorted_rows, sorted_owners = sent[:, 0], owners.index_select(0, order)
+    sorted_rows, sorted_owners = rows.index_select(0, order), owners.index_select(0, order)
     key = sorted_owners * max(num_users, 1) + sorted_rows
     home_keys = torch.unique_consecutive(key)
     home_rows = home_keys % max(num_users, 1)
@@ -164,15 +161,9 @@ def route_entries(
     ).tolist()
     sampled_rows = None
     if sampled is not None:
-        owners_of_sampled = ownership.owner(sampled)
-        sampled_order = torch.argsort(owners_of_sampled, stable=True)
-        counts = torch.bincount(owners_of_sampled, minlength=world)
-        sampled_rows = comm.all_to_all(
-            ownership.local_index(sampled).index_select(0, sampled_order),
-            counts.tolist(),
-            comm.exchange_counts(counts, group).tolist(),
-            group,
-        )
+        sampled_rows = _to_owners(
+            ownership.local_index(sampled), ownership.owner(sampled), world, group
+        )[0]
     return EntryRoutes(
         ownership=ownership,
         rank=rank,
@@ -190,3 +181,15 @@ def route_entries(
         group=group,
         sampled_rows=sampled_rows,
     )
+
+
+def _to_owners(values: torch.Tensor, owners: torch.Tensor, world: int, group):
+    """``values`` (a row per item) sent to their items' ``owners``, stably sorted by owner
+    (the counts travel first); returns the rows received by source rank, the sending order,
+    and the counts sent to and received from each rank."""
+    order = torch.argsort(owners, stable=True)
+    send = torch.bincount(owners, minlength=world)
+    send_counts = send.tolist()
+    recv_counts = comm.exchange_counts(send, group).tolist()
+    received = comm.all_to_all(values.index_select(0, order), send_counts, recv_counts, group)
+    return received, order, send_counts, recv_counts

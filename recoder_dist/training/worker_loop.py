@@ -134,16 +134,17 @@ def _train(
     net, sync = model, None
     if sharded:
         sync = _DenseGradSum(model)
-    elif distributed and dense_names:
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sparse_names)
-        net = DistributedDataParallel(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-        )
-        if settings.profile:
-            net.register_comm_hook(None, timed_allreduce_hook(profile))
-    if distributed and sparse_names and not sharded:
-        sync = SparseGradSync([model.get_parameter(n) for n in sparse_names])
+    elif distributed:
+        if dense_names:
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sparse_names)
+            net = DistributedDataParallel(
+                model,
+                device_ids=[device.index] if device.type == "cuda" else None,
+            )
+            if settings.profile:
+                net.register_comm_hook(None, timed_allreduce_hook(profile))
+        if sparse_names:
+            sync = SparseGradSync([model.get_parameter(n) for n in sparse_names])
 
     optimizers = build_optimizers(model, job.optimizer_type, settings.lr, settings.weight_decay)
     if sharded:
