@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 
 import numpy as np
@@ -55,10 +56,14 @@ def test_a_lost_progress_actor_stops_the_lines_not_the_driver(ray_session, caplo
     ):
         ray.get(p.log.append.remote(record))
         p._drain()
-        ray.kill(p.log)
+        ray.kill(p.log)  # asynchronous: calls sent just after it may still be served
+        deadline = time.monotonic() + 30
+        while "progress lines stop here" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)  # the printer's thread notices the loss on its own
         p.log.append.remote({**record, "epoch": 2})  # what a worker sends on: never waited for
     assert "epoch 1/2  loss 1.5000" in caplog.text
     assert "progress lines stop here" in caplog.text
+    assert "epoch 2/2" not in caplog.text
 
 
 @pytest.mark.slow
