@@ -18,6 +18,7 @@ from recoder_dist.data.parquet_rows import UserRowFiles
 from recoder_dist.data.ray_dataset import (
     TRAIN_ROWS_PER_BLOCK,
     put_blocks,
+    rows_from_arrow,
     to_ray_dataset,
     user_rows_table,
 )
@@ -28,7 +29,7 @@ from recoder_dist.losses import build_loss
 from recoder_dist.metrics import Metric
 from recoder_dist.nn.base import FactorizationModel
 from recoder_dist.training.config import EvalSettings, TrainSettings, WorkerJob
-from recoder_dist.training.evaluation import predict_scores, recommend_top_k
+from recoder_dist.training.evaluation import metric_sums, predict_scores, recommend_top_k
 from recoder_dist.training.launcher import cluster_gpus, ensure_ray, run_job
 from recoder_dist.training.optimizers import build_optimizers, check_optimizer_type
 from recoder_dist.training.sharded_step import check_tables, rank_batch, shards_tables
@@ -40,6 +41,11 @@ from recoder_dist.training.snapshot import (
 )
 
 logger = logging.getLogger(__name__)
+
+# The user x item scores above which ``Recoder.evaluate`` scores on the workers by default:
+# about two seconds of scoring in one process (benchmarks/RESULTS.md, "evaluate here"), where a
+# worker group takes 10-20 s to start.
+DRIVER_EVAL_SCORES = 2**28
 
 
 class Recoder:
@@ -330,12 +336,22 @@ class Recoder:
         metrics: list[Metric] | None = None,
         batch_size: int = 500,
         num_users: int | None = None,
+        *,
+        on_workers: bool | None = None,
     ) -> dict[str, float]:
         """Evaluates the model on ``eval_dataset`` (inputs and targets: a matrix, or
-        ``UserRowFiles`` that the cluster reads), over the workers.
+        ``UserRowFiles`` that the cluster reads).
 
         Each user's recommendations exclude the items of its input; users without target
-        items are not counted.
+        items are not counted. Every placement gives the same numbers.
+
+        Args:
+            on_workers: score the users on the Ray Train workers (``num_workers`` of them)
+                rather than in this process. None (the default): on the workers when the
+                evaluation computes more than ``DRIVER_EVAL_SCORES`` user x item scores,
+                otherwise here, which saves starting a worker group (seconds, against
+                milliseconds of scoring). Here, rows in files are read by the cluster into
+                Ray's object store, and this process takes them from there.
 
         Returns:
             ``{metric name: mean over users}``, and ``eval_users``: how many users counted.
@@ -344,6 +360,21 @@ class Recoder:
         _check_dataset(eval_dataset, "eval_dataset", needs_target=True)
         settings = EvalSettings.of(metrics, num_recommendations, batch_size)
         self._check_eval_items(eval_dataset)
+        if isinstance(eval_dataset, RecommendationDataset):
+            users = self._eval_users(eval_dataset, num_users)
+            scores = len(users) * self.num_items
+        else:
+            scores = min(num_users or eval_dataset.num_rows, eval_dataset.num_rows) * self.num_items
+        if on_workers is None:
+            on_workers = scores > DRIVER_EVAL_SCORES
+        if not on_workers:
+            if isinstance(eval_dataset, RecommendationDataset):
+                batches = _csr_batches(eval_dataset, users, settings.batch_size)
+            else:
+                ensure_ray()
+                rows = self._eval_dataset(eval_dataset, num_users, settings.batch_size)
+                batches = _arrow_batches(rows, settings.batch_size)
+            return self._evaluate_here(batches, settings)
         workers = self.workers
         job = self._job(workers, use_cuda=self._use_gpus(workers), eval=settings)
         rows = self._eval_dataset(eval_dataset, num_users, settings.batch_size)
@@ -531,12 +562,42 @@ class Recoder:
             # would wait for CPUs that the workers hold).
             rows.context.execution_options.preserve_order = True
             return rows.repartition(target_num_rows_per_block=batch_size).materialize()
+        users = self._eval_users(dataset, num_users)
+        return to_ray_dataset(user_rows_table(dataset, users), rows_per_block=batch_size)
+
+    def _eval_users(self, dataset: RecommendationDataset, num_users: int | None) -> np.ndarray:
+        """The users with target items (a fixed random sample of ``num_users`` of them)."""
         users = np.flatnonzero(np.diff(dataset.target.indptr))
         if len(users) == 0:
             raise ValueError("the evaluation dataset has no user with target interactions")
         if num_users is not None and num_users < len(users):
             users = np.sort(np.random.default_rng(self.seed).choice(users, num_users, False))
-        return to_ray_dataset(user_rows_table(dataset, users), rows_per_block=batch_size)
+        return users
+
+    def _evaluate_here(self, batches, settings: EvalSettings) -> dict[str, float]:
+        """``evaluate`` in this process: the workers' batches (pairs of input and target
+        ``UserRows``), summed the workers' way."""
+        self.model.eval()
+        sums, count = np.zeros(len(settings.metrics)), 0
+        for inputs, targets in batches:
+            batch_sums, batch_count = metric_sums(
+                self.model,
+                inputs,
+                targets,
+                list(settings.metrics),
+                settings.num_recommendations,
+                self.num_items,
+                torch.device("cpu"),
+                compiled=self._compiled,
+            )
+            sums += batch_sums
+            count += batch_count
+        results = {
+            m.name: float(sums[i] / count) if count else float("nan")
+            for i, m in enumerate(settings.metrics)
+        }
+        results["eval_users"] = count
+        return results
 
     @property
     def workers(self) -> int:
@@ -620,6 +681,24 @@ class Recoder:
                 f"users_interactions has {matrix.shape[1]} items; the model knows {self.num_items}"
             )
         return UserRows.from_csr(matrix)
+
+
+def _csr_batches(dataset: RecommendationDataset, users: np.ndarray, batch_size: int):
+    """The inputs and targets of ``users``, ``batch_size`` users at a time."""
+    for start in range(0, len(users), batch_size):
+        batch = users[start : start + batch_size]
+        yield (
+            UserRows.from_csr(dataset.interactions, batch),
+            UserRows.from_csr(dataset.target, batch),
+        )
+
+
+def _arrow_batches(rows, batch_size: int):
+    """The inputs and targets of a Ray Dataset of user rows, ``batch_size`` users at a time."""
+    rows.context.print_on_execution_start = False  # as on the workers (launcher.run_job)
+    rows.context.enable_progress_bars = False
+    for table in rows.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
+        yield rows_from_arrow(table), rows_from_arrow(table, "target_")
 
 
 def _check_dataset(dataset, name: str, needs_target: bool = False) -> None:

@@ -56,11 +56,17 @@ def test_training_from_files_is_training_from_the_matrix(ray_session, prepared_m
     # positions among all evaluation users): sums in another order, equal to rounding.
     for key in ("Recall@20", "NDCG@100"):
         assert files_epoch[key] == pytest.approx(memory_epoch[key], rel=1e-12, abs=0)
-    if workers == 0:  # evaluate's own run (the workers' evaluation is checked above)
-        test = open_prepared(prepared_ml100k).test
-        assert from_files.evaluate(test, 100, [NDCG(k=100)]) == from_memory.evaluate(
-            load_prepared(prepared_ml100k).split.test, 100, [NDCG(k=100)]
+    if workers == 0:  # evaluate's own: here, from the files and from memory, and on a worker
+        metric = [NDCG(k=100)]
+        files, memory = (
+            open_prepared(prepared_ml100k).test,
+            load_prepared(prepared_ml100k).split.test,
         )
+        expected = from_memory.evaluate(memory, 100, metric, num_users=50)
+        assert expected["eval_users"] == 50
+        assert from_files.evaluate(files, 100, metric, num_users=50) == expected
+        on_worker = from_files.evaluate(files, 100, metric, num_users=50, on_workers=True)
+        assert on_worker == pytest.approx(expected, rel=1e-12, abs=0)
 
 
 def test_the_files_hold_the_matrix(prepared_ml100k):

@@ -61,9 +61,8 @@ def test_two_workers_evaluate_exactly_like_one(trained):
     by_workers = {}
     for workers in (1, 2):
         recoder.num_workers = workers
-        by_workers[workers] = recoder.evaluate(test, 100, METRICS, batch_size=40)
-    recoder.num_workers = 0
-    in_process = recoder.evaluate(test, 100, METRICS, batch_size=40)
+        by_workers[workers] = recoder.evaluate(test, 100, METRICS, batch_size=40, on_workers=True)
+    in_process = recoder.evaluate(test, 100, METRICS, batch_size=40)  # small: scored here
     for name in [m.name for m in METRICS]:
         assert by_workers[2][name] == pytest.approx(by_workers[1][name], abs=1e-12), name
         assert in_process[name] == pytest.approx(by_workers[1][name], abs=1e-12), name
