@@ -103,7 +103,9 @@ class Batch:
 
     def to_dense(self) -> torch.Tensor:
         """The batch as a dense ``size`` FloatTensor."""
-        return torch.sparse_coo_tensor(self.indices, self.values, self.size).to_dense()
+        dense = torch.zeros(self.size, dtype=self.values.dtype)
+        dense[self.indices[0], self.indices[1]] = self.values
+        return dense
 
 
 class BatchCollator:
