@@ -367,3 +367,40 @@ def test_annoy_recall_against_the_exact_index():
             f"Annoy ({n_trees} trees) recall@10 of the exact neighbours, 2000 items: {recall:.3f}"
         )
         assert recall > 0.2
+
+
+# ---------------------------------------------------------------- Recoder with UsersInteractions
+
+LEGACY = Path(__file__).parent / "data" / "recoder040"
+
+
+@pytest.mark.parametrize("name", ["ae_8_4", "mf_4"])
+def test_recoder_predicts_and_recommends_for_users_interactions(name):
+    """0.4.0's model files and its model's outputs on every user (tests/data/recoder040): a
+    UsersInteractions of some users, in any order, gets those users' rows of 0.4.0's output
+    (a factorization model reads the users' ids, so the ids must be the UsersInteractions')."""
+    from recoder_dist.model import Recoder
+    from recoder_dist.nn import DynamicAutoencoder, MatrixFactorization
+
+    model = DynamicAutoencoder() if name.startswith("ae") else MatrixFactorization()
+    recoder = Recoder(model, num_workers=0, seed=0)
+    recoder.init_from_model_file(str(LEGACY / f"{name}.model"))
+    with np.load(LEGACY / f"{name}.npz") as saved:
+        dense, output = saved["input"], saved["output"]
+    users = np.array([17, 3, 9, 0])
+    interactions = UsersInteractions(users, sp.csr_matrix(dense[users]))
+    scores, dense_input = recoder.predict(interactions, return_input=True)
+    np.testing.assert_allclose(scores, output[users], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(dense_input, dense[users])
+
+    recommended = recoder.recommend(interactions, 4)
+    masked = np.where(dense[users] > 0, -np.inf, output[users])
+    assert recommended == np.argsort(-masked, axis=1, kind="stable")[:, :4].tolist()
+    # the same rows as a bare matrix are users 0..3 to the model
+    as_matrix = recoder.predict(sp.csr_matrix(dense[users]))
+    if name.startswith("ae"):
+        np.testing.assert_allclose(as_matrix, scores, rtol=1e-6)
+    else:
+        np.testing.assert_allclose(as_matrix, output[:4], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="items; the model knows"):
+        recoder.predict(UsersInteractions([0], sp.csr_matrix((1, dense.shape[1] + 1))))
