@@ -1,9 +1,10 @@
 """Exact item similarity: the nearest items by cosine over a model's item vectors.
 
-numpy only. Scores are computed a slice of query rows at a time, so memory stays at
-``slice_size x num_items`` floats whatever the catalog; this is the core that
+The search is numpy only. Scores are computed a slice of query rows at a time, so memory stays
+at ``slice_size x num_items`` floats whatever the catalog; this is the core that
 :class:`~recoder_dist.embedding.ExactEmbeddingsIndex` answers from, and that a cluster-wide
-"similar items" job can run on its share of the catalog.
+"similar items" job can run on its share of the catalog (``similar_items(..., items=share)``,
+then :func:`similar_items_table` for its Parquet rows).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 from collections.abc import Mapping
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 logger = logging.getLogger(__name__)
@@ -190,3 +192,29 @@ def _rows_of(items, ids: np.ndarray) -> np.ndarray:
     if unknown:
         raise ValueError(f"{len(unknown)} unknown item ids (e.g. {unknown[:5]})")
     return np.array([row_of[item] for item in items], dtype=np.int64)
+
+
+def similar_items_table(
+    query_ids: np.ndarray, neighbour_ids: np.ndarray, similarities: np.ndarray
+) -> pa.Table:
+    """:func:`similar_items`' result as an Arrow table, one row per queried item: ``item``,
+    ``similar_items`` (a list of ``k`` ids, best first) and ``similarities`` (their cosines,
+    float32)."""
+    num_queries, k = neighbour_ids.shape
+    if len(query_ids) != num_queries or similarities.shape != (num_queries, k):
+        raise ValueError(
+            f"{len(query_ids)} items, neighbours {neighbour_ids.shape} and similarities "
+            f"{similarities.shape} do not match"
+        )
+    offsets = pa.array(np.arange(0, (num_queries + 1) * k, k, dtype=np.int32))
+    return pa.table(
+        {
+            "item": pa.array(np.asarray(query_ids).tolist()),
+            "similar_items": pa.ListArray.from_arrays(
+                offsets, pa.array(np.asarray(neighbour_ids).reshape(-1).tolist())
+            ),
+            "similarities": pa.ListArray.from_arrays(
+                offsets, pa.array(np.asarray(similarities, dtype=np.float32).reshape(-1))
+            ),
+        }
+    )

@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from recoder_dist.nn import DynamicAutoencoder, MatrixFactorization
-from recoder_dist.similarity import item_vectors, similar_items, top_k_cosine
+from recoder_dist.similarity import (
+    item_vectors,
+    similar_items,
+    similar_items_table,
+    top_k_cosine,
+)
 
 
 def _brute_force(vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -47,9 +52,17 @@ def test_similar_items_in_original_ids():
         queries, neighbours, _ = similar_items(vectors, 3, item_ids=item_ids)
         np.testing.assert_array_equal(queries, names)
         np.testing.assert_array_equal(neighbours, names[expected])
-    queries, neighbours, _ = similar_items(vectors, 3, item_ids=id_map, items=["movie-4"])
+    queries, neighbours, sims = similar_items(vectors, 3, item_ids=id_map, items=["movie-4"])
     assert queries.tolist() == ["movie-4"]
     np.testing.assert_array_equal(neighbours, names[expected[[4]]])
+    table = similar_items_table(queries, neighbours, sims).to_pylist()
+    assert table == [
+        {
+            "item": "movie-4",
+            "similar_items": names[expected[4]].tolist(),
+            "similarities": sims[0].astype(np.float32).tolist(),
+        }
+    ]
 
 
 def test_equal_cosines_go_to_the_lower_row():
