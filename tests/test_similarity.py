@@ -112,3 +112,16 @@ def test_item_vectors_of_the_models():
     )
     with pytest.raises(ValueError, match="Linear has no item vectors"):
         item_vectors(torch.nn.Linear(3, 3))
+
+
+def test_a_catalog_of_ml100k_size_in_uneven_slices():
+    """1682 items (ml-100k's catalog) of 32 dimensions, 500 queries a slice (the last one
+    short), against a full stable sort of all the cosines."""
+    vectors = np.random.default_rng(3).normal(size=(1682, 32)).astype(np.float32)
+    units = vectors.astype(np.float64) / np.linalg.norm(vectors, axis=1, keepdims=True)
+    cosines = units @ units.T
+    np.fill_diagonal(cosines, -np.inf)
+    expected = np.argsort(-cosines, axis=1, kind="stable")[:, :10]
+    _, neighbours, sims = similar_items(vectors, 10, slice_size=500)
+    np.testing.assert_array_equal(neighbours, expected)
+    np.testing.assert_allclose(sims, np.take_along_axis(cosines, expected, axis=1), atol=1e-5)
