@@ -12,7 +12,11 @@ compute the same formulas on one list; the classes' ``evaluate(x, y)`` calls the
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 
 def average_precision(x, y, k: int, normalize: bool = True) -> float:
@@ -223,3 +227,63 @@ class AveragePrecision(Metric):
 
     def evaluate_hits(self, hits, num_relevant):
         return _average_precision_of_hits(hits, num_relevant, self.k, self.normalize)
+
+
+class RecommenderEvaluator:
+    """Evaluates a :class:`~recoder_dist.recommender.Recommender` on a dataset with targets, in
+    this process, as 0.4.0's.
+
+    Args:
+        recommender: the recommender (``recommend(UsersInteractions)`` -> a list per user).
+        metrics: the :class:`Metric` objects to compute.
+    """
+
+    def __init__(self, recommender, metrics: list[Metric]):
+        for metric in metrics:
+            if not isinstance(metric, Metric):
+                raise TypeError(f"metrics must be Metric objects, got {type(metric).__name__}")
+        self.recommender = recommender
+        self.metrics = list(metrics)
+
+    def evaluate(self, eval_dataset, batch_size: int = 1, num_users=None, num_workers: int = 0):
+        """Recommends for the dataset's users, ``batch_size`` at a time in a random order (as
+        0.4.0's loader), and scores each list against the user's target items.
+
+        Args:
+            eval_dataset: a RecommendationDataset with a target matrix.
+            batch_size: users passed to the recommender at once.
+            num_users: stop after the batch that reaches this many users (None: all).
+            num_workers: accepted for 0.4.0's signature; the metrics are cheap next to the
+                recommender and are computed in this process.
+
+        Returns:
+            ``{metric: [value per user]}``. Users without target items are left out (0.4.0
+            recorded NaN for them).
+        """
+        # Imported here: the metric functions above stay plain numpy (the workers import them).
+        from recoder_dist.data.loader import RecommendationDataLoader
+
+        if getattr(eval_dataset, "target", None) is None:
+            raise ValueError("eval_dataset needs a target matrix (the items to recommend)")
+        if num_workers:
+            logger.debug("num_workers=%s: metrics are computed in this process", num_workers)
+        loader = RecommendationDataLoader(eval_dataset, batch_size=batch_size, collate_fn=_as_is)
+        results = {metric: [] for metric in self.metrics}
+        seen = 0
+        for input, target in loader:
+            recommendations = self.recommender.recommend(input)
+            rows = target.user_rows()
+            for r, recommended in enumerate(recommendations):
+                relevant = rows.indices[rows.indptr[r] : rows.indptr[r + 1]]
+                if len(relevant) == 0:
+                    continue
+                for metric in self.metrics:
+                    results[metric].append(metric.evaluate(np.asarray(recommended), relevant))
+            seen += len(target)
+            if num_users is not None and seen >= num_users:
+                break
+        return results
+
+
+def _as_is(users_interactions):
+    return users_interactions

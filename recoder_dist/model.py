@@ -14,6 +14,7 @@ from recoder_dist import storage
 from recoder_dist.data.collator import UserRows, resolve_sampling_users, row_numbers
 from recoder_dist.data.dataset import RecommendationDataset
 from recoder_dist.data.epoch_order import RowBlocks
+from recoder_dist.data.loader import UsersInteractions
 from recoder_dist.data.parquet_rows import UserRowFiles
 from recoder_dist.data.ray_dataset import (
     TRAIN_ROWS_PER_BLOCK,
@@ -673,14 +674,21 @@ class Recoder:
             raise ValueError("the model is not initialized: train it or load a snapshot first")
 
     def _user_rows(self, users_interactions) -> UserRows:
-        if isinstance(users_interactions, RecommendationDataset):
-            users_interactions = users_interactions.interactions
-        matrix = RecommendationDataset(users_interactions).interactions
-        if matrix.shape[1] > self.num_items:
+        # A UsersInteractions (0.4.0's argument) names each row's user, which a model of user
+        # rows (MatrixFactorization) scores; a bare matrix's rows are users 0..n-1.
+        if isinstance(users_interactions, UsersInteractions):
+            rows = users_interactions.user_rows()
+            num_items = users_interactions.interactions_matrix.shape[1]
+        else:
+            if isinstance(users_interactions, RecommendationDataset):
+                users_interactions = users_interactions.interactions
+            matrix = RecommendationDataset(users_interactions).interactions
+            rows, num_items = UserRows.from_csr(matrix), matrix.shape[1]
+        if num_items > self.num_items:
             raise ValueError(
-                f"users_interactions has {matrix.shape[1]} items; the model knows {self.num_items}"
+                f"users_interactions has {num_items} items; the model knows {self.num_items}"
             )
-        return UserRows.from_csr(matrix)
+        return rows
 
 
 def _csr_batches(dataset: RecommendationDataset, users: np.ndarray, batch_size: int):

@@ -1,4 +1,5 @@
-"""Turning interaction tables into CSR matrices, and keeping the id maps that go with them."""
+"""Turning interaction tables into CSR matrices, keeping the id maps that go with them, and
+recsys-recoder 0.4.0's two small helpers (:func:`unzip`, :func:`normalize`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,40 @@ import pandas as pd
 import scipy.sparse as sp
 
 _ID_MAP_FORMAT = "recoder_dist.id_map"
+
+
+def unzip(pairs) -> list[list]:
+    """The inverse of ``zip`` as lists: ``unzip([(1, "a"), (2, "b")]) == [[1, 2], ["a", "b"]]``.
+
+    Args:
+        pairs: an iterable of equal-length tuples (or lists).
+
+    Returns:
+        one list per position of the tuples (an empty list when ``pairs`` is empty).
+    """
+    return [list(column) for column in zip(*pairs)]
+
+
+def normalize(x, axis: int | None = None) -> np.ndarray:
+    """``x`` divided by its L2 norm, as recsys-recoder 0.4.0's ``utils.normalize``.
+
+    With ``axis=1`` each row of a matrix is scaled to unit length; with ``axis=None`` a vector
+    (or a matrix, by its Frobenius norm) is. The norms are reshaped as a column, so ``axis=0``
+    on a matrix only works when it is square, as in 0.4.0.
+
+    Args:
+        x: a vector or matrix (anything ``np.asarray`` takes).
+        axis: the axis along which the norms are taken.
+
+    Returns:
+        a float array of ``x``'s shape (a row of zeros gives NaN, as 0.4.0's did). 0.4.0
+        returned a vector as a ``1 x n`` matrix; this returns a vector.
+    """
+    x = np.asarray(x)
+    norms = np.linalg.norm(x, axis=axis)
+    if axis is None or x.ndim == 1:
+        return x / norms
+    return x / np.reshape(norms, (-1, 1))
 
 
 def dataframe_to_csr_matrix(

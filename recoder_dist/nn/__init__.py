@@ -3,5 +3,6 @@
 from recoder_dist.nn.autoencoder import DynamicAutoencoder
 from recoder_dist.nn.base import FactorizationModel
 from recoder_dist.nn.factorization import MatrixFactorization
+from recoder_dist.nn.linear_embedding import LinearEmbedding
 
-__all__ = ["DynamicAutoencoder", "FactorizationModel", "MatrixFactorization"]
+__all__ = ["DynamicAutoencoder", "FactorizationModel", "LinearEmbedding", "MatrixFactorization"]
