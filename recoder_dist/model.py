@@ -387,7 +387,9 @@ class Recoder:
         """Scores of every item for each row of ``users_interactions``.
 
         Args:
-            users_interactions: users x items sparse matrix, or a RecommendationDataset.
+            users_interactions: users x items sparse matrix, a RecommendationDataset, or a
+                ``UsersInteractions`` (0.4.0's: its users' ids, which a MatrixFactorization
+                reads, and their items).
             return_input: also return the dense input.
 
         Returns:
@@ -407,7 +409,8 @@ class Recoder:
         return scores, dense
 
     def recommend(self, users_interactions, num_recommendations: int) -> list[list[int]]:
-        """Top ``num_recommendations`` items for each row, excluding the row's own items."""
+        """Top ``num_recommendations`` items for each row of ``users_interactions`` (as in
+        ``predict``), excluding the row's own items."""
         self._require_model()
         _check_positive_int(num_recommendations, "num_recommendations")
         rows = self._user_rows(users_interactions)
