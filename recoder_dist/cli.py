@@ -1,4 +1,5 @@
-"""``recoder-dist`` (also ``python -m recoder_dist``): prepare, train, evaluate, recommend, demo.
+"""``recoder-dist`` (also ``python -m recoder_dist``): prepare, train, evaluate, recommend,
+similar-items, demo.
 
 Every command connects to ``RAY_ADDRESS`` when it is set (as under ``ray job submit``) and
 otherwise starts a local embedded Ray. A user mistake (a bad flag, a missing file, a value
@@ -220,6 +221,20 @@ def _recommend(args) -> int:
     return 0
 
 
+def _similar_items(args) -> int:
+    from recoder_dist.datasets import open_prepared
+    from recoder_dist.inference import write_similar_items
+
+    # The item ids are read by a task into the object store; this process, split.json only.
+    prepared = open_prepared(args.data)
+    recoder = _restored(args.checkpoint, 0, False, None)
+    items = write_similar_items(
+        recoder, prepared, args.output, k=args.top_k, workers=max(args.workers, 1)
+    )
+    print(json.dumps({"output": str(args.output), "items": items}))
+    return 0
+
+
 def _demo(args) -> int:
     from recoder_dist.demo import run_demo
 
@@ -396,6 +411,20 @@ def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     _add_common(r)
     r.set_defaults(run=_recommend)
 
+    s = commands.add_parser(
+        "similar-items", help="every item's K nearest items by cosine, to Parquet"
+    )
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--data", required=True, help="the prepared split (its item ids)")
+    s.add_argument(
+        "--output",
+        required=True,
+        help="a folder or a URI; what it holds is replaced once the new files are all written",
+    )
+    s.add_argument("--top-k", type=int, default=20)
+    s.add_argument("--workers", type=int, default=1, help="Ray Data actors that search")
+    s.set_defaults(run=_similar_items)
+
     d = commands.add_parser("demo", help="train and evaluate an autoencoder on MovieLens 100K")
     d.add_argument(
         "--data-dir",
@@ -408,7 +437,14 @@ def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     d.add_argument("--lr", type=float, default=1e-3)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(run=_demo)
-    return main, {"prepare": p, "train": t, "evaluate": e, "recommend": r, "demo": d}
+    return main, {
+        "prepare": p,
+        "train": t,
+        "evaluate": e,
+        "recommend": r,
+        "similar-items": s,
+        "demo": d,
+    }
 
 
 def _with_config(argv: list[str]) -> argparse.Namespace:

@@ -1,13 +1,15 @@
-"""Batch inference: the top-K items of every user of a prepared split's part, to Parquet, with
-Ray Data.
+"""Batch inference with Ray Data, to Parquet: the top-K items of every user of a prepared
+split's part (``write_recommendations``), and every item's K most similar items
+(``write_similar_items``).
 
-The part's rows are read by the cluster (``UserRowFiles.ray_dataset``); the model goes to the
-object store once, and so do the id maps, read there by a task: this process holds neither rows
-nor ids. A pool of actors each takes a copy (on a GPU each when asked), and ``map_batches``
-streams user rows through them. The Parquet files are written by any node to a URI, by tasks
-on this node to a local folder (other nodes may not see it), into a fresh sibling of the output
-that replaces the output once complete: a second run replaces the first, and a run that fails
-leaves the earlier output as it was.
+The part's rows are read by the cluster (``UserRowFiles.ray_dataset``); the model (or its item
+vectors) goes to the object store once, and so do the id maps, read there by a task: this
+process holds neither rows nor ids. For recommendations a pool of actors each takes a copy of
+the model (on a GPU each when asked), and ``map_batches`` streams user rows through them; for
+similar items, tasks take slices of item numbers. The Parquet files are written by any node to
+a URI, by tasks on this node to a local folder (other nodes may not see it), into a fresh
+sibling of the output that replaces the output once complete: a second run replaces the first,
+and a run that fails leaves the earlier output as it was.
 """
 
 from __future__ import annotations
@@ -23,16 +25,20 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
+import ray.data
 from ray.data import ActorPoolStrategy
 
 from recoder_dist import storage
 from recoder_dist.data.local_files import on_this_node
 from recoder_dist.data.ray_dataset import rows_from_arrow
+from recoder_dist.similarity import item_vectors, similar_items_table, top_k_cosine
 from recoder_dist.training.evaluation import recommend_top_k
 from recoder_dist.utils import load_id_map
 
 # Rows per block that the actors take at a time.
 _ROWS_PER_BLOCK = 1024
+# Items whose neighbours a task finds at once: 1024 x a catalog of 1M items is 4 GiB of scores.
+_ITEMS_PER_BATCH = 1024
 
 
 class _TopK:
@@ -134,6 +140,63 @@ def write_recommendations(
         num_gpus=1 if use_gpu else 0,
     )
     return _replaced(output, lambda fresh: _write(scored, fresh))
+
+
+def _neighbours(batch: dict, vectors, item_ids, k: int) -> pa.Table:
+    """A Ray Data task: a batch of item numbers' nearest items by cosine over the whole
+    catalog. Tasks, not actors: the vectors and ids are read from the object store without a
+    copy, and a task holds its CPU only while it runs, so the reads and writes of the job are
+    never starved by actors that hold every CPU of a small cluster."""
+    vectors, item_ids = (
+        ray.get(value) if isinstance(value, ray.ObjectRef) else value
+        for value in (vectors, item_ids)
+    )
+    rows = batch["id"]
+    neighbours, similarities = top_k_cosine(vectors, vectors[rows], k, exclude=rows)
+    return similar_items_table(item_ids[rows], item_ids[neighbours], similarities)
+
+
+def write_similar_items(
+    recoder, prepared, output: str | os.PathLike, *, k: int, workers: int = 1
+) -> int:
+    """Writes ``item, similar_items, similarities`` for every item of the model's catalog: its
+    ``k`` nearest other items by cosine over the model's item vectors (see
+    :func:`~recoder_dist.similarity.item_vectors`), best first (equal cosines by the lower
+    item number), in the prepared split's original item ids, as Parquet files in ``output``
+    (replaced as ``write_recommendations`` replaces it); returns how many items. At most
+    ``workers`` tasks at a time answer a slice of the catalog each, so a task holds
+    ``_ITEMS_PER_BATCH x num_items`` scores.
+
+    Raises:
+        ValueError: ``k`` not in ``[1, num_items - 1]``, a model without item vectors or for
+            another number of items, or an output that is a file.
+    """
+    vectors = item_vectors(recoder)
+    num_items = len(vectors)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < num_items:
+        raise ValueError(
+            f"--top-k must be in [1, {num_items - 1}]: each of the {num_items} items has "
+            f"{num_items - 1} other items, got {k!r}"
+        )
+    if prepared.train.num_items != num_items:
+        raise ValueError(
+            f"the model has {num_items} item vectors; the split at {prepared.location} has "
+            f"{prepared.train.num_items} items: a checkpoint of another dataset"
+        )
+    output = storage.normalized(output)
+    if storage.is_file(output):
+        raise ValueError(f"the output {output} is a file, not a folder")
+    read_ids = ray.remote(_ids_of).options(**on_this_node())
+    item_ids = read_ids.remote(prepared.id_map_path("item"))
+    items = ray.data.range(num_items, override_num_blocks=max(1, -(-num_items // _ITEMS_PER_BATCH)))
+    answered = items.map_batches(
+        _neighbours,
+        fn_args=(ray.put(vectors), item_ids, k),
+        batch_size=_ITEMS_PER_BATCH,
+        batch_format="numpy",
+        concurrency=workers,
+    )
+    return _replaced(output, lambda fresh: _write(answered, fresh))
 
 
 def _ids_of(id_map_path: str) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""The command line on real data: prepare, train, evaluate, recommend; and its errors."""
+"""The command line on real data: prepare, train, evaluate, recommend, similar-items; and its
+errors."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ import pytest
 
 from recoder_dist.cli import main, parsers
 from recoder_dist.datasets import load_prepared, movielens
+from recoder_dist.model import Recoder
+from recoder_dist.nn import DynamicAutoencoder
 from recoder_dist.presets import PRESETS, preset
+from recoder_dist.similarity import item_vectors
 from recoder_dist.training.snapshot import load_snapshot
 from tests.conftest import shared_data
 
@@ -30,6 +34,18 @@ def run(capsys, *argv) -> tuple[int, dict | None, str]:
 @pytest.fixture(scope="module")
 def prepared(prepared_ml100k):
     return prepared_ml100k
+
+
+def brute_force_neighbours(vectors: np.ndarray, k: int) -> list[tuple[list[int], list[float]]]:
+    """Each item's ``k`` nearest other items (numbers) and cosines: every other item's cosine
+    in float64, fully sorted by cosine, then by number."""
+    unit = vectors.astype(np.float64) / np.linalg.norm(vectors, axis=1, keepdims=True)
+    cosines = unit @ unit.T
+    found = []
+    for i, row in enumerate(cosines):
+        order = [j for j in np.lexsort((np.arange(len(row)), -row)) if j != i][:k]
+        found.append((order, row[order].tolist()))
+    return found
 
 
 def test_train_evaluate_recommend(ray_session, prepared, tmp_path, capsys):
@@ -94,12 +110,57 @@ def test_train_evaluate_recommend(ray_session, prepared, tmp_path, capsys):
         raw for raw, i in user_index.items() if data.split.test.interactions[i].nnz
     }
 
+    code, written, _ = run(
+        capsys,
+        "similar-items",
+        "--checkpoint",
+        trained["checkpoint"],
+        "--data",
+        str(prepared),
+        "--output",
+        str(tmp_path / "similar"),
+        "--top-k",
+        "5",
+        "--workers",
+        "2",
+    )
+    num_items = len(item_index)
+    assert code == 0 and written["items"] == num_items
+    table = {row["item"]: row for row in pq.read_table(tmp_path / "similar").to_pylist()}
+    restored = Recoder(DynamicAutoencoder(), num_workers=0)
+    restored.init_from_model_file(trained["checkpoint"])
+    expected = brute_force_neighbours(item_vectors(restored), 5)
+    raw_of = {i: raw for raw, i in item_index.items()}
+    assert sorted(table) == sorted(raw_of.values())
+    for i, (neighbours, cosines) in enumerate(expected):
+        row = table[raw_of[i]]
+        assert row["similar_items"] == [raw_of[j] for j in neighbours], i
+        np.testing.assert_allclose(row["similarities"], cosines, atol=1e-5)
+
+    code, _, err = run(
+        capsys,
+        "similar-items",
+        "--checkpoint",
+        trained["checkpoint"],
+        "--data",
+        str(prepared),
+        "--output",
+        str(tmp_path / "similar"),
+        "--top-k",
+        str(num_items),
+    )
+    assert code == 2 and f"--top-k must be in [1, {num_items - 1}]" in err
+
 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["train", "--data", "missing-folder", "--checkpoint-dir", "x"], "no split.json"),
         (["evaluate", "--checkpoint", "missing.model", "--data", "x"], "no snapshot file"),
+        (
+            ["similar-items", "--checkpoint", "missing.model", "--data", "x", "--output", "o"],
+            "no split.json",
+        ),
         (["--config", "missing.yaml", "demo"], "no such file"),
     ],
 )

@@ -20,9 +20,11 @@ from recoder_dist.datasets import load_prepared
 from recoder_dist.metrics import NDCG
 from recoder_dist.model import Recoder
 from recoder_dist.nn import DynamicAutoencoder
+from recoder_dist.similarity import item_vectors
 from recoder_dist.training.snapshot import load_snapshot
 from tests.conftest import shared_data
 from tests.multinode import WORKER_NODE
+from tests.test_cli import brute_force_neighbours
 
 # A driver's preamble: the two nodes' ids, and a task pinned to each. The head has 0 CPUs, so
 # its task asks for none.
@@ -257,6 +259,23 @@ def test_prepare_train_evaluate_and_recommend_through_the_bucket(
     test = load_prepared(prepared_ml100k).split.test
     assert table.num_rows == recommended["users"] == len(test.users)
     assert {len(items) for items in table.column("rank_items").to_pylist()} == {10}
+
+    # similar-items writes its Parquet into the bucket: every item's 5 nearest, as brute force
+    # finds them in the snapshot that it reads from the bucket.
+    similar = last_json(
+        cluster.submit(
+            "recoder-dist", "similar-items", "--checkpoint", trained["checkpoint"],
+            "--data", data, "--output", s3.uri("job/similar"), "--top-k", "5", "--workers", "2",
+        )
+    )  # fmt: skip
+    table = ds.dataset(s3.path("job/similar"), filesystem=s3.filesystem(), format="parquet")
+    rows = {row["item"]: row for row in table.to_table().to_pylist()}
+    restored = Recoder(DynamicAutoencoder(), num_workers=0)
+    restored.init_from_model_file(trained["checkpoint"])
+    raw_of = {i: raw for raw, i in load_prepared(prepared_ml100k).item_id_map.items()}
+    assert similar["items"] == len(rows) == len(raw_of)
+    for i, (neighbours, _) in enumerate(brute_force_neighbours(item_vectors(restored), 5)):
+        assert rows[raw_of[i]]["similar_items"] == [raw_of[j] for j in neighbours], i
 
 
 def test_prepare_reads_events_from_the_bucket_on_the_cluster(
