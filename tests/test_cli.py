@@ -110,20 +110,9 @@ def test_train_evaluate_recommend(ray_session, prepared, tmp_path, capsys):
         raw for raw, i in user_index.items() if data.split.test.interactions[i].nnz
     }
 
-    code, written, _ = run(
-        capsys,
-        "similar-items",
-        "--checkpoint",
-        trained["checkpoint"],
-        "--data",
-        str(prepared),
-        "--output",
-        str(tmp_path / "similar"),
-        "--top-k",
-        "5",
-        "--workers",
-        "2",
-    )
+    similar = ["similar-items", "--checkpoint", trained["checkpoint"], "--data", str(prepared)]
+    similar += ["--output", str(tmp_path / "similar")]
+    code, written, _ = run(capsys, *similar, "--top-k", "5", "--workers", "2")
     num_items = len(item_index)
     assert code == 0 and written["items"] == num_items
     table = {row["item"]: row for row in pq.read_table(tmp_path / "similar").to_pylist()}
@@ -137,18 +126,7 @@ def test_train_evaluate_recommend(ray_session, prepared, tmp_path, capsys):
         assert row["similar_items"] == [raw_of[j] for j in neighbours], i
         np.testing.assert_allclose(row["similarities"], cosines, atol=1e-5)
 
-    code, _, err = run(
-        capsys,
-        "similar-items",
-        "--checkpoint",
-        trained["checkpoint"],
-        "--data",
-        str(prepared),
-        "--output",
-        str(tmp_path / "similar"),
-        "--top-k",
-        str(num_items),
-    )
+    code, _, err = run(capsys, *similar, "--top-k", str(num_items))
     assert code == 2 and f"--top-k must be in [1, {num_items - 1}]" in err
 
 
