@@ -287,6 +287,9 @@ def _train(
                 _report_checkpoint(
                     metrics, history, *state, job, rank, storage_path, model_state=model_state
                 )
+                # Sharded, rank 0's whole state (weights and Adam's moments): not kept through
+                # the next epoch.
+                del model_state, state
             elif evaluated:
                 ray.train.report(metrics)
     return history
