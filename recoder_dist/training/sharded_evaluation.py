@@ -6,8 +6,9 @@ A batch's path (a collective: every rank takes part with its own users, maybe no
 1. Each rank encodes its users as a training step does (``ShardedAutoencoder.encode``: the
    entries go to their items' owners, are pooled there, and the partial codes come back).
 2. Every rank's codes reach every owner (an all-gather of ``world x batch x hidden`` floats).
-3. Each owner scores its rows for all those users (``bias + codes @ rows.T``), sets ``-inf``
-   on the input items it owns, and keeps its top ``min(k, its rows)`` a user.
+3. Each owner scores its rows for all those users (``bias + codes @ rows.T``, one source
+   rank's users at a time), sets ``-inf`` on the input items it owns, and keeps its top
+   ``min(k, its rows)`` a user.
 4. The candidates (scores and global ids) go back to each user's rank (an all-to-all of
    ``batch x k`` a pair of ranks), which merges them into the top k over the catalog.
 
@@ -82,17 +83,9 @@ def sharded_top_k(
         len(rows),
     )
     all_codes = comm.gather_rows(codes, routes.batch_sizes, routes.group)
-    decoder, bias = model.decoder_embedding.weight, model.decoder_bias.weight
-    scores = torch.addmm(bias.squeeze(1), all_codes, decoder.t())
-    scores[routes.users, routes.local_rows] = -torch.inf  # the inputs' items owned here
-
     widths = [min(k, ownership.rows_of(owner)) for owner in range(world)]
     mine = widths[routes.rank]
-    if mine:
-        top_scores, top_rows = top_k(scores, mine, compiled=compiled)
-    else:  # a rank of no rows (fewer items than ranks)
-        top_scores = scores.new_empty((len(scores), 0))
-        top_rows = torch.empty((len(scores), 0), dtype=torch.int64, device=device)
+    top_scores, top_rows = _owned_top_k(model, all_codes, routes, mine, compiled)
     top_ids = ownership.global_ids(routes.rank, top_rows)
 
     # Each user's candidates to its rank: from each owner, widths[owner] a user.
@@ -107,6 +100,34 @@ def sharded_top_k(
         k,
     )
     return merged_items, merged_scores > -torch.inf
+
+
+def _owned_top_k(model, all_codes, routes, width: int, compiled: bool):
+    """This owner's ``width`` best rows for every user of the step (their scores, and their
+    rows in the shard), the inputs' items that it owns excluded. Scored one source rank's
+    users at a time: ``batch x rows owned`` floats at once, which shrink with the world, not
+    ``global batch x rows owned`` (the memory of one process scoring the whole catalog)."""
+    decoder, bias = model.decoder_embedding.weight, model.decoder_bias.weight
+    sizes = torch.tensor(routes.batch_sizes, device=all_codes.device)
+    starts = sizes.cumsum(0) - sizes
+    # The received entries come by user (nondecreasing): each source's are one run of them.
+    bounds = torch.searchsorted(routes.users, torch.cat([starts, starts[-1:] + sizes[-1:]]))
+    bounds, starts = bounds.tolist(), starts.tolist()
+    scores_out, rows_out = [], []
+    for source, size in enumerate(routes.batch_sizes):
+        scores = torch.addmm(
+            bias.squeeze(1), all_codes[starts[source] : starts[source] + size], decoder.t()
+        )
+        entries = slice(bounds[source], bounds[source + 1])
+        scores[routes.users[entries] - starts[source], routes.local_rows[entries]] = -torch.inf
+        if width:
+            values, rows = top_k(scores, width, compiled=compiled)
+        else:  # a rank of no rows (fewer items than ranks)
+            values = scores.new_empty((size, 0))
+            rows = torch.empty((size, 0), dtype=torch.int64, device=scores.device)
+        scores_out.append(values)
+        rows_out.append(rows)
+    return torch.cat(scores_out), torch.cat(rows_out)
 
 
 def sharded_metric_sums(
