@@ -103,9 +103,11 @@ def one_run(side: str, epochs: int, dataset: str, items: int) -> dict:
 def run_in_tree(tree: str, side: str, epochs: int, dataset: str, items: int) -> dict:
     env = {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
     env.pop("RAY_ADDRESS", None)  # a local Ray of the run's own
-    command = [sys.executable, __file__, "--one", side, "--epochs", str(epochs)]
+    command = [sys.executable, os.path.abspath(__file__), "--one", side, "--epochs", str(epochs)]
     command += ["--dataset", dataset, "--items", str(items)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    # Run from the tree: Ray puts the driver's working directory first on its workers'
+    # sys.path, before PYTHONPATH (from this repository, they would import its recoder_dist).
+    done = subprocess.run(command, env=env, cwd=tree, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith(MARK)]
     if done.returncode or not lines:
         raise RuntimeError(f"{tree} {side} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
