@@ -2,13 +2,13 @@
 
 Ranks agree on the number of steps of an epoch before it starts. With sharded tables
 (``WorkerJob.tables``, see ``training.sharded_step``) each rank holds its rows of every item
-table and the dense layers' gradients are all-reduced, and no rank holds the whole model on
-its device (nor, but for rank 0 writing a snapshot, anywhere); with replicated tables dense
-parameters are averaged by DDP, sparse embedding rows by :class:`SparseGradSync`. Metrics are
-summed over ranks, and rank 0 writes the snapshots (of the whole model: a sharded one's rows
-are gathered to its CPU). What the loop returns (on rank 0) is the run's result, which Ray
-Train hands to the driver as ``Result.return_value``: a training run's records, one per epoch,
-or an evaluation's results. The process group is the one Ray Train set up, whatever its backend:
+table and the dense layers' gradients are all-reduced; the whole model never reaches a device,
+and a rank drops it once its shard is cut (only rank 0 writing a snapshot gathers it again, on
+its CPU). With replicated tables dense parameters are averaged by DDP, sparse embedding rows by
+:class:`SparseGradSync`. Metrics are summed over ranks, and rank 0 writes the snapshots (of the
+whole model). What the loop returns (on rank 0) is the run's result, which Ray Train hands to
+the driver as ``Result.return_value``: a training run's records, one per epoch, or an
+evaluation's results. The process group is the one Ray Train set up, whatever its backend:
 every tensor of a collective lives on the worker's device.
 """
 
