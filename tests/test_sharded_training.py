@@ -10,8 +10,11 @@ DynamicAutoencoder's plain step on it. No noise or dropout: their draws differ b
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
+import ray.train
 import torch
 
 from recoder_dist.data import RecommendationDataset
@@ -154,3 +157,61 @@ def test_a_three_worker_run_continues_on_two(ray_session):
     recoder.train(rows, num_epochs=1, **TRAIN)
     _reference_epochs(reference, optimizers, rows, num_items, 2, [2])
     _close(recoder.model.state_dict(), reference.state_dict())
+
+
+class CrashingRecall(Recall):
+    """Recall@k that kills the worker process of rank 1 at its ``at_call``-th batch, the first
+    time only (a marker file remembers it across the restart): a worker lost in a sharded
+    run's evaluation, where the loss (built-in, for the sharded decoder) cannot crash."""
+
+    def __init__(self, k: int, marker: str, at_call: int):
+        super().__init__(k)
+        self.marker, self.at_call, self.calls = marker, at_call, 0
+
+    def evaluate_hits(self, hits, num_relevant):
+        self.calls += 1
+        rank = ray.train.get_context().get_world_rank()
+        if self.calls == self.at_call and rank == 1 and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(1)
+        return super().evaluate_hits(hits, num_relevant)
+
+
+def _crash_run(tmp_path, name: str, at_call: int) -> Recoder:
+    split = ml100k_split()
+    rows = read_training_rows(RecommendationDataset(split.train.interactions[:400]))
+    recoder = Recoder(
+        DynamicAutoencoder(**MODEL),
+        num_items=split.train.num_items,
+        num_workers=2,
+        seed=SEED,
+        max_failures=1,
+        storage_path=str(tmp_path / name),
+    )
+    metric = CrashingRecall(20, str(tmp_path / "crash-marker"), at_call)
+    recoder.train(
+        rows,
+        val_dataset=split.test,
+        eval_freq=1,
+        checkpoint_freq=1,
+        metrics=[metric],
+        num_epochs=3,
+        **TRAIN,
+    )
+    return recoder
+
+
+def test_a_sharded_run_resumes_from_its_checkpoint_to_the_uninterrupted_weights(
+    ray_session, tmp_path
+):
+    """A worker lost in epoch 2's evaluation (each rank scores its 75 test users in one
+    batch an epoch): the run restarts from epoch 1's checkpoint, each rank taking its rows of
+    the gathered snapshot (weights and Adam's moments), and ends where a straight run ends."""
+    crashed = _crash_run(tmp_path, "crashed", at_call=2)
+    assert (tmp_path / "crash-marker").is_file()  # the crash did happen
+    straight = _crash_run(tmp_path, "straight", at_call=-1)
+    for name, tensor in straight.model.state_dict().items():
+        torch.testing.assert_close(crashed.model.state_dict()[name], tensor, rtol=0, atol=0)
+    epochs = [h["epoch"] for h in crashed.history]
+    assert epochs.count(1) == 1 and epochs[-2:] == [2, 3], epochs
+    assert crashed.history[-1]["Recall@20"] == straight.history[-1]["Recall@20"]

@@ -18,7 +18,7 @@ from recoder_dist.sharded import comm
 from recoder_dist.sharded.decoder import sharded_loss
 from recoder_dist.sharded.encoder import input_noise, normalized_values, sharded_pooling
 from recoder_dist.sharded.ownership import Ownership
-from recoder_dist.sharded.routes import route_entries
+from recoder_dist.sharded.routes import EntryRoutes, route_entries
 from recoder_dist.sharded.state import sharded_state
 from recoder_dist.sharded.tables import ShardedTable
 
@@ -145,6 +145,28 @@ class ShardedAutoencoder(nn.Module):
         """The dense layers on this rank's users: DynamicAutoencoder's path after the pooling."""
         return dense_codes(self, pooled)
 
+    def encode(
+        self,
+        rows: torch.Tensor,
+        items: torch.Tensor,
+        values: torch.Tensor,
+        num_users: int,
+        negative_sampling: bool = True,
+        *,
+        keep: torch.Tensor | None = None,
+        sampled: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, EntryRoutes]:
+        """The codes (the decoder's last hidden layer) of this rank's users, from their
+        entries (``rows``, global ``items``, ``values``, as ``loss`` takes them), and the
+        step's routes. Input noise (``keep``, drawn when None) only in training mode. A
+        collective."""
+        routes = route_entries(rows, items, num_users, self.ownership, self.group, sampled)
+        inputs = normalized_values(rows, values, num_users)
+        if self.training:
+            inputs = input_noise(inputs, self.noise_prob, keep)
+        pooled = sharded_pooling(self.encoder_embedding, routes, inputs, negative_sampling)
+        return self.codes(pooled), routes
+
     def loss(
         self,
         rows: torch.Tensor,
@@ -166,13 +188,11 @@ class ShardedAutoencoder(nn.Module):
         (a sampling group larger than the batch). Returns ``(share, total)`` as
         ``sharded_loss``; a collective.
         """
-        routes = route_entries(rows, items, num_users, self.ownership, self.group, sampled)
-        inputs = normalized_values(rows, values, num_users)
-        if self.training:
-            inputs = input_noise(inputs, self.noise_prob, keep)
-        pooled = sharded_pooling(self.encoder_embedding, routes, inputs, negative_sampling)
+        codes, routes = self.encode(
+            rows, items, values, num_users, negative_sampling, keep=keep, sampled=sampled
+        )
         return sharded_loss(
-            self.codes(pooled),
+            codes,
             routes,
             values,
             self.decoder_embedding,

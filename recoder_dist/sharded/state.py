@@ -38,8 +38,9 @@ def sharded_state(full_state: dict, model: nn.Module) -> dict:
 
 
 def gathered_state(model: nn.Module, dst: int | None = 0) -> dict | None:
-    """The whole model's ``state_dict`` on rank ``dst`` (every rank when None; None elsewhere).
-    A collective: every rank of the shards' group calls it."""
+    """The whole model's ``state_dict`` on rank ``dst`` (every rank when None; None elsewhere),
+    on the CPU (see ``gather_full_rows``). A collective: every rank of the shards' group calls
+    it."""
     tables = table_names(model)
     state, gathered = model.state_dict(), {}
     full = {}
@@ -52,7 +53,9 @@ def gathered_state(model: nn.Module, dst: int | None = 0) -> dict | None:
                 )
             value = gathered[id(table)]
         full[key] = value
-    return full if dst is None or _rank(model) == dst else None
+    if dst is not None and _rank(model) != dst:
+        return None
+    return {key: value.cpu() for key, value in full.items()}
 
 
 def sharded_optimizer_state(full_state: dict, optimizers, model: nn.Module) -> dict:
@@ -63,7 +66,8 @@ def sharded_optimizer_state(full_state: dict, optimizers, model: nn.Module) -> d
 
 def gathered_optimizer_state(optimizers, model: nn.Module, dst: int | None = 0) -> dict | None:
     """The whole model's optimizers' state on rank ``dst`` (every rank when None; None
-    elsewhere). A collective: every rank of the shards' group calls it."""
+    elsewhere); the per-item rows on the CPU (see ``gather_full_rows``), the rest where the
+    optimizers keep it. A collective: every rank of the shards' group calls it."""
     group = getattr(model, "group", None)
     state = _map_rows(
         optimizers.state_dict(),

@@ -131,27 +131,42 @@ class ShardedTable(nn.Embedding):
 
 @torch.no_grad()
 def gather_full_rows(
-    rows: torch.Tensor, ownership: Ownership, dst: int | None = 0, group=None
+    rows: torch.Tensor,
+    ownership: Ownership,
+    dst: int | None = 0,
+    group=None,
+    chunk_rows: int = CHUNK_ROWS,
 ) -> torch.Tensor | None:
-    """A per-item tensor (a table, or its optimizer's moments) whole, from every rank's
-    ``rows`` under ``ownership``: on rank ``dst`` of ``group`` (every rank when None; None
-    elsewhere). A collective: every rank calls it."""
+    """A per-item tensor (a table, or its optimizer's moments) whole, on the CPU, from every
+    rank's ``rows`` under ``ownership``: on rank ``dst`` of ``group`` (every rank when None;
+    None elsewhere). A collective: every rank calls it.
+
+    The rows travel ``chunk_rows`` of a shard at a time and go to the CPU as they arrive: the
+    whole table is never on a device (a GPU's collectives need device tensors), only
+    ``world x chunk_rows`` of its rows."""
     rank, world = comm.rank_and_world(group)
+    receives = dst in (None, rank)
+    full = None
+    if receives:
+        full = torch.empty((ownership.num_items, *rows.shape[1:]), dtype=rows.dtype)
     longest = ownership.rows_of(0)  # gather needs equal sizes: pad to the longest shard
-    padded = rows.new_zeros((longest, *rows.shape[1:]))
-    padded[: len(rows)] = rows
-    parts = [torch.empty_like(padded) for _ in range(world)] if dst in (None, rank) else None
-    if dst is None:
-        dist.all_gather(parts, padded, group=group)
-    else:
-        dist.gather(
-            padded, parts, dst=dist.get_global_rank(group, dst) if group else dst, group=group
-        )
-    if parts is None:
-        return None
-    full = rows.new_empty((ownership.num_items, *rows.shape[1:]))
-    for owner, part in enumerate(parts):
-        full[owner::world] = part[: ownership.rows_of(owner)]
+    for start in range(0, longest, chunk_rows):
+        stop = min(start + chunk_rows, longest)
+        padded = rows.new_zeros((stop - start, *rows.shape[1:]))
+        mine = rows[start:stop]
+        padded[: len(mine)] = mine
+        parts = [torch.empty_like(padded) for _ in range(world)] if receives else None
+        if dst is None:
+            dist.all_gather(parts, padded, group=group)
+        else:
+            dist.gather(
+                padded, parts, dst=dist.get_global_rank(group, dst) if group else dst, group=group
+            )
+        if receives:
+            for owner, part in enumerate(parts):
+                count = max(0, min(ownership.rows_of(owner), stop) - start)
+                # Owner's local row j is item j * world + owner.
+                full[start * world + owner :: world][:count] = part[:count].cpu()
     return full
 
 

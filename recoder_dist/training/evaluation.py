@@ -74,15 +74,33 @@ def metric_sums(
 
     Users with no target item cannot be scored and are not counted.
     """
-    num_relevant = np.diff(targets.indptr)
-    keep = num_relevant > 0
-    if not keep.any():
+    inputs, targets = scored_users(inputs, targets)
+    if len(targets) == 0:
         return np.zeros(len(metrics)), 0
-    if not keep.all():
-        inputs, targets = _select(inputs, keep), _select(targets, keep)
-        num_relevant = num_relevant[keep]
-
     top_items, valid = recommend_top_k(model, inputs, num_items, k, device, compiled=compiled)
+    return top_k_metric_sums(top_items, valid, targets, metrics, num_items, device), len(targets)
+
+
+def scored_users(inputs: UserRows, targets: UserRows) -> tuple[UserRows, UserRows]:
+    """The users of a batch that have a target item (the others cannot be scored)."""
+    keep = np.diff(targets.indptr) > 0
+    if keep.all():
+        return inputs, targets
+    return _select(inputs, keep), _select(targets, keep)
+
+
+def top_k_metric_sums(
+    top_items: torch.Tensor,
+    valid: torch.Tensor,
+    targets: UserRows,
+    metrics: list[Metric],
+    num_items: int,
+    device,
+) -> np.ndarray:
+    """Sum over the users of each metric, given their recommended lists: ``top_items``
+    (``users x k`` item ids, best first) where ``valid`` (False past a user's last item that
+    may be recommended), and ``targets`` with at least one item a user (``scored_users``)."""
+    num_relevant = np.diff(targets.indptr)
     hits = (_is_target(top_items, targets, num_items, device) & valid).cpu().numpy()
     lists = relevant_lists = None  # only metrics without evaluate_hits read these
 
@@ -96,7 +114,7 @@ def metric_sums(
                 relevant_lists = np.split(targets.indices, targets.indptr[1:-1])
             values = metric.evaluate_lists(lists, relevant_lists)
         sums[i] = float(np.sum(values, dtype=np.float64))
-    return sums, int(keep.sum())
+    return sums
 
 
 def _is_target(items: torch.Tensor, targets: UserRows, num_items: int, device) -> torch.Tensor:

@@ -8,7 +8,7 @@ which refuses pickled code.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -42,7 +42,10 @@ def save_snapshot(snapshot: Snapshot, location: str | os.PathLike) -> str:
     """Writes ``snapshot`` to ``location`` (a path or a URI, see :mod:`recoder_dist.storage`)
     atomically and returns it: a reader never sees half a file, and a crash mid-write leaves
     the previous file."""
-    payload = {"format": FORMAT, "version": VERSION, **asdict(snapshot)}
+    # The fields themselves, not asdict(snapshot): asdict deep-copies every tensor, a second
+    # copy of the whole model and its optimizer states for the time of the write.
+    values = {f.name: getattr(snapshot, f.name) for f in fields(snapshot)}
+    payload = {"format": FORMAT, "version": VERSION, **values}
     return storage.write_atomically(location, lambda f: torch.save(payload, f))
 
 

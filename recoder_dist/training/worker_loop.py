@@ -2,17 +2,19 @@
 
 Ranks agree on the number of steps of an epoch before it starts. With sharded tables
 (``WorkerJob.tables``, see ``training.sharded_step``) each rank holds its rows of every item
-table and the dense layers' gradients are all-reduced; with replicated tables dense parameters
-are averaged by DDP, sparse embedding rows by :class:`SparseGradSync`. Metrics are summed over
-ranks, and rank 0 writes the snapshots (of the whole model: a sharded one's rows are
-gathered). What the loop returns (on rank 0) is the run's result, which Ray Train hands to the
-driver as ``Result.return_value``: a training run's records, one per epoch, or an evaluation's
-results. The process group is the one Ray Train set up, whatever its backend:
+table and the dense layers' gradients are all-reduced; the whole model never reaches a device,
+and a rank drops it once its shard is cut (only rank 0 writing a snapshot gathers it again, on
+its CPU). With replicated tables dense parameters are averaged by DDP, sparse embedding rows by
+:class:`SparseGradSync`. Metrics are summed over ranks, and rank 0 writes the snapshots (of the
+whole model). What the loop returns (on rank 0) is the run's result, which Ray Train hands to
+the driver as ``Result.return_value``: a training run's records, one per epoch, or an
+evaluation's results. The process group is the one Ray Train set up, whatever its backend:
 every tensor of a collective lives on the worker's device.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -38,6 +40,7 @@ from recoder_dist.sharded.state import (
     gathered_optimizer_state,
     gathered_state,
     sharded_optimizer_state,
+    sharded_state,
 )
 from recoder_dist.training.config import EvalSettings, TrainSettings, WorkerJob
 from recoder_dist.training.evaluation import metric_sums
@@ -45,6 +48,7 @@ from recoder_dist.training.optimizers import build_optimizers, epoch_lrs, sparse
 from recoder_dist.training.prefetch import EpochPrefetcher
 from recoder_dist.training.resources import worker_threads
 from recoder_dist.training.schedule import agreed_steps, epoch_batches
+from recoder_dist.training.sharded_evaluation import sharded_eval_sums
 from recoder_dist.training.sharded_step import rank_batch, sharded_batch_loss, shards_tables
 from recoder_dist.training.snapshot import copy_snapshot, load_snapshot, save_snapshot
 from recoder_dist.training.sparse_sync import SparseGradSync
@@ -84,7 +88,10 @@ def worker_loop(config: dict) -> list[dict] | dict:
         held = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
         torch.set_num_threads(worker_threads(held, context.get_local_world_size()))
     device = _device(job.use_cuda, rank, progress)
-    model = job.model.to(device)
+    if job.train is not None and _shards(job, world):
+        job, model = _sharded_job(job, device)
+    else:
+        model = job.model.to(device)
 
     if job.train is None:
         model.eval()
@@ -110,6 +117,23 @@ def _device(use_cuda: bool, rank: int, progress) -> torch.device:
     return torch.device("cpu")
 
 
+def _shards(job: WorkerJob, world: int) -> bool:
+    """Whether this training job runs with the item tables sharded over its ``world`` ranks."""
+    loss_fn = build_loss(job.loss, job.loss_params)
+    distributed = world > 1 and dist.is_initialized()
+    return distributed and shards_tables(job.model, loss_fn, job.tables, world, job.train.precision)
+
+
+def _sharded_job(job: WorkerJob, device) -> tuple[WorkerJob, ShardedAutoencoder]:
+    """This rank's shard of the job's model, on ``device``, and the job with a model of the
+    same class and hyper-parameters but no weights in place of the whole one (what a snapshot
+    names). The whole model never reaches the device, and nothing holds it once its shard is
+    taken: evaluation and snapshots read the shards."""
+    whole = job.model
+    model = ShardedAutoencoder.like(whole, device=device)
+    return dataclasses.replace(job, model=type(whole)(**whole.model_params())), model
+
+
 def _note(progress, message: str) -> None:
     """A warning for the user: on the driver's console (this worker's own log is not shown
     there), and in this worker's log."""
@@ -123,11 +147,8 @@ def _train(
     settings: TrainSettings = job.train
     start_epoch, optimizer_state, history = _resume(model, job, rank, progress)
     distributed = world > 1 and dist.is_initialized()
-    whole = model  # the whole model: what snapshots hold, and what evaluation reads
     loss_fn = build_loss(job.loss, job.loss_params).to(device)
-    sharded = distributed and shards_tables(model, loss_fn, job.tables, world, settings.precision)
-    if sharded:
-        model = ShardedAutoencoder.like(whole, device=device)
+    sharded = isinstance(model, ShardedAutoencoder)  # see _sharded_job
     sparse_names = sparse_parameter_names(model)
     dense_names = [n for n, p in model.named_parameters() if n not in sparse_names]
     profile = StepProfile(settings.profile, device)
@@ -243,10 +264,7 @@ def _train(
                 and (epoch % settings.eval_freq == 0 or epoch == last_epoch)
             ):
                 model.eval()
-                if sharded:  # every rank scores its users with the whole model
-                    whole.load_state_dict(gathered_state(model, dst=None))
-                    whole.eval()
-                metrics.update(_evaluate(whole, job, device, rank, world))
+                metrics.update(_evaluate(model, job, device, rank, world))
             evaluated = "eval_users" in metrics
             wants_checkpoint = epoch == last_epoch or (
                 settings.checkpoint_freq > 0 and epoch % settings.checkpoint_freq == 0
@@ -260,14 +278,18 @@ def _train(
             if rank == 0:
                 progress.append.remote(metrics)  # not waited for: only the console needs it
             if wants_checkpoint:  # what Ray Train (and Tune) must see
-                if sharded:  # the whole model's state on rank 0 (a collective)
-                    state = gathered_state(model), gathered_optimizer_state(optimizers, model)
-                    if rank == 0:
-                        whole.load_state_dict(state[0])
-                    state = whole, state[1]
+                model_state = None
+                if sharded:  # the whole model's state on rank 0's CPU (a collective)
+                    model_state = gathered_state(model)
+                    state = job.model, gathered_optimizer_state(optimizers, model)
                 else:
                     state = model, optimizers.state_dict()
-                _report_checkpoint(metrics, history, *state, job, rank, storage_path)
+                _report_checkpoint(
+                    metrics, history, *state, job, rank, storage_path, model_state=model_state
+                )
+                # Sharded, rank 0's whole state (weights and Adam's moments): not kept through
+                # the next epoch.
+                del model_state, state
             elif evaluated:
                 ray.train.report(metrics)
     return history
@@ -350,7 +372,10 @@ def _resume(model, job: WorkerJob, rank: int, progress) -> tuple[int, dict, list
         if os.path.exists(os.path.join(folder, HISTORY_FILE)):
             with open(os.path.join(folder, HISTORY_FILE)) as f:
                 history = json.load(f)
-    model.load_state_dict(snapshot.model_state)
+    state = snapshot.model_state
+    if isinstance(model, ShardedAutoencoder):
+        state = sharded_state(state, model)
+    model.load_state_dict(state)
     if rank == 0:
         _note(progress, f"resuming from the checkpoint of epoch {snapshot.epoch}")
     return snapshot.epoch, snapshot.optimizer_state, history
@@ -369,23 +394,25 @@ def _check_gradients_are_where_expected(model, sparse_names: list[str]) -> None:
 
 def _evaluate(model, job: WorkerJob, device, rank: int, world: int) -> dict:
     """Metric means over all evaluation users: each rank scores its own share of them (dealt
-    out once, by the launcher's ``EvalSplit``), and the sums and counts are added up."""
+    out once, by the launcher's ``EvalSplit``), and the sums and counts are added up. A
+    sharded ``model``'s ranks score their items for every rank's users (collectives: every
+    rank takes part in as many batches as the rank of the most)."""
     settings: EvalSettings = job.eval
-    sums, count = np.zeros(len(settings.metrics)), 0
+    metrics, k = list(settings.metrics), settings.num_recommendations
+    compiled = kernels.compiled(job.kernels)
     shard = ray.train.get_dataset_shard("eval")
-    for table in shard.iter_batches(batch_size=settings.batch_size, batch_format="pyarrow"):
-        batch_sums, batch_count = metric_sums(
-            model,
-            rows_from_arrow(table),
-            rows_from_arrow(table, "target_"),
-            list(settings.metrics),
-            settings.num_recommendations,
-            job.num_items,
-            device,
-            compiled=kernels.compiled(job.kernels),
-        )
-        sums += batch_sums
-        count += batch_count
+    tables = shard.iter_batches(batch_size=settings.batch_size, batch_format="pyarrow")
+    batches = ((rows_from_arrow(t), rows_from_arrow(t, "target_")) for t in tables)
+    if isinstance(model, ShardedAutoencoder):  # the top k merged from the owners' top k
+        sums, count = sharded_eval_sums(model, list(batches), metrics, k, device, compiled=compiled)
+    else:
+        sums, count = np.zeros(len(metrics)), 0
+        for inputs, targets in batches:
+            batch_sums, batch_count = metric_sums(
+                model, inputs, targets, metrics, k, job.num_items, device, compiled=compiled
+            )
+            sums += batch_sums
+            count += batch_count
     totals = torch.tensor([*sums, count], dtype=torch.float64, device=device)
     if world > 1 and dist.is_initialized():
         dist.all_reduce(totals)
@@ -407,9 +434,12 @@ def _report_checkpoint(
     job: WorkerJob,
     rank: int,
     storage_path,
+    *,
+    model_state: dict | None = None,
 ) -> None:
     """Every rank reports ``metrics``; rank 0 attaches the checkpoint of ``metrics["epoch"]``
-    (the snapshot of the whole ``model`` with ``optimizer_state``, and the records so far),
+    (the snapshot of the whole ``model`` with ``optimizer_state``, and the records so far;
+    ``model_state`` replaces ``model``'s weights when given: the state gathered from shards),
     which Ray Train uploads once into the run's storage as ``epoch_<N>`` and keeps for
     restarts, deleting the local folder. The user's own copy
     (``metrics["snapshot"]``, named by model_checkpoint_prefix) is then copied from the
@@ -420,7 +450,8 @@ def _report_checkpoint(
         ray.train.report(metrics, checkpoint_dir_name=name)
         return
     folder = tempfile.mkdtemp(prefix="recoder-dist-ckpt-")
-    save_snapshot(job.snapshot(model, epoch, optimizer_state), os.path.join(folder, SNAPSHOT_FILE))
+    snapshot = job.snapshot(model, epoch, optimizer_state, model_state)
+    save_snapshot(snapshot, os.path.join(folder, SNAPSHOT_FILE))
     with open(os.path.join(folder, HISTORY_FILE), "w") as f:
         json.dump(history, f)
     ray.train.report(
