@@ -30,7 +30,12 @@ from recoder_dist.losses import build_loss
 from recoder_dist.metrics import Metric
 from recoder_dist.nn.base import FactorizationModel
 from recoder_dist.training.config import EvalSettings, TrainSettings, WorkerJob
-from recoder_dist.training.evaluation import metric_sums, predict_scores, recommend_top_k
+from recoder_dist.training.evaluation import (
+    batches_metric_sums,
+    metric_means,
+    predict_scores,
+    recommend_top_k,
+)
 from recoder_dist.training.launcher import cluster_gpus, ensure_ray, run_job
 from recoder_dist.training.optimizers import build_optimizers, check_optimizer_type
 from recoder_dist.training.sharded_step import check_tables, rank_batch, shards_tables
@@ -582,26 +587,17 @@ class Recoder:
         """``evaluate`` in this process: the workers' batches (pairs of input and target
         ``UserRows``), summed the workers' way."""
         self.model.eval()
-        sums, count = np.zeros(len(settings.metrics)), 0
-        for inputs, targets in batches:
-            batch_sums, batch_count = metric_sums(
-                self.model,
-                inputs,
-                targets,
-                list(settings.metrics),
-                settings.num_recommendations,
-                self.num_items,
-                torch.device("cpu"),
-                compiled=self._compiled,
-            )
-            sums += batch_sums
-            count += batch_count
-        results = {
-            m.name: float(sums[i] / count) if count else float("nan")
-            for i, m in enumerate(settings.metrics)
-        }
-        results["eval_users"] = count
-        return results
+        metrics = list(settings.metrics)
+        sums, count = batches_metric_sums(
+            self.model,
+            batches,
+            metrics,
+            settings.num_recommendations,
+            self.num_items,
+            torch.device("cpu"),
+            compiled=self._compiled,
+        )
+        return metric_means(sums, count, metrics)
 
     @property
     def workers(self) -> int:

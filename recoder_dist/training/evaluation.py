@@ -81,6 +81,29 @@ def metric_sums(
     return top_k_metric_sums(top_items, valid, targets, metrics, num_items, device), len(targets)
 
 
+def batches_metric_sums(
+    model, batches, metrics: list[Metric], k: int, num_items: int, device, *, compiled: bool = True
+) -> tuple[np.ndarray, int]:
+    """:func:`metric_sums` over ``batches`` (pairs of input and target ``UserRows``), added up."""
+    sums, count = np.zeros(len(metrics)), 0
+    for inputs, targets in batches:
+        batch_sums, batch_count = metric_sums(
+            model, inputs, targets, metrics, k, num_items, device, compiled=compiled
+        )
+        sums += batch_sums
+        count += batch_count
+    return sums, count
+
+
+def metric_means(sums, count: int, metrics: list[Metric]) -> dict[str, float]:
+    """``{metric name: sum / count}`` (NaN without users) and ``eval_users``: ``count``."""
+    results = {
+        m.name: float(sums[i] / count) if count else float("nan") for i, m in enumerate(metrics)
+    }
+    results["eval_users"] = int(count)
+    return results
+
+
 def scored_users(inputs: UserRows, targets: UserRows) -> tuple[UserRows, UserRows]:
     """The users of a batch that have a target item (the others cannot be scored)."""
     keep = np.diff(targets.indptr) > 0

@@ -43,7 +43,7 @@ from recoder_dist.sharded.state import (
     sharded_state,
 )
 from recoder_dist.training.config import EvalSettings, TrainSettings, WorkerJob
-from recoder_dist.training.evaluation import metric_sums
+from recoder_dist.training.evaluation import batches_metric_sums, metric_means
 from recoder_dist.training.optimizers import build_optimizers, epoch_lrs, sparse_parameter_names
 from recoder_dist.training.prefetch import EpochPrefetcher
 from recoder_dist.training.resources import worker_threads
@@ -406,24 +406,14 @@ def _evaluate(model, job: WorkerJob, device, rank: int, world: int) -> dict:
     if isinstance(model, ShardedAutoencoder):  # the top k merged from the owners' top k
         sums, count = sharded_eval_sums(model, list(batches), metrics, k, device, compiled=compiled)
     else:
-        sums, count = np.zeros(len(metrics)), 0
-        for inputs, targets in batches:
-            batch_sums, batch_count = metric_sums(
-                model, inputs, targets, metrics, k, job.num_items, device, compiled=compiled
-            )
-            sums += batch_sums
-            count += batch_count
+        sums, count = batches_metric_sums(
+            model, batches, metrics, k, job.num_items, device, compiled=compiled
+        )
     totals = torch.tensor([*sums, count], dtype=torch.float64, device=device)
     if world > 1 and dist.is_initialized():
         dist.all_reduce(totals)
     totals = totals.cpu().numpy()
-    users = int(totals[-1])
-    results = {
-        m.name: float(totals[i] / users) if users else float("nan")
-        for i, m in enumerate(settings.metrics)
-    }
-    results["eval_users"] = users
-    return results
+    return metric_means(totals[:-1], int(totals[-1]), metrics)
 
 
 def _report_checkpoint(
