@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,11 @@ CONTROLLER_PHASES = {
     "train context on the workers": r"Train context initialized on workers in ([0-9.]+)s",
     "worker group start, all": r"Worker group startup completed in ([0-9.]+)s",
 }
+# Lines whose time (from the train call) is shown: the controller's first, the loop's launch.
+CONTROLLER_EVENTS = {
+    "train call to the controller's first log line": "",
+    "train call to the loop's launch on the workers": "Train function launched on workers",
+}
 
 
 class _EpochTimes(logging.Handler):
@@ -153,6 +159,7 @@ def one_timeline(workers: int) -> dict:
         seed=0,
         run_name=run_name,
     )
+    train_called = time.time()
     recoder.train(
         split.train,
         split.validation,
@@ -180,11 +187,11 @@ def one_timeline(workers: int) -> dict:
         "Ray's shutdown": down - evaluated,
         "total": since_start + down - imported,
     }
-    times.update(_controller_phases(run_name))
+    times.update(_controller_phases(run_name, train_called))
     return times
 
 
-def _controller_phases(run_name: str) -> dict:
+def _controller_phases(run_name: str, train_called: float) -> dict:
     """The phases that the run's Train controller logged into Ray's session folder (under
     Ray's default temporary folder; found by the run's name)."""
     found = {}
@@ -193,7 +200,14 @@ def _controller_phases(run_name: str) -> dict:
         if run_name not in text:
             continue
         for line in text.splitlines():
-            message = json.loads(line).get("message", "") if line.startswith("{") else line
+            if not line.startswith("{"):
+                continue
+            record = json.loads(line)
+            message = record.get("message", "")
+            for name, start in CONTROLLER_EVENTS.items():
+                if start in message and f"  then: {name}" not in found:
+                    when = datetime.strptime(record["asctime"], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                    found[f"  then: {name}"] = when - train_called
             for name, pattern in CONTROLLER_PHASES.items():
                 match = re.search(pattern, message)
                 if match:

@@ -37,7 +37,7 @@ from recoder_dist.training.evaluation import (
     recommend_top_k,
 )
 from recoder_dist.training.launcher import cluster_gpus, ensure_ray, run_job
-from recoder_dist.training.optimizers import build_optimizers, check_optimizer_type
+from recoder_dist.training.optimizers import check_optimizer_type, check_optimizers
 from recoder_dist.training.sharded_step import check_tables, rank_batch, shards_tables
 from recoder_dist.training.snapshot import (
     Snapshot,
@@ -292,8 +292,7 @@ class Recoder:
             # The global batch's split, refused now rather than in the workers.
             rank_batch(batch_size, settings.num_sampling_users, workers)
         use_gpus = self._use_gpus(workers)
-        # Builds the optimizers once here so that a model/optimizer mismatch fails now.
-        build_optimizers(self.model, self.optimizer_type, lr, weight_decay)
+        check_optimizers(self.model, self.optimizer_type)  # a mismatch fails now, not in a worker
 
         ensure_ray()
         blocks = _train_blocks(train_dataset)

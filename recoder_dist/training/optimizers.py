@@ -94,6 +94,25 @@ class Optimizers:
                 opt.load_state_dict(state[key])
 
 
+def check_optimizers(model: nn.Module, optimizer_type: str) -> None:
+    """What :func:`build_optimizers` refuses, found without building an optimizer (torch's
+    first one imports its compiler, seconds that the driver need not spend).
+
+    Raises:
+        ValueError: unknown ``optimizer_type``, or a sparse model with an optimizer that cannot
+            update sparse gradients.
+    """
+    check_optimizer_type(optimizer_type)
+    sparse_names = sparse_parameter_names(model)
+    sparse = [n for n, p in model.named_parameters() if p.requires_grad and n in sparse_names]
+    if sparse and OPTIMIZERS[optimizer_type].build_sparse is None:
+        raise ValueError(
+            f"optimizer_type={optimizer_type!r} cannot update the sparse embedding gradients of "
+            f"{sorted(sparse_names)}; use optimizer_type='adam' (SparseAdam for embeddings) or "
+            "'adagrad' or 'sgd', or build the model with sparse=False"
+        )
+
+
 def build_optimizers(
     model: nn.Module, optimizer_type: str, lr: float, weight_decay: float
 ) -> Optimizers:
@@ -104,10 +123,9 @@ def build_optimizers(
     (neither sparse optimizer supports it).
 
     Raises:
-        ValueError: unknown ``optimizer_type``, or a sparse model with an optimizer that cannot
-            update sparse gradients.
+        ValueError: see :func:`check_optimizers`.
     """
-    check_optimizer_type(optimizer_type)
+    check_optimizers(model, optimizer_type)
     kind = OPTIMIZERS[optimizer_type]
     sparse_names = set(sparse_parameter_names(model))
     dense_groups, sparse_params = [], []
@@ -119,12 +137,6 @@ def build_optimizers(
         else:
             decay = 0.0 if "bias" in name else weight_decay  # bias, decoder_bias.weight, ...
             dense_groups.append({"params": [param], "weight_decay": decay})
-    if sparse_params and kind.build_sparse is None:
-        raise ValueError(
-            f"optimizer_type={optimizer_type!r} cannot update the sparse embedding gradients of "
-            f"{sorted(sparse_names)}; use optimizer_type='adam' (SparseAdam for embeddings) or "
-            "'adagrad' or 'sgd', or build the model with sparse=False"
-        )
     return Optimizers(
         dense=kind.build(dense_groups, lr) if dense_groups else None,
         sparse=kind.build_sparse([{"params": sparse_params}], lr) if sparse_params else None,
