@@ -514,5 +514,6 @@ def main(argv: list[str] | None = None) -> int:
         mistake = _user_error(e)
         if mistake is None:
             raise  # the traceback (a failed run's includes each failed rank's)
+        logging.getLogger("recoder_dist").debug("where the error was met", exc_info=True)
         print(f"recoder-dist: error: {mistake}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import socket
 import subprocess
 import sys
@@ -146,6 +147,17 @@ def test_user_mistakes_are_one_line_and_exit_2(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and err[0].startswith("recoder-dist: error:")
+
+
+def test_verbose_logs_where_a_user_mistake_was_met(ray_session, capsys, caplog):
+    argv = ["evaluate", "--checkpoint", "missing.model", "--data", "x"]
+    with caplog.at_level(logging.DEBUG, logger="recoder_dist"):
+        logging.getLogger("recoder_dist").setLevel(logging.INFO)  # as without --verbose
+        assert main(argv) == 2
+        assert "where the error was met" not in caplog.text  # the one line only
+        assert main(["--verbose", *argv]) == 2
+    assert "where the error was met" in caplog.text and "Traceback" in caplog.text
+    assert capsys.readouterr().err.count("recoder-dist: error:") == 2
 
 
 def test_bad_flags_exit_2(capsys, tmp_path):

@@ -433,7 +433,10 @@ def test_a_gpu_training_job_scales_the_fake_cluster_up_and_back_to_the_head(
     # Ray would choose NCCL for workers that hold a GPU; these GPUs are fake and this torch a
     # CPU build without NCCL, so the job names gloo, as a user of such a cluster would.
     job += ["--hidden", "32", "--gpus", "--backend", "gloo"]
-    result = submit_job(fake_cluster["dashboard"], fake_cluster["env"], *job)
+    # No uploaded working dir (the package is installed in the venv): the fake nodes share this
+    # disk, and a node scaled down deletes the shared working dir's files, the head's driver's
+    # working dir included, while the driver still evaluates the test users.
+    result = submit_job(fake_cluster["dashboard"], fake_cluster["env"], *job, working_dir=None)
     assert result.returncode == 0, (
         f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n{_monitor(fake_cluster)}"
     )
@@ -445,8 +448,8 @@ def test_a_gpu_training_job_scales_the_fake_cluster_up_and_back_to_the_head(
     # Ray gave the workers GPU ids; the GPUs being fake, they trained on CPU over gloo.
     assert "training on CPU" in result.stdout  # the rank-0 worker's note, on the console
 
-    # Its Ray Train workers (training, then evaluation: 2 + 2) held one GPU each, on nodes that
-    # the autoscaler added for them: nodes of cluster.yaml's GPU types.
+    # Its Ray Train workers (training's 2; the 100 test users are scored in the driver) held one
+    # GPU each, on nodes that the autoscaler added for them: nodes of cluster.yaml's GPU types.
     workers = list_actors(
         address=fake_cluster["dashboard"],
         filters=[("class_name", "=", "RayTrainWorker")],
@@ -456,7 +459,7 @@ def test_a_gpu_training_job_scales_the_fake_cluster_up_and_back_to_the_head(
     assert all(_gpus(w.required_resources) == 1 for w in workers), workers
     # A worker whose node the autoscaler removed before it started was never placed (no node).
     placed = [w for w in workers if w.node_id is not None]
-    assert len(placed) >= 4, workers
+    assert len(placed) >= 2, workers
     added = {n.node_id: n for n in _nodes(fake_cluster) if n.node_id != head}
     assert added and {w.node_id for w in placed} <= set(added), f"{workers}\n{added}"
     _, node_types = _node_types(fake_cluster["config"])
