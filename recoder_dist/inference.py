@@ -47,10 +47,7 @@ class _TopK:
     def __init__(self, model, k: int, num_items: int, user_ids, item_ids, use_gpu: bool):
         import torch
 
-        model, user_ids, item_ids = (
-            ray.get(value) if isinstance(value, ray.ObjectRef) else value
-            for value in (model, user_ids, item_ids)
-        )
+        model, user_ids, item_ids = _fetched(model, user_ids, item_ids)
         gpu = use_gpu and torch.cuda.is_available()  # Ray gave this actor a GPU: it is cuda:0
         self.device = torch.device("cuda" if gpu else "cpu")
         self.model = model.to(self.device).eval()
@@ -120,9 +117,7 @@ def write_recommendations(
             f"the model scores {recoder.num_items} items; the split at {prepared.location} "
             f"has {files.num_items}: a checkpoint of another dataset"
         )
-    output = storage.normalized(output)
-    if storage.is_file(output):
-        raise ValueError(f"the output {output} is a file, not a folder")
+    output = _output_folder(output)
     rows = files.ray_dataset().select_columns(["user", "items", "values"])
     # The files' blocks (row groups) are large: smaller ones spread the users over the actors.
     rows = rows.repartition(target_num_rows_per_block=_ROWS_PER_BLOCK)
@@ -147,10 +142,7 @@ def _neighbours(batch: dict, vectors, item_ids, k: int) -> pa.Table:
     catalog. Tasks, not actors: the vectors and ids are read from the object store without a
     copy, and a task holds its CPU only while it runs, so the reads and writes of the job are
     never starved by actors that hold every CPU of a small cluster."""
-    vectors, item_ids = (
-        ray.get(value) if isinstance(value, ray.ObjectRef) else value
-        for value in (vectors, item_ids)
-    )
+    vectors, item_ids = _fetched(vectors, item_ids)
     rows = batch["id"]
     neighbours, similarities = top_k_cosine(vectors, vectors[rows], k, exclude=rows)
     return similar_items_table(item_ids[rows], item_ids[neighbours], similarities)
@@ -183,9 +175,7 @@ def write_similar_items(
             f"the model has {num_items} item vectors; the split at {prepared.location} has "
             f"{prepared.train.num_items} items: a checkpoint of another dataset"
         )
-    output = storage.normalized(output)
-    if storage.is_file(output):
-        raise ValueError(f"the output {output} is a file, not a folder")
+    output = _output_folder(output)
     read_ids = ray.remote(_ids_of).options(**on_this_node())
     item_ids = read_ids.remote(prepared.id_map_path("item"))
     items = ray.data.range(num_items, override_num_blocks=max(1, -(-num_items // _ITEMS_PER_BATCH)))
@@ -197,6 +187,19 @@ def write_similar_items(
         concurrency=workers,
     )
     return _replaced(output, lambda fresh: _write(answered, fresh))
+
+
+def _fetched(*values) -> list:
+    """``values``, each ObjectRef among them replaced by its object."""
+    return [ray.get(value) if isinstance(value, ray.ObjectRef) else value for value in values]
+
+
+def _output_folder(output: str | os.PathLike) -> str:
+    """``output`` normalized; a ValueError when it is a file."""
+    output = storage.normalized(output)
+    if storage.is_file(output):
+        raise ValueError(f"the output {output} is a file, not a folder")
+    return output
 
 
 def _ids_of(id_map_path: str) -> np.ndarray:

@@ -49,8 +49,8 @@ from recoder_dist.training.snapshot import (
 logger = logging.getLogger(__name__)
 
 # The user x item scores above which ``Recoder.evaluate`` scores on the workers by default:
-# about two seconds of scoring in one process (benchmarks/RESULTS.md, "evaluate here"), where a
-# worker group takes 10-20 s to start.
+# scoring them in one process takes less time than starting a worker group (benchmarks/
+# fixed_cost.py; RESULTS.md, "The fixed cost of a job").
 DRIVER_EVAL_SCORES = 2**28
 
 
