@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -283,14 +284,15 @@ class Recoder:
             eval_settings = EvalSettings.of(
                 metrics, eval_num_recommendations, eval_batch_size or batch_size
             )
-        self._init_training(train_dataset)
-        if evaluating:
-            self._check_eval_items(val_dataset)
         workers = self.workers  # resolved once: the log, the job and the run agree
         loss = build_loss(self.loss, self.loss_params)
-        if shards_tables(self.model, loss, self.tables, workers, precision):
+        sharded = shards_tables(self.model, loss, self.tables, workers, precision)
+        if sharded:
             # The global batch's split, refused now rather than in the workers.
             rank_batch(batch_size, settings.num_sampling_users, workers)
+        self._init_training(train_dataset, weightless=sharded)
+        if evaluating:
+            self._check_eval_items(val_dataset)
         use_gpus = self._use_gpus(workers)
         check_optimizers(self.model, self.optimizer_type)  # a mismatch fails now, not in a worker
 
@@ -323,7 +325,12 @@ class Recoder:
             eval=eval_settings,
             checkpoint_prefix=prefix,
         )
-        output = self._run(job, datasets, workers, blocks)
+        try:
+            output = self._run(job, datasets, workers, blocks)
+        except BaseException:
+            if self._weightless():  # the next call draws the initial weights again
+                self._model_initialized = False
+            raise
         try:
             self._restore(output.final_snapshot(), restore_model=True)
         finally:
@@ -495,7 +502,11 @@ class Recoder:
 
     # ---------------------------------------------------------------- internals
 
-    def _init_training(self, dataset: RecommendationDataset) -> None:
+    def _init_training(self, dataset: RecommendationDataset, weightless: bool = False) -> None:
+        """Sizes the model for ``dataset`` and, the first time, initializes it.
+        ``weightless``: on the meta device, with no weights, for a run with sharded tables,
+        whose workers draw their rows of the same initial weights (see
+        ``ShardedAutoencoder.like``): no process ever holds the whole tables."""
         for based, attr, count in (
             (self.item_based, "num_items", dataset.num_items),
             (self.user_based, "num_users", dataset.num_users),
@@ -510,12 +521,18 @@ class Recoder:
                 )
         if self.num_items is None or self.num_items < dataset.num_items:
             self.num_items = dataset.num_items
-        if not self._model_initialized:
-            # The initial weights are drawn from the seed too: one seed, one run.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)
-                self.model.init_model(num_items=self.num_items, num_users=self.num_users)
-            self._model_initialized = True
+        if self._model_initialized:
+            return
+        # The initial weights are drawn from the seed too: one seed, one run.
+        meta = torch.device("meta") if weightless else contextlib.nullcontext()
+        with torch.random.fork_rng(devices=[]), meta:
+            torch.manual_seed(self.seed)
+            self.model.init_model(num_items=self.num_items, num_users=self.num_users)
+        self._model_initialized = True
+
+    def _weightless(self) -> bool:
+        """Whether the model was initialized without weights (see ``_init_training``)."""
+        return any(p.is_meta for p in self.model.parameters())
 
     def _check_eval_items(self, dataset: RecommendationDataset) -> None:
         if dataset.num_items > self.num_items:
@@ -659,6 +676,8 @@ class Recoder:
             if snapshot.seed is not None and not self._seed_given:
                 self.seed = snapshot.seed  # the seeds that a run that never stopped uses
         if restore_model:
+            if self._weightless():
+                self.model.to_empty(device="cpu")
             try:
                 self.model.load_state_dict(snapshot.model_state)
             except RuntimeError as e:  # torch lists every missing key and size mismatch

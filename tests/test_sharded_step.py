@@ -211,9 +211,30 @@ def _initialization(rank, world):
     assert not model.encoder_layers[0].bias.any()
 
 
+def _made_from_a_weightless_model(rank, world):
+    """A model initialized on the meta device (what the driver of a sharded run sends: no
+    weights) gives each rank its rows of the weights that ``init_model`` draws in one process
+    after the same ``torch.manual_seed``."""
+    for constrained in (False, True):
+        torch.manual_seed(11)
+        whole = DynamicAutoencoder([6, 4], is_constrained=constrained)
+        whole.init_model(num_items=NUM_ITEMS)
+        torch.manual_seed(11)
+        with torch.device("meta"):
+            weightless = DynamicAutoencoder([6, 4], is_constrained=constrained)
+            weightless.init_model(num_items=NUM_ITEMS)
+        assert weightless.encoder_embedding.weight.is_meta
+        sharded = ShardedAutoencoder.like(weightless)
+        assert len(sharded.encoder_embedding.weight) == Ownership(NUM_ITEMS, world).rows_of(rank)
+        gathered = gathered_state(sharded, dst=None)
+        for key, value in whole.state_dict().items():
+            assert torch.equal(gathered[key], value), key
+
+
 def test_bad_routes_and_initialization():
     run_ranks(1, _bad_routes)
     run_ranks(2, _initialization)
+    run_ranks(3, _made_from_a_weightless_model)
 
 
 def _global_batch(matrix, users, items):

@@ -99,9 +99,13 @@ def _reference_epochs(model, optimizers, rows, num_items, world, epochs, loss="l
 
 
 def _close(actual: dict, expected: dict):
+    # Summed in another order, a few of the 23,152 rows' elements (11-13 with seed 3) differ
+    # by up to 2e-5 after Adam divides a near-zero gradient by its near-zero second moment,
+    # and no more after 2 epochs than after 1; a step of lr=0.01 that went wrong or was lost
+    # moves an element by up to 1e-2.
     for key, value in expected.items():
         gap = (actual[key] - value).abs().max().item()
-        assert torch.allclose(actual[key], value, rtol=1e-4, atol=1e-5), f"{key}: {gap}"
+        assert torch.allclose(actual[key], value, rtol=1e-4, atol=5e-5), f"{key}: {gap}"
 
 
 def test_workers_train_the_model_of_one_process_on_their_joined_batches(ray_session):

@@ -92,12 +92,16 @@ class DynamicAutoencoder(FactorizationModel):
         if not num_items or num_items < 1:
             raise ValueError(f"DynamicAutoencoder needs num_items >= 1, got {num_items}")
         self.num_items = int(num_items)
+        # Drawn first, from torch's global generator: torch.manual_seed(s) then init_model
+        # gives the same weights every time, and a ShardedAutoencoder made with this seed
+        # holds their rows (see reset_parameters).
+        self.init_seed = int(torch.randint(0, 2**31 - 1, (), device="cpu"))
         sizes = self.hidden_layers
         self.act = activation(self.activation_type)
         self.noise = nn.Dropout(self.noise_prob)
         self.dropout = nn.Dropout(self.dropout_prob)
 
-        self.encoder_embedding = nn.Embedding(num_items, sizes[0], sparse=self.sparse)
+        self.encoder_embedding = _table(num_items, sizes[0], self.sparse)
         self.encoder_bias = nn.Parameter(torch.zeros(sizes[0]))
         self.encoder_layers = nn.ModuleList(
             nn.Linear(n_in, n_out) for n_in, n_out in zip(sizes[:-1], sizes[1:])
@@ -113,15 +117,31 @@ class DynamicAutoencoder(FactorizationModel):
                 nn.Linear(n_in, n_out)
                 for n_in, n_out in zip(reversed(sizes[1:]), reversed(sizes[:-1]))
             )
-            self.decoder_embedding = nn.Embedding(num_items, sizes[0], sparse=self.sparse)
-        self.decoder_bias = nn.Embedding(num_items, 1, sparse=self.sparse)
+            self.decoder_embedding = _table(num_items, sizes[0], self.sparse)
+        self.decoder_bias = _table(num_items, 1, self.sparse)
         self.reset_parameters()
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
+        """Xavier-uniform weights and zero biases, each drawn from its own seeded CPU
+        generator: the encoder's item table from ``init_seed``, the decoder's from
+        ``init_seed + 1``, the dense layers (in order) from ``init_seed + 2``. Any row of a
+        table is thereby drawable without the rest: ``ShardedAutoencoder(seed=init_seed)``
+        makes each rank's rows of these tables, shard by shard, and nothing else holds them."""
+        if self.encoder_embedding.weight.is_meta:
+            return  # a model without weights (see Recoder): they are made where they are used
+        tables = [self.encoder_embedding]
+        if not self.is_constrained:
+            tables.append(self.decoder_embedding)
+        for offset, table in enumerate(tables):
+            generator = torch.Generator().manual_seed(self.init_seed + offset)
+            weight = nn.init.xavier_uniform_(torch.empty(table.weight.shape), generator=generator)
+            table.weight.copy_(weight)
+        generator = torch.Generator().manual_seed(self.init_seed + 2)
         for module in self.modules():
-            if isinstance(module, (nn.Embedding, nn.Linear)):
-                nn.init.xavier_uniform_(module.weight)
             if isinstance(module, nn.Linear):
+                weight = torch.empty(module.weight.shape)
+                module.weight.copy_(nn.init.xavier_uniform_(weight, generator=generator))
                 nn.init.zeros_(module.bias)
         nn.init.zeros_(self.decoder_bias.weight)
 
@@ -257,3 +277,9 @@ def bag_offsets(bags: torch.Tensor, num_bags: int) -> torch.Tensor:
     """Start of each bag in the list of ``bags``'s entries sorted by bag (empty bags included)."""
     counts = torch.bincount(bags, minlength=num_bags)
     return counts.cumsum(0) - counts
+
+
+def _table(num_items: int, dim: int, sparse: bool) -> nn.Embedding:
+    """An item table whose weights ``reset_parameters`` draws (nn.Embedding's own normal draw
+    of a whole table would be thrown away)."""
+    return nn.Embedding(num_items, dim, sparse=sparse, _weight=torch.empty(num_items, dim))

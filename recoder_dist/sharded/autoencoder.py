@@ -103,9 +103,12 @@ class ShardedAutoencoder(nn.Module):
 
     @classmethod
     def like(cls, model, group=None, device=None) -> ShardedAutoencoder:
-        """This rank's shard of ``model`` (a whole, initialized DynamicAutoencoder): its
-        hyper-parameters, its dense layers and its tables' rows ``rank::world``."""
+        """This rank's shard of ``model`` (an initialized DynamicAutoencoder): its
+        hyper-parameters, its dense layers and its tables' rows ``rank::world``. A model
+        initialized on the meta device (no weights, as the driver of a sharded run makes it)
+        gives the rows its ``init_seed`` draws, shard by shard: the whole tables never exist."""
         params = model.model_params()
+        weightless = model.encoder_embedding.weight.is_meta
         sharded = cls(
             model.num_items,
             params["hidden_layers"],
@@ -114,11 +117,12 @@ class ShardedAutoencoder(nn.Module):
             dropout_prob=params["dropout_prob"],
             noise_prob=params["noise_prob"],
             sparse=params["sparse"],
-            seed=None,
+            seed=model.init_seed if weightless else None,
             group=group,
             device=device,
         )
-        sharded.load_from(model)
+        if not weightless:
+            sharded.load_from(model)
         return sharded
 
     def dense_parameters(self) -> list[nn.Parameter]:
