@@ -5,7 +5,7 @@ Gowalla (train.txt for training and as the evaluation users' input, test.txt as 
 targets), or with ``--dataset long-tail`` sync_bytes.py's synthetic Zipf catalog (20,000 users,
 ``--items`` items, 30 draws a user; a fifth of each user's items held out as targets, 2,000 of
 those users evaluated); the ML-20M script's model and step (DynamicAutoencoder [200] tanh,
-noise 0.5, sparse embeddings, Adam, logloss, batch 500, negative sampling); 2 workers of 1 CPU,
+noise 0.5, sparse embeddings, Adam, logloss, batch 500, negative sampling); 1 or 2 workers of 1 CPU,
 ``--epochs`` epochs, an evaluation (Recall@20, NDCG@100) and a checkpoint every epoch. Each run
 is a process of its own (its own local Ray) that imports the recoder_dist of the tree given,
 and the runs are interleaved (every tree and side once a round). What is read is the last
@@ -30,10 +30,11 @@ from pathlib import Path
 
 from _common import load_average, markdown_table, median
 
-# side -> (tables, label)
+# side -> (workers, tables, label)
 SIDES = {
-    "2r": ("replicated", "2 workers, replicated tables"),
-    "2s": ("sharded", "2 workers, sharded tables"),
+    "1": (1, "replicated", "1 worker"),
+    "2r": (2, "replicated", "2 workers, replicated tables"),
+    "2s": (2, "sharded", "2 workers, sharded tables"),
 }
 MARK = "RESULT "
 LONG_TAIL_USERS = 20_000
@@ -70,10 +71,10 @@ def one_run(side: str, epochs: int, dataset: str, items: int) -> dict:
         nn.DynamicAutoencoder(**MODEL, sparse=True),
         optimizer_type="adam",
         loss="logloss",
-        num_workers=2,
+        num_workers=SIDES[side][0],
         cpus_per_worker=1,
         seed=0,
-        tables=SIDES[side][0],
+        tables=SIDES[side][1],
     )
     started = time.perf_counter()
     history = trainer.train(
@@ -152,7 +153,7 @@ def main():
             values = [run[key] for run in runs]
             cells.append(f"{median(values):,.0f} [{min(values):,.0f}-{max(values):,.0f}]")
         metrics = [f"{runs[-1][key]:.5f}" for key in ("recall", "ndcg")]
-        rows.append([name, SIDES[side][1], *cells, *metrics])
+        rows.append([name, SIDES[side][2], *cells, *metrics])
     print(markdown_table(header, rows))
     print(f"\nwall time of the benchmark: {time.perf_counter() - started:.0f} s")
 

@@ -20,6 +20,7 @@ from recoder_dist.data import RecommendationDataset
 from recoder_dist.data.ray_dataset import to_ray_dataset
 from recoder_dist.model import Recoder
 from recoder_dist.nn import DynamicAutoencoder
+from recoder_dist.training.checkpoint import read_checkpoint
 from recoder_dist.training.launcher import EvalSplit
 from recoder_dist.training.progress import ProgressPrinter
 from recoder_dist.training.snapshot import load_snapshot
@@ -67,13 +68,17 @@ def test_a_lost_progress_actor_stops_the_lines_not_the_driver(ray_session, caplo
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
 def test_checkpoints_are_named_by_epoch_and_the_users_copy_is_the_uploaded_snapshot(
-    ray_session, tmp_path
+    ray_session, tmp_path, workers
 ):
+    """One worker's checkpoint is one whole snapshot. Two workers shard the tables: each
+    writes its own rows (no whole snapshot in the run's storage), and the user's copy is the
+    model assembled from the shard files."""
     data = RecommendationDataset(ml100k_split().train.interactions[:200])
     model = DynamicAutoencoder(hidden_layers=[16], sparse=True)
     recoder = Recoder(
-        model, num_workers=1, seed=3, storage_path=str(tmp_path / "runs"), run_name="r"
+        model, num_workers=workers, seed=3, storage_path=str(tmp_path / "runs"), run_name="r"
     )
     history = recoder.train(
         data,
@@ -86,14 +91,28 @@ def test_checkpoints_are_named_by_epoch_and_the_users_copy_is_the_uploaded_snaps
     run = tmp_path / "runs" / "r"
     kept = sorted(p.name for p in run.iterdir() if p.name.startswith("epoch_"))
     assert kept == ["epoch_2", "epoch_3"]  # num_to_keep=2
+    files = {p.name for p in (run / "epoch_3").iterdir()}
+    if workers == 1:
+        assert files == {"snapshot.pt", "history.json"}
+    else:
+        assert files == {
+            "sharded_snapshot.pt",
+            "history.json",
+            "shard_00000_of_00002.pt",
+            "shard_00001_of_00002.pt",
+        }
     for epoch in (2, 3):
         ours = load_snapshot(tmp_path / f"model_epoch_{epoch}.model")
-        theirs = load_snapshot(run / f"epoch_{epoch}" / "snapshot.pt")
+        theirs, _ = read_checkpoint(str(run / f"epoch_{epoch}"))
         assert ours.epoch == theirs.epoch == epoch
         for name, tensor in theirs.model_state.items():
             assert torch.equal(ours.model_state[name], tensor), name
+        assert ours.optimizer_state["sparse"]["state"].keys() == (
+            theirs.optimizer_state["sparse"]["state"].keys()
+        )
     # The trained model is the last checkpoint's.
-    last = load_snapshot(run / "epoch_3" / "snapshot.pt")
+    last, records = read_checkpoint(str(run / "epoch_3"))
+    assert [r["epoch"] for r in records] == [1, 2, 3]
     for name, tensor in recoder.model.state_dict().items():
         assert torch.equal(last.model_state[name], tensor), name
 

@@ -209,10 +209,18 @@ def test_a_sharded_run_resumes_from_its_checkpoint_to_the_uninterrupted_weights(
     ray_session, tmp_path
 ):
     """A worker lost in epoch 2's evaluation (each rank scores its 75 test users in one
-    batch an epoch): the run restarts from epoch 1's checkpoint, each rank taking its rows of
-    the gathered snapshot (weights and Adam's moments), and ends where a straight run ends."""
+    batch an epoch): the run restarts from epoch 1's checkpoint, each rank reading its rows
+    (weights and Adam's moments) from the shard files, and ends where a straight run ends."""
     crashed = _crash_run(tmp_path, "crashed", at_call=2)
     assert (tmp_path / "crash-marker").is_file()  # the crash did happen
+    # Each rank wrote its own rows: no whole snapshot in the run's storage.
+    written = {p.name for p in (tmp_path / "crashed").glob("*/epoch_*/*")}
+    assert written == {
+        "sharded_snapshot.pt",
+        "history.json",
+        "shard_00000_of_00002.pt",
+        "shard_00001_of_00002.pt",
+    }, written
     straight = _crash_run(tmp_path, "straight", at_call=-1)
     for name, tensor in straight.model.state_dict().items():
         torch.testing.assert_close(crashed.model.state_dict()[name], tensor, rtol=0, atol=0)

@@ -38,9 +38,8 @@ from recoder_dist.metrics import NDCG, Recall
 from recoder_dist.model import Recoder, TrainingRows, read_training_rows
 from recoder_dist.nn import DynamicAutoencoder
 from recoder_dist.training import release
+from recoder_dist.training.checkpoint import export_snapshot
 from recoder_dist.training.launcher import ensure_ray
-from recoder_dist.training.snapshot import copy_snapshot
-from recoder_dist.training.worker_loop import SNAPSHOT_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -282,9 +281,7 @@ def export(results: tune.ResultGrid, root: str, metric: str) -> dict:
     if best is None or best.error is not None or CHECKPOINT_PATH_KEY not in best.metrics:
         raise RuntimeError("no trial finished with a checkpoint: nothing to export")
     checkpoint = storage.with_path(root, best.metrics[CHECKPOINT_PATH_KEY])
-    snapshot = copy_snapshot(
-        storage.join(checkpoint, SNAPSHOT_FILE), storage.join(root, "best.model")
-    )
+    snapshot = export_snapshot(checkpoint, storage.join(root, "best.model"))
     summary = {
         "best": {k: best.config[k] for k in CHOSEN},
         metric: best.metrics[metric],

@@ -61,7 +61,9 @@ def gathered_state(model: nn.Module, dst: int | None = 0) -> dict | None:
 def sharded_optimizer_state(full_state: dict, optimizers, model: nn.Module) -> dict:
     """This rank's part of the optimizers' state of the whole model (``Optimizers.state_dict``
     of the whole model's optimizers), for ``optimizers`` of the sharded ``model``."""
-    return _map_rows(full_state, optimizers, model, lambda value, table: _rows_of(value, table))
+    return map_optimizer_rows(
+        full_state, optimizers, model, lambda value, table, key: _rows_of(value, table)
+    )
 
 
 def gathered_optimizer_state(optimizers, model: nn.Module, dst: int | None = 0) -> dict | None:
@@ -69,18 +71,20 @@ def gathered_optimizer_state(optimizers, model: nn.Module, dst: int | None = 0) 
     elsewhere); the per-item rows on the CPU (see ``gather_full_rows``), the rest where the
     optimizers keep it. A collective: every rank of the shards' group calls it."""
     group = getattr(model, "group", None)
-    state = _map_rows(
+    state = map_optimizer_rows(
         optimizers.state_dict(),
         optimizers,
         model,
-        lambda value, table: gather_full_rows(value, table.ownership, dst, group),
+        lambda value, table, key: gather_full_rows(value, table.ownership, dst, group),
     )
     return state if dst is None or _rank(model) == dst else None
 
 
-def _map_rows(state: dict, optimizers, model: nn.Module, per_row) -> dict:
-    """``state`` (``Optimizers.state_dict()``) with ``per_row(value, table)`` in place of each
-    state tensor that has a row per item of a table (in the optimizers' own order)."""
+def map_optimizer_rows(state: dict, optimizers, model: nn.Module, per_row) -> dict:
+    """``state`` (``Optimizers.state_dict()``) with ``per_row(value, table, key)`` in place of
+    each state tensor that has a row per item of a table (in the optimizers' own order; dense,
+    see ``_dense``); ``key`` is its place, ``(kind, index, name)``: ``state[kind]["state"]
+    [index][name]``."""
     tables = {id(table.weight): table for table in table_names(model).values()}
     out = {}
     for kind, optimizer in (("dense", optimizers.dense), ("sparse", optimizers.sparse)):
@@ -93,7 +97,7 @@ def _map_rows(state: dict, optimizers, model: nn.Module, per_row) -> dict:
         for index in sorted(kind_state["state"]):  # the same order on every rank
             table = tables.get(id(params[index]))
             mapped[index] = {
-                name: per_row(_dense(value), table)
+                name: per_row(_dense(value), table, (kind, index, name))
                 if table is not None and torch.is_tensor(value) and value.dim() >= 1
                 else value
                 for name, value in kind_state["state"][index].items()

@@ -13,12 +13,13 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from recoder_dist.data.epoch_order import RowBlocks
+from recoder_dist.training.checkpoint import read_checkpoint
 from recoder_dist.training.config import WorkerJob
 from recoder_dist.training.progress import ProgressPrinter, epochs_between_lines
 from recoder_dist.training.resources import nodes_for_workers, split_cpus
-from recoder_dist.training.snapshot import Snapshot, load_snapshot
+from recoder_dist.training.snapshot import Snapshot
 from recoder_dist.training.storage_check import check_storage_reaches_workers
-from recoder_dist.training.worker_loop import SNAPSHOT_FILE, worker_loop
+from recoder_dist.training.worker_loop import worker_loop
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +217,7 @@ class RunOutput:
         if self._checkpoint is None:
             raise RuntimeError("the training run ended without a final snapshot")
         with self._checkpoint.as_directory() as folder:  # a download from remote storage
-            return load_snapshot(os.path.join(folder, SNAPSHOT_FILE))
+            return read_checkpoint(folder)[0]
 
     def discard(self) -> None:
         """Deletes the run's temporary files (in-process, its checkpoints are local folders)."""

@@ -2,11 +2,11 @@
 
 Ranks agree on the number of steps of an epoch before it starts. With sharded tables
 (``WorkerJob.tables``, see ``training.sharded_step``) each rank holds its rows of every item
-table and the dense layers' gradients are all-reduced; the whole model never reaches a device,
-and a rank drops it once its shard is cut (only rank 0 writing a snapshot gathers it again, on
-its CPU). With replicated tables dense parameters are averaged by DDP, sparse embedding rows by
-:class:`SparseGradSync`. Metrics are summed over ranks, and rank 0 writes the snapshots (of the
-whole model). What the loop returns (on rank 0) is the run's result, which Ray Train hands to
+table and the dense layers' gradients are all-reduced; a new model's rows are drawn where they
+live, and each rank writes its own shard of a checkpoint (``training.checkpoint``): no rank holds
+the whole model. With replicated tables dense parameters are averaged by DDP, sparse embedding
+rows by :class:`SparseGradSync`, and rank 0 writes the checkpoints. Metrics are summed over
+ranks. What the loop returns (on rank 0) is the run's result, which Ray Train hands to
 the driver as ``Result.return_value``: a training run's records, one per epoch, or an
 evaluation's results. The process group is the one Ray Train set up, whatever its backend:
 every tensor of a collective lives on the worker's device.
@@ -15,7 +15,6 @@ every tensor of a collective lives on the worker's device.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import resource
@@ -36,12 +35,8 @@ from recoder_dist.data.epoch_order import RowBlocks
 from recoder_dist.data.ray_dataset import rows_from_arrow
 from recoder_dist.losses import build_loss
 from recoder_dist.sharded.autoencoder import ShardedAutoencoder
-from recoder_dist.sharded.state import (
-    gathered_optimizer_state,
-    gathered_state,
-    sharded_optimizer_state,
-    sharded_state,
-)
+from recoder_dist.sharded.state import sharded_optimizer_state
+from recoder_dist.training.checkpoint import export_snapshot, read_checkpoint, write_checkpoint
 from recoder_dist.training.config import EvalSettings, TrainSettings, WorkerJob
 from recoder_dist.training.evaluation import batches_metric_sums, metric_means
 from recoder_dist.training.optimizers import build_optimizers, epoch_lrs, sparse_parameter_names
@@ -50,16 +45,11 @@ from recoder_dist.training.resources import worker_threads
 from recoder_dist.training.schedule import agreed_steps, epoch_batches
 from recoder_dist.training.sharded_evaluation import sharded_eval_sums
 from recoder_dist.training.sharded_step import rank_batch, sharded_batch_loss, shards_tables
-from recoder_dist.training.snapshot import copy_snapshot, load_snapshot, save_snapshot
 from recoder_dist.training.sparse_sync import SparseGradSync
 from recoder_dist.training.step import batch_loss, unwrapped
 from recoder_dist.training.step_profile import StepProfile, gathered, timed_allreduce_hook
 
 logger = logging.getLogger(__name__)
-SNAPSHOT_FILE = "snapshot.pt"
-# The records of the epochs up to a checkpoint, beside its snapshot: a restarted run returns
-# the whole run's records.
-HISTORY_FILE = "history.json"
 
 
 def worker_loop(config: dict) -> list[dict] | dict:
@@ -145,7 +135,6 @@ def _train(
     model, job: WorkerJob, blocks: RowBlocks, progress, device, rank: int, world: int, storage_path
 ) -> list[dict]:
     settings: TrainSettings = job.train
-    start_epoch, optimizer_state, history = _resume(model, job, rank, progress)
     distributed = world > 1 and dist.is_initialized()
     loss_fn = build_loss(job.loss, job.loss_params).to(device)
     sharded = isinstance(model, ShardedAutoencoder)  # see _sharded_job
@@ -168,9 +157,7 @@ def _train(
             sync = SparseGradSync([model.get_parameter(n) for n in sparse_names])
 
     optimizers = build_optimizers(model, job.optimizer_type, settings.lr, settings.weight_decay)
-    if sharded:
-        optimizer_state = sharded_optimizer_state(optimizer_state, optimizers, model)
-    optimizers.load_state_dict(optimizer_state)
+    start_epoch, history = _resume(model, optimizers, job, rank, progress)
     batch_size, group_size = settings.batch_size, settings.num_sampling_users
     if sharded:  # the global batch, split over the ranks
         batch_size, group_size = rank_batch(batch_size, group_size, world)
@@ -278,18 +265,7 @@ def _train(
             if rank == 0:
                 progress.append.remote(metrics)  # not waited for: only the console needs it
             if wants_checkpoint:  # what Ray Train (and Tune) must see
-                model_state = None
-                if sharded:  # the whole model's state on rank 0's CPU (a collective)
-                    model_state = gathered_state(model)
-                    state = job.model, gathered_optimizer_state(optimizers, model)
-                else:
-                    state = model, optimizers.state_dict()
-                _report_checkpoint(
-                    metrics, history, *state, job, rank, storage_path, model_state=model_state
-                )
-                # Sharded, rank 0's whole state (weights and Adam's moments): not kept through
-                # the next epoch.
-                del model_state, state
+                _report_checkpoint(metrics, history, model, optimizers, job, rank, storage_path)
             elif evaluated:
                 ray.train.report(metrics)
     return history
@@ -358,27 +334,26 @@ def _memory_mb(distributed: bool, device) -> dict[str, float]:
     return {"peak_rss_mb": peak, "private_rss_mb": private}
 
 
-def _resume(model, job: WorkerJob, rank: int, progress) -> tuple[int, dict, list[dict]]:
+def _resume(model, optimizers, job: WorkerJob, rank: int, progress) -> tuple[int, list[dict]]:
     """After a worker failure, or when a run of the same name and storage is started again (its
-    driver was lost), Ray Train starts the loop with the run's last checkpoint: load its
-    weights, optimizer states, epoch and the records of the epochs up to it. Otherwise start
-    from the job, with no records."""
+    driver was lost), Ray Train starts the loop with the run's last checkpoint: load this
+    rank's part of its weights and optimizer states (from any world size), and return its
+    epoch and the records of the epochs up to it. Otherwise start from the job: its epoch, its
+    optimizer states, no records."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return job.start_epoch, job.optimizer_state, []
+        state = job.optimizer_state
+        if isinstance(model, ShardedAutoencoder):
+            state = sharded_optimizer_state(state, optimizers, model)
+        optimizers.load_state_dict(state)
+        return job.start_epoch, []
     with checkpoint.as_directory() as folder:
-        snapshot = load_snapshot(os.path.join(folder, SNAPSHOT_FILE))
-        history = []  # a checkpoint of a recoder_dist that kept no records
-        if os.path.exists(os.path.join(folder, HISTORY_FILE)):
-            with open(os.path.join(folder, HISTORY_FILE)) as f:
-                history = json.load(f)
-    state = snapshot.model_state
-    if isinstance(model, ShardedAutoencoder):
-        state = sharded_state(state, model)
-    model.load_state_dict(state)
+        snapshot, history = read_checkpoint(folder, model, optimizers)
+    model.load_state_dict(snapshot.model_state)
+    optimizers.load_state_dict(snapshot.optimizer_state)
     if rank == 0:
         _note(progress, f"resuming from the checkpoint of epoch {snapshot.epoch}")
-    return snapshot.epoch, snapshot.optimizer_state, history
+    return snapshot.epoch, history
 
 
 def _check_gradients_are_where_expected(model, sparse_names: list[str]) -> None:
@@ -417,47 +392,41 @@ def _evaluate(model, job: WorkerJob, device, rank: int, world: int) -> dict:
 
 
 def _report_checkpoint(
-    metrics: dict,
-    history: list[dict],
-    model,
-    optimizer_state: dict,
-    job: WorkerJob,
-    rank: int,
-    storage_path,
-    *,
-    model_state: dict | None = None,
+    metrics: dict, history: list[dict], model, optimizers, job: WorkerJob, rank: int, storage_path
 ) -> None:
-    """Every rank reports ``metrics``; rank 0 attaches the checkpoint of ``metrics["epoch"]``
-    (the snapshot of the whole ``model`` with ``optimizer_state``, and the records so far;
-    ``model_state`` replaces ``model``'s weights when given: the state gathered from shards),
-    which Ray Train uploads once into the run's storage as ``epoch_<N>`` and keeps for
-    restarts, deleting the local folder. The user's own copy
-    (``metrics["snapshot"]``, named by model_checkpoint_prefix) is then copied from the
-    uploaded one: within one bucket that is the store's own copy, not a second upload."""
+    """Every rank reports ``metrics`` with its part of the checkpoint of ``metrics["epoch"]``
+    (see ``training.checkpoint``: a sharded model's ranks each their shard, rank 0 the
+    snapshot and the records), which Ray Train uploads into one folder of the run's storage,
+    ``epoch_<N>``, and keeps for restarts, deleting the local folders. The user's own copy
+    (``metrics["snapshot"]``, named by model_checkpoint_prefix) is then exported from the
+    uploaded one by rank 0: a whole snapshot is copied (within one bucket, by the store
+    itself), shards are assembled into one file."""
     epoch = metrics["epoch"]
     name = f"epoch_{epoch}"
-    if rank != 0:
-        ray.train.report(metrics, checkpoint_dir_name=name)
-        return
     folder = tempfile.mkdtemp(prefix="recoder-dist-ckpt-")
-    snapshot = job.snapshot(model, epoch, optimizer_state, model_state)
-    save_snapshot(snapshot, os.path.join(folder, SNAPSHOT_FILE))
-    with open(os.path.join(folder, HISTORY_FILE), "w") as f:
-        json.dump(history, f)
-    ray.train.report(
-        metrics,
-        checkpoint=ray.train.Checkpoint.from_directory(folder),
-        checkpoint_dir_name=name,
-        delete_local_checkpoint_after_upload=True,  # in-process, the folder is the checkpoint
-    )
-    if "snapshot" in metrics:
+    write_checkpoint(folder, job, model, optimizers, epoch, history, rank)
+    if os.listdir(folder):
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(folder),
+            checkpoint_dir_name=name,
+            delete_local_checkpoint_after_upload=True,  # in-process, the folder is the checkpoint
+        )
+    else:  # a rank with no part of it
+        os.rmdir(folder)
+        ray.train.report(metrics, checkpoint_dir_name=name)
+    if "snapshot" not in metrics:
+        return
+    if isinstance(model, ShardedAutoencoder):
+        dist.barrier()  # a rank's report returns once its own files are uploaded: all are now
+    if rank == 0:
         uploaded = ray.train.get_checkpoint()  # the persisted checkpoint, once report returns
-        copy_snapshot(_location(uploaded, storage_path, SNAPSHOT_FILE), metrics["snapshot"])
+        export_snapshot(_location(uploaded, storage_path), metrics["snapshot"])
 
 
-def _location(checkpoint: ray.train.Checkpoint, storage_path: str, file: str) -> str:
-    """The location (a path or a URI) of ``file`` in ``checkpoint``, which lives in the run's
-    storage (``storage_path``) or, in-process, in a local folder."""
+def _location(checkpoint: ray.train.Checkpoint, storage_path: str) -> str:
+    """The location (a path or a URI) of ``checkpoint``, which lives in the run's storage
+    (``storage_path``) or, in-process, in a local folder."""
     if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
-        return os.path.join(checkpoint.path, file)
-    return storage.with_path(storage_path, f"{checkpoint.path}/{file}")
+        return checkpoint.path
+    return storage.with_path(storage_path, checkpoint.path)

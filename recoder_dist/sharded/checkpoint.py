@@ -1,0 +1,169 @@
+"""A sharded model's checkpoint, written shard by shard: each rank writes one file with its rows
+of every item table and of their optimizer states, and its copy of the rest (dense layers, step
+counts: the same on every rank). No rank gathers the whole model to save it.
+
+The files of a checkpoint load on any number of ranks (resharding: each rank takes its rows
+under its own layout from every saved shard, one file in memory at a time), and in one process
+as the whole model (world 1), which is how a checkpoint becomes today's single-file snapshot.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+
+from recoder_dist.sharded.ownership import Ownership
+from recoder_dist.sharded.state import map_optimizer_rows, table_names
+
+FORMAT = "recoder_dist.shard"
+VERSION = 1
+_NAME = re.compile(r"shard_(\d+)_of_(\d+)\.pt")
+
+
+def shard_file(rank: int, world: int) -> str:
+    """The file name of rank ``rank``'s shard of a ``world``-rank checkpoint."""
+    return f"shard_{rank:05d}_of_{world:05d}.pt"
+
+
+def shard_files(folder: str) -> list[str]:
+    """The shard files in ``folder``, in rank order (empty when it holds none).
+
+    Raises:
+        ValueError: shards of different world sizes, or some rank's file missing.
+    """
+    found = sorted(
+        (int(m[2]), int(m[1]), name) for name in os.listdir(folder) if (m := _NAME.fullmatch(name))
+    )
+    if not found:
+        return []
+    worlds = {world for world, _, _ in found}
+    ranks = [rank for _, rank, _ in found]
+    if len(worlds) > 1 or ranks != list(range(found[0][0])):
+        raise ValueError(
+            f"{folder} holds shards {ranks} of world sizes {sorted(worlds)}: a checkpoint needs "
+            "one file for every rank of one run"
+        )
+    return [os.path.join(folder, name) for _, _, name in found]
+
+
+def save_shard(folder: str, model, optimizers) -> str:
+    """Writes this rank's shard of ``model`` (a ShardedAutoencoder) and of ``optimizers``
+    (its ``Optimizers``) into ``folder``; returns the file's path. Tensors go to the CPU one
+    at a time, as ``torch.save`` writes them."""
+    tables = table_names(model)
+    first = next(iter(tables.values()))
+    rank, world = first.rank, first.ownership.world
+    row_entries: list[list] = []
+
+    def per_row(value, table, key):
+        row_entries.append(list(key))
+        return value.cpu()
+
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "rank": rank,
+        "world": world,
+        "num_items": first.num_items,
+        "tables": sorted(tables),  # state_dict keys (a tied table under each of its names)
+        "model_state": {key: value.cpu() for key, value in model.state_dict().items()},
+        "optimizer_state": map_optimizer_rows(
+            _cpu(optimizers.state_dict()), optimizers, model, per_row
+        ),
+        "optimizer_rows": row_entries,  # [kind, index, name] of the per-item states
+    }
+    path = os.path.join(folder, shard_file(rank, world))
+    torch.save(payload, path)
+    return path
+
+
+def load_shards(paths: list[str], ownership: Ownership, rank: int) -> tuple[dict, dict]:
+    """The model state and the optimizers' state of rank ``rank`` under ``ownership`` (any
+    world size; ``Ownership(num_items, 1)`` gives the whole model) from the shard files
+    ``paths`` of one checkpoint, read one at a time.
+
+    Raises:
+        ValueError: a file that is not a shard, a shard of another catalog, or rows missing.
+    """
+    model_state: dict | None = None
+    optimizer_state: dict | None = None
+    filled = 0
+    for path in paths:
+        shard = _read(path)
+        if shard["num_items"] != ownership.num_items:
+            raise ValueError(
+                f"{path} is a shard of a {shard['num_items']}-item catalog, not of "
+                f"{ownership.num_items} items"
+            )
+        ids = Ownership(ownership.num_items, shard["world"]).global_ids(shard["rank"])
+        mine = ownership.owner(ids) == rank
+        local = ownership.local_index(ids[mine])
+        if model_state is None:  # the rest is the same on every rank: the first file's
+            model_state, optimizer_state = _empty_rows(shard, ownership.rows_of(rank))
+        for key in shard["tables"]:
+            model_state[key][local] = shard["model_state"][key][mine]
+        for kind, index, name in shard["optimizer_rows"]:
+            rows = shard["optimizer_state"][kind]["state"][index][name]
+            optimizer_state[kind]["state"][index][name][local] = rows[mine]
+        filled += int(mine.sum())
+    if model_state is None or filled != ownership.rows_of(rank):
+        raise ValueError(
+            f"the shards gave {filled} of rank {rank}'s {ownership.rows_of(rank)} rows"
+        )
+    return model_state, optimizer_state
+
+
+def _read(path: str) -> dict:
+    try:
+        shard = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # a damaged file fails anywhere in the unpickler
+        raise ValueError(f"{path} is not a readable shard: {type(e).__name__}: {e}") from None
+    if not isinstance(shard, dict) or shard.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a recoder_dist shard")
+    if shard.get("version") != VERSION:
+        raise ValueError(f"{path} is shard format version {shard.get('version')}, not {VERSION}")
+    return shard
+
+
+def _empty_rows(shard: dict, rows: int) -> tuple[dict, dict]:
+    """The first shard's states, copied out of its file, with a fresh ``rows``-row tensor in
+    place of every per-item one (a tied table's names share one)."""
+    tables: dict[int, torch.Tensor] = {}  # by the saved tensor's storage: ties stay tied
+    model_state = {}
+    for key, value in shard["model_state"].items():
+        if key not in shard["tables"]:
+            model_state[key] = value.clone()
+            continue
+        storage_id = value.untyped_storage().data_ptr()
+        if storage_id not in tables:
+            tables[storage_id] = value.new_empty((rows, *value.shape[1:]))
+        model_state[key] = tables[storage_id]
+    per_item = {tuple(entry) for entry in shard["optimizer_rows"]}
+    optimizer_state = {}
+    for kind, state in shard["optimizer_state"].items():
+        if state is not None:
+            entries = {
+                index: {
+                    name: value.new_empty((rows, *value.shape[1:]))
+                    if (kind, index, name) in per_item
+                    else (value.clone() if torch.is_tensor(value) else value)
+                    for name, value in entry.items()
+                }
+                for index, entry in state["state"].items()
+            }
+            state = {**state, "state": entries}
+        optimizer_state[kind] = state
+    return model_state, optimizer_state
+
+
+def _cpu(state):
+    """``state`` (nested dicts and lists) with its tensors on the CPU."""
+    if torch.is_tensor(state):
+        return state.cpu()
+    if isinstance(state, dict):
+        return {key: _cpu(value) for key, value in state.items()}
+    if isinstance(state, list):
+        return [_cpu(value) for value in state]
+    return state

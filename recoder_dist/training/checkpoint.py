@@ -1,0 +1,96 @@
+"""A training run's checkpoint folder: the model's snapshot at an epoch and the records of the
+epochs up to it (a restarted run returns the whole run's records).
+
+Two layouts, told apart by their files:
+- one snapshot of the whole model (``SNAPSHOT_FILE``), written by rank 0: runs whose ranks hold
+  whole tables, and the in-process run;
+- a sharded run's: one file per rank with its rows (``recoder_dist.sharded.checkpoint``),
+  beside a snapshot of the rest (``SHARDED_FILE``: class, hyper-parameters, epoch, seeds, no
+  weights). No rank ever holds the whole model to write it.
+
+Either layout reads as the whole model, or as any rank's shard of any world size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ray.train
+
+from recoder_dist import storage
+from recoder_dist.sharded.autoencoder import ShardedAutoencoder
+from recoder_dist.sharded.checkpoint import load_shards, save_shard, shard_files
+from recoder_dist.sharded.ownership import Ownership
+from recoder_dist.sharded.state import sharded_optimizer_state, sharded_state
+from recoder_dist.training.snapshot import Snapshot, copy_snapshot, load_snapshot, save_snapshot
+
+SNAPSHOT_FILE = "snapshot.pt"
+SHARDED_FILE = "sharded_snapshot.pt"
+HISTORY_FILE = "history.json"
+
+
+def write_checkpoint(
+    folder: str, job, model, optimizers, epoch: int, history: list[dict], rank: int
+) -> None:
+    """Writes this rank's part of the checkpoint of ``epoch`` into ``folder``: each rank of a
+    sharded ``model`` its shard; rank 0 the snapshot (whole, or without weights beside the
+    shards) and the records. ``job`` is the run's ``WorkerJob``."""
+    sharded = isinstance(model, ShardedAutoencoder)
+    if sharded:
+        save_shard(folder, model, optimizers)
+    if rank != 0:
+        return
+    if sharded:  # the job's model: the class and hyper-parameters, no weights
+        snapshot = job.snapshot(job.model, epoch, {}, model_state={})
+        save_snapshot(snapshot, os.path.join(folder, SHARDED_FILE))
+    else:
+        snapshot = job.snapshot(model, epoch, optimizers.state_dict())
+        save_snapshot(snapshot, os.path.join(folder, SNAPSHOT_FILE))
+    with open(os.path.join(folder, HISTORY_FILE), "w") as f:
+        json.dump(history, f)
+
+
+def read_checkpoint(folder: str, model=None, optimizers=None) -> tuple[Snapshot, list[dict]]:
+    """The snapshot in ``folder``, its weights and optimizer states laid out for ``model``: a
+    ShardedAutoencoder's rows (``optimizers`` are its ``Optimizers``), or the whole model
+    (``model`` None or whole); and the records of its epochs.
+
+    Raises:
+        FileNotFoundError: a folder with no snapshot.
+        ValueError: damaged or incomplete files.
+    """
+    history = []  # a checkpoint of a recoder_dist that kept no records
+    if os.path.exists(os.path.join(folder, HISTORY_FILE)):
+        with open(os.path.join(folder, HISTORY_FILE)) as f:
+            history = json.load(f)
+    sharded_model = isinstance(model, ShardedAutoencoder)
+    shards = shard_files(folder)
+    if shards:
+        snapshot = load_snapshot(os.path.join(folder, SHARDED_FILE))
+        if sharded_model:
+            ownership, rank = model.ownership, model.encoder_embedding.rank
+        else:
+            ownership, rank = Ownership(snapshot.num_items, 1), 0
+        snapshot.model_state, snapshot.optimizer_state = load_shards(shards, ownership, rank)
+        return snapshot, history
+    snapshot = load_snapshot(os.path.join(folder, SNAPSHOT_FILE))
+    if sharded_model:
+        snapshot.model_state = sharded_state(snapshot.model_state, model)
+        snapshot.optimizer_state = sharded_optimizer_state(
+            snapshot.optimizer_state, optimizers, model
+        )
+    return snapshot, history
+
+
+def export_snapshot(location: str, destination: str) -> str:
+    """The whole model of the checkpoint at ``location`` (a path or a URI) as one snapshot file
+    at ``destination``, for the paths that read single files (``init_from_model_file``,
+    recsys-recoder's users): the snapshot copied as it is (within one bucket, by the store), or
+    assembled from the shards in this process, which then holds the whole model."""
+    location = storage.normalized(location)
+    if storage.is_file(storage.join(location, SNAPSHOT_FILE)):
+        return copy_snapshot(storage.join(location, SNAPSHOT_FILE), destination)
+    fs, path = storage.filesystem(location)
+    with ray.train.Checkpoint(path, filesystem=fs).as_directory() as folder:  # downloaded
+        return save_snapshot(read_checkpoint(folder)[0], destination)

@@ -1,0 +1,104 @@
+"""Checkpoints written shard by shard: 3 gloo ranks each write their file after an Adam step;
+the files load as the whole model in one process, and as the shards of 2 ranks, equal to the
+state gathered from the 3 ranks (the collective path, itself checked against one process in
+test_sharded_step)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from recoder_dist.sharded.autoencoder import ShardedAutoencoder
+from recoder_dist.sharded.checkpoint import load_shards, save_shard, shard_file, shard_files
+from recoder_dist.sharded.ownership import Ownership
+from recoder_dist.sharded.state import (
+    gathered_optimizer_state,
+    gathered_state,
+    sharded_optimizer_state,
+    sharded_state,
+)
+from recoder_dist.training.optimizers import build_optimizers
+from tests.sharded_harness import interactions, rank_entries, run_ranks
+
+NUM_ITEMS = 23
+
+
+def _model(sparse: bool, constrained: bool, seed: int | None = 4) -> ShardedAutoencoder:
+    return ShardedAutoencoder(
+        NUM_ITEMS, [6, 4], is_constrained=constrained, sparse=sparse, seed=seed
+    )
+
+
+def _save(rank, world, folder, sparse, constrained):
+    """An Adam step on every rank's users (so that the moments are not zeros), then each
+    rank's shard file; rank 0 also saves the whole state gathered by collectives."""
+    model = _model(sparse, constrained)
+    optimizers = build_optimizers(model, "adam", 0.05, 0.0)
+    matrix = interactions(12, NUM_ITEMS, 20, seed=rank)
+    share, _ = model.loss(*rank_entries(matrix, torch.arange(12).numpy()), loss="logloss")
+    share.backward()
+    model.all_reduce_dense_grads()
+    optimizers.step()
+    save_shard(folder, model, optimizers)
+    whole = gathered_state(model), gathered_optimizer_state(optimizers, model)
+    if rank == 0:
+        torch.save(whole, os.path.join(folder, "whole.pt"))
+
+
+def _load(rank, world, folder, sparse, constrained):
+    """Each rank's rows of the 3-rank files, as slicing the whole state gives them."""
+    whole_model, whole_optimizers = torch.load(os.path.join(folder, "whole.pt"))
+    model = _model(sparse, constrained, seed=None)
+    optimizers = build_optimizers(model, "adam", 0.05, 0.0)
+    model_state, optimizer_state = load_shards(shard_files(folder), model.ownership, rank)
+    _equal(model_state, sharded_state(whole_model, model))
+    _equal(optimizer_state, sharded_optimizer_state(whole_optimizers, optimizers, model))
+    model.load_state_dict(model_state)  # the states fit the model and its optimizers
+    optimizers.load_state_dict(optimizer_state)
+
+
+def _equal(actual, expected, where="state"):
+    if torch.is_tensor(expected):
+        assert torch.equal(actual.to_dense(), expected.to_dense()), where
+    elif isinstance(expected, dict):
+        assert set(actual) == set(expected), where
+        for key in expected:
+            _equal(actual[key], expected[key], f"{where}/{key}")
+    else:
+        assert actual == expected, where
+
+
+@pytest.mark.parametrize("sparse,constrained", [(True, False), (False, True)])
+def test_shard_files_load_whole_and_on_another_world(tmp_path, sparse, constrained):
+    run_ranks(3, _save, str(tmp_path), sparse, constrained)
+    assert [os.path.basename(p) for p in shard_files(str(tmp_path))] == [
+        shard_file(rank, 3) for rank in range(3)
+    ]
+    whole_model, whole_optimizers = torch.load(tmp_path / "whole.pt")
+    model_state, optimizer_state = load_shards(
+        shard_files(str(tmp_path)), Ownership(NUM_ITEMS, 1), 0
+    )
+    _equal(model_state, whole_model)
+    _equal(optimizer_state, whole_optimizers)
+    if constrained:  # a tied table stays one tensor
+        assert model_state["encoder_embedding.weight"] is model_state["decoder_embedding.weight"]
+    run_ranks(2, _load, str(tmp_path), sparse, constrained)
+
+
+def test_incomplete_or_damaged_shards_are_refused(tmp_path):
+    run_ranks(2, _save, str(tmp_path), True, False)
+    files = shard_files(str(tmp_path))
+    with pytest.raises(ValueError, match="rows"):
+        load_shards(files[:1], Ownership(NUM_ITEMS, 1), 0)
+    with pytest.raises(ValueError, match="catalog"):
+        load_shards(files, Ownership(NUM_ITEMS + 1, 1), 0)
+    os.rename(files[1], tmp_path / "elsewhere.pt")
+    (tmp_path / shard_file(2, 3)).write_bytes(b"")
+    with pytest.raises(ValueError, match="one file for every rank"):
+        shard_files(str(tmp_path))
+    (tmp_path / shard_file(2, 3)).unlink()
+    (tmp_path / shard_file(1, 2)).write_bytes(b"not a shard")
+    with pytest.raises(ValueError, match="not a readable shard"):
+        load_shards(shard_files(str(tmp_path)), Ownership(NUM_ITEMS, 1), 0)
