@@ -23,6 +23,8 @@ from recoder_dist.losses import build_loss
 from recoder_dist.metrics import NDCG, Recall
 from recoder_dist.model import Recoder, read_training_rows
 from recoder_dist.nn import DynamicAutoencoder
+from recoder_dist.sharded.checkpoint import shard_files
+from recoder_dist.training.checkpoint import read_checkpoint
 from recoder_dist.training.config import TrainSettings
 from recoder_dist.training.optimizers import build_optimizers
 from recoder_dist.training.schedule import agreed_steps, epoch_batches
@@ -53,9 +55,13 @@ def _joined(batches: list[SparseBatch]) -> SparseBatch:
     )
 
 
-def _reference_epochs(model, optimizers, rows, num_items, world, epochs, loss="logloss"):
+def _reference_epochs(
+    model, optimizers, rows, num_items, world, epochs, loss="logloss", groups: int = 1
+):
     """One process's epochs ``epochs`` on the global batches of ``world`` ranks; the mean
-    loss of each epoch."""
+    loss of each epoch. With ``groups`` groups of ranks (the 2D layout: tables sharded within
+    a group, replicated across), a step's loss is the mean of the groups' losses, each on the
+    joined batch of its ranks (scored on its own sampled items)."""
     settings = TrainSettings(
         lr=TRAIN["lr"],
         weight_decay=0.0,
@@ -86,14 +92,16 @@ def _reference_epochs(model, optimizers, rows, num_items, world, epochs, loss="l
             for rank in range(world)
         ]
         total, users = 0.0, 0
+        size = world // groups
         for batches in zip(*ranks):
-            batch = _joined(list(batches))
             optimizers.zero_grad()
-            loss = batch_loss(model, loss_fn, batch, torch.device("cpu"))
-            loss.backward()
+            for start in range(0, world, size):
+                batch = _joined(list(batches[start : start + size]))
+                loss = batch_loss(model, loss_fn, batch, torch.device("cpu"))
+                (loss / groups).backward()
+                total += loss.item() * batch.shape[0]
+                users += batch.shape[0]
             optimizers.step()
-            total += loss.item() * batch.shape[0]
-            users += batch.shape[0]
         losses.append(total / users)
     return losses
 
@@ -137,30 +145,85 @@ def test_workers_train_the_model_of_one_process_on_their_joined_batches(ray_sess
         assert history[-1][name] == pytest.approx(expected[name], abs=1e-6)
 
 
-def test_a_three_worker_run_continues_on_two(ray_session):
-    """The whole state of a 3-worker run (weights and Adam's moments, gathered from the
-    shards) continues on 2 workers as one process continues it on their batches."""
+def test_a_three_worker_checkpoint_resumes_on_two(ray_session, tmp_path):
+    """A run of 3 workers leaves its checkpoint of epoch 1 (three shard files); the run
+    started again under its name on 2 workers resumes from it, each rank taking its rows of
+    the weights and Adam's moments from every file, and trains epoch 2 as one process
+    continues the checkpoint's model on the 2 ranks' batches."""
     split = ml100k_split()
     rows = read_training_rows(RecommendationDataset(split.train.interactions[:300]))
+    num_items = split.train.num_items
+
+    def run(workers: int, epochs: int) -> Recoder:
+        recoder = Recoder(
+            DynamicAutoencoder(**MODEL),
+            num_items=num_items,
+            num_workers=workers,
+            seed=SEED,
+            cpus_per_worker=1,
+            storage_path=str(tmp_path),
+            run_name="resharded",
+        )
+        recoder.train(rows, num_epochs=epochs, checkpoint_freq=1, **TRAIN)
+        return recoder
+
+    first = run(3, 1)
+    folder = str(tmp_path / "resharded" / "epoch_1")
+    assert len(shard_files(folder)) == 3
+    saved, _ = read_checkpoint(folder)  # the whole model, assembled in this process
+    reference = DynamicAutoencoder(**MODEL)
+    reference.init_model(num_items=num_items)
+    reference.load_state_dict(saved.model_state)
+    optimizers = build_optimizers(reference, "adam", TRAIN["lr"], 0.0)
+    optimizers.load_state_dict(saved.optimizer_state)
+
+    resumed = run(2, 2)
+    # Epoch 1's record is the checkpoint's (a fresh run would have timed its own).
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    assert resumed.history[0] == first.history[0]
+    _reference_epochs(reference, optimizers, rows, num_items, 2, [2])
+    _close(resumed.model.state_dict(), reference.state_dict())
+
+
+def test_two_groups_of_two_workers_shard_within_and_replicate_across(ray_session, tmp_path):
+    """The 2D layout (``shard_group_size=2`` on 4 workers): each pair of workers shards the
+    tables, the two pairs hold replicas and average their gradients; the run trains the
+    model of one process that averages the two pairs' batch losses a step. Its checkpoint
+    holds one replica's two shards, and evaluation equals one process's."""
+    split = ml100k_split()
+    rows = read_training_rows(RecommendationDataset(split.train.interactions[:400]))
     num_items = split.train.num_items
     recoder = Recoder(
         DynamicAutoencoder(**MODEL),
         num_items=num_items,
-        num_workers=3,
-        seed=SEED,
+        num_workers=4,
         cpus_per_worker=1,
+        seed=SEED,
+        shard_group_size=2,
+        storage_path=str(tmp_path),
+        run_name="two-groups",
     )
-    recoder.train(rows, num_epochs=1, **TRAIN)
-    reference = DynamicAutoencoder(**MODEL)
-    reference.init_model(num_items=num_items)
-    reference.load_state_dict(recoder.model.state_dict())
-    optimizers = build_optimizers(reference, "adam", TRAIN["lr"], 0.0)
-    optimizers.load_state_dict(recoder._optimizer_state)
+    history = recoder.train(
+        rows,
+        val_dataset=split.test,
+        eval_freq=2,
+        metrics=[Recall(k=20)],
+        num_epochs=2,
+        **TRAIN,
+    )
+    assert len(shard_files(str(tmp_path / "two-groups" / "epoch_2"))) == 2
 
-    recoder.num_workers = 2
-    recoder.train(rows, num_epochs=1, **TRAIN)
-    _reference_epochs(reference, optimizers, rows, num_items, 2, [2])
+    reference = DynamicAutoencoder(**MODEL)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        reference.init_model(num_items=num_items)
+    optimizers = build_optimizers(reference, "adam", TRAIN["lr"], 0.0)
+    losses = _reference_epochs(reference, optimizers, rows, num_items, 4, [1, 2], groups=2)
     _close(recoder.model.state_dict(), reference.state_dict())
+    np.testing.assert_allclose([h["loss"] for h in history], losses, rtol=1e-5)
+    recoder.num_workers = 0
+    expected = recoder.evaluate(split.test, 20, [Recall(k=20)], batch_size=40)
+    assert history[-1]["Recall@20"] == pytest.approx(expected["Recall@20"], abs=1e-6)
 
 
 class CrashingRecall(Recall):

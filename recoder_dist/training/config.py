@@ -90,7 +90,9 @@ class EvalSettings:
 class WorkerJob:
     """Everything a worker needs, built once by the driver and never changed.
 
-    ``model`` is the initialized model with its current weights (identical on every rank);
+    ``model`` is the initialized model with its current weights (identical on every rank), or,
+    for a new model whose tables are to be sharded, initialized on the meta device: no weights,
+    and each rank draws its rows from its ``init_seed`` (``ShardedAutoencoder.like``);
     ``train`` is None for an evaluation-only job. ``seed`` fixes the data order and dropout
     noise of every (epoch, rank), so that a resumed run repeats what a straight one does.
     ``kernels``: the CPU fast paths ("compiled") or their references ("reference"), see
