@@ -112,6 +112,7 @@ def _train(args) -> int:
         cpus_per_worker=args.cpus_per_worker,
         backend=args.backend,
         tables=args.tables,
+        shard_group_size=args.shard_group_size,
         seed=args.seed,
         max_failures=args.max_failures,
         storage_path=args.storage or storage.join(checkpoint_dir, "runs"),
@@ -348,6 +349,13 @@ def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         default="sharded",
         help="the autoencoder's item tables with several workers: each worker holds its rows "
         "(sharded), or every worker holds every row (replicated)",
+    )
+    t.add_argument(
+        "--shard-group-size",
+        type=int,
+        default=None,
+        help="shard the tables within groups of this many workers (a node's GPUs) and "
+        "replicate them across the groups (default: one group of every worker)",
     )
     t.add_argument("--loss", default="logloss")
     t.add_argument("--optimizer", default="adam")

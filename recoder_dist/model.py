@@ -118,6 +118,12 @@ class Recoder:
             batch's items). Other models (a subclass of DynamicAutoencoder too), a loss
             Module of the user's (it reads the whole output) and ``precision="bf16"``
             replicate the tables either way.
+        shard_group_size: with sharded tables, shard them within groups of this many workers
+            (a node's GPUs) and replicate them across the groups, which average their
+            gradients (the 2D layout: the exchange of codes grows with the group, not with
+            every worker); a step's loss is the mean of the groups' losses, each group
+            sampling its own negatives. None (the default): one group of every worker. The
+            number of workers must be a multiple of it.
     """
 
     def __init__(
@@ -142,6 +148,7 @@ class Recoder:
         backend: str | None = None,
         kernels: str = "compiled",
         tables: str = "sharded",
+        shard_group_size: int | None = None,
     ):
         if not isinstance(model, FactorizationModel):
             raise TypeError(
@@ -164,6 +171,15 @@ class Recoder:
         self.kernels = kernels
         check_tables(tables)
         self.tables = tables
+        if shard_group_size is not None and (
+            isinstance(shard_group_size, bool)
+            or not isinstance(shard_group_size, int)
+            or shard_group_size < 1
+        ):
+            raise ValueError(
+                f"shard_group_size must be None or an int >= 1, got {shard_group_size!r}"
+            )
+        self.shard_group_size = shard_group_size
         build_loss(loss, loss_params)  # validates the name and parameters now
         self.model = model
         self.num_items = num_items
@@ -288,8 +304,13 @@ class Recoder:
         loss = build_loss(self.loss, self.loss_params)
         sharded = shards_tables(self.model, loss, self.tables, workers, precision)
         if sharded:
-            # The global batch's split, refused now rather than in the workers.
+            # The global batch's split and the groups, refused now rather than in the workers.
             rank_batch(batch_size, settings.num_sampling_users, workers)
+            if self.shard_group_size is not None and workers % self.shard_group_size:
+                raise ValueError(
+                    f"{workers} workers do not split into groups of "
+                    f"shard_group_size={self.shard_group_size}"
+                )
         self._init_training(train_dataset, weightless=sharded)
         if evaluating:
             self._check_eval_items(val_dataset)
@@ -642,6 +663,7 @@ class Recoder:
             optimizer_state=self._optimizer_state,
             kernels=self.kernels,
             tables=self.tables,
+            shard_group_size=self.shard_group_size,
             **kwargs,
         )
 

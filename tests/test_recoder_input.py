@@ -37,6 +37,8 @@ def trained_recoder(ray_session) -> Recoder:
         ({"loss": 3}, TypeError, "loss must be"),
         ({"loss": "mse", "loss_params": {"gamma": 1}}, ValueError, "loss_params"),
         ({"tables": "split"}, ValueError, "tables must be one of"),
+        ({"shard_group_size": 0}, ValueError, "shard_group_size must be None or an int >= 1"),
+        ({"shard_group_size": 2.0}, ValueError, "shard_group_size must be None or an int"),
         ({"num_workers": -1}, ValueError, "num_workers"),
         ({"num_workers": 1.5}, ValueError, "num_workers"),
     ],
@@ -97,6 +99,9 @@ def test_a_global_batch_that_does_not_split_over_the_workers_is_refused_before_t
     three = Recoder(DynamicAutoencoder([8], sparse=True), num_workers=3)
     with pytest.raises(ValueError, match="batch_size=10 does not split over 3 workers"):
         three.train(RecommendationDataset(matrix()), batch_size=10, num_epochs=1)
+    groups = Recoder(DynamicAutoencoder([8], sparse=True), num_workers=3, shard_group_size=2)
+    with pytest.raises(ValueError, match="3 workers do not split into groups of shard_group"):
+        groups.train(RecommendationDataset(matrix()), batch_size=12, num_epochs=1)
 
 
 def test_sparse_model_with_an_optimizer_that_cannot_take_sparse_gradients():

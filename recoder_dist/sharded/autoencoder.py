@@ -18,6 +18,7 @@ from recoder_dist.sharded import comm
 from recoder_dist.sharded.decoder import sharded_loss
 from recoder_dist.sharded.encoder import input_noise, normalized_values, sharded_pooling
 from recoder_dist.sharded.ownership import Ownership
+from recoder_dist.sharded.replicas import average_replicas
 from recoder_dist.sharded.routes import EntryRoutes, route_entries
 from recoder_dist.sharded.state import sharded_state
 from recoder_dist.sharded.tables import ShardedTable
@@ -43,6 +44,8 @@ class ShardedAutoencoder(nn.Module):
             rank, with no broadcast; xavier weights and zero biases, as DynamicAutoencoder's).
             None: the tables are left uninitialized (their rows are to be loaded).
         group: the process group of the shards (None: the default group).
+        replica_group: in the 2D layout (``sharded.replicas``), the group of this rank's
+            replicas, the ranks of the other groups that hold the same rows; None: no replicas.
         device: where the model lives.
     """
 
@@ -58,11 +61,12 @@ class ShardedAutoencoder(nn.Module):
         sparse: bool = False,
         seed: int | None = 0,
         group=None,
+        replica_group=None,
         device: torch.device | str | None = None,
     ):
         super().__init__()
         rank, world = comm.rank_and_world(group)
-        self.group, self.noise_prob = group, noise_prob
+        self.group, self.replica_group, self.noise_prob = group, replica_group, noise_prob
         self.ownership = Ownership(num_items, world)
         sizes = [int(h) for h in hidden_layers]
         self.act = activation(activation_type)
@@ -102,7 +106,7 @@ class ShardedAutoencoder(nn.Module):
                 nn.init.zeros_(module.bias)
 
     @classmethod
-    def like(cls, model, group=None, device=None) -> ShardedAutoencoder:
+    def like(cls, model, group=None, device=None, replica_group=None) -> ShardedAutoencoder:
         """This rank's shard of ``model`` (an initialized DynamicAutoencoder): its
         hyper-parameters, its dense layers and its tables' rows ``rank::world``. A model
         initialized on the meta device (no weights, as the driver of a sharded run makes it)
@@ -119,6 +123,7 @@ class ShardedAutoencoder(nn.Module):
             sparse=params["sparse"],
             seed=model.init_seed if weightless else None,
             group=group,
+            replica_group=replica_group,
             device=device,
         )
         if not weightless:
@@ -205,6 +210,17 @@ class ShardedAutoencoder(nn.Module):
             loss_params,
             negative_sampling,
         )
+
+    def synchronize_grads(self) -> None:
+        """After ``backward``: the dense layers' gradients summed over the group, then, in the
+        2D layout, every gradient averaged over the replicas (``sharded.replicas``)."""
+        self.all_reduce_dense_grads()
+        if self.replica_group is not None:
+            average_replicas(self, self.replica_group)
+
+    def first_replica(self) -> bool:
+        """Whether this rank's shard is the first group's (the one a checkpoint keeps)."""
+        return self.replica_group is None or dist.get_rank(self.replica_group) == 0
 
     def all_reduce_dense_grads(self) -> None:
         """Sums the dense layers' gradients over the ranks (what DDP does; the loss is already

@@ -34,10 +34,11 @@ def write_checkpoint(
     folder: str, job, model, optimizers, epoch: int, history: list[dict], rank: int
 ) -> None:
     """Writes this rank's part of the checkpoint of ``epoch`` into ``folder``: each rank of a
-    sharded ``model`` its shard; rank 0 the snapshot (whole, or without weights beside the
-    shards) and the records. ``job`` is the run's ``WorkerJob``."""
+    sharded ``model`` its shard (of the first group's, in the 2D layout: the others hold
+    replicas of them); rank 0 the snapshot (whole, or without weights beside the shards) and
+    the records. ``job`` is the run's ``WorkerJob``."""
     sharded = isinstance(model, ShardedAutoencoder)
-    if sharded:
+    if sharded and model.first_replica():
         save_shard(folder, model, optimizers)
     if rank != 0:
         return

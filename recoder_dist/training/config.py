@@ -97,7 +97,9 @@ class WorkerJob:
     noise of every (epoch, rank), so that a resumed run repeats what a straight one does.
     ``kernels``: the CPU fast paths ("compiled") or their references ("reference"), see
     ``recoder_dist.kernels``. ``tables``: the item tables sharded by row over the ranks
-    ("sharded") or whole on every rank ("replicated"), see ``training.sharded_step``.
+    ("sharded") or whole on every rank ("replicated"), see ``training.sharded_step``;
+    ``shard_group_size``: sharded within groups of that many ranks and replicated across
+    them (the 2D layout, ``sharded.replicas``), None for one group of every rank.
     """
 
     model: object
@@ -116,6 +118,7 @@ class WorkerJob:
     eval: EvalSettings | None = None
     kernels: str = "compiled"
     tables: str = "sharded"
+    shard_group_size: int | None = None
 
     def snapshot(
         self, model, epoch: int, optimizer_state: dict, model_state: dict | None = None

@@ -35,6 +35,7 @@ from recoder_dist.data.epoch_order import RowBlocks
 from recoder_dist.data.ray_dataset import rows_from_arrow
 from recoder_dist.losses import build_loss
 from recoder_dist.sharded.autoencoder import ShardedAutoencoder
+from recoder_dist.sharded.replicas import layout_groups
 from recoder_dist.sharded.state import sharded_optimizer_state
 from recoder_dist.training.checkpoint import export_snapshot, read_checkpoint, write_checkpoint
 from recoder_dist.training.config import EvalSettings, TrainSettings, WorkerJob
@@ -79,7 +80,7 @@ def worker_loop(config: dict) -> list[dict] | dict:
         torch.set_num_threads(worker_threads(held, context.get_local_world_size()))
     device = _device(job.use_cuda, rank, progress)
     if job.train is not None and _shards(job, world):
-        job, model = _sharded_job(job, device)
+        job, model = _sharded_job(job, device, world)
     else:
         model = job.model.to(device)
 
@@ -114,13 +115,18 @@ def _shards(job: WorkerJob, world: int) -> bool:
     return distributed and shards_tables(job.model, loss_fn, job.tables, world, job.train.precision)
 
 
-def _sharded_job(job: WorkerJob, device) -> tuple[WorkerJob, ShardedAutoencoder]:
+def _sharded_job(job: WorkerJob, device, world: int) -> tuple[WorkerJob, ShardedAutoencoder]:
     """This rank's shard of the job's model, on ``device``, and the job with a model of the
     same class and hyper-parameters but no weights in place of the whole one (what a snapshot
     names). The whole model never reaches the device, and nothing holds it once its shard is
     taken: evaluation and snapshots read the shards."""
     whole = job.model
-    model = ShardedAutoencoder.like(whole, device=device)
+    shard_group = replica_group = None
+    if job.shard_group_size is not None and job.shard_group_size < world:  # the 2D layout
+        shard_group, replica_group = layout_groups(job.shard_group_size)
+    model = ShardedAutoencoder.like(
+        whole, group=shard_group, device=device, replica_group=replica_group
+    )
     return dataclasses.replace(job, model=type(whole)(**whole.model_params())), model
 
 
@@ -299,13 +305,14 @@ def _run_steps(loss_of, model, optimizers, sync, batches, device, sparse_names, 
 
 class _DenseGradSum:
     """The gradient sync of a sharded model: its dense layers' gradients summed over the ranks
-    (the tables' rows have their gradients where they live)."""
+    (the tables' rows have their gradients where they live), and its replicas' averaged in the
+    2D layout."""
 
     def __init__(self, model: ShardedAutoencoder):
         self.model = model
 
     def synchronize(self) -> None:
-        self.model.all_reduce_dense_grads()
+        self.model.synchronize_grads()
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
