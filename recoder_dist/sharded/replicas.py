@@ -4,12 +4,10 @@ with the whole world.
 
 Rank ``r`` of every group holds the same rows. A step: each group runs the sharded step on its
 own batch (its own sampled items, as one process would on that batch); then each shard's
-replicas average their gradients, and the dense layers average over every rank. The replicas'
-exchange here is the simplest correct one, dense and of known size: an all-reduce of the whole
-shard's gradient with one "touched" column (so that a sparse optimizer updates the rows that any
-replica touched, as today's sync does over the whole table). On a large catalog that is the
-shard's size a step; the row all-gather of ``SparseGradSync`` (touched rows only) is what a
-production 2D layout would use across groups. Not counted in benchmarks/sync_bytes.py yet.
+replicas average their gradients, and the dense layers average over every rank. The replicas
+exchange only the rows that some replica touched, as the replicated layout's sync does over
+whole tables (``SparseGradSync``, over the group of replicas); a table with dense gradients,
+its whole shard.
 """
 
 from __future__ import annotations
@@ -18,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from recoder_dist.sharded import comm
+from recoder_dist.training.sparse_sync import SparseGradSync
 
 
 def layout_groups(group_size: int):
@@ -47,32 +46,12 @@ def average_replicas(model, replica_group) -> None:
     """After ``backward`` and ``model.all_reduce_dense_grads()`` (within the shard group):
     averages every gradient of ``model`` (a ``ShardedAutoencoder``) over the replicas."""
     _, replicas = comm.rank_and_world(replica_group)
-    for table in model.tables():
-        param = table.weight
+    sparse = [t.weight for t in model.tables() if t.sparse]
+    if sparse:  # the rows that some replica touched (SparseGradSync's average)
+        SparseGradSync(sparse, group=replica_group).synchronize()
+    dense = [t.weight for t in model.tables() if not t.sparse] + model.dense_parameters()
+    for param in dense:
         if param.grad is None:
-            continue
-        if param.grad.is_sparse:
-            param.grad = _averaged_sparse(param.grad, replicas, replica_group)
-        else:
-            dist.all_reduce(param.grad, group=replica_group)
-            param.grad.div_(replicas)
-    for param in model.dense_parameters():
+            param.grad = torch.zeros_like(param)
         dist.all_reduce(param.grad, group=replica_group)
         param.grad.div_(replicas)
-
-
-def _averaged_sparse(grad: torch.Tensor, replicas: int, group) -> torch.Tensor:
-    """The replicas' mean of a row-sparse gradient, sparse on the rows any replica touched."""
-    grad = grad.coalesce()
-    rows, values = grad.indices()[0], grad.values()
-    buffer = values.new_zeros((grad.shape[0], grad.shape[1] + 1))
-    buffer[rows, :-1] = values
-    buffer[rows, -1] = 1
-    dist.all_reduce(buffer, group=group)
-    touched = torch.nonzero(buffer[:, -1]).squeeze(1)
-    return torch.sparse_coo_tensor(
-        touched.unsqueeze(0),
-        buffer.index_select(0, touched)[:, :-1] / replicas,
-        grad.shape,
-        is_coalesced=True,
-    )
