@@ -30,6 +30,14 @@ same sampled steps: what each rank sends in one step, forward and backward, thro
 (``sharded_bytes``). Its figures are given twice: with 500 users a rank (the global batch grows
 with the world, as above), and with the global batch fixed at 500 users (``batch_size=500``
 split over the ranks). Ranks' own entries and codes never cross a link and are not counted.
+
+And the 2D layout (``Recoder(shard_group_size=G)``): the tables sharded within groups of G
+ranks (a node's GPUs, over NVLink) and replicated across the groups (over InfiniBand), 500
+users a rank. A rank sends its group's sharded exchange (``sharded_bytes`` over the group's
+batch) through NVLink, and the rows of its shard that its group touched, to its replicas in
+the other groups (``SparseGradSync`` over the group of replicas, ``link_bytes``' rule on a
+table of ``num_items / G`` rows), through InfiniBand. Projected: compute + the first over
+NVLink + the second over InfiniBand.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ HIDDEN = 200  # the codes' width (the [200] autoencoder)
 ENTRY_BYTES = 8 + 8 + 4 + 4
 GROUP = 500
 WORLDS = (1, 2, 4, 8, 16, 32, 64)
+NODE = 8  # GPUs a node: the 2D layout's group
 LINKS = {"NVLink 4, 450 GB/s": 450e9, "InfiniBand NDR, 50 GB/s": 50e9}
 
 
@@ -131,7 +140,7 @@ def measure(matrix: sp.csr_matrix, steps: int, seed: int) -> dict[int, dict]:
     for world in WORLDS:
         if world * GROUP > num_users:  # fewer users than one step of every rank takes
             continue
-        rows, sync, ddp, scores, sharded, fixed = [], [], [], [], [], []
+        rows, sync, ddp, scores, sharded, fixed, intra, inter = [], [], [], [], [], [], [], []
         for _ in range(steps):
             users = rng.choice(num_users, size=world * GROUP, replace=False)
             counts = [
@@ -147,6 +156,10 @@ def measure(matrix: sp.csr_matrix, steps: int, seed: int) -> dict[int, dict]:
             # The global batch fixed at GROUP users, dealt out as evenly as it goes.
             fixed_sizes = [len(part) for part in np.array_split(np.arange(GROUP), world)]
             fixed.append(sharded_bytes(matrix[users[:GROUP]], fixed_sizes))
+            if world > NODE:
+                group_bytes, replica_bytes = two_d_bytes(matrix, users, world, NODE)
+                intra.append(group_bytes)
+                inter.append(replica_bytes)
         out[world] = dict(
             rows=np.mean(rows),
             sync=np.mean(sync),
@@ -155,7 +168,27 @@ def measure(matrix: sp.csr_matrix, steps: int, seed: int) -> dict[int, dict]:
             sharded=_mean_over_steps(sharded),
             fixed=_mean_over_steps(fixed),
         )
+        if intra:
+            out[world]["two_d_intra"] = float(np.mean(intra))
+            out[world]["two_d_inter"] = float(np.mean(inter))
     return out
+
+
+def two_d_bytes(matrix: sp.csr_matrix, users: np.ndarray, world: int, group: int):
+    """Bytes a rank sends in one step of the 2D layout (``world`` ranks in groups of ``group``,
+    ``GROUP`` users a rank, ``users`` in rank order), mean over ranks: within its group (the
+    sharded exchange, logloss) and to its replicas (the rows of its shard that its group
+    touched, as ``link_bytes`` counts a sync of a ``num_items / group``-row table)."""
+    num_items, groups = matrix.shape[1], world // group
+    within, touched = [], []
+    for g in range(groups):
+        block = matrix[users[g * group * GROUP : (g + 1) * group * GROUP]]
+        b = sharded_bytes(block, [GROUP] * group)
+        within.append(np.mean(b["entries"] + b["partials"] + b["codes"] + b["stats"]) + b["small"])
+        touched.append(np.bincount(np.unique(block.indices) % group, minlength=group))
+    touched = np.array(touched)  # groups x shards
+    across = [link_bytes(list(touched[:, r]), num_items // group)[0] for r in range(group)]
+    return float(np.mean(within)), float(np.mean(across))
 
 
 def _mean_over_steps(steps: list[dict]) -> dict:
@@ -222,6 +255,37 @@ def projection(bytes_by_world: dict, step_seconds: float, key: str) -> list[list
             row.append(f"{step_seconds / step:.0%}")
         rows.append(row)
     return rows
+
+
+def two_d_rows(measured: dict, step_seconds: float) -> tuple[list[str], list[list]]:
+    """The 2D layout's bytes and projected efficiency, beside the 1D sharded layout's over
+    NVLink (every rank in one group) and over InfiniBand (ranks on several nodes)."""
+    nvlink, infiniband = LINKS.values()
+    header = [
+        "ranks",
+        "MB within the group",
+        "MB to the replicas",
+        "2D efficiency",
+        "1D sharded, all NVLink",
+        "1D sharded, InfiniBand",
+    ]
+    rows = []
+    for world, m in measured.items():
+        if "two_d_intra" not in m:
+            continue
+        step = step_seconds + m["two_d_intra"] / nvlink + m["two_d_inter"] / infiniband
+        one_d = m["sharded"]["total_logloss"]
+        rows.append(
+            [
+                world,
+                f"{m['two_d_intra'] / 1e6:,.3f}",
+                f"{m['two_d_inter'] / 1e6:,.3f}",
+                f"{step_seconds / step:.0%}",
+                f"{step_seconds / (step_seconds + one_d / nvlink):.0%}",
+                f"{step_seconds / (step_seconds + one_d / infiniband):.0%}",
+            ]
+        )
+    return header, rows
 
 
 def efficiency(measured: dict, step_seconds: float, key: str, bandwidth: float) -> list[float]:
@@ -303,6 +367,11 @@ def main():
                 f"\nprojected scaling efficiency, {label}, {args.step_ms:g} ms of compute a step\n"
             )
             print(markdown_table(["ranks", *LINKS], projection(measured, args.step_ms / 1e3, key)))
+        print(
+            f"\n2D layout, groups of {NODE} (NVLink 450 GB/s within, InfiniBand 50 GB/s across), "
+            f"500 users a rank, logloss, {args.step_ms:g} ms of compute a step\n"
+        )
+        print(markdown_table(*two_d_rows(measured, args.step_ms / 1e3)))
 
     if args.plot:
         save_plot(args.plot, results, args.step_ms / 1e3)
