@@ -144,6 +144,23 @@ def test_data_errors():
         BatchCollator(batch_size=2).collate(matrix)
 
 
+def test_dataset_indexing_is_recoder040s():
+    """0.4.0's ``dataset[index]``: the rows' users and interactions, and their targets."""
+    inputs = sp.csr_matrix([[1, 0, 2], [0, 0, 0], [0, 3, 0]], dtype=np.float32)
+    targets = sp.csr_matrix([[0, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=np.float32)
+    dataset = RecommendationDataset(inputs, targets)
+    rows, target = dataset[[2, 0]]
+    assert rows.users.tolist() == [2, 0] and target.users.tolist() == [2, 0]
+    assert rows.interactions_matrix.toarray().tolist() == [[0, 3, 0], [1, 0, 2]]
+    assert target.interactions_matrix.toarray().tolist() == [[0, 0, 1], [0, 1, 0]]
+    one, none = RecommendationDataset(inputs)[1]
+    assert one.users.tolist() == [1] and one.interactions_matrix.nnz == 0 and none is None
+    with pytest.raises(IndexError, match=r"rows must be in \[0, 3\)"):
+        dataset[[0, 3]]
+    with pytest.raises(TypeError, match="row number"):
+        dataset[0.5]
+
+
 # ---------------------------------------------------------------- utils and nn
 
 

@@ -50,6 +50,26 @@ class RecommendationDataset:
     def __len__(self) -> int:
         return len(self.users)
 
+    def __getitem__(self, index):
+        """recsys-recoder 0.4.0's indexing: the users of rows ``index`` (one row, or a sequence
+        of rows) as ``(UsersInteractions, UsersInteractions of their targets or None)``.
+
+        Raises:
+            TypeError: an index that is not a row number or a sequence of them.
+            IndexError: a row outside ``[0, num_users)``.
+        """
+        from recoder_dist.data.loader import UsersInteractions  # loader imports this module
+
+        users = np.asarray(index).reshape(-1)
+        if users.dtype.kind not in "iu":
+            raise TypeError(f"index must be a row number or a sequence of them, got {index!r}")
+        if users.size and (users.min() < 0 or users.max() >= self.num_users):
+            raise IndexError(f"rows must be in [0, {self.num_users}), got {index!r}")
+        inputs = UsersInteractions(users, self.interactions[users])
+        if self.target is None:
+            return inputs, None
+        return inputs, UsersInteractions(users, self.target[users])
+
     def __repr__(self) -> str:
         target = "" if self.target is None else f", target nnz={self.target.nnz}"
         return (
