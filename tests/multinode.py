@@ -311,17 +311,32 @@ class NoSharedDiskCluster:
         )
 
     def submit(
-        self, *entrypoint: str, options=(), working_dir: Path | None = REPO, timeout: float = 300
+        self,
+        *entrypoint: str,
+        working_dir: Path | None = REPO,
+        env_vars: dict[str, str] | None = None,
+        submission_id: str | None = None,
+        wait: bool = True,
+        timeout: float = 300,
     ) -> subprocess.CompletedProcess:
-        """`ray job submit`, see :func:`submit_job`; the job's driver runs on the head, with the
-        head's environment (its credentials included)."""
+        """A job through Ray's job SDK, see :func:`submit_job`; the job's driver runs on the
+        head, with the head's environment (its credentials included)."""
         return submit_job(
             self.dashboard,
-            self.env,
             *entrypoint,
-            options=options,
             working_dir=working_dir,
+            env_vars=env_vars,
+            submission_id=submission_id,
+            wait=wait,
             timeout=timeout,
+        )
+
+    def submit_cli(
+        self, *entrypoint: str, working_dir: Path | None = REPO, timeout: float = 300
+    ) -> subprocess.CompletedProcess:
+        """`ray job submit`, the command itself, see :func:`submit_job_cli`."""
+        return submit_job_cli(
+            self.dashboard, self.env, *entrypoint, working_dir=working_dir, timeout=timeout
         )
 
     def job(self, command: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -347,20 +362,77 @@ class NoSharedDiskCluster:
         )
 
 
+# Whether a job is over, asked this often: `ray job submit` follows the job's log instead, with
+# 1 s sleeps at each end of the log on both sides, so it returns seconds after the job's end.
+JOB_POLL_S = 0.2
+
+
 def submit_job(
+    dashboard: str,
+    *entrypoint: str,
+    working_dir: Path | None = REPO,
+    env_vars: dict[str, str] | None = None,
+    submission_id: str | None = None,
+    wait: bool = True,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess:
+    """Submits `entrypoint` as a job through Ray's job SDK (`JobSubmissionClient`, on which
+    `ray job submit` is built: the same request, the same shell-quoted entrypoint and uploaded
+    working dir), and waits for its end unless not `wait`. Returns the job's whole log as
+    stdout, its final status and message as stderr, and returncode 0 for a job that
+    SUCCEEDED (1 otherwise). The CLI itself is tested by submit_job_cli's callers; it costs
+    about 6 s more a job (its imports, and its log tail's 1 s sleeps at the job's end)."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(dashboard)
+    runtime_env = {}
+    if working_dir is not None:
+        runtime_env["working_dir"] = str(working_dir)
+    if env_vars:
+        runtime_env["env_vars"] = env_vars
+    deadline = time.monotonic() + timeout
+    while True:  # the job agent comes up a few seconds after the dashboard
+        try:
+            job_id = client.submit_job(
+                entrypoint=shlex.join(entrypoint),
+                runtime_env=runtime_env or None,
+                submission_id=submission_id,
+            )
+            break
+        except Exception as e:
+            retry = "No available agent" in str(e) or "Connection refused" in str(e)
+            if not retry or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+    if not wait:
+        return subprocess.CompletedProcess(entrypoint, 0, f"Job '{job_id}' submitted", "")
+    while not (status := client.get_job_status(job_id)).is_terminal():
+        if time.monotonic() > deadline:
+            client.stop_job(job_id)
+            raise subprocess.TimeoutExpired(list(entrypoint), timeout, client.get_job_logs(job_id))
+        time.sleep(JOB_POLL_S)
+    message = client.get_job_info(job_id).message
+    return subprocess.CompletedProcess(
+        entrypoint,
+        0 if status.value == "SUCCEEDED" else 1,
+        client.get_job_logs(job_id),
+        f"Job '{job_id}' {status.value.lower()}: {message}",
+    )
+
+
+def submit_job_cli(
     dashboard: str,
     env: dict,
     *entrypoint: str,
-    options=(),
     working_dir: Path | None = REPO,
     timeout: float = 300,
 ) -> subprocess.CompletedProcess:
-    """`ray job submit --address DASHBOARD [--working-dir DIR] [options] -- entrypoint`, waiting
-    for the job's end (the command exits non-zero when the job fails)."""
+    """`ray job submit --address DASHBOARD [--working-dir DIR] -- entrypoint`, waiting for the
+    job's end (the command exits non-zero when the job fails)."""
     command = [VENV_BIN / "ray", "job", "submit", "--address", dashboard]
     if working_dir is not None:
         command += ["--working-dir", str(working_dir)]
-    command += [*options, "--", *entrypoint]
+    command += ["--", *entrypoint]
     deadline = time.monotonic() + timeout
     while True:  # the job agent comes up a few seconds after the dashboard
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)

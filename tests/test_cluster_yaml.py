@@ -436,7 +436,7 @@ def test_a_gpu_training_job_scales_the_fake_cluster_up_and_back_to_the_head(
     # No uploaded working dir (the package is installed in the venv): the fake nodes share this
     # disk, and a node scaled down deletes the shared working dir's files, the head's driver's
     # working dir included, while the driver still evaluates the test users.
-    result = submit_job(fake_cluster["dashboard"], fake_cluster["env"], *job, working_dir=None)
+    result = submit_job(fake_cluster["dashboard"], *job, working_dir=None)
     assert result.returncode == 0, (
         f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n{_monitor(fake_cluster)}"
     )

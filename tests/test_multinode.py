@@ -143,13 +143,13 @@ with fs.open_output_stream(path) as f:
     f.write(b"job")
 print("JOB-OK")
 """
-    result = cluster.submit("python", "-c", code)
+    result = cluster.submit_cli("python", "-c", code)
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     assert "JOB-OK" in result.stdout
     with s3.filesystem().open_input_stream(s3.path("from-the-job.txt")) as f:
         assert f.read() == b"job"
 
-    failed = cluster.submit("python", "-c", "import sys; sys.exit(3)", working_dir=None)
+    failed = cluster.submit_cli("python", "-c", "import sys; sys.exit(3)", working_dir=None)
     assert failed.returncode != 0, failed.stdout[-3000:]
     assert "failed" in failed.stdout + failed.stderr
 
@@ -353,9 +353,8 @@ def test_a_stopped_training_job_resubmitted_resumes_to_the_weights_of_a_straight
     job = training_job(prepared_ml100k, s3.uri("resume/ck"), s3.uri("resume/runs"), *settings)
     job_id = f"train-{uuid.uuid4().hex[:8]}"
     # A report tick of 1 s (each checkpoint waits for one): a window to stop the job in.
-    slow_reports = json.dumps({"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1"}})
-    options = ["--no-wait", "--submission-id", job_id, "--runtime-env-json", slow_reports]
-    started = cluster.submit(*job, options=options)
+    slow_reports = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1"}
+    started = cluster.submit(*job, env_vars=slow_reports, submission_id=job_id, wait=False)
     assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
     deadline = time.monotonic() + 240
     while "ck/model_epoch_2.model" not in bucket_files(s3, "resume"):
@@ -412,9 +411,8 @@ def test_a_sweep_stopped_mid_way_resumes_without_rerunning_finished_trials(
     job_id = f"sweep-{uuid.uuid4().hex[:8]}"
     # Tune saves the experiment state every 10 s at first; every 0.5 s here, so that the state
     # in storage follows the trials closely enough to stop the job between them.
-    runtime_env = json.dumps({"env_vars": {"TUNE_GLOBAL_CHECKPOINT_S": "0.5"}})
-    options = ["--no-wait", "--submission-id", job_id, "--runtime-env-json", runtime_env]
-    started = cluster.submit(*sweep, options=options)
+    often = {"TUNE_GLOBAL_CHECKPOINT_S": "0.5"}
+    started = cluster.submit(*sweep, env_vars=often, submission_id=job_id, wait=False)
     assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
 
     deadline = time.monotonic() + 300

@@ -119,10 +119,11 @@ def test_more_users_than_the_model_represents():
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_use_cuda_without_a_gpu_trains_on_cpu(ray_session, caplog, num_workers):
     """use_cuda=True means GPUs where present: none here, so the run is the CPU one, to the
-    bit, and says so."""
+    bit, and says so. The CPU run is this process's (a 1-worker run ends with its weights to
+    the bit), which starts no second worker group."""
     weights = {}
-    for use_cuda in (True, False):
-        r = Recoder(DynamicAutoencoder([8]), use_cuda=use_cuda, num_workers=num_workers, seed=3)
+    for use_cuda, workers in ((True, num_workers), (False, 0)):
+        r = Recoder(DynamicAutoencoder([8]), use_cuda=use_cuda, num_workers=workers, seed=3)
         r.train(RecommendationDataset(matrix()), batch_size=5, num_epochs=2)
         weights[use_cuda] = r.model.state_dict()
     for name, tensor in weights[False].items():
