@@ -50,8 +50,8 @@ def shard_files(folder: str) -> list[str]:
 
 def save_shard(folder: str, model, optimizers) -> str:
     """Writes this rank's shard of ``model`` (a ShardedAutoencoder) and of ``optimizers``
-    (its ``Optimizers``) into ``folder``; returns the file's path. Tensors go to the CPU one
-    at a time, as ``torch.save`` writes them."""
+    (its ``Optimizers``) into ``folder``; returns the file's path. On a GPU the shard is
+    copied to the CPU first (its size, not the model's)."""
     tables = table_names(model)
     first = next(iter(tables.values()))
     rank, world = first.rank, first.ownership.world
