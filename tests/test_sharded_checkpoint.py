@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+from recoder_dist import storage
 from recoder_dist.sharded.autoencoder import ShardedAutoencoder
 from recoder_dist.sharded.checkpoint import load_shards, save_shard, shard_file, shard_files
 from recoder_dist.sharded.ownership import Ownership
@@ -19,7 +20,9 @@ from recoder_dist.sharded.state import (
     sharded_optimizer_state,
     sharded_state,
 )
+from recoder_dist.training.checkpoint import SHARDED_FILE, export_snapshot
 from recoder_dist.training.optimizers import build_optimizers
+from recoder_dist.training.snapshot import Snapshot, load_snapshot, save_snapshot
 from tests.sharded_harness import interactions, rank_entries, run_ranks
 
 NUM_ITEMS = 23
@@ -102,3 +105,33 @@ def test_incomplete_or_damaged_shards_are_refused(tmp_path):
     (tmp_path / shard_file(1, 2)).write_bytes(b"not a shard")
     with pytest.raises(ValueError, match="not a readable shard"):
         load_shards(shard_files(str(tmp_path)), Ownership(NUM_ITEMS, 1), 0)
+
+
+def test_a_sharded_checkpoint_in_a_bucket_exports_one_snapshot(s3_server, tmp_path, monkeypatch):
+    """What rank 0 and the sweep do with a sharded run's checkpoint in S3 storage: the files
+    downloaded and assembled into one snapshot, equal to the state gathered from the ranks."""
+    for name, value in s3_server.credentials_env().items():
+        monkeypatch.setenv(name, value)
+    folder = tmp_path / "epoch_3"
+    folder.mkdir()
+    run_ranks(2, _save, str(folder), True, False)
+    whole_model, _ = torch.load(folder / "whole.pt")
+    (folder / "whole.pt").unlink()
+    meta = Snapshot(
+        model_class="recoder_dist.nn.autoencoder.DynamicAutoencoder",
+        model_params={},
+        model_state={},
+        num_items=NUM_ITEMS,
+        num_users=None,
+        epoch=3,
+    )
+    save_snapshot(meta, folder / SHARDED_FILE)
+    for path in folder.iterdir():
+        storage.upload(str(path), s3_server.uri(f"runs/r/epoch_3/{path.name}"))
+
+    exported = export_snapshot(s3_server.uri("runs/r/epoch_3"), s3_server.uri("out/m.model"))
+    snapshot = load_snapshot(exported)
+    assert snapshot.epoch == 3
+    _equal(snapshot.model_state, whole_model)
+    local = load_snapshot(export_snapshot(str(folder), str(tmp_path / "local.model")))
+    _equal(local.model_state, whole_model)
