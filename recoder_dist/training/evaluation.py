@@ -69,26 +69,49 @@ def metric_sums(
     device,
     *,
     compiled: bool = True,
+    top_k_of=None,
 ) -> tuple[np.ndarray, int]:
     """Sum over the users of the batch of each metric, and the number of users counted.
 
-    Users with no target item cannot be scored and are not counted.
+    Users with no target item cannot be scored and are not counted. ``top_k_of(inputs)``
+    gives the lists ``(items, valid)`` when they do not come from ``model``'s
+    ``recommend_top_k``: a collective that every rank calls, with users or none (a sharded
+    model's, ``training.sharded_evaluation``).
     """
-    inputs, targets = scored_users(inputs, targets)
+    inputs, targets = _scored_users(inputs, targets)
+    if top_k_of is not None:
+        top_items, valid = top_k_of(inputs)
+    elif len(targets):
+        top_items, valid = recommend_top_k(model, inputs, num_items, k, device, compiled=compiled)
     if len(targets) == 0:
         return np.zeros(len(metrics)), 0
-    top_items, valid = recommend_top_k(model, inputs, num_items, k, device, compiled=compiled)
-    return top_k_metric_sums(top_items, valid, targets, metrics, num_items, device), len(targets)
+    return _top_k_metric_sums(top_items, valid, targets, metrics, num_items, device), len(targets)
 
 
 def batches_metric_sums(
-    model, batches, metrics: list[Metric], k: int, num_items: int, device, *, compiled: bool = True
+    model,
+    batches,
+    metrics: list[Metric],
+    k: int,
+    num_items: int,
+    device,
+    *,
+    compiled: bool = True,
+    top_k_of=None,
 ) -> tuple[np.ndarray, int]:
     """:func:`metric_sums` over ``batches`` (pairs of input and target ``UserRows``), added up."""
     sums, count = np.zeros(len(metrics)), 0
     for inputs, targets in batches:
         batch_sums, batch_count = metric_sums(
-            model, inputs, targets, metrics, k, num_items, device, compiled=compiled
+            model,
+            inputs,
+            targets,
+            metrics,
+            k,
+            num_items,
+            device,
+            compiled=compiled,
+            top_k_of=top_k_of,
         )
         sums += batch_sums
         count += batch_count
@@ -104,7 +127,7 @@ def metric_means(sums, count: int, metrics: list[Metric]) -> dict[str, float]:
     return results
 
 
-def scored_users(inputs: UserRows, targets: UserRows) -> tuple[UserRows, UserRows]:
+def _scored_users(inputs: UserRows, targets: UserRows) -> tuple[UserRows, UserRows]:
     """The users of a batch that have a target item (the others cannot be scored)."""
     keep = np.diff(targets.indptr) > 0
     if keep.all():
@@ -112,7 +135,7 @@ def scored_users(inputs: UserRows, targets: UserRows) -> tuple[UserRows, UserRow
     return _select(inputs, keep), _select(targets, keep)
 
 
-def top_k_metric_sums(
+def _top_k_metric_sums(
     top_items: torch.Tensor,
     valid: torch.Tensor,
     targets: UserRows,
@@ -122,7 +145,7 @@ def top_k_metric_sums(
 ) -> np.ndarray:
     """Sum over the users of each metric, given their recommended lists: ``top_items``
     (``users x k`` item ids, best first) where ``valid`` (False past a user's last item that
-    may be recommended), and ``targets`` with at least one item a user (``scored_users``)."""
+    may be recommended), and ``targets`` with at least one item a user (``_scored_users``)."""
     num_relevant = np.diff(targets.indptr)
     hits = (_is_target(top_items, targets, num_items, device) & valid).cpu().numpy()
     lists = relevant_lists = None  # only metrics without evaluate_hits read these

@@ -30,7 +30,7 @@ from recoder_dist.data.collator import UserRows, row_numbers
 from recoder_dist.metrics import Metric
 from recoder_dist.sharded import comm
 from recoder_dist.sharded.autoencoder import ShardedAutoencoder
-from recoder_dist.training.evaluation import scored_users, top_k_metric_sums
+from recoder_dist.training.evaluation import batches_metric_sums
 from recoder_dist.training.top_k import top_k
 
 
@@ -130,27 +130,6 @@ def _owned_top_k(model, all_codes, routes, width: int, compiled: bool):
     return torch.cat(scores_out), torch.cat(rows_out)
 
 
-def sharded_metric_sums(
-    model: ShardedAutoencoder,
-    inputs: UserRows,
-    targets: UserRows,
-    metrics: list[Metric],
-    k: int,
-    device,
-    *,
-    compiled: bool = True,
-) -> tuple[np.ndarray, int]:
-    """``metric_sums`` of the whole model for this rank's users, from the shards: the sum over
-    the users of each metric, and the number of users counted (those with a target item). A
-    collective (``sharded_top_k``)."""
-    inputs, targets = scored_users(inputs, targets)
-    top_items, valid = sharded_top_k(model, inputs, k, device, compiled=compiled)
-    if len(targets) == 0:
-        return np.zeros(len(metrics)), 0
-    num_items = model.ownership.num_items
-    return top_k_metric_sums(top_items, valid, targets, metrics, num_items, device), len(targets)
-
-
 def sharded_eval_sums(
     model: ShardedAutoencoder,
     batches: Sequence[tuple[UserRows, UserRows]],
@@ -160,7 +139,8 @@ def sharded_eval_sums(
     *,
     compiled: bool = True,
 ) -> tuple[np.ndarray, int]:
-    """This rank's metric sums and users over its ``batches`` of ``(inputs, targets)``.
+    """This rank's metric sums and users over its ``batches`` of ``(inputs, targets)``
+    (``batches_metric_sums`` with the lists of ``sharded_top_k``).
 
     Ranks hold different numbers of batches: they agree on the most (one all-reduce), and a
     rank past its last batch takes part with no users, so that every rank joins every
@@ -168,12 +148,13 @@ def sharded_eval_sums(
     """
     count = torch.tensor([len(batches)], dtype=torch.int64, device=device)
     dist.all_reduce(count, op=dist.ReduceOp.MAX, group=model.group)
-    sums, users = np.zeros(len(metrics)), 0
-    for step in range(int(count.item())):
-        inputs, targets = batches[step] if step < len(batches) else (no_users(), no_users())
-        batch_sums, batch_users = sharded_metric_sums(
-            model, inputs, targets, metrics, k, device, compiled=compiled
-        )
-        sums += batch_sums
-        users += batch_users
-    return sums, users
+    padded = [*batches, *[(no_users(), no_users())] * (int(count.item()) - len(batches))]
+    return batches_metric_sums(
+        model,
+        padded,
+        metrics,
+        k,
+        model.ownership.num_items,
+        device,
+        top_k_of=lambda rows: sharded_top_k(model, rows, k, device, compiled=compiled),
+    )
