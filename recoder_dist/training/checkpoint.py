@@ -42,8 +42,8 @@ def write_checkpoint(
         save_shard(folder, model, optimizers)
     if rank != 0:
         return
-    if sharded:  # the job's model: the class and hyper-parameters, no weights
-        snapshot = job.snapshot(job.model, epoch, {}, model_state={})
+    if sharded:  # the job's model: the class and hyper-parameters, no weights (see _sharded_job)
+        snapshot = job.snapshot(job.model, epoch, {})
         save_snapshot(snapshot, os.path.join(folder, SHARDED_FILE))
     else:
         snapshot = job.snapshot(model, epoch, optimizers.state_dict())

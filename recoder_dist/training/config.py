@@ -120,18 +120,15 @@ class WorkerJob:
     tables: str = "sharded"
     shard_group_size: int | None = None
 
-    def snapshot(
-        self, model, epoch: int, optimizer_state: dict, model_state: dict | None = None
-    ) -> Snapshot:
-        """The snapshot of ``model`` (this job's model, or its copy on a worker) at ``epoch``,
-        with ``model_state`` for its weights when given (the state gathered from a sharded
-        model: ``model`` then gives only its class and hyper-parameters). A loss given as a
-        Module is not saved (only names are): restoring it is the caller's business."""
+    def snapshot(self, model, epoch: int, optimizer_state: dict) -> Snapshot:
+        """The snapshot of ``model`` (this job's model, or its copy on a worker) at ``epoch``.
+        A loss given as a Module is not saved (only names are): restoring it is the caller's
+        business."""
         named_loss = isinstance(self.loss, str)
         return Snapshot(
             model_class=model_class_name(model),
             model_params=model.model_params(),
-            model_state=model.state_dict() if model_state is None else model_state,
+            model_state=model.state_dict(),
             num_items=self.num_items,
             num_users=self.num_users,
             epoch=epoch,
