@@ -310,26 +310,11 @@ class NoSharedDiskCluster:
             timeout=timeout,
         )
 
-    def submit(
-        self,
-        *entrypoint: str,
-        working_dir: Path | None = REPO,
-        env_vars: dict[str, str] | None = None,
-        submission_id: str | None = None,
-        wait: bool = True,
-        timeout: float = 300,
-    ) -> subprocess.CompletedProcess:
-        """A job through Ray's job SDK, see :func:`submit_job`; the job's driver runs on the
-        head, with the head's environment (its credentials included)."""
-        return submit_job(
-            self.dashboard,
-            *entrypoint,
-            working_dir=working_dir,
-            env_vars=env_vars,
-            submission_id=submission_id,
-            wait=wait,
-            timeout=timeout,
-        )
+    def submit(self, *entrypoint: str, **options) -> subprocess.CompletedProcess:
+        """A job through Ray's job SDK on this cluster, see :func:`submit_job` (``options``
+        are its keywords); the job's driver runs on the head, with the head's environment
+        (its credentials included)."""
+        return submit_job(self.dashboard, *entrypoint, **options)
 
     def submit_cli(
         self, *entrypoint: str, working_dir: Path | None = REPO, timeout: float = 300
