@@ -109,15 +109,16 @@ class Recoder:
             ``recommend`` take the CPU fast paths; ``"reference"``: their plain numpy/torch
             references, which compute the same results (see ``recoder_dist.kernels``).
         tables: ``"sharded"`` (the default): with several workers, each holds and updates
-            only its rows of the DynamicAutoencoder's item tables (item ``i`` on worker
-            ``i % workers``); ``train``'s ``batch_size`` and ``num_sampling_users`` are then a
-            step's global batch and sampling group, split over the workers, so any number of
-            workers trains the model that one process trains with the same settings.
-            ``"replicated"``: every worker holds every table, the touched rows are exchanged,
-            and ``batch_size`` is per worker (each worker samples its negatives among its own
-            batch's items). Other models (a subclass of DynamicAutoencoder too), a loss
-            Module of the user's (it reads the whole output) and ``precision="bf16"``
-            replicate the tables either way.
+            only its rows of the model's tables (item ``i`` on worker ``i % workers``: a
+            DynamicAutoencoder's item tables, a MatrixFactorization's item tables and its
+            user table, user ``u`` on worker ``u % workers``); ``train``'s ``batch_size``
+            and ``num_sampling_users`` are then a step's global batch and sampling group,
+            split over the workers, so any number of workers trains the model that one
+            process trains with the same settings. ``"replicated"``: every worker holds every
+            table, the touched rows are exchanged, and ``batch_size`` is per worker (each
+            worker samples its negatives among its own batch's items). Other models (a
+            subclass of those two too), a loss Module of the user's (it reads the whole
+            output) and ``precision="bf16"`` replicate the tables either way.
         shard_group_size: with sharded tables, shard them within groups of this many workers
             (a node's GPUs) and replicate them across the groups, which average their
             gradients (the 2D layout: the exchange of codes grows with the group, not with

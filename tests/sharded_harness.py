@@ -67,3 +67,15 @@ def rank_entries(matrix: sp.csr_matrix, users: np.ndarray):
     rows = torch.from_numpy(np.repeat(np.arange(len(users)), counts).astype(np.int64))
     items = torch.from_numpy(block.indices.astype(np.int64))
     return rows, items, torch.from_numpy(block.data.astype(np.float32)), len(users)
+
+
+def assert_equal_states(actual, expected, where="state") -> None:
+    """Nested states (dicts of tensors and values) equal to the bit, sparse or dense."""
+    if torch.is_tensor(expected):
+        assert torch.equal(actual.to_dense(), expected.to_dense()), where
+    elif isinstance(expected, dict):
+        assert set(actual) == set(expected), where
+        for key in expected:
+            assert_equal_states(actual[key], expected[key], f"{where}/{key}")
+    else:
+        assert actual == expected, where

@@ -13,17 +13,17 @@ import torch
 from recoder_dist import storage
 from recoder_dist.sharded.autoencoder import ShardedAutoencoder
 from recoder_dist.sharded.checkpoint import load_shards, save_shard, shard_file, shard_files
-from recoder_dist.sharded.ownership import Ownership
 from recoder_dist.sharded.state import (
     gathered_optimizer_state,
     gathered_state,
     sharded_optimizer_state,
     sharded_state,
+    table_names,
 )
 from recoder_dist.training.checkpoint import SHARDED_FILE, export_snapshot
 from recoder_dist.training.optimizers import build_optimizers
 from recoder_dist.training.snapshot import Snapshot, load_snapshot, save_snapshot
-from tests.sharded_harness import interactions, rank_entries, run_ranks
+from tests.sharded_harness import assert_equal_states, interactions, rank_entries, run_ranks
 
 NUM_ITEMS = 23
 
@@ -55,22 +55,18 @@ def _load(rank, world, folder, sparse, constrained):
     whole_model, whole_optimizers = torch.load(os.path.join(folder, "whole.pt"))
     model = _model(sparse, constrained, seed=None)
     optimizers = build_optimizers(model, "adam", 0.05, 0.0)
-    model_state, optimizer_state = load_shards(shard_files(folder), model.ownership, rank)
-    _equal(model_state, sharded_state(whole_model, model))
-    _equal(optimizer_state, sharded_optimizer_state(whole_optimizers, optimizers, model))
+    model_state, optimizer_state = load_shards(
+        shard_files(folder), model.world, rank, _tables(model)
+    )
+    assert_equal_states(model_state, sharded_state(whole_model, model))
+    expected_optimizers = sharded_optimizer_state(whole_optimizers, optimizers, model)
+    assert_equal_states(optimizer_state, expected_optimizers)
     model.load_state_dict(model_state)  # the states fit the model and its optimizers
     optimizers.load_state_dict(optimizer_state)
 
 
-def _equal(actual, expected, where="state"):
-    if torch.is_tensor(expected):
-        assert torch.equal(actual.to_dense(), expected.to_dense()), where
-    elif isinstance(expected, dict):
-        assert set(actual) == set(expected), where
-        for key in expected:
-            _equal(actual[key], expected[key], f"{where}/{key}")
-    else:
-        assert actual == expected, where
+def _tables(model) -> dict[str, int]:
+    return {key: table.num_items for key, table in table_names(model).items()}
 
 
 @pytest.mark.parametrize("sparse,constrained", [(True, False), (False, True)])
@@ -80,23 +76,41 @@ def test_shard_files_load_whole_and_on_another_world(tmp_path, sparse, constrain
         shard_file(rank, 3) for rank in range(3)
     ]
     whole_model, whole_optimizers = torch.load(tmp_path / "whole.pt")
-    model_state, optimizer_state = load_shards(
-        shard_files(str(tmp_path)), Ownership(NUM_ITEMS, 1), 0
-    )
-    _equal(model_state, whole_model)
-    _equal(optimizer_state, whole_optimizers)
+    model_state, optimizer_state = load_shards(shard_files(str(tmp_path)), 1, 0)
+    assert_equal_states(model_state, whole_model)
+    assert_equal_states(optimizer_state, whole_optimizers)
     if constrained:  # a tied table stays one tensor
         assert model_state["encoder_embedding.weight"] is model_state["decoder_embedding.weight"]
     run_ranks(2, _load, str(tmp_path), sparse, constrained)
+
+
+def test_shards_of_format_1_still_load(tmp_path):
+    """Format 1 (item tables only: one "num_items", no rows per optimizer state) is read as
+    format 2: the same files, rewritten as format 1 wrote them, load to the same state."""
+    run_ranks(2, _save, str(tmp_path), True, False)
+    files = shard_files(str(tmp_path))
+    expected = load_shards(files, 1, 0)
+    for path in files:
+        shard = torch.load(path)
+        shard.update(
+            version=1,
+            num_items=NUM_ITEMS,
+            tables=sorted(shard["tables"]),
+            optimizer_rows=[entry[:3] for entry in shard["optimizer_rows"]],
+        )
+        torch.save(shard, path)
+    for actual, wanted in zip(load_shards(files, 1, 0), expected):  # model, optimizers
+        assert_equal_states(actual, wanted)
 
 
 def test_incomplete_or_damaged_shards_are_refused(tmp_path):
     run_ranks(2, _save, str(tmp_path), True, False)
     files = shard_files(str(tmp_path))
     with pytest.raises(ValueError, match="rows"):
-        load_shards(files[:1], Ownership(NUM_ITEMS, 1), 0)
-    with pytest.raises(ValueError, match="catalog"):
-        load_shards(files, Ownership(NUM_ITEMS + 1, 1), 0)
+        load_shards(files[:1], 1, 0)
+    other_catalog = {key: NUM_ITEMS + 1 for key in torch.load(files[0])["tables"]}
+    with pytest.raises(ValueError, match="a shard of tables"):
+        load_shards(files, 1, 0, other_catalog)
     os.rename(files[1], tmp_path / "elsewhere.pt")
     (tmp_path / shard_file(2, 3)).write_bytes(b"")
     with pytest.raises(ValueError, match="one file for every rank"):
@@ -104,7 +118,7 @@ def test_incomplete_or_damaged_shards_are_refused(tmp_path):
     (tmp_path / shard_file(2, 3)).unlink()
     (tmp_path / shard_file(1, 2)).write_bytes(b"not a shard")
     with pytest.raises(ValueError, match="not a readable shard"):
-        load_shards(shard_files(str(tmp_path)), Ownership(NUM_ITEMS, 1), 0)
+        load_shards(shard_files(str(tmp_path)), 1, 0)
 
 
 def test_a_sharded_checkpoint_in_a_bucket_exports_one_snapshot(s3_server, tmp_path, monkeypatch):
@@ -132,6 +146,6 @@ def test_a_sharded_checkpoint_in_a_bucket_exports_one_snapshot(s3_server, tmp_pa
     exported = export_snapshot(s3_server.uri("runs/r/epoch_3"), s3_server.uri("out/m.model"))
     snapshot = load_snapshot(exported)
     assert snapshot.epoch == 3
-    _equal(snapshot.model_state, whole_model)
+    assert_equal_states(snapshot.model_state, whole_model)
     local = load_snapshot(export_snapshot(str(folder), str(tmp_path / "local.model")))
-    _equal(local.model_state, whole_model)
+    assert_equal_states(local.model_state, whole_model)

@@ -69,15 +69,31 @@ class MatrixFactorization(FactorizationModel):
                 f"MatrixFactorization needs num_items and num_users, got {num_items}, {num_users}"
             )
         self.num_items, self.num_users = int(num_items), int(num_users)
+        # Drawn first, from torch's global generator: torch.manual_seed(s) then init_model
+        # gives the same weights every time, and a ShardedFactorization made with this seed
+        # holds their rows (see reset_parameters).
+        self.init_seed = int(torch.randint(0, 2**31 - 1, (), device="cpu"))
         self.act = activation(self.activation_type)
         self.dropout = nn.Dropout(self.dropout_prob)
         self.user_embedding = nn.Embedding(num_users, self.embedding_size, sparse=self.sparse)
         self.item_embedding = nn.Embedding(num_items, self.embedding_size, sparse=self.sparse)
         self.item_bias = nn.Embedding(num_items, 1, sparse=self.sparse)
-        # 0.4.0's initialisation. Its scale, sqrt(6 / (rows + size)), shrinks with the table:
-        # a user row gets one update an epoch, and a larger random start than that drowns it.
-        nn.init.xavier_uniform_(self.user_embedding.weight)
-        nn.init.xavier_uniform_(self.item_embedding.weight)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """0.4.0's initialisation: xavier-uniform user and item tables and a zero item bias.
+        Its scale, sqrt(6 / (rows + size)), shrinks with the table: a user row gets one update
+        an epoch, and a larger random start than that drowns it. Each table draws from its own
+        seeded CPU generator (the users' from ``init_seed``, the items' from ``init_seed +
+        1``), so that any row is drawable without the rest: ``ShardedFactorization`` makes
+        each rank's rows, shard by shard."""
+        if self.user_embedding.weight.is_meta:
+            return  # a model without weights (see Recoder): they are made where they are used
+        for offset, table in enumerate((self.user_embedding, self.item_embedding)):
+            generator = torch.Generator().manual_seed(self.init_seed + offset)
+            weight = nn.init.xavier_uniform_(torch.empty(table.weight.shape), generator=generator)
+            table.weight.copy_(weight)
         nn.init.zeros_(self.item_bias.weight)
 
     # recsys-recoder 0.4.0's attribute names, read-only. Properties register nothing: the

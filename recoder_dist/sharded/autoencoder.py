@@ -9,22 +9,18 @@ there, the dense layers on each user's rank, the loss scored at the owners.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from recoder_dist.nn.autoencoder import dense_codes
 from recoder_dist.nn.base import activation
-from recoder_dist.sharded import comm
-from recoder_dist.sharded.decoder import sharded_loss
 from recoder_dist.sharded.encoder import input_noise, normalized_values, sharded_pooling
+from recoder_dist.sharded.model import ShardedModel
 from recoder_dist.sharded.ownership import Ownership
-from recoder_dist.sharded.replicas import average_replicas
 from recoder_dist.sharded.routes import EntryRoutes, route_entries
-from recoder_dist.sharded.state import sharded_state
 from recoder_dist.sharded.tables import ShardedTable
 
 
-class ShardedAutoencoder(nn.Module):
+class ShardedAutoencoder(ShardedModel):
     """A DynamicAutoencoder whose three item tables hold only this rank's rows.
 
     Its parameters have DynamicAutoencoder's names, in its order: the state of a whole model
@@ -64,9 +60,9 @@ class ShardedAutoencoder(nn.Module):
         replica_group=None,
         device: torch.device | str | None = None,
     ):
-        super().__init__()
-        rank, world = comm.rank_and_world(group)
-        self.group, self.replica_group, self.noise_prob = group, replica_group, noise_prob
+        super().__init__(group, replica_group)
+        rank, world = self.rank, self.world
+        self.noise_prob = noise_prob
         self.ownership = Ownership(num_items, world)
         sizes = [int(h) for h in hidden_layers]
         self.act = activation(activation_type)
@@ -130,26 +126,6 @@ class ShardedAutoencoder(nn.Module):
             sharded.load_from(model)
         return sharded
 
-    def dense_parameters(self) -> list[nn.Parameter]:
-        """The data-parallel parameters (everything but the item tables)."""
-        tables = {id(t.weight) for t in self.tables()}
-        return [p for p in self.parameters() if id(p) not in tables]
-
-    def tables(self) -> list[ShardedTable]:
-        """The distinct sharded tables (two when the decoder is tied to the encoder)."""
-        return list(
-            {
-                id(t): t
-                for t in (self.encoder_embedding, self.decoder_embedding, self.decoder_bias)
-            }.values()
-        )
-
-    @torch.no_grad()
-    def load_from(self, model) -> None:
-        """This rank's rows and the dense layers of a whole DynamicAutoencoder (a model that
-        fits in one process: tests, and today's snapshots)."""
-        self.load_state_dict(sharded_state(model.state_dict(), self))
-
     def codes(self, pooled: torch.Tensor) -> torch.Tensor:
         """The dense layers on this rank's users: DynamicAutoencoder's path after the pooling."""
         return dense_codes(self, pooled)
@@ -162,12 +138,14 @@ class ShardedAutoencoder(nn.Module):
         num_users: int,
         negative_sampling: bool = True,
         *,
+        users: torch.Tensor | None = None,
         keep: torch.Tensor | None = None,
         sampled: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, EntryRoutes]:
         """The codes (the decoder's last hidden layer) of this rank's users, from their
         entries (``rows``, global ``items``, ``values``, as ``loss`` takes them), and the
-        step's routes. Input noise (``keep``, drawn when None) only in training mode. A
+        step's routes. Input noise (``keep``, drawn when None) only in training mode; the
+        users' ids are not read (an autoencoder encodes any user from its row). A
         collective."""
         routes = route_entries(rows, items, num_users, self.ownership, self.group, sampled)
         inputs = normalized_values(rows, values, num_users)
@@ -175,63 +153,3 @@ class ShardedAutoencoder(nn.Module):
             inputs = input_noise(inputs, self.noise_prob, keep)
         pooled = sharded_pooling(self.encoder_embedding, routes, inputs, negative_sampling)
         return self.codes(pooled), routes
-
-    def loss(
-        self,
-        rows: torch.Tensor,
-        items: torch.Tensor,
-        values: torch.Tensor,
-        num_users: int,
-        *,
-        loss: str | nn.Module = "mse",
-        loss_params: dict | None = None,
-        negative_sampling: bool = True,
-        keep: torch.Tensor | None = None,
-        sampled: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step's loss on this rank's batch (entries ``rows``, global ``items``,
-        ``values``), as DynamicAutoencoder's ``batch_loss`` on the global batch.
-
-        ``keep`` is the input noise's mask per entry (drawn here when None). ``sampled``: the
-        items that this rank's sampling group scores (global ids), when more than its entries'
-        (a sampling group larger than the batch). Returns ``(share, total)`` as
-        ``sharded_loss``; a collective.
-        """
-        codes, routes = self.encode(
-            rows, items, values, num_users, negative_sampling, keep=keep, sampled=sampled
-        )
-        return sharded_loss(
-            codes,
-            routes,
-            values,
-            self.decoder_embedding,
-            self.decoder_bias,
-            loss,
-            loss_params,
-            negative_sampling,
-        )
-
-    def synchronize_grads(self) -> None:
-        """After ``backward``: the dense layers' gradients summed over the group, then, in the
-        2D layout, every gradient averaged over the replicas (``sharded.replicas``)."""
-        self.all_reduce_dense_grads()
-        if self.replica_group is not None:
-            average_replicas(self, self.replica_group)
-
-    def first_replica(self) -> bool:
-        """Whether this rank's shard is the first group's (the one a checkpoint keeps)."""
-        return self.replica_group is None or dist.get_rank(self.replica_group) == 0
-
-    def all_reduce_dense_grads(self) -> None:
-        """Sums the dense layers' gradients over the ranks (what DDP does; the loss is already
-        averaged over the global batch, so a sum, not a mean), in one flat all-reduce."""
-        params = self.dense_parameters()
-        if not params:
-            return
-        for param in params:
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-        flat = torch.cat([param.grad.reshape(-1) for param in params])
-        dist.all_reduce(flat, group=self.group)
-        for param, part in zip(params, flat.split([p.numel() for p in params])):
-            param.grad.copy_(part.view_as(param))

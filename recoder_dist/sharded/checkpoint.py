@@ -1,5 +1,6 @@
 """A sharded model's checkpoint, written shard by shard: each rank writes one file with its rows
-of every item table and of their optimizer states, and its copy of the rest (dense layers, step
+of every sharded table (item tables, and MatrixFactorization's user table) and of their
+optimizer states, and its copy of the rest (dense layers, step
 counts: the same on every rank). No rank gathers the whole model to save it.
 
 The files of a checkpoint load on any number of ranks (resharding: each rank takes its rows
@@ -18,7 +19,7 @@ from recoder_dist.sharded.ownership import Ownership
 from recoder_dist.sharded.state import map_optimizer_rows, table_names
 
 FORMAT = "recoder_dist.shard"
-VERSION = 1
+VERSION = 2  # 1 (session 11) had item tables only: "num_items" for all, read as such
 _NAME = re.compile(r"shard_(\d+)_of_(\d+)\.pt")
 
 
@@ -49,16 +50,16 @@ def shard_files(folder: str) -> list[str]:
 
 
 def save_shard(folder: str, model, optimizers) -> str:
-    """Writes this rank's shard of ``model`` (a ShardedAutoencoder) and of ``optimizers``
-    (its ``Optimizers``) into ``folder``; returns the file's path. On a GPU the shard is
-    copied to the CPU first (its size, not the model's)."""
+    """Writes this rank's shard of ``model`` (a ``ShardedModel``) and of ``optimizers`` (its
+    ``Optimizers``) into ``folder``; returns the file's path. On a GPU the shard is copied to
+    the CPU first (its size, not the model's)."""
     tables = table_names(model)
     first = next(iter(tables.values()))
     rank, world = first.rank, first.ownership.world
     row_entries: list[list] = []
 
     def per_row(value, table, key):
-        row_entries.append(list(key))
+        row_entries.append([*key, table.num_items])
         return value.cpu()
 
     payload = {
@@ -66,52 +67,69 @@ def save_shard(folder: str, model, optimizers) -> str:
         "version": VERSION,
         "rank": rank,
         "world": world,
-        "num_items": first.num_items,
-        "tables": sorted(tables),  # state_dict keys (a tied table under each of its names)
+        # state_dict keys (a tied table under each of its names) -> the whole table's rows
+        "tables": {key: table.num_items for key, table in sorted(tables.items())},
         "model_state": {key: value.cpu() for key, value in model.state_dict().items()},
         "optimizer_state": map_optimizer_rows(
             _cpu(optimizers.state_dict()), optimizers, model, per_row
         ),
-        "optimizer_rows": row_entries,  # [kind, index, name] of the per-item states
+        "optimizer_rows": row_entries,  # [kind, index, name, rows] of the per-row states
     }
     path = os.path.join(folder, shard_file(rank, world))
     torch.save(payload, path)
     return path
 
 
-def load_shards(paths: list[str], ownership: Ownership, rank: int) -> tuple[dict, dict]:
-    """The model state and the optimizers' state of rank ``rank`` under ``ownership`` (any
-    world size; ``Ownership(num_items, 1)`` gives the whole model) from the shard files
-    ``paths`` of one checkpoint, read one at a time.
+def load_shards(
+    paths: list[str], world: int, rank: int, tables: dict[str, int] | None = None
+) -> tuple[dict, dict]:
+    """The model state and the optimizers' state of rank ``rank`` of ``world`` (any world
+    size; ``world=1`` gives the whole model) from the shard files ``paths`` of one checkpoint,
+    read one at a time. Each table's rows are laid out as ``Ownership(its rows, world)``.
+
+    Args:
+        paths: the checkpoint's shard files (``shard_files``).
+        world: the ranks of the layout to load into.
+        rank: the rank whose rows to load.
+        tables: the tables expected (``state_dict`` key -> rows of the whole table), those of
+            the model being loaded; None: the first file's.
 
     Raises:
-        ValueError: a file that is not a shard, a shard of another catalog, or rows missing.
+        ValueError: a file that is not a shard, a shard of other tables, or rows missing.
     """
     model_state: dict | None = None
     optimizer_state: dict | None = None
-    filled = 0
+    filled: dict[str, int] = {}
     for path in paths:
         shard = _read(path)
-        if shard["num_items"] != ownership.num_items:
-            raise ValueError(
-                f"{path} is a shard of a {shard['num_items']}-item catalog, not of "
-                f"{ownership.num_items} items"
-            )
-        ids = Ownership(ownership.num_items, shard["world"]).global_ids(shard["rank"])
-        mine = ownership.owner(ids) == rank
-        local = ownership.local_index(ids[mine])
+        if tables is None:
+            tables = shard["tables"]
+        if shard["tables"] != tables:
+            raise ValueError(f"{path} is a shard of tables {shard['tables']}, not of {tables}")
         if model_state is None:  # the rest is the same on every rank: the first file's
-            model_state, optimizer_state = _empty_rows(shard, ownership.rows_of(rank))
-        for key in shard["tables"]:
+            model_state, optimizer_state = _empty_rows(shard, world, rank)
+        placed = {}  # rows -> (this shard's rows that are mine, their local index)
+        for rows in {*tables.values(), *(entry[3] for entry in shard["optimizer_rows"])}:
+            ownership = Ownership(rows, world)
+            ids = Ownership(rows, shard["world"]).global_ids(shard["rank"])
+            mine = ownership.owner(ids) == rank
+            placed[rows] = mine, ownership.local_index(ids[mine])
+        for key, rows in tables.items():
+            mine, local = placed[rows]
             model_state[key][local] = shard["model_state"][key][mine]
-        for kind, index, name in shard["optimizer_rows"]:
-            rows = shard["optimizer_state"][kind]["state"][index][name]
-            optimizer_state[kind]["state"][index][name][local] = rows[mine]
-        filled += int(mine.sum())
-    if model_state is None or filled != ownership.rows_of(rank):
-        raise ValueError(
-            f"the shards gave {filled} of rank {rank}'s {ownership.rows_of(rank)} rows"
-        )
+            filled[key] = filled.get(key, 0) + int(mine.sum())
+        for kind, index, name, rows in shard["optimizer_rows"]:
+            mine, local = placed[rows]
+            saved = shard["optimizer_state"][kind]["state"][index][name]
+            optimizer_state[kind]["state"][index][name][local] = saved[mine]
+    for key, rows in (tables or {}).items():
+        expected = Ownership(rows, world).rows_of(rank)
+        if filled.get(key, 0) != expected:
+            raise ValueError(
+                f"the shards gave {filled.get(key, 0)} of rank {rank}'s {expected} rows of {key}"
+            )
+    if model_state is None:
+        raise ValueError("no shard to load")
     return model_state, optimizer_state
 
 
@@ -122,14 +140,23 @@ def _read(path: str) -> dict:
         raise ValueError(f"{path} is not a readable shard: {type(e).__name__}: {e}") from None
     if not isinstance(shard, dict) or shard.get("format") != FORMAT:
         raise ValueError(f"{path} is not a recoder_dist shard")
-    if shard.get("version") != VERSION:
+    if shard.get("version") == 1:  # every table had the catalog's rows
+        rows = shard["num_items"]
+        shard["tables"] = {key: rows for key in shard["tables"]}
+        shard["optimizer_rows"] = [[*entry, rows] for entry in shard["optimizer_rows"]]
+    elif shard.get("version") != VERSION:
         raise ValueError(f"{path} is shard format version {shard.get('version')}, not {VERSION}")
     return shard
 
 
-def _empty_rows(shard: dict, rows: int) -> tuple[dict, dict]:
-    """The first shard's states, copied out of its file, with a fresh ``rows``-row tensor in
-    place of every per-item one (a tied table's names share one)."""
+def _empty_rows(shard: dict, world: int, rank: int) -> tuple[dict, dict]:
+    """The first shard's states, copied out of its file, with a fresh tensor of rank
+    ``rank``'s rows (of ``world``) in place of every per-row one (a tied table's names share
+    one)."""
+
+    def rows_of(rows: int) -> int:
+        return Ownership(rows, world).rows_of(rank)
+
     tables: dict[int, torch.Tensor] = {}  # by the saved tensor's storage: ties stay tied
     model_state = {}
     for key, value in shard["model_state"].items():
@@ -138,16 +165,17 @@ def _empty_rows(shard: dict, rows: int) -> tuple[dict, dict]:
             continue
         storage_id = value.untyped_storage().data_ptr()
         if storage_id not in tables:
+            rows = rows_of(shard["tables"][key])
             tables[storage_id] = value.new_empty((rows, *value.shape[1:]))
         model_state[key] = tables[storage_id]
-    per_item = {tuple(entry) for entry in shard["optimizer_rows"]}
+    per_row = {(kind, index, name): rows for kind, index, name, rows in shard["optimizer_rows"]}
     optimizer_state = {}
     for kind, state in shard["optimizer_state"].items():
         if state is not None:
             entries = {
                 index: {
-                    name: value.new_empty((rows, *value.shape[1:]))
-                    if (kind, index, name) in per_item
+                    name: value.new_empty((rows_of(per_row[kind, index, name]), *value.shape[1:]))
+                    if (kind, index, name) in per_row
                     else (value.clone() if torch.is_tensor(value) else value)
                     for name, value in entry.items()
                 }

@@ -19,10 +19,9 @@ import os
 import ray.train
 
 from recoder_dist import storage
-from recoder_dist.sharded.autoencoder import ShardedAutoencoder
 from recoder_dist.sharded.checkpoint import load_shards, save_shard, shard_files
-from recoder_dist.sharded.ownership import Ownership
-from recoder_dist.sharded.state import sharded_optimizer_state, sharded_state
+from recoder_dist.sharded.model import ShardedModel
+from recoder_dist.sharded.state import sharded_optimizer_state, sharded_state, table_names
 from recoder_dist.training.snapshot import Snapshot, copy_snapshot, load_snapshot, save_snapshot
 
 SNAPSHOT_FILE = "snapshot.pt"
@@ -37,7 +36,7 @@ def write_checkpoint(
     sharded ``model`` its shard (of the first group's, in the 2D layout: the others hold
     replicas of them); rank 0 the snapshot (whole, or without weights beside the shards) and
     the records. ``job`` is the run's ``WorkerJob``."""
-    sharded = isinstance(model, ShardedAutoencoder)
+    sharded = isinstance(model, ShardedModel)
     if sharded and model.first_replica():
         save_shard(folder, model, optimizers)
     if rank != 0:
@@ -54,7 +53,7 @@ def write_checkpoint(
 
 def read_checkpoint(folder: str, model=None, optimizers=None) -> tuple[Snapshot, list[dict]]:
     """The snapshot in ``folder``, its weights and optimizer states laid out for ``model``: a
-    ShardedAutoencoder's rows (``optimizers`` are its ``Optimizers``), or the whole model
+    ShardedModel's rows (``optimizers`` are its ``Optimizers``), or the whole model
     (``model`` None or whole); and the records of its epochs.
 
     Raises:
@@ -65,15 +64,16 @@ def read_checkpoint(folder: str, model=None, optimizers=None) -> tuple[Snapshot,
     if os.path.exists(os.path.join(folder, HISTORY_FILE)):
         with open(os.path.join(folder, HISTORY_FILE)) as f:
             history = json.load(f)
-    sharded_model = isinstance(model, ShardedAutoencoder)
+    sharded_model = isinstance(model, ShardedModel)
     shards = shard_files(folder)
     if shards:
         snapshot = load_snapshot(os.path.join(folder, SHARDED_FILE))
         if sharded_model:
-            ownership, rank = model.ownership, model.encoder_embedding.rank
+            tables = {key: table.num_items for key, table in table_names(model).items()}
+            layout = dict(world=model.world, rank=model.rank, tables=tables)
         else:
-            ownership, rank = Ownership(snapshot.num_items, 1), 0
-        snapshot.model_state, snapshot.optimizer_state = load_shards(shards, ownership, rank)
+            layout = dict(world=1, rank=0)
+        snapshot.model_state, snapshot.optimizer_state = load_shards(shards, **layout)
         return snapshot, history
     snapshot = load_snapshot(os.path.join(folder, SNAPSHOT_FILE))
     if sharded_model:

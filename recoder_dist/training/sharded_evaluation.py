@@ -3,8 +3,9 @@ from every owner's top k, with no whole model anywhere (no Ray here).
 
 A batch's path (a collective: every rank takes part with its own users, maybe none):
 
-1. Each rank encodes its users as a training step does (``ShardedAutoencoder.encode``: the
-   entries go to their items' owners, are pooled there, and the partial codes come back).
+1. Each rank encodes its users as a training step does (``ShardedModel.encode``: for the
+   autoencoder, the entries go to their items' owners, are pooled there, and the partial
+   codes come back; for matrix factorization, the users' rows come from their owners).
 2. Every rank's codes reach every owner (an all-gather of ``world x batch x hidden`` floats).
 3. Each owner scores its rows for all those users (``bias + codes @ rows.T``, one source
    rank's users at a time), sets ``-inf`` on the input items it owns, and keeps its top
@@ -29,7 +30,7 @@ import torch.distributed as dist
 from recoder_dist.data.collator import UserRows, row_numbers
 from recoder_dist.metrics import Metric
 from recoder_dist.sharded import comm
-from recoder_dist.sharded.autoencoder import ShardedAutoencoder
+from recoder_dist.sharded.model import ShardedModel
 from recoder_dist.training.evaluation import batches_metric_sums
 from recoder_dist.training.top_k import top_k
 
@@ -63,7 +64,7 @@ def merge_top_k(
 
 @torch.no_grad()
 def sharded_top_k(
-    model: ShardedAutoencoder, rows: UserRows, k: int, device, *, compiled: bool = True
+    model: ShardedModel, rows: UserRows, k: int, device, *, compiled: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top ``k`` items per user of ``rows`` (this rank's users), never an item of the user's
     input: the whole model's ``recommend_top_k``, from the shards. A collective: every rank
@@ -81,6 +82,7 @@ def sharded_top_k(
         torch.from_numpy(np.array(rows.indices, dtype=np.int64)).to(device),
         torch.from_numpy(np.array(rows.values, dtype=np.float32)).to(device),
         len(rows),
+        users=torch.from_numpy(np.array(rows.users, dtype=np.int64)).to(device),
     )
     all_codes = comm.gather_rows(codes, routes.batch_sizes, routes.group)
     widths = [min(k, ownership.rows_of(owner)) for owner in range(world)]
@@ -131,7 +133,7 @@ def _owned_top_k(model, all_codes, routes, width: int, compiled: bool):
 
 
 def sharded_eval_sums(
-    model: ShardedAutoencoder,
+    model: ShardedModel,
     batches: Sequence[tuple[UserRows, UserRows]],
     metrics: list[Metric],
     k: int,

@@ -13,11 +13,18 @@ import torch
 
 from recoder_dist.data.collator import SparseBatch
 from recoder_dist.nn.autoencoder import DynamicAutoencoder
+from recoder_dist.nn.factorization import MatrixFactorization
 from recoder_dist.sharded.autoencoder import ShardedAutoencoder
 from recoder_dist.sharded.decoder import computes
+from recoder_dist.sharded.factorization import ShardedFactorization
+from recoder_dist.sharded.model import ShardedModel
 from recoder_dist.training.step import DEBUG, to_device
 
 TABLES = ("sharded", "replicated")
+
+# The models that train sharded, and their sharded forms. Exact classes: a subclass's forward
+# may differ from what the sharded form computes.
+SHARDED = {DynamicAutoencoder: ShardedAutoencoder, MatrixFactorization: ShardedFactorization}
 
 
 def check_tables(tables: str) -> None:
@@ -27,14 +34,14 @@ def check_tables(tables: str) -> None:
 
 def shards_tables(model, loss_fn, tables: str, world: int, precision: str = "fp32") -> bool:
     """Whether a run of ``world`` ranks trains ``model`` with sharded tables: asked for, more
-    than one rank (one rank holds every row either way), a DynamicAutoencoder itself (the
+    than one rank (one rank holds every row either way), a model of ``SHARDED`` itself (the
     other models, and a subclass whose forward may differ, replicate their tables), a loss
     that the sharded decoder computes (mse, logistic, logloss; a loss module of the user's
     reads the whole output) and float32 steps (bf16 autocast runs on the replicated path)."""
     return (
         tables == "sharded"
         and world > 1
-        and type(model) is DynamicAutoencoder
+        and type(model) in SHARDED
         and computes(loss_fn)
         and precision == "fp32"
     )
@@ -59,7 +66,7 @@ def rank_batch(batch_size: int, num_sampling_users: int, world: int) -> tuple[in
 
 
 def sharded_batch_loss(
-    model: ShardedAutoencoder,
+    model: ShardedModel,
     batch: SparseBatch,
     device: torch.device,
     loss,
@@ -67,7 +74,7 @@ def sharded_batch_loss(
     negative_sampling: bool,
     groups_exceed_batches: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(share, total)`` of this rank's ``batch`` (see ``ShardedAutoencoder.loss``): call
+    """``(share, total)`` of this rank's ``batch`` (see ``ShardedModel.loss``): call
     ``backward`` on the share; ``total`` is the global batch's mean loss. A collective.
 
     ``groups_exceed_batches``: sampling groups hold more users than a batch
@@ -85,6 +92,7 @@ def sharded_batch_loss(
         to_device(np.ascontiguousarray(items, dtype=np.int64), device),
         to_device(batch.values, device),
         batch.shape[0],
+        users=to_device(np.ascontiguousarray(batch.users, dtype=np.int64), device),
         loss=loss,
         loss_params=loss_params,
         negative_sampling=negative_sampling,

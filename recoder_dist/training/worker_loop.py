@@ -34,7 +34,7 @@ from recoder_dist.data.collator import Collator
 from recoder_dist.data.epoch_order import RowBlocks
 from recoder_dist.data.ray_dataset import rows_from_arrow
 from recoder_dist.losses import build_loss
-from recoder_dist.sharded.autoencoder import ShardedAutoencoder
+from recoder_dist.sharded.model import ShardedModel
 from recoder_dist.sharded.replicas import layout_groups
 from recoder_dist.sharded.state import sharded_optimizer_state
 from recoder_dist.training.checkpoint import export_snapshot, read_checkpoint, write_checkpoint
@@ -45,7 +45,12 @@ from recoder_dist.training.prefetch import EpochPrefetcher
 from recoder_dist.training.resources import worker_threads
 from recoder_dist.training.schedule import agreed_steps, epoch_batches
 from recoder_dist.training.sharded_evaluation import sharded_eval_sums
-from recoder_dist.training.sharded_step import rank_batch, sharded_batch_loss, shards_tables
+from recoder_dist.training.sharded_step import (
+    SHARDED,
+    rank_batch,
+    sharded_batch_loss,
+    shards_tables,
+)
 from recoder_dist.training.sparse_sync import SparseGradSync
 from recoder_dist.training.step import batch_loss, unwrapped
 from recoder_dist.training.step_profile import StepProfile, gathered, timed_allreduce_hook
@@ -115,7 +120,7 @@ def _shards(job: WorkerJob, world: int) -> bool:
     return distributed and shards_tables(job.model, loss_fn, job.tables, world, job.train.precision)
 
 
-def _sharded_job(job: WorkerJob, device, world: int) -> tuple[WorkerJob, ShardedAutoencoder]:
+def _sharded_job(job: WorkerJob, device, world: int) -> tuple[WorkerJob, ShardedModel]:
     """This rank's shard of the job's model, on ``device``, and the job with a model of the
     same class and hyper-parameters but no weights in place of the whole one (what a snapshot
     names). The whole model never reaches the device, and nothing holds it once its shard is
@@ -124,7 +129,7 @@ def _sharded_job(job: WorkerJob, device, world: int) -> tuple[WorkerJob, Sharded
     shard_group = replica_group = None
     if job.shard_group_size is not None and job.shard_group_size < world:  # the 2D layout
         shard_group, replica_group = layout_groups(job.shard_group_size)
-    model = ShardedAutoencoder.like(
+    model = SHARDED[type(whole)].like(
         whole, group=shard_group, device=device, replica_group=replica_group
     )
     return dataclasses.replace(job, model=type(whole)(**whole.model_params())), model
@@ -143,7 +148,7 @@ def _train(
     settings: TrainSettings = job.train
     distributed = world > 1 and dist.is_initialized()
     loss_fn = build_loss(job.loss, job.loss_params).to(device)
-    sharded = isinstance(model, ShardedAutoencoder)  # see _sharded_job
+    sharded = isinstance(model, ShardedModel)  # see _sharded_job
     sparse_names = sparse_parameter_names(model)
     dense_names = [n for n, p in model.named_parameters() if n not in sparse_names]
     profile = StepProfile(settings.profile, device)
@@ -308,7 +313,7 @@ class _DenseGradSum:
     (the tables' rows have their gradients where they live), and its replicas' averaged in the
     2D layout."""
 
-    def __init__(self, model: ShardedAutoencoder):
+    def __init__(self, model: ShardedModel):
         self.model = model
 
     def synchronize(self) -> None:
@@ -350,7 +355,7 @@ def _resume(model, optimizers, job: WorkerJob, rank: int, progress) -> tuple[int
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         state = job.optimizer_state
-        if isinstance(model, ShardedAutoencoder):
+        if isinstance(model, ShardedModel):
             state = sharded_optimizer_state(state, optimizers, model)
         optimizers.load_state_dict(state)
         return job.start_epoch, []
@@ -385,7 +390,7 @@ def _evaluate(model, job: WorkerJob, device, rank: int, world: int) -> dict:
     shard = ray.train.get_dataset_shard("eval")
     tables = shard.iter_batches(batch_size=settings.batch_size, batch_format="pyarrow")
     batches = ((rows_from_arrow(t), rows_from_arrow(t, "target_")) for t in tables)
-    if isinstance(model, ShardedAutoencoder):  # the top k merged from the owners' top k
+    if isinstance(model, ShardedModel):  # the top k merged from the owners' top k
         sums, count = sharded_eval_sums(model, list(batches), metrics, k, device, compiled=compiled)
     else:
         sums, count = batches_metric_sums(
@@ -424,7 +429,7 @@ def _report_checkpoint(
         ray.train.report(metrics, checkpoint_dir_name=name)
     if "snapshot" not in metrics:
         return
-    if isinstance(model, ShardedAutoencoder):
+    if isinstance(model, ShardedModel):
         dist.barrier()  # a rank's report returns once its own files are uploaded: all are now
     if rank == 0:
         uploaded = ray.train.get_checkpoint()  # the persisted checkpoint, once report returns
