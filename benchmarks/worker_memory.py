@@ -12,7 +12,10 @@ and the runs are interleaved (every tree and side once a round). What is read is
 epoch's record: ``peak_rss_mb``, the largest peak resident memory (``VmHWM``) of any worker so
 far (the evaluations and checkpoints of the epochs before, and the last epoch's steps), and
 ``private_rss_mb``, the largest private resident memory (``RssAnon``) at the end of the last
-epoch's steps; and the epoch's metrics, which the trees must agree on.
+epoch's steps; the driver's own peak (``VmHWM`` of the run's process, after ``train``
+returned: with sharded tables the weights stay in the run's checkpoint); and the epoch's
+metrics, which the trees must agree on. ``--eval-batch`` bounds the sharded evaluation's
+scores (a rank scores ``batch x its items`` at once).
 
     python benchmarks/worker_memory.py --trees before=/tmp/base after=.
     python benchmarks/worker_memory.py --trees before=/tmp/base after=. --dataset long-tail
@@ -35,7 +38,9 @@ SIDES = {
     "1": (1, "replicated", "1 worker"),
     "2r": (2, "replicated", "2 workers, replicated tables"),
     "2s": (2, "sharded", "2 workers, sharded tables"),
+    "4s": (4, "sharded", "4 workers, sharded tables"),
 }
+MACHINE_CPUS = 2  # this machine's: 4 workers hold half a CPU each
 MARK = "RESULT "
 LONG_TAIL_USERS = 20_000
 
@@ -56,7 +61,13 @@ def matrices(dataset: str, items: int):
     return split.train.interactions, split.test.interactions, split.test.target
 
 
-def one_run(side: str, epochs: int, dataset: str, items: int) -> dict:
+def _peak_rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        fields = dict(line.split(":", 1) for line in status if ":" in line)
+    return int(fields["VmHWM"].split()[0]) / 1024.0
+
+
+def one_run(side: str, epochs: int, dataset: str, items: int, eval_batch: int) -> dict:
     """A training run of ``side`` in this process; its last record's memory and metrics."""
     from train_speed import MODEL, TRAIN
 
@@ -67,12 +78,13 @@ def one_run(side: str, epochs: int, dataset: str, items: int) -> dict:
     from recoder_dist.model import Recoder
 
     train, inputs, targets = matrices(dataset, items)
+    workers = SIDES[side][0]
     trainer = Recoder(
         nn.DynamicAutoencoder(**MODEL, sparse=True),
         optimizer_type="adam",
         loss="logloss",
-        num_workers=SIDES[side][0],
-        cpus_per_worker=1,
+        num_workers=workers,
+        cpus_per_worker=min(1, MACHINE_CPUS / workers),
         seed=0,
         tables=SIDES[side][1],
     )
@@ -84,6 +96,7 @@ def one_run(side: str, epochs: int, dataset: str, items: int) -> dict:
         eval_freq=1,
         eval_num_users=None if dataset == "gowalla" else 2_000,
         checkpoint_freq=1,
+        eval_batch_size=eval_batch,
         num_epochs=epochs,
         negative_sampling=True,
         **TRAIN,
@@ -91,6 +104,7 @@ def one_run(side: str, epochs: int, dataset: str, items: int) -> dict:
     last = history[-1]
     return dict(
         tree=str(Path(recoder_dist.__file__).parent.parent),
+        driver_peak_rss_mb=_peak_rss_mb(),
         peak_rss_mb=last["peak_rss_mb"],
         private_rss_mb=last["private_rss_mb"],
         recall=last["Recall@20"],
@@ -101,11 +115,11 @@ def one_run(side: str, epochs: int, dataset: str, items: int) -> dict:
     )
 
 
-def run_in_tree(tree: str, side: str, epochs: int, dataset: str, items: int) -> dict:
+def run_in_tree(tree: str, side: str, epochs: int, dataset: str, items: int, eval_batch) -> dict:
     env = {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
     env.pop("RAY_ADDRESS", None)  # a local Ray of the run's own
     command = [sys.executable, os.path.abspath(__file__), "--one", side, "--epochs", str(epochs)]
-    command += ["--dataset", dataset, "--items", str(items)]
+    command += ["--dataset", dataset, "--items", str(items), "--eval-batch", str(eval_batch)]
     # Run from the tree: Ray puts the driver's working directory first on its workers'
     # sys.path, before PYTHONPATH (from this repository, they would import its recoder_dist).
     done = subprocess.run(command, env=env, cwd=tree, capture_output=True, text=True, check=False)
@@ -123,11 +137,14 @@ def main():
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--dataset", choices=["gowalla", "long-tail"], default="gowalla")
     parser.add_argument("--items", type=int, default=300_000, help="of the long-tail catalog")
+    parser.add_argument("--eval-batch", type=int, default=500, help="users a step of evaluation")
     parser.add_argument("--one", choices=list(SIDES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(
-            MARK + json.dumps(one_run(args.one, args.epochs, args.dataset, args.items)), flush=True
+            MARK
+            + json.dumps(one_run(args.one, args.epochs, args.dataset, args.items, args.eval_batch)),
+            flush=True,
         )
         return
 
@@ -137,7 +154,9 @@ def main():
     for round_ in range(args.rounds):
         for side in args.sides:
             for name, path in trees.items():
-                result = run_in_tree(path, side, args.epochs, args.dataset, args.items)
+                result = run_in_tree(
+                    path, side, args.epochs, args.dataset, args.items, args.eval_batch
+                )
                 print(f"round {round_ + 1} {name} {side}: {json.dumps(result)}", flush=True)
                 results.setdefault((name, side), []).append(result)
 
@@ -145,12 +164,13 @@ def main():
     if args.dataset == "long-tail":
         print(f"long-tail catalog: {LONG_TAIL_USERS:,} users x {args.items:,} items")
     print(f"{args.rounds} round(s), {args.epochs} epochs a run; MB, median over the rounds [range]")
-    header = ["tree", "run", "peak RSS, MB", "private RSS, MB", "Recall@20", "NDCG@100"]
+    header = ["tree", "run", "peak RSS, MB", "private RSS, MB", "driver peak, MB"]
+    header += ["Recall@20", "NDCG@100"]
     rows = []
     for (name, side), runs in results.items():
         cells = []
-        for key in ("peak_rss_mb", "private_rss_mb"):
-            values = [run[key] for run in runs]
+        for key in ("peak_rss_mb", "private_rss_mb", "driver_peak_rss_mb"):
+            values = [run.get(key, float("nan")) for run in runs]  # trees before: no driver
             cells.append(f"{median(values):,.0f} [{min(values):,.0f}-{max(values):,.0f}]")
         metrics = [f"{runs[-1][key]:.5f}" for key in ("recall", "ndcg")]
         rows.append([name, SIDES[side][2], *cells, *metrics])

@@ -6,6 +6,8 @@ import contextlib
 import logging
 import math
 import os
+import weakref
+from dataclasses import dataclass
 
 import numpy as np
 import ray
@@ -37,7 +39,7 @@ from recoder_dist.training.evaluation import (
     predict_scores,
     recommend_top_k,
 )
-from recoder_dist.training.launcher import cluster_gpus, ensure_ray, run_job
+from recoder_dist.training.launcher import RunOutput, cluster_gpus, ensure_ray, run_job
 from recoder_dist.training.optimizers import check_optimizer_type, check_optimizers
 from recoder_dist.training.sharded_step import check_tables, rank_batch, shards_tables
 from recoder_dist.training.snapshot import (
@@ -182,7 +184,8 @@ class Recoder:
             )
         self.shard_group_size = shard_group_size
         build_loss(loss, loss_params)  # validates the name and parameters now
-        self.model = model
+        self._model = model
+        self._shards: _SavedShards | None = None  # see the model property
         self.num_items = num_items
         self.num_users = num_users
         self.optimizer_type = optimizer_type
@@ -206,6 +209,22 @@ class Recoder:
         self.history: list[dict] = []
         self._model_initialized = False
         self._optimizer_state: dict = {}
+
+    @property
+    def model(self) -> FactorizationModel:
+        """The model. After a run with sharded tables its weights are in the run's last
+        checkpoint, one file per worker, and nowhere else: they are assembled into this
+        process on the first use of this attribute (or of ``predict``, ``recommend``,
+        ``save_state`` and an evaluation here), and not at all when the next training or
+        evaluation runs sharded on workers (each reads its rows from the files), so a catalog
+        larger than this process's memory trains as long as nothing asks for the whole."""
+        self._assemble()
+        return self._model
+
+    @model.setter
+    def model(self, model: FactorizationModel) -> None:
+        self._drop_shards()
+        self._model = model
 
     # ---------------------------------------------------------------- training
 
@@ -303,7 +322,7 @@ class Recoder:
             )
         workers = self.workers  # resolved once: the log, the job and the run agree
         loss = build_loss(self.loss, self.loss_params)
-        sharded = shards_tables(self.model, loss, self.tables, workers, precision)
+        sharded = shards_tables(self._model, loss, self.tables, workers, precision)
         if sharded:
             # The global batch's split and the groups, refused now rather than in the workers.
             rank_batch(batch_size, settings.num_sampling_users, workers)
@@ -316,7 +335,7 @@ class Recoder:
         if evaluating:
             self._check_eval_items(val_dataset)
         use_gpus = self._use_gpus(workers)
-        check_optimizers(self.model, self.optimizer_type)  # a mismatch fails now, not in a worker
+        check_optimizers(self._model, self.optimizer_type)  # a mismatch fails now, not in a worker
 
         ensure_ray()
         blocks = _train_blocks(train_dataset)
@@ -333,7 +352,7 @@ class Recoder:
         prefix = storage.normalized(model_checkpoint_prefix) if model_checkpoint_prefix else None
         logger.info(
             "training %s on %d users x %d items, %d worker(s), epochs %d..%d",
-            type(self.model).__name__,
+            type(self._model).__name__,
             settings.num_train_rows,
             self.num_items,
             workers,
@@ -342,6 +361,7 @@ class Recoder:
         )
         job = self._job(
             workers,
+            sharded=sharded,
             use_cuda=use_gpus,
             train=settings,
             eval=eval_settings,
@@ -350,14 +370,17 @@ class Recoder:
         try:
             output = self._run(job, datasets, workers, blocks)
         except BaseException:
-            if self._weightless():  # the next call draws the initial weights again
+            if self._weightless() and self._shards is None:  # the next call draws them again
                 self._model_initialized = False
             raise
-        try:
-            self._restore(output.final_snapshot(), restore_model=True)
-        finally:
-            output.discard()
         history = output.value  # rank 0's records, one per epoch of the run
+        if sharded:  # the weights stay in the run's checkpoint (see the model property)
+            self._keep_shards(output, history[-1]["epoch"])
+        else:
+            try:
+                self._restore(output.final_snapshot(), restore_model=True)
+            finally:
+                output.discard()
         self.history.extend(history)
         return history
 
@@ -410,7 +433,11 @@ class Recoder:
                 batches = _arrow_batches(rows, settings.batch_size)
             return self._evaluate_here(batches, settings)
         workers = self.workers
-        job = self._job(workers, use_cuda=self._use_gpus(workers), eval=settings)
+        # A sharded run's model is evaluated from its shards where the tables would shard.
+        sharded = self._shards is not None and shards_tables(
+            self._model, build_loss(self.loss, self.loss_params), self.tables, workers, "fp32"
+        )
+        job = self._job(workers, sharded=sharded, use_cuda=self._use_gpus(workers), eval=settings)
         rows = self._eval_dataset(eval_dataset, num_users, settings.batch_size)
         output = self._run(job, {"eval": rows}, workers)
         output.discard()
@@ -430,9 +457,9 @@ class Recoder:
         """
         self._require_model()
         rows = self._user_rows(users_interactions)
-        self.model.eval()
+        model = self.model.eval()
         scores = predict_scores(
-            self.model, rows, self.num_items, torch.device("cpu"), compiled=self._compiled
+            model, rows, self.num_items, torch.device("cpu"), compiled=self._compiled
         )
         scores = scores.numpy()
         if not return_input:
@@ -447,9 +474,9 @@ class Recoder:
         self._require_model()
         _check_positive_int(num_recommendations, "num_recommendations")
         rows = self._user_rows(users_interactions)
-        self.model.eval()
+        model = self.model.eval()
         items, valid = recommend_top_k(
-            self.model,
+            model,
             rows,
             self.num_items,
             num_recommendations,
@@ -490,14 +517,13 @@ class Recoder:
             # again with numpy's integer arrays allowed, and converted.
             try:
                 with storage.local_copy(model_file) as path:
-                    sparse = bool(getattr(self.model, "sparse", False))
+                    sparse = bool(getattr(self._model, "sparse", False))
                     snapshot = load_recoder040_file(path, sparse=sparse)
             except NotARecoder040File:
                 raise not_a_snapshot from None
-        if snapshot.model_class != model_class_name(self.model):
-            raise ValueError(
-                f"{model_file} holds a {snapshot.model_class}, not a {model_class_name(self.model)}"
-            )
+        mine = model_class_name(self._model)
+        if snapshot.model_class != mine:
+            raise ValueError(f"{model_file} holds a {snapshot.model_class}, not a {mine}")
         self._check_fits(snapshot, model_file)
         self._restore(snapshot, restore_model=True, load_params=True)
         logger.info("loaded %s (epoch %d)", model_file, self.current_epoch)
@@ -512,7 +538,7 @@ class Recoder:
                     f"{model_file} was trained with {attr}={theirs}, this Recoder has {mine}"
                 )
         if self._model_initialized and snapshot.model_params is not None:
-            mine = self.model.model_params()
+            mine = self._model.model_params()
             differ = sorted(
                 k for k in snapshot.model_params if mine.get(k) != snapshot.model_params[k]
             )
@@ -549,12 +575,36 @@ class Recoder:
         meta = torch.device("meta") if weightless else contextlib.nullcontext()
         with torch.random.fork_rng(devices=[]), meta:
             torch.manual_seed(self.seed)
-            self.model.init_model(num_items=self.num_items, num_users=self.num_users)
+            self._model.init_model(num_items=self.num_items, num_users=self.num_users)
         self._model_initialized = True
 
     def _weightless(self) -> bool:
-        """Whether the model was initialized without weights (see ``_init_training``)."""
-        return any(p.is_meta for p in self.model.parameters())
+        """Whether the model was initialized without weights (see ``_init_training``), or
+        its weights are in a sharded run's checkpoint (``_keep_shards``)."""
+        return any(p.is_meta for p in self._model.parameters())
+
+    def _keep_shards(self, output: RunOutput, epoch: int) -> None:
+        """Keeps the sharded run ``output``'s last checkpoint as the model's weights (and its
+        optimizers' states): the model stays without weights here. A temporary storage is
+        deleted once the weights are assembled or replaced, or with this Recoder."""
+        self._drop_shards()
+        self._shards = _SavedShards(output, weakref.finalize(self, output.discard))
+        self._model.to("meta")  # weights from before the run are stale
+        self.current_epoch = epoch
+        self._optimizer_state = {}
+
+    def _assemble(self) -> None:
+        """The whole model and its optimizers' states, from the kept shards, in this process."""
+        if self._shards is None:
+            return
+        saved = self._shards
+        self._restore(saved.output.final_snapshot(), restore_model=True)
+        self._drop_shards()
+
+    def _drop_shards(self) -> None:
+        if self._shards is not None:
+            self._shards.discard()
+            self._shards = None
 
     def _check_eval_items(self, dataset: RecommendationDataset) -> None:
         if dataset.num_items > self.num_items:
@@ -624,10 +674,10 @@ class Recoder:
     def _evaluate_here(self, batches, settings: EvalSettings) -> dict[str, float]:
         """``evaluate`` in this process: the workers' batches (pairs of input and target
         ``UserRows``), summed the workers' way."""
-        self.model.eval()
+        model = self.model.eval()
         metrics = list(settings.metrics)
         sums, count = batches_metric_sums(
-            self.model,
+            model,
             batches,
             metrics,
             settings.num_recommendations,
@@ -648,10 +698,18 @@ class Recoder:
         alone = not os.environ.get("RAY_ADDRESS") and nodes == 1
         return 0 if alone and self.max_failures == 0 else 1
 
-    def _job(self, workers: int = 0, *, use_cuda: bool = False, **kwargs) -> WorkerJob:
-        """The job of a run on ``workers`` (0: in this process; a snapshot's job runs nowhere)."""
+    def _job(
+        self, workers: int = 0, *, sharded: bool = False, use_cuda: bool = False, **kwargs
+    ) -> WorkerJob:
+        """The job of a run on ``workers`` (0: in this process; a snapshot's job runs nowhere).
+        ``sharded``: the run shards the tables, so kept shards (``_keep_shards``) go as they
+        are; otherwise the job carries the whole model."""
+        weights = self._shards.output.checkpoint if sharded and self._shards else None
+        # First: assembling the model sets the epoch and optimizer states read below.
+        model = self._model if weights is not None else self.model
         return WorkerJob(
-            model=self.model,
+            model=model,
+            weights=weights,
             num_items=self.num_items,
             num_users=self.num_users,
             optimizer_type=self.optimizer_type,
@@ -687,10 +745,11 @@ class Recoder:
 
     def _restore(self, snapshot: Snapshot, restore_model: bool, load_params: bool = False):
         if load_params:
+            self._drop_shards()
             if snapshot.model_params is not None:
-                self.model.load_model_params(snapshot.model_params)
+                self._model.load_model_params(snapshot.model_params)
             self.num_items, self.num_users = snapshot.num_items, snapshot.num_users
-            self.model.init_model(num_items=self.num_items, num_users=self.num_users)
+            self._model.init_model(num_items=self.num_items, num_users=self.num_users)
             self._model_initialized = True
             if snapshot.optimizer_type:
                 self.optimizer_type = snapshot.optimizer_type
@@ -700,12 +759,12 @@ class Recoder:
                 self.seed = snapshot.seed  # the seeds that a run that never stopped uses
         if restore_model:
             if self._weightless():
-                self.model.to_empty(device="cpu")
+                self._model.to_empty(device="cpu")
             try:
-                self.model.load_state_dict(snapshot.model_state)
+                self._model.load_state_dict(snapshot.model_state)
             except RuntimeError as e:  # torch lists every missing key and size mismatch
                 raise ValueError(f"the snapshot does not fit the model: {e}") from None
-        self.model.cpu()
+        self._model.cpu()
         self.current_epoch = snapshot.epoch
         self._optimizer_state = snapshot.optimizer_state
 
@@ -817,3 +876,15 @@ def _check_positive_int(value, name: str) -> None:
 
 
 __all__ = ["Recoder", "TrainingRows", "read_training_rows"]
+
+
+@dataclass
+class _SavedShards:
+    """A sharded run's output whose last checkpoint holds the model's weights, and the
+    finalizer that deletes its temporary storage (run at most once)."""
+
+    output: RunOutput
+    finalizer: weakref.finalize
+
+    def discard(self) -> None:
+        self.finalizer()

@@ -80,10 +80,13 @@ class ShardedFactorization(ShardedModel):
         self.item_bias = ShardedTable(num_items, 1, init="zeros", **table)
 
     @classmethod
-    def like(cls, model, group=None, device=None, replica_group=None) -> ShardedFactorization:
+    def like(
+        cls, model, group=None, device=None, replica_group=None, draw: bool = True
+    ) -> ShardedFactorization:
         """This rank's shard of ``model`` (an initialized MatrixFactorization): its
         hyper-parameters and its tables' rows ``rank::world``. A model initialized on the meta
-        device gives the rows its ``init_seed`` draws, shard by shard."""
+        device gives the rows its ``init_seed`` draws, shard by shard.
+        ``draw=False`` leaves them uninitialized: rows that are to be loaded."""
         params = model.model_params()
         weightless = model.user_embedding.weight.is_meta
         sharded = cls(
@@ -93,7 +96,7 @@ class ShardedFactorization(ShardedModel):
             activation_type=params["activation_type"],
             dropout_prob=params["dropout_prob"],
             sparse=params["sparse"],
-            seed=model.init_seed if weightless else None,
+            seed=model.init_seed if weightless and draw else None,
             group=group,
             replica_group=replica_group,
             device=device,

@@ -78,9 +78,10 @@ def read_checkpoint(folder: str, model=None, optimizers=None) -> tuple[Snapshot,
     snapshot = load_snapshot(os.path.join(folder, SNAPSHOT_FILE))
     if sharded_model:
         snapshot.model_state = sharded_state(snapshot.model_state, model)
-        snapshot.optimizer_state = sharded_optimizer_state(
-            snapshot.optimizer_state, optimizers, model
-        )
+        if optimizers is not None:  # an evaluation reads the weights only
+            snapshot.optimizer_state = sharded_optimizer_state(
+                snapshot.optimizer_state, optimizers, model
+            )
     return snapshot, history
 
 

@@ -100,6 +100,9 @@ class WorkerJob:
     ("sharded") or whole on every rank ("replicated"), see ``training.sharded_step``;
     ``shard_group_size``: sharded within groups of that many ranks and replicated across
     them (the 2D layout, ``sharded.replicas``), None for one group of every rank.
+    ``weights``: the checkpoint of an earlier run with sharded tables (a
+    ``ray.train.Checkpoint``) that holds the weights and optimizer states, shard by shard,
+    when ``model`` has none (meta): each rank takes its rows from it.
     """
 
     model: object
@@ -119,6 +122,7 @@ class WorkerJob:
     kernels: str = "compiled"
     tables: str = "sharded"
     shard_group_size: int | None = None
+    weights: object = None
 
     def snapshot(self, model, epoch: int, optimizer_state: dict) -> Snapshot:
         """The snapshot of ``model`` (this job's model, or its copy on a worker) at ``epoch``.

@@ -204,24 +204,25 @@ class EvalSplit(DataConfig):
 
 class RunOutput:
     """What a run left: ``value``, what rank 0's loop returned (a training run's records, one
-    per epoch, or an evaluation's results), and, for training, the final snapshot."""
+    per epoch, or an evaluation's results), and, for training, ``checkpoint``, the last one
+    (a ``ray.train.Checkpoint``), until ``discard``."""
 
     def __init__(self, result, own_storage: str | None, in_process: bool):
         self.value = result.return_value
-        self._checkpoint = result.checkpoint
+        self.checkpoint = result.checkpoint
         self._own_storage = own_storage
         self._in_process = in_process
 
     def final_snapshot(self) -> Snapshot:
         """The snapshot of the run's last checkpoint, wherever its storage is."""
-        if self._checkpoint is None:
+        if self.checkpoint is None:
             raise RuntimeError("the training run ended without a final snapshot")
-        with self._checkpoint.as_directory() as folder:  # a download from remote storage
+        with self.checkpoint.as_directory() as folder:  # a download from remote storage
             return read_checkpoint(folder)[0]
 
     def discard(self) -> None:
         """Deletes the run's temporary files (in-process, its checkpoints are local folders)."""
-        if self._in_process and self._checkpoint is not None:
-            shutil.rmtree(self._checkpoint.path, ignore_errors=True)
+        if self._in_process and self.checkpoint is not None:
+            shutil.rmtree(self.checkpoint.path, ignore_errors=True)
         if self._own_storage:
             shutil.rmtree(self._own_storage, ignore_errors=True)

@@ -84,12 +84,14 @@ def worker_loop(config: dict) -> list[dict] | dict:
         held = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
         torch.set_num_threads(worker_threads(held, context.get_local_world_size()))
     device = _device(job.use_cuda, rank, progress)
-    if job.train is not None and _shards(job, world):
+    if _shards(job, world):
         job, model = _sharded_job(job, device, world)
     else:
         model = job.model.to(device)
 
     if job.train is None:
+        if job.weights is not None:
+            model.load_state_dict(_read_weights(job.weights, model).model_state)
         model.eval()
         return _evaluate(model, job, device, rank, world)
     # In-process, the loop seeds torch's global RNG: give the caller's RNG state back after.
@@ -114,10 +116,15 @@ def _device(use_cuda: bool, rank: int, progress) -> torch.device:
 
 
 def _shards(job: WorkerJob, world: int) -> bool:
-    """Whether this training job runs with the item tables sharded over its ``world`` ranks."""
+    """Whether this job runs with the tables sharded over its ``world`` ranks: a training job
+    whose model shards them (``shards_tables``), or any job whose weights are a sharded run's
+    checkpoint (the driver sends them only to a job that shards: it holds no whole model)."""
+    if job.weights is not None:
+        return True
+    if job.train is None or world < 2 or not dist.is_initialized():
+        return False
     loss_fn = build_loss(job.loss, job.loss_params)
-    distributed = world > 1 and dist.is_initialized()
-    return distributed and shards_tables(job.model, loss_fn, job.tables, world, job.train.precision)
+    return shards_tables(job.model, loss_fn, job.tables, world, job.train.precision)
 
 
 def _sharded_job(job: WorkerJob, device, world: int) -> tuple[WorkerJob, ShardedModel]:
@@ -130,7 +137,11 @@ def _sharded_job(job: WorkerJob, device, world: int) -> tuple[WorkerJob, Sharded
     if job.shard_group_size is not None and job.shard_group_size < world:  # the 2D layout
         shard_group, replica_group = layout_groups(job.shard_group_size)
     model = SHARDED[type(whole)].like(
-        whole, group=shard_group, device=device, replica_group=replica_group
+        whole,
+        group=shard_group,
+        device=device,
+        replica_group=replica_group,
+        draw=job.weights is None,  # the rows are read from the weights' checkpoint instead
     )
     return dataclasses.replace(job, model=type(whole)(**whole.model_params())), model
 
@@ -353,6 +364,11 @@ def _resume(model, optimizers, job: WorkerJob, rank: int, progress) -> tuple[int
     epoch and the records of the epochs up to it. Otherwise start from the job: its epoch, its
     optimizer states, no records."""
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and job.weights is not None:  # continues a sharded run's model
+        snapshot = _read_weights(job.weights, model, optimizers)
+        model.load_state_dict(snapshot.model_state)
+        optimizers.load_state_dict(snapshot.optimizer_state)
+        return job.start_epoch, []
     if checkpoint is None:
         state = job.optimizer_state
         if isinstance(model, ShardedModel):
@@ -366,6 +382,14 @@ def _resume(model, optimizers, job: WorkerJob, rank: int, progress) -> tuple[int
     if rank == 0:
         _note(progress, f"resuming from the checkpoint of epoch {snapshot.epoch}")
     return snapshot.epoch, history
+
+
+def _read_weights(checkpoint: ray.train.Checkpoint, model, optimizers=None):
+    """The snapshot of ``checkpoint`` (an earlier sharded run's) laid out for this rank's
+    sharded ``model`` (and its ``optimizers``): each rank reads its rows from every shard, one
+    file at a time (downloaded first from remote storage)."""
+    with checkpoint.as_directory() as folder:
+        return read_checkpoint(folder, model, optimizers)[0]
 
 
 def _check_gradients_are_where_expected(model, sparse_names: list[str]) -> None:
