@@ -228,3 +228,42 @@ def test_a_prepare_that_fails_halfway_leaves_the_earlier_split(
     assert json.loads((folder / "split.json").read_text()) == before
     assert sorted(p.name for p in folder.iterdir()) == files_before
     assert len(load_prepared(folder).split.test) == 100
+
+
+def test_bad_rows_in_a_bucket_get_the_local_paths_errors(
+    ray_session, s3_server, tmp_path, monkeypatch
+):
+    """The files read from S3 (moto) are refused as the local ones are, each error naming the
+    file: a missing file, a column of the wrong type, an item id beyond the catalog, and a
+    description that disagrees with the files."""
+    from recoder_dist import storage
+
+    for name, value in s3_server.credentials_env().items():
+        monkeypatch.setenv(name, value)
+
+    dataset, table = small_table()
+    files = files_of(tmp_path, table, dataset)
+
+    def uploaded(name: str, table_or_none) -> UserRowFiles:
+        location = s3_server.uri(f"rows/{name}")
+        if table_or_none is not None:
+            local = tmp_path / f"{name}.parquet"
+            pq.write_table(table_or_none, local)
+            storage.upload(str(local), storage.join(location, files.files[0]))
+        return UserRowFiles(**{**files.__dict__, "location": location})
+
+    missing = uploaded("missing", None)
+    with pytest.raises(FileNotFoundError, match=r"rows-00000.parquet\S* is missing"):
+        missing.ray_dataset()
+    wrong = table.set_column(
+        table.schema.get_field_index("items"),
+        "items",
+        table.column("items").cast(pa.list_(pa.int64())),
+    )
+    with pytest.raises(ValueError, match=r"rows-00000.parquet\S*.*column 'items' is list<\w+"):
+        uploaded("wrong", wrong).ray_dataset()
+    narrow = UserRowFiles(**{**uploaded("narrow", table).__dict__, "num_items": 3})
+    with pytest.raises(ValueError, match=r"rows-00000.parquet\S*: item id 3 is out of range"):
+        narrow.to_dataset()
+    with pytest.raises(ValueError, match="hold 3 rows, the description says 5"):
+        UserRowFiles(**{**uploaded("counted", table).__dict__, "num_rows": 5}).row_blocks(2)

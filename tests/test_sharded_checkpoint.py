@@ -6,6 +6,7 @@ test_sharded_step)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from recoder_dist.sharded.state import (
 from recoder_dist.training.checkpoint import SHARDED_FILE, export_snapshot
 from recoder_dist.training.optimizers import build_optimizers
 from recoder_dist.training.snapshot import Snapshot, load_snapshot, save_snapshot
+from tests.damage import alter_a_tensor_byte
 from tests.sharded_harness import assert_equal_states, interactions, rank_entries, run_ranks
 
 NUM_ITEMS = 23
@@ -92,6 +94,7 @@ def test_shards_of_format_1_still_load(tmp_path):
     expected = load_shards(files, 1, 0)
     for path in files:
         shard = torch.load(path)
+        del shard["checksum"]  # format 1 had none
         shard.update(
             version=1,
             num_items=NUM_ITEMS,
@@ -106,6 +109,11 @@ def test_shards_of_format_1_still_load(tmp_path):
 def test_incomplete_or_damaged_shards_are_refused(tmp_path):
     run_ranks(2, _save, str(tmp_path), True, False)
     files = shard_files(str(tmp_path))
+    intact = Path(files[1]).read_bytes()
+    alter_a_tensor_byte(files[1])  # torch.load would not notice
+    with pytest.raises(ValueError, match=f"{files[1]} is damaged"):
+        load_shards(files, 1, 0)
+    Path(files[1]).write_bytes(intact)
     with pytest.raises(ValueError, match="rows"):
         load_shards(files[:1], 1, 0)
     other_catalog = {key: NUM_ITEMS + 1 for key in torch.load(files[0])["tables"]}

@@ -21,6 +21,7 @@ from recoder_dist.training.snapshot import (
     model_class_name,
     save_snapshot,
 )
+from tests.damage import alter_a_tensor_byte
 
 
 def make_snapshot(epoch: int = 3, seed: int = 0) -> Snapshot:
@@ -260,3 +261,23 @@ def test_interrupted_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_snapshot(make_snapshot(), tmp_path / "model.pt")
     assert os.listdir(tmp_path) == []
+
+
+def test_an_altered_tensor_is_refused_with_the_files_name(tmp_path):
+    """A flipped byte in a tensor loads silently with torch.load; the snapshot's checksum
+    catches it."""
+    path = save_snapshot(make_snapshot(), str(tmp_path / "s.pt"))
+    load_snapshot(path)  # whole: reads
+    alter_a_tensor_byte(path)
+    torch.load(path, weights_only=True)  # torch itself reads the damaged file
+    with pytest.raises(ValueError, match=f"{path} is damaged"):
+        load_snapshot(path)
+
+
+def test_a_snapshot_without_a_checksum_still_loads(tmp_path):
+    """Files written before checksums load as they are."""
+    path = str(tmp_path / "old.pt")
+    payload = torch.load(save_snapshot(make_snapshot(), path), weights_only=True)
+    del payload["checksum"]
+    torch.save(payload, path)
+    assert_same(load_snapshot(path).model_state, make_snapshot().model_state)

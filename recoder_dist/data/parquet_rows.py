@@ -100,13 +100,15 @@ class UserRowFiles:
                 raise FileNotFoundError(f"the user rows' file {path} is missing")
         if storage.is_uri(self.location):
             fs, paths = storage.for_ray_data(self.paths)
-            dataset = ray.data.read_parquet(paths, filesystem=fs, shuffle=None)
-            check_schema(dataset.schema().base_schema, self.has_target, self.location)
+            for path, location in zip(paths, self.paths):  # footers, read here
+                check_schema(pq.read_schema(path, filesystem=fs), self.has_target, location)
+            # Each row carries its file's path, so that a bad row names its file.
+            dataset = ray.data.read_parquet(paths, filesystem=fs, shuffle=None, include_paths=True)
             # A bad row raises checked_table's ValueError, not Ray Data's UserCodeException
             # (which drops its cause); this dataset's context, not the process's.
             dataset.context.raise_original_map_exception = True
             return dataset.map_batches(
-                checked_table,
+                _checked_by_file,
                 fn_args=(self.num_items, self.has_target, self.location),
                 batch_format="pyarrow",
                 batch_size=None,  # whole blocks
@@ -366,6 +368,9 @@ class UserRowsWriter:
         self._writer, self._in_file = None, 0
 
 
+_PATH = "path"  # the column of Ray Data's read_parquet(include_paths=True)
+
+
 def check_schema(schema: pa.Schema, needs_target: bool, where: str) -> None:
     """A clear error for a table that is not user rows."""
     wanted = {**_REQUIRED, **(_TARGET if needs_target else {})}
@@ -386,6 +391,14 @@ def checked_table(table: pa.Table, num_items: int, has_target: bool, where: str)
     if has_target:
         checked(rows_from_arrow(table, "target_"), num_items, where)
     return table
+
+
+def _checked_by_file(table: pa.Table, num_items: int, has_target: bool, location: str):
+    """``checked_table`` of a block read with ``include_paths``, naming its file (as a
+    location like ``location``), without the path column."""
+    files = table.column(_PATH).unique().to_pylist()
+    where = ", ".join(storage.with_path(location, path) for path in files)
+    return checked_table(table.drop_columns([_PATH]), num_items, has_target, where)
 
 
 def checked(rows: UserRows, num_items: int, where: str) -> UserRows:

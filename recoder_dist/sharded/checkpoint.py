@@ -6,6 +6,7 @@ counts: the same on every rank). No rank gathers the whole model to save it.
 The files of a checkpoint load on any number of ranks (resharding: each rank takes its rows
 under its own layout from every saved shard, one file in memory at a time), and in one process
 as the whole model (world 1), which is how a checkpoint becomes today's single-file snapshot.
+Each file carries a checksum of its content (``recoder_dist.checksum``), verified on reading.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import re
 
 import torch
 
+from recoder_dist.checksum import verify, with_checksum
 from recoder_dist.sharded.ownership import Ownership
 from recoder_dist.sharded.state import map_optimizer_rows, table_names
 
@@ -76,7 +78,7 @@ def save_shard(folder: str, model, optimizers) -> str:
         "optimizer_rows": row_entries,  # [kind, index, name, rows] of the per-row states
     }
     path = os.path.join(folder, shard_file(rank, world))
-    torch.save(payload, path)
+    torch.save(with_checksum(payload), path)
     return path
 
 
@@ -140,6 +142,7 @@ def _read(path: str) -> dict:
         raise ValueError(f"{path} is not a readable shard: {type(e).__name__}: {e}") from None
     if not isinstance(shard, dict) or shard.get("format") != FORMAT:
         raise ValueError(f"{path} is not a recoder_dist shard")
+    verify(shard, path)
     if shard.get("version") == 1:  # every table had the catalog's rows
         rows = shard["num_items"]
         shard["tables"] = {key: rows for key in shard["tables"]}

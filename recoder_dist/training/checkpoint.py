@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
+import re
 
+import pyarrow.fs
 import ray.train
 
 from recoder_dist import storage
@@ -27,6 +30,7 @@ from recoder_dist.training.snapshot import Snapshot, copy_snapshot, load_snapsho
 SNAPSHOT_FILE = "snapshot.pt"
 SHARDED_FILE = "sharded_snapshot.pt"
 HISTORY_FILE = "history.json"
+_EPOCH_FOLDER = re.compile(r"epoch_(\d+)")  # the run's checkpoints (see worker_loop)
 
 
 def write_checkpoint(
@@ -61,9 +65,13 @@ def read_checkpoint(folder: str, model=None, optimizers=None) -> tuple[Snapshot,
         ValueError: damaged or incomplete files.
     """
     history = []  # a checkpoint of a recoder_dist that kept no records
-    if os.path.exists(os.path.join(folder, HISTORY_FILE)):
-        with open(os.path.join(folder, HISTORY_FILE)) as f:
-            history = json.load(f)
+    records = os.path.join(folder, HISTORY_FILE)
+    if os.path.exists(records):
+        with open(records) as f:
+            try:
+                history = json.load(f)
+            except ValueError as e:  # a truncated or altered file
+                raise ValueError(f"{records} is damaged: {e}") from None
     sharded_model = isinstance(model, ShardedModel)
     shards = shard_files(folder)
     if shards:
@@ -96,3 +104,21 @@ def export_snapshot(location: str, destination: str) -> str:
     fs, path = storage.filesystem(location)
     with ray.train.Checkpoint(path, filesystem=fs).as_directory() as folder:  # downloaded
         return save_snapshot(read_checkpoint(folder)[0], destination)
+
+
+def earlier_checkpoints(checkpoint: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
+    """The run's checkpoints before ``checkpoint`` (its ``epoch_N`` siblings in the run's
+    storage with a lower N), newest first: where a run goes back to when its last checkpoint
+    is damaged (Ray Train keeps the last two)."""
+    fs, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    parent, name = posixpath.split(path)
+    latest = _EPOCH_FOLDER.fullmatch(name)
+    if latest is None:
+        return []
+    found = []
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(parent)):
+        match = _EPOCH_FOLDER.fullmatch(posixpath.basename(info.path))
+        directory = info.type == pyarrow.fs.FileType.Directory
+        if directory and match and int(match[1]) < int(latest[1]):
+            found.append((int(match[1]), info.path))
+    return [ray.train.Checkpoint(p, filesystem=fs) for _, p in sorted(found, reverse=True)]

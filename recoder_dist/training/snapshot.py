@@ -1,8 +1,9 @@
 """Snapshot files: the model's hyper-parameters and weights, optimizer states and epoch.
 
 Written atomically (see :func:`recoder_dist.storage.write_atomically`: a crash mid-write leaves
-the previous file intact) to a path or a URI, and read with ``torch.load(weights_only=True)``,
-which refuses pickled code.
+the previous file intact) to a path or a URI, with a checksum of the content
+(:mod:`recoder_dist.checksum`), and read with ``torch.load(weights_only=True)``, which refuses
+pickled code; the reader verifies the checksum.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from recoder_dist import storage
+from recoder_dist.checksum import verify, with_checksum
 
 FORMAT = "recoder_dist.snapshot"
 VERSION = 1
@@ -45,7 +47,7 @@ def save_snapshot(snapshot: Snapshot, location: str | os.PathLike) -> str:
     # The fields themselves, not asdict(snapshot): asdict deep-copies every tensor, a second
     # copy of the whole model and its optimizer states for the time of the write.
     values = {f.name: getattr(snapshot, f.name) for f in fields(snapshot)}
-    payload = {"format": FORMAT, "version": VERSION, **values}
+    payload = with_checksum({"format": FORMAT, "version": VERSION, **values})
     return storage.write_atomically(location, lambda f: torch.save(payload, f))
 
 
@@ -59,8 +61,9 @@ def load_snapshot(location: str | os.PathLike) -> Snapshot:
 
     Raises:
         FileNotFoundError: no file at ``location``.
-        ValueError: the file is not a snapshot, is of an unknown version, or holds anything but
-            tensors and plain data (e.g. pickled code).
+        ValueError: the file is not a snapshot, is of an unknown version, holds anything but
+            tensors and plain data (e.g. pickled code), or is damaged (its content does not
+            match its checksum).
     """
     location = storage.normalized(location)
     if not storage.is_file(location):
@@ -78,5 +81,6 @@ def load_snapshot(location: str | os.PathLike) -> Snapshot:
             f"{location} is snapshot format version {payload.get('version')}; "
             f"this recoder_dist reads version {VERSION}"
         )
+    verify(payload, location)
     fields = set(Snapshot.__dataclass_fields__)
     return Snapshot(**{k: v for k, v in payload.items() if k in fields})

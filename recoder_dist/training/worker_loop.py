@@ -37,7 +37,12 @@ from recoder_dist.losses import build_loss
 from recoder_dist.sharded.model import ShardedModel
 from recoder_dist.sharded.replicas import layout_groups
 from recoder_dist.sharded.state import sharded_optimizer_state
-from recoder_dist.training.checkpoint import export_snapshot, read_checkpoint, write_checkpoint
+from recoder_dist.training.checkpoint import (
+    earlier_checkpoints,
+    export_snapshot,
+    read_checkpoint,
+    write_checkpoint,
+)
 from recoder_dist.training.config import EvalSettings, TrainSettings, WorkerJob
 from recoder_dist.training.evaluation import batches_metric_sums, metric_means
 from recoder_dist.training.optimizers import build_optimizers, epoch_lrs, sparse_parameter_names
@@ -375,13 +380,33 @@ def _resume(model, optimizers, job: WorkerJob, rank: int, progress) -> tuple[int
             state = sharded_optimizer_state(state, optimizers, model)
         optimizers.load_state_dict(state)
         return job.start_epoch, []
-    with checkpoint.as_directory() as folder:
-        snapshot, history = read_checkpoint(folder, model, optimizers)
+    snapshot, history = _read_restorable(checkpoint, model, optimizers, rank, progress)
     model.load_state_dict(snapshot.model_state)
     optimizers.load_state_dict(snapshot.optimizer_state)
     if rank == 0:
         _note(progress, f"resuming from the checkpoint of epoch {snapshot.epoch}")
     return snapshot.epoch, history
+
+
+def _read_restorable(checkpoint, model, optimizers, rank: int, progress):
+    """The snapshot and records of ``checkpoint``, laid out for ``model``; when a file of it is
+    damaged (a checksum that does not match, a truncated file), those of the newest earlier
+    checkpoint of the run that reads whole: the run then repeats the epochs since, instead of
+    starting over. Every rank reads every file of a checkpoint, so the ranks agree on which.
+
+    Raises:
+        ValueError: no checkpoint of the run reads whole (the last one's error).
+    """
+    first_error = None
+    for candidate in [checkpoint, *earlier_checkpoints(checkpoint)]:
+        try:
+            with candidate.as_directory() as folder:
+                return read_checkpoint(folder, model, optimizers)
+        except ValueError as e:
+            first_error = first_error or e
+            if rank == 0:
+                _note(progress, f"cannot resume from {candidate.path}: {e}")
+    raise first_error
 
 
 def _read_weights(checkpoint: ray.train.Checkpoint, model, optimizers=None):
