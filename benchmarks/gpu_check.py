@@ -181,6 +181,21 @@ def host_syncs_per_step(matrix, device: torch.device) -> str:
     return f"{len(messages) / steps:.1f} ({'; '.join(kinds) or 'none'})"
 
 
+def similar_items_check(recoder, device: torch.device) -> str:
+    """The exact similar-items search of 2,048 items over the model's catalog on ``device``:
+    its seconds, and the share of its neighbour ids equal to the CPU's (ties aside, all)."""
+    from recoder_dist.similarity import item_vectors, top_k_cosine
+
+    vectors = item_vectors(recoder)
+    queries = np.arange(min(2048, len(vectors)))
+    top_k_cosine(vectors, vectors[:8], 20, device=device)  # the device's first use
+    started = time.perf_counter()
+    rows, _ = top_k_cosine(vectors, vectors[queries], 20, exclude=queries, device=device)
+    seconds = time.perf_counter() - started
+    reference, _ = top_k_cosine(vectors, vectors[queries], 20, exclude=queries)
+    return f"{seconds:.2f} s ({(rows == reference).mean():.4f} of the ids equal the CPU's)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="CPU smoke run on a small dataset")
@@ -239,6 +254,9 @@ def main() -> None:
     seconds, users = evaluation_seconds(recoder, split.test)
     rows.append(("evaluated users", f"{users:,}"))
     rows.append(("evaluation, in-process (s, with its start)", f"{seconds:.1f}"))
+    rows.append(
+        ("similar items, 2,048 items x the catalog, top 20", similar_items_check(recoder, device))
+    )
     one, recoder = train_epochs(matrix, True, use_cuda, num_workers=1)
     rows.append(("epoch, sparse fp32, 1 Ray Train worker (s)", f"{one['seconds']:.2f}"))
     seconds, _ = evaluation_seconds(recoder, split.test)

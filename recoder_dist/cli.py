@@ -230,7 +230,12 @@ def _similar_items(args) -> int:
     prepared = open_prepared(args.data)
     recoder = _restored(args.checkpoint, 0, False, None)
     items = write_similar_items(
-        recoder, prepared, args.output, k=args.top_k, workers=max(args.workers, 1)
+        recoder,
+        prepared,
+        args.output,
+        k=args.top_k,
+        workers=max(args.workers, 1),
+        use_gpu=args.gpus,
     )
     print(json.dumps({"output": str(args.output), "items": items}))
     return 0
@@ -430,7 +435,8 @@ def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         help="a folder or a URI; what it holds is replaced once the new files are all written",
     )
     s.add_argument("--top-k", type=int, default=20)
-    s.add_argument("--workers", type=int, default=1, help="Ray Data actors that search")
+    s.add_argument("--workers", type=int, default=1, help="Ray Data tasks that search at once")
+    s.add_argument("--gpus", action="store_true", help="one GPU per task")
     s.set_defaults(run=_similar_items)
 
     d = commands.add_parser("demo", help="train and evaluate an autoencoder on MovieLens 100K")

@@ -33,6 +33,7 @@ from recoder_dist.data.local_files import on_this_node
 from recoder_dist.data.ray_dataset import rows_from_arrow
 from recoder_dist.similarity import item_vectors, similar_items_table, top_k_cosine
 from recoder_dist.training.evaluation import recommend_top_k
+from recoder_dist.training.launcher import gpus_for
 from recoder_dist.utils import load_id_map
 
 # Rows per block that the actors take at a time.
@@ -118,6 +119,7 @@ def write_recommendations(
             f"has {files.num_items}: a checkpoint of another dataset"
         )
     output = _output_folder(output)
+    use_gpu = gpus_for(use_gpu)
     rows = files.ray_dataset().select_columns(["user", "items", "values"])
     # The files' blocks (row groups) are large: smaller ones spread the users over the actors.
     rows = rows.repartition(target_num_rows_per_block=_ROWS_PER_BLOCK)
@@ -137,19 +139,25 @@ def write_recommendations(
     return _replaced(output, lambda fresh: _write(scored, fresh))
 
 
-def _neighbours(batch: dict, vectors, item_ids, k: int) -> pa.Table:
+def _neighbours(batch: dict, vectors, item_ids, k: int, use_gpu: bool) -> pa.Table:
     """A Ray Data task: a batch of item numbers' nearest items by cosine over the whole
-    catalog. Tasks, not actors: the vectors and ids are read from the object store without a
-    copy, and a task holds its CPU only while it runs, so the reads and writes of the job are
-    never starved by actors that hold every CPU of a small cluster."""
+    catalog, on the task's GPU when it holds one. Tasks, not actors: the vectors and ids are
+    read from the object store without a copy, and a task holds its CPU (or GPU) only while it
+    runs, so the reads and writes of the job are never starved by actors that hold every CPU
+    of a small cluster."""
+    import torch
+
     vectors, item_ids = _fetched(vectors, item_ids)
+    gpu = use_gpu and torch.cuda.is_available()  # Ray gave this task a GPU: it is cuda:0
     rows = batch["id"]
-    neighbours, similarities = top_k_cosine(vectors, vectors[rows], k, exclude=rows)
+    neighbours, similarities = top_k_cosine(
+        vectors, vectors[rows], k, exclude=rows, device="cuda" if gpu else "cpu"
+    )
     return similar_items_table(item_ids[rows], item_ids[neighbours], similarities)
 
 
 def write_similar_items(
-    recoder, prepared, output: str | os.PathLike, *, k: int, workers: int = 1
+    recoder, prepared, output: str | os.PathLike, *, k: int, workers: int = 1, use_gpu=False
 ) -> int:
     """Writes ``item, similar_items, similarities`` for every item of the model's catalog: its
     ``k`` nearest other items by cosine over the model's item vectors (see
@@ -157,7 +165,7 @@ def write_similar_items(
     item number), in the prepared split's original item ids, as Parquet files in ``output``
     (replaced as ``write_recommendations`` replaces it); returns how many items. At most
     ``workers`` tasks at a time answer a slice of the catalog each, so a task holds
-    ``_ITEMS_PER_BATCH x num_items`` scores.
+    ``_ITEMS_PER_BATCH x num_items`` scores; with ``use_gpu``, each on a GPU of its own.
 
     Raises:
         ValueError: ``k`` not in ``[1, num_items - 1]``, a model without item vectors or for
@@ -176,15 +184,17 @@ def write_similar_items(
             f"{prepared.train.num_items} items: a checkpoint of another dataset"
         )
     output = _output_folder(output)
+    use_gpu = gpus_for(use_gpu)
     read_ids = ray.remote(_ids_of).options(**on_this_node())
     item_ids = read_ids.remote(prepared.id_map_path("item"))
     items = ray.data.range(num_items, override_num_blocks=max(1, -(-num_items // _ITEMS_PER_BATCH)))
     answered = items.map_batches(
         _neighbours,
-        fn_args=(ray.put(vectors), item_ids, k),
+        fn_args=(ray.put(vectors), item_ids, k, use_gpu),
         batch_size=_ITEMS_PER_BATCH,
         batch_format="numpy",
         concurrency=workers,
+        num_gpus=1 if use_gpu else 0,
     )
     return _replaced(output, lambda fresh: _write(answered, fresh))
 

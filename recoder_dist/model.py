@@ -39,7 +39,13 @@ from recoder_dist.training.evaluation import (
     predict_scores,
     recommend_top_k,
 )
-from recoder_dist.training.launcher import RunOutput, cluster_gpus, ensure_ray, run_job
+from recoder_dist.training.launcher import (
+    RunOutput,
+    cluster_gpus,
+    ensure_ray,
+    gpus_for,
+    run_job,
+)
 from recoder_dist.training.optimizers import check_optimizer_type, check_optimizers
 from recoder_dist.training.sharded_step import check_tables, rank_batch, shards_tables
 from recoder_dist.training.snapshot import (
@@ -618,22 +624,13 @@ class Recoder:
         present: in this process or on the local Ray when it has them; on a cluster reached at
         ``RAY_ADDRESS`` always, since its autoscaler may add GPU nodes on demand. Without any,
         training runs on CPU, with a warning."""
-        if not self.use_cuda:
-            return False
-        ensure_ray()
-        if workers == 0:
-            present = torch.cuda.is_available()
-        elif os.environ.get("RAY_ADDRESS"):
-            return True
-        else:
-            present = cluster_gpus() > 0
-            if present and cluster_gpus() < workers:
-                raise ValueError(
-                    f"use_cuda=True with {workers} workers needs as many GPUs, but the "
-                    f"local Ray cluster has {cluster_gpus():g}; lower num_workers"
-                )
-        if not present:
-            logger.warning("use_cuda=True but no GPU is present here: running on CPU")
+        present = gpus_for(self.use_cuda, in_process=workers == 0)
+        local = workers > 0 and not os.environ.get("RAY_ADDRESS")
+        if present and local and cluster_gpus() < workers:
+            raise ValueError(
+                f"use_cuda=True with {workers} workers needs as many GPUs, but the local Ray "
+                f"cluster has {cluster_gpus():g}; lower num_workers"
+            )
         return present
 
     def _eval_dataset(

@@ -1,7 +1,8 @@
 """Exact item similarity: the nearest items by cosine over a model's item vectors.
 
-The search is numpy only. Scores are computed a slice of query rows at a time, so memory stays
-at ``slice_size x num_items`` floats whatever the catalog; this is the core that
+The search runs in torch on the device given (the CPU, or a GPU where one is lent): the same
+code either way. Scores are computed a slice of query rows at a time, so memory stays at
+``slice_size x num_items`` floats whatever the catalog; this is the core that
 :class:`~recoder_dist.embedding.ExactEmbeddingsIndex` answers from, and that a cluster-wide
 "similar items" job can run on its share of the catalog (``similar_items(..., items=share)``,
 then :func:`similar_items_table` for its Parquet rows).
@@ -63,6 +64,7 @@ def top_k_cosine(
     *,
     exclude: np.ndarray | None = None,
     slice_size: int = DEFAULT_SLICE_SIZE,
+    device: torch.device | str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` rows of ``vectors`` most similar by cosine to each query.
 
@@ -73,6 +75,7 @@ def top_k_cosine(
         exclude: for each query, one row of ``vectors`` never to return (e.g. the query item
             itself), or None.
         slice_size: queries scored at once.
+        device: where the vectors and a slice's scores live while searching.
 
     Returns:
         ``(rows, similarities)``, both ``num_queries x k``: row numbers in ``vectors``, best
@@ -97,30 +100,30 @@ def top_k_cosine(
     if slice_size < 1:
         raise ValueError(f"slice_size must be >= 1, got {slice_size}")
 
-    units, query_units = unit_rows(vectors), unit_rows(queries)
+    units = torch.from_numpy(unit_rows(vectors)).to(device)
+    query_units = torch.from_numpy(unit_rows(queries)).to(device)
     rows = np.empty((len(queries), k), dtype=np.int64)
     sims = np.empty((len(queries), k), dtype=np.float32)
     for start in range(0, len(queries), slice_size):
         stop = min(start + slice_size, len(queries))
         scores = query_units[start:stop] @ units.T  # the slice's whole memory cost
         if exclude is not None:
-            scores[np.arange(stop - start), exclude[start:stop]] = -np.inf
-        rows[start:stop], sims[start:stop] = _top_k_rows(scores, k)
+            excluded = torch.from_numpy(exclude[start:stop]).to(device)
+            scores[torch.arange(stop - start, device=device), excluded] = -torch.inf
+        top_rows, top_sims = _top_k_rows(scores, k)
+        rows[start:stop], sims[start:stop] = top_rows.cpu().numpy(), top_sims.cpu().numpy()
     return rows, sims
 
 
-def _top_k_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _top_k_rows(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top ``k`` columns of each row, best first; equal scores in the lower column first
     (among the columns kept: which of several columns tied at the k-th place are kept is
-    argpartition's choice)."""
-    if k < scores.shape[1]:
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    else:
-        top = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
-    values = np.take_along_axis(scores, top, axis=1)
-    order = np.lexsort((top, -values), axis=1)
-    top = np.take_along_axis(top, order, axis=1)
-    return top, np.take_along_axis(values, order, axis=1)
+    ``torch.topk``'s choice)."""
+    values, top = torch.topk(scores, k, dim=1)
+    by_column = torch.argsort(top, dim=1)  # then a stable sort by score keeps that order
+    top, values = top.gather(1, by_column), values.gather(1, by_column)
+    best = torch.argsort(values, dim=1, descending=True, stable=True)
+    return top.gather(1, best), values.gather(1, best)
 
 
 def similar_items(
@@ -130,6 +133,7 @@ def similar_items(
     item_ids=None,
     items=None,
     slice_size: int = DEFAULT_SLICE_SIZE,
+    device: torch.device | str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each item's ``k`` nearest other items by cosine, in original item ids.
 
@@ -141,6 +145,7 @@ def similar_items(
             original id to row (an id map of ``dataframe_to_csr_matrix``); None: ids are rows.
         items: the original ids of the items to answer for; None: every item.
         slice_size: items scored at once (memory: ``slice_size x num_items`` floats).
+        device: where the search runs (see :func:`top_k_cosine`).
 
     Returns:
         ``(query_ids, neighbour_ids, similarities)``: the queried items' ids, and
@@ -161,7 +166,7 @@ def similar_items(
             f"{len(vectors) - 1} other items each"
         )
     neighbour_rows, sims = top_k_cosine(
-        vectors, vectors[rows], k, exclude=rows, slice_size=slice_size
+        vectors, vectors[rows], k, exclude=rows, slice_size=slice_size, device=device
     )
     return ids[rows], ids[neighbour_rows], sims
 

@@ -113,7 +113,8 @@ def test_train_evaluate_recommend(ray_session, prepared, tmp_path, capsys):
 
     similar = ["similar-items", "--checkpoint", trained["checkpoint"], "--data", str(prepared)]
     similar += ["--output", str(tmp_path / "similar")]
-    code, written, _ = run(capsys, *similar, "--top-k", "5", "--workers", "2")
+    # --gpus on a Ray without GPUs: the search runs on CPU (the same code), with a warning.
+    code, written, _ = run(capsys, *similar, "--top-k", "5", "--workers", "2", "--gpus")
     num_items = len(item_index)
     assert code == 0 and written["items"] == num_items
     table = {row["item"]: row for row in pq.read_table(tmp_path / "similar").to_pylist()}

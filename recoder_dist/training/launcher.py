@@ -9,6 +9,7 @@ import tempfile
 import uuid
 
 import ray
+import torch
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -97,6 +98,26 @@ def _console_settings(verbose: bool) -> dict:
 
 def cluster_gpus() -> float:
     return ray.cluster_resources().get("GPU", 0.0)
+
+
+def gpus_for(use_cuda: bool, in_process: bool = False) -> bool:
+    """Whether work that asks for GPUs (``use_cuda``) gets them. ``use_cuda=True`` means GPUs
+    where present: in this process (``in_process``) or on the local Ray when it has them; on a
+    cluster reached at ``RAY_ADDRESS`` always, since its autoscaler may add GPU nodes on
+    demand. Without any, the work runs on CPU, with a warning (rather than waiting for GPUs
+    that never come)."""
+    if not use_cuda:
+        return False
+    ensure_ray()
+    if in_process:
+        present = torch.cuda.is_available()
+    elif os.environ.get("RAY_ADDRESS"):
+        return True
+    else:
+        present = cluster_gpus() > 0
+    if not present:
+        logger.warning("use_cuda=True but no GPU is present here: running on CPU")
+    return present
 
 
 def run_job(
