@@ -18,6 +18,12 @@ import torch
 import torch._dynamo  # noqa: F401
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
+
+from recoder_dist.sharded import comm
+from recoder_dist.sharded.ownership import Ownership
+from recoder_dist.sharded.state import map_optimizer_rows, table_names
+from recoder_dist.sharded.tables import CHUNK_ROWS
 
 
 def run_ranks(world: int, fn, *args) -> None:
@@ -79,3 +85,88 @@ def assert_equal_states(actual, expected, where="state") -> None:
             assert_equal_states(actual[key], expected[key], f"{where}/{key}")
     else:
         assert actual == expected, where
+
+
+# The whole state gathered from the shards by collectives: the tests' reference for what the
+# shard files hold and for the sharded steps against one process (the package itself never
+# gathers a model: checkpoints are written shard by shard).
+
+
+@torch.no_grad()
+def gather_full_rows(
+    rows: torch.Tensor,
+    ownership: Ownership,
+    dst: int | None = 0,
+    group=None,
+    chunk_rows: int = CHUNK_ROWS,
+) -> torch.Tensor | None:
+    """A per-item tensor (a table, or its optimizer's moments) whole, on the CPU, from every
+    rank's ``rows`` under ``ownership``: on rank ``dst`` of ``group`` (every rank when None;
+    None elsewhere). A collective: every rank calls it.
+
+    The rows travel ``chunk_rows`` of a shard at a time and go to the CPU as they arrive: the
+    whole table is never on a device (a GPU's collectives need device tensors), only
+    ``world x chunk_rows`` of its rows."""
+    rank, world = comm.rank_and_world(group)
+    receives = dst in (None, rank)
+    full = None
+    if receives:
+        full = torch.empty((ownership.num_items, *rows.shape[1:]), dtype=rows.dtype)
+    longest = ownership.rows_of(0)  # gather needs equal sizes: pad to the longest shard
+    for start in range(0, longest, chunk_rows):
+        stop = min(start + chunk_rows, longest)
+        padded = rows.new_zeros((stop - start, *rows.shape[1:]))
+        mine = rows[start:stop]
+        padded[: len(mine)] = mine
+        parts = [torch.empty_like(padded) for _ in range(world)] if receives else None
+        if dst is None:
+            dist.all_gather(parts, padded, group=group)
+        else:
+            dist.gather(
+                padded, parts, dst=dist.get_global_rank(group, dst) if group else dst, group=group
+            )
+        if receives:
+            for owner, part in enumerate(parts):
+                count = max(0, min(ownership.rows_of(owner), stop) - start)
+                # Owner's local row j is item j * world + owner.
+                full[start * world + owner :: world][:count] = part[:count].cpu()
+    return full
+
+
+def gathered_state(model: nn.Module, dst: int | None = 0) -> dict | None:
+    """The whole model's ``state_dict`` on rank ``dst`` (every rank when None; None elsewhere),
+    on the CPU (see ``gather_full_rows``). A collective: every rank of the shards' group calls
+    it."""
+    tables = table_names(model)
+    state, gathered = model.state_dict(), {}
+    full = {}
+    for key, value in state.items():
+        if key in tables:
+            table = tables[key]
+            if id(table) not in gathered:  # a tied table once
+                gathered[id(table)] = gather_full_rows(
+                    value, table.ownership, dst, getattr(model, "group", None)
+                )
+            value = gathered[id(table)]
+        full[key] = value
+    if dst is not None and _rank(model) != dst:
+        return None
+    return {key: value.cpu() for key, value in full.items()}
+
+
+def gathered_optimizer_state(optimizers, model: nn.Module, dst: int | None = 0) -> dict | None:
+    """The whole model's optimizers' state on rank ``dst`` (every rank when None; None
+    elsewhere); the per-item rows on the CPU (see ``gather_full_rows``), the rest where the
+    optimizers keep it. A collective: every rank of the shards' group calls it."""
+    group = getattr(model, "group", None)
+    state = map_optimizer_rows(
+        optimizers.state_dict(),
+        optimizers,
+        model,
+        lambda value, table, key: gather_full_rows(value, table.ownership, dst, group),
+    )
+    return state if dst is None or _rank(model) == dst else None
+
+
+def _rank(model: nn.Module) -> int:
+    return next(iter(table_names(model).values())).rank

@@ -15,8 +15,6 @@ from recoder_dist import storage
 from recoder_dist.sharded.autoencoder import ShardedAutoencoder
 from recoder_dist.sharded.checkpoint import load_shards, save_shard, shard_file, shard_files
 from recoder_dist.sharded.state import (
-    gathered_optimizer_state,
-    gathered_state,
     sharded_optimizer_state,
     sharded_state,
     table_names,
@@ -25,7 +23,14 @@ from recoder_dist.training.checkpoint import SHARDED_FILE, export_snapshot
 from recoder_dist.training.optimizers import build_optimizers
 from recoder_dist.training.snapshot import Snapshot, load_snapshot, save_snapshot
 from tests.damage import alter_a_tensor_byte
-from tests.sharded_harness import assert_equal_states, interactions, rank_entries, run_ranks
+from tests.sharded_harness import (
+    assert_equal_states,
+    gathered_optimizer_state,
+    gathered_state,
+    interactions,
+    rank_entries,
+    run_ranks,
+)
 
 NUM_ITEMS = 23
 

@@ -24,7 +24,6 @@ from recoder_dist.metrics import NDCG, AveragePrecision, Recall
 from recoder_dist.nn.autoencoder import DynamicAutoencoder
 from recoder_dist.sharded.autoencoder import ShardedAutoencoder
 from recoder_dist.sharded.ownership import Ownership
-from recoder_dist.sharded.tables import gather_full_rows
 from recoder_dist.training import top_k_kernel
 from recoder_dist.training.evaluation import metric_sums, recommend_top_k
 from recoder_dist.training.sharded_evaluation import (
@@ -34,7 +33,7 @@ from recoder_dist.training.sharded_evaluation import (
     sharded_top_k,
 )
 from recoder_dist.training.top_k import top_k
-from tests.sharded_harness import run_ranks
+from tests.sharded_harness import gather_full_rows, run_ranks
 
 CPU = torch.device("cpu")
 METRICS = [Recall(k=5), NDCG(k=20), AveragePrecision(k=20, normalize=False)]

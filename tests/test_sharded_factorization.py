@@ -27,8 +27,6 @@ from recoder_dist.nn.factorization import MatrixFactorization
 from recoder_dist.sharded.checkpoint import load_shards, save_shard, shard_files
 from recoder_dist.sharded.factorization import ShardedFactorization
 from recoder_dist.sharded.state import (
-    gathered_optimizer_state,
-    gathered_state,
     sharded_optimizer_state,
     sharded_state,
 )
@@ -36,7 +34,15 @@ from recoder_dist.training.evaluation import metric_sums, recommend_top_k
 from recoder_dist.training.optimizers import build_optimizers
 from recoder_dist.training.sharded_evaluation import sharded_eval_sums, sharded_top_k
 from recoder_dist.training.step import batch_loss
-from tests.sharded_harness import assert_equal_states, interactions, rank_entries, run_ranks, split
+from tests.sharded_harness import (
+    assert_equal_states,
+    gathered_optimizer_state,
+    gathered_state,
+    interactions,
+    rank_entries,
+    run_ranks,
+    split,
+)
 
 NUM_ITEMS, TOUCHED, NUM_USERS = 23, 19, 26  # items 19-22 and users 20-25 are never touched
 STEP_USERS = [np.array([4, 17, 0, 9, 12, 3, 19, 8, 1, 15]), np.array([2, 6, 11, 5, 18])]

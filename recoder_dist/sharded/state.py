@@ -5,9 +5,8 @@ A sharded model names its parameters as the whole model does, in the same order
 (``ShardedAutoencoder``), so the two states differ only in the tables' rows: the shard holds
 rows ``rank::world`` of each table and of each per-row optimizer state (Adam's moments), and
 the rest (dense layers, their optimizer states, step counts) is the same on every rank. Going
-from whole to shard slices rows; back gathers them on one rank (a snapshot of a model that fits
-in one process, the format that every other path reads). A whole state loads on any world size:
-that is resharding.
+from whole to shard slices rows (back is the shard files' business, ``sharded.checkpoint``). A
+whole state loads on any world size: that is resharding.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from recoder_dist.sharded.tables import ShardedTable, gather_full_rows
+from recoder_dist.sharded.tables import ShardedTable
 
 
 def table_names(model: nn.Module) -> dict[str, ShardedTable]:
@@ -37,47 +36,12 @@ def sharded_state(full_state: dict, model: nn.Module) -> dict:
     }
 
 
-def gathered_state(model: nn.Module, dst: int | None = 0) -> dict | None:
-    """The whole model's ``state_dict`` on rank ``dst`` (every rank when None; None elsewhere),
-    on the CPU (see ``gather_full_rows``). A collective: every rank of the shards' group calls
-    it."""
-    tables = table_names(model)
-    state, gathered = model.state_dict(), {}
-    full = {}
-    for key, value in state.items():
-        if key in tables:
-            table = tables[key]
-            if id(table) not in gathered:  # a tied table once
-                gathered[id(table)] = gather_full_rows(
-                    value, table.ownership, dst, getattr(model, "group", None)
-                )
-            value = gathered[id(table)]
-        full[key] = value
-    if dst is not None and _rank(model) != dst:
-        return None
-    return {key: value.cpu() for key, value in full.items()}
-
-
 def sharded_optimizer_state(full_state: dict, optimizers, model: nn.Module) -> dict:
     """This rank's part of the optimizers' state of the whole model (``Optimizers.state_dict``
     of the whole model's optimizers), for ``optimizers`` of the sharded ``model``."""
     return map_optimizer_rows(
         full_state, optimizers, model, lambda value, table, key: _rows_of(value, table)
     )
-
-
-def gathered_optimizer_state(optimizers, model: nn.Module, dst: int | None = 0) -> dict | None:
-    """The whole model's optimizers' state on rank ``dst`` (every rank when None; None
-    elsewhere); the per-item rows on the CPU (see ``gather_full_rows``), the rest where the
-    optimizers keep it. A collective: every rank of the shards' group calls it."""
-    group = getattr(model, "group", None)
-    state = map_optimizer_rows(
-        optimizers.state_dict(),
-        optimizers,
-        model,
-        lambda value, table, key: gather_full_rows(value, table.ownership, dst, group),
-    )
-    return state if dst is None or _rank(model) == dst else None
 
 
 def map_optimizer_rows(state: dict, optimizers, model: nn.Module, per_row) -> dict:
@@ -118,7 +82,3 @@ def _rows_of(value: torch.Tensor, table: ShardedTable) -> torch.Tensor:
             f"a table of {value.shape[0]} rows for a sharded table of {table.num_items} items"
         )
     return value[table.rank :: table.ownership.world].clone()
-
-
-def _rank(model: nn.Module) -> int:
-    return next(iter(table_names(model).values())).rank

@@ -14,10 +14,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from recoder_dist.sharded import comm
 from recoder_dist.sharded.ownership import Ownership
 
 CHUNK_ROWS = 1 << 16
@@ -122,52 +120,6 @@ class ShardedTable(nn.Embedding):
         if tuple(full.shape) != (self.num_items, self.dim):
             raise ValueError(f"a {tuple(full.shape)} table for {self.num_items} x {self.dim}")
         self.weight.copy_(full[self.rank :: self.ownership.world])
-
-    def gather_full(self, dst: int | None = 0, group=None) -> torch.Tensor | None:
-        """The full table on rank ``dst`` (on every rank when None; None elsewhere), for
-        today's single-file snapshot of a model that fits in one process. A collective."""
-        return gather_full_rows(self.weight.detach(), self.ownership, dst, group)
-
-
-@torch.no_grad()
-def gather_full_rows(
-    rows: torch.Tensor,
-    ownership: Ownership,
-    dst: int | None = 0,
-    group=None,
-    chunk_rows: int = CHUNK_ROWS,
-) -> torch.Tensor | None:
-    """A per-item tensor (a table, or its optimizer's moments) whole, on the CPU, from every
-    rank's ``rows`` under ``ownership``: on rank ``dst`` of ``group`` (every rank when None;
-    None elsewhere). A collective: every rank calls it.
-
-    The rows travel ``chunk_rows`` of a shard at a time and go to the CPU as they arrive: the
-    whole table is never on a device (a GPU's collectives need device tensors), only
-    ``world x chunk_rows`` of its rows."""
-    rank, world = comm.rank_and_world(group)
-    receives = dst in (None, rank)
-    full = None
-    if receives:
-        full = torch.empty((ownership.num_items, *rows.shape[1:]), dtype=rows.dtype)
-    longest = ownership.rows_of(0)  # gather needs equal sizes: pad to the longest shard
-    for start in range(0, longest, chunk_rows):
-        stop = min(start + chunk_rows, longest)
-        padded = rows.new_zeros((stop - start, *rows.shape[1:]))
-        mine = rows[start:stop]
-        padded[: len(mine)] = mine
-        parts = [torch.empty_like(padded) for _ in range(world)] if receives else None
-        if dst is None:
-            dist.all_gather(parts, padded, group=group)
-        else:
-            dist.gather(
-                padded, parts, dst=dist.get_global_rank(group, dst) if group else dst, group=group
-            )
-        if receives:
-            for owner, part in enumerate(parts):
-                count = max(0, min(ownership.rows_of(owner), stop) - start)
-                # Owner's local row j is item j * world + owner.
-                full[start * world + owner :: world][:count] = part[:count].cpu()
-    return full
 
 
 def reshard_rows(pieces, ownership: Ownership, rank: int) -> torch.Tensor:
