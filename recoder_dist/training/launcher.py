@@ -174,7 +174,10 @@ def run_job(
                 shutil.rmtree(storage_path, ignore_errors=True)
             raise
     num_epochs = job.train.num_epochs if job.train else 1
-    with ProgressPrinter(epochs_between_lines(num_epochs)) as progress:
+    name = run_name or f"recoder-dist-{uuid.uuid4().hex[:8]}"
+    # A named run is held on the cluster while it goes on (two jobs must not train one run).
+    held = f"{storage_path.rstrip('/')}/{run_name}" if run_name else None
+    with ProgressPrinter(epochs_between_lines(num_epochs), run=held) as progress:
         trainer = TorchTrainer(
             worker_loop,
             train_loop_config={
@@ -190,7 +193,7 @@ def run_job(
             datasets=datasets,
             dataset_config=EvalSplit(),
             run_config=RunConfig(
-                name=run_name or f"recoder-dist-{uuid.uuid4().hex[:8]}",
+                name=name,
                 storage_path=storage_path,
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 failure_config=FailureConfig(max_failures=max_failures),

@@ -7,13 +7,20 @@ add a note (a warning the user must see: the workers' own logs stay in Ray's log
 actor lives on the driver's node, and only shows a run as it goes: what a run returns comes from
 Ray Train's Result (``Result.return_value``), so a lost actor costs the console its lines, never
 the run its results.
+
+A named run's actor also holds the run's name on the cluster (a named actor, owned by the
+driver: it dies with it): a second job that starts the same run while the first lives is
+refused at once, naming the first (``RunInUseError``), instead of writing the same checkpoints.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
 import threading
+import time
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -35,13 +42,28 @@ _NOT_SHOWN = {
 _NOT_SHOWN |= {"sync_bytes_per_step", "dense_sync_bytes_per_step"}
 
 
+# Where the actors that hold runs' names live (named actors are unique within a namespace).
+RUNS_NAMESPACE = "recoder_dist.runs"
+
+
+CLAIM_WAIT_S = 5.0
+
+
+class RunInUseError(ValueError):
+    """Another job is training the run (the same name and storage) on this cluster."""
+
+
 @ray.remote(num_cpus=0)
 class ProgressLog:
-    """Epoch records and notes, in the order they arrive."""
+    """Epoch records and notes, in the order they arrive; ``holder`` describes the driver."""
 
-    def __init__(self):
+    def __init__(self, holder: dict | None = None):
         self._items: list[tuple[str, object]] = []
         self._read = 0
+        self._holder = holder or {}
+
+    def holder(self) -> dict:
+        return self._holder
 
     def append(self, record: dict) -> None:
         self._items.append(("record", record))
@@ -70,13 +92,30 @@ def format_record(record: dict) -> str:
 class ProgressPrinter:
     """Logs what a :class:`ProgressLog` receives on the driver while a run goes on: every note,
     and at INFO the epoch records of every ``every``-th epoch, of the first and last epochs and
-    of the epochs that evaluate (the others at DEBUG)."""
+    of the epochs that evaluate (the others at DEBUG). ``run``: the run's key (its storage and
+    name), held by the actor for as long as this printer (see the module docstring).
 
-    def __init__(self, every: int = 1, interval_s: float = 0.5):
+    Raises:
+        RunInUseError: another live job holds ``run``.
+    """
+
+    def __init__(self, every: int = 1, interval_s: float = 0.5, run: str | None = None):
         here = ray.get_runtime_context().get_node_id()
-        self.log = ProgressLog.options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)
-        ).remote()
+        options = dict(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))
+        if run is not None:
+            options.update(name=run, namespace=RUNS_NAMESPACE)
+        # A holder whose driver has just ended (a stopped job, resubmitted) lets go of the name
+        # within a second or so: a live one still holds it when this gives up.
+        deadline = time.monotonic() + CLAIM_WAIT_S
+        while True:
+            try:
+                self.log = ProgressLog.options(**options).remote(_holder())
+                break
+            except ValueError:  # the name is taken
+                if time.monotonic() > deadline:
+                    raise RunInUseError(_in_use(run)) from None
+                time.sleep(0.2)
+        self._run = run
         self._every = max(1, every)
         self._interval_s = interval_s
         self._stop = threading.Event()
@@ -92,6 +131,8 @@ class ProgressPrinter:
         self._thread.join()
         self._drain()
         ray.kill(self.log)
+        if self._run is not None:
+            _wait_released(self._run)
 
     def _poll(self) -> None:
         while not self._stop.wait(self._interval_s) and self._drain():
@@ -127,3 +168,39 @@ class ProgressPrinter:
 def epochs_between_lines(num_epochs: int, lines: int = 10) -> int:
     """Show about ``lines`` epoch lines in a run of ``num_epochs`` epochs."""
     return max(1, math.ceil(num_epochs / lines))
+
+
+def _holder() -> dict:
+    """Who runs this driver, for the message of a job refused while it runs."""
+    context = ray.get_runtime_context()
+    return {
+        "job": context.get_job_id(),
+        "submission": os.environ.get("RAY_JOB_SUBMISSION_ID"),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def _in_use(run: str) -> str:
+    try:
+        holder = ray.get(ray.get_actor(run, namespace=RUNS_NAMESPACE).holder.remote(), timeout=10)
+    except Exception:  # it ended meanwhile: say what we know
+        holder = {}
+    who = ", ".join(f"{key} {value}" for key, value in holder.items() if value is not None)
+    return (
+        f"the run {run} is being trained by another job ({who or 'that just ended'}): "
+        "wait for it or stop it, or give this run another name"
+    )
+
+
+def _wait_released(run: str, timeout_s: float = 10.0) -> None:
+    """Until the run's name is free again (a killed actor's name is released shortly after),
+    so that the next run of this name from this driver is not refused."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(run, namespace=RUNS_NAMESPACE)
+        except ValueError:
+            return
+        time.sleep(0.05)
