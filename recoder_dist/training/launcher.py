@@ -13,6 +13,7 @@ import torch
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from recoder_dist import storage
 from recoder_dist.data.epoch_order import RowBlocks
 from recoder_dist.training.checkpoint import read_checkpoint
 from recoder_dist.training.config import WorkerJob
@@ -176,7 +177,7 @@ def run_job(
     num_epochs = job.train.num_epochs if job.train else 1
     name = run_name or f"recoder-dist-{uuid.uuid4().hex[:8]}"
     # A named run is held on the cluster while it goes on (two jobs must not train one run).
-    held = f"{storage_path.rstrip('/')}/{run_name}" if run_name else None
+    held = storage.join(storage_path, run_name) if run_name else None
     with ProgressPrinter(epochs_between_lines(num_epochs), run=held) as progress:
         trainer = TorchTrainer(
             worker_loop,
