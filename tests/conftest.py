@@ -58,6 +58,15 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
+def sharded_run(ray_session, tmp_path_factory):
+    """The straight sharded 2-worker run of tests/test_sharded_training.py, which the tests of
+    two files compare with: one worker group for all of them."""
+    from tests.test_sharded_training import straight_run
+
+    return straight_run(tmp_path_factory.mktemp("sharded-run"))
+
+
+@pytest.fixture(scope="session")
 def prepared_ml100k(tmp_path_factory) -> Path:
     """MovieLens 100K as `recoder-dist prepare` writes it: 100 validation and 100 test users."""
     from recoder_dist.cli import main

@@ -116,31 +116,25 @@ def _close(actual: dict, expected: dict):
         assert torch.allclose(actual[key], value, rtol=1e-4, atol=5e-5), f"{key}: {gap}"
 
 
-def test_workers_train_the_model_of_one_process_on_their_joined_batches(ray_session):
+def test_workers_train_the_model_of_one_process_on_their_joined_batches(straight):
     split = ml100k_split()
     rows = read_training_rows(RecommendationDataset(split.train.interactions[:400]))
     num_items = split.train.num_items
-    recoder = Recoder(DynamicAutoencoder(**MODEL), num_items=num_items, num_workers=2, seed=SEED)
-    history = recoder.train(
-        rows,
-        val_dataset=split.test,
-        eval_freq=2,
-        metrics=[Recall(k=20), NDCG(k=50)],
-        num_epochs=2,
-        **TRAIN,
-    )
-
     reference = DynamicAutoencoder(**MODEL)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)  # the initial weights that Recoder draws from its seed
         reference.init_model(num_items=num_items)
     optimizers = build_optimizers(reference, "adam", TRAIN["lr"], 0.0)
-    losses = _reference_epochs(reference, optimizers, rows, num_items, 2, [1, 2])
-    _close(recoder.model.state_dict(), reference.state_dict())
+    losses = _reference_epochs(reference, optimizers, rows, num_items, 2, [1, 2, 3])
+    _close(straight.model.state_dict(), reference.state_dict())
+    history = straight.history
     np.testing.assert_allclose([h["loss"] for h in history], losses, rtol=1e-5)
     # The evaluation of the last epoch (every rank with the whole model) is one process's.
-    recoder.num_workers = 0
-    expected = recoder.evaluate(split.test, 50, [Recall(k=20), NDCG(k=50)], batch_size=40)
+    straight.num_workers = 0  # the module's run: put back for the other test
+    try:
+        expected = straight.evaluate(split.test, 50, [Recall(k=20), NDCG(k=50)], batch_size=40)
+    finally:
+        straight.num_workers = 2
     for name in ("Recall@20", "NDCG@50"):
         assert history[-1][name] == pytest.approx(expected[name], abs=1e-6)
 
@@ -244,7 +238,7 @@ class CrashingRecall(Recall):
         return super().evaluate_hits(hits, num_relevant)
 
 
-def _crash_run(tmp_path, name: str, at_call: int) -> Recoder:
+def _crash_run(tmp_path, name: str, at_call: int, profile: bool = False) -> Recoder:
     split = ml100k_split()
     rows = read_training_rows(RecommendationDataset(split.train.interactions[:400]))
     recoder = Recoder(
@@ -261,16 +255,28 @@ def _crash_run(tmp_path, name: str, at_call: int) -> Recoder:
         val_dataset=split.test,
         eval_freq=1,
         checkpoint_freq=1,
-        metrics=[metric],
+        metrics=[metric, NDCG(k=50)],
         num_epochs=3,
+        profile=profile,
         **TRAIN,
     )
     return recoder
 
 
-def test_a_sharded_run_resumes_from_its_checkpoint_to_the_uninterrupted_weights(
-    ray_session, tmp_path
-):
+def straight_run(tmp_path) -> Recoder:
+    """A 2-worker run of 3 epochs, evaluated and checkpointed every epoch (conftest's
+    ``sharded_run``, once a session): the model that one process trains on the joined batches,
+    the weights that a crashed run resumes to, and those of a profiled run
+    (tests/test_step_profile.py). Its tests must not change it."""
+    return _crash_run(tmp_path, "straight", at_call=-1)
+
+
+@pytest.fixture
+def straight(sharded_run) -> Recoder:
+    return sharded_run
+
+
+def test_a_sharded_run_resumes_from_its_checkpoint_to_the_uninterrupted_weights(straight, tmp_path):
     """A worker lost in epoch 2's evaluation (each rank scores its 75 test users in one
     batch an epoch): the run restarts from epoch 1's checkpoint, each rank reading its rows
     (weights and Adam's moments) from the shard files, and ends where a straight run ends."""
@@ -284,7 +290,6 @@ def test_a_sharded_run_resumes_from_its_checkpoint_to_the_uninterrupted_weights(
         "shard_00000_of_00002.pt",
         "shard_00001_of_00002.pt",
     }, written
-    straight = _crash_run(tmp_path, "straight", at_call=-1)
     for name, tensor in straight.model.state_dict().items():
         torch.testing.assert_close(crashed.model.state_dict()[name], tensor, rtol=0, atol=0)
     epochs = [h["epoch"] for h in crashed.history]

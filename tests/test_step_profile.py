@@ -67,14 +67,30 @@ def _train(workers: int, profile: bool, tables: str = "sharded"):
     return recoder.model.state_dict(), history
 
 
+def _plain_and_profiled(tables: str, request, tmp_path):
+    """The weights and records of a plain and a profiled 2-worker run with ``tables``. The
+    sharded plain run is tests/test_sharded_training.py's straight run (conftest's
+    ``sharded_run``), and the profiled one takes its settings: one worker group fewer."""
+    if tables == "sharded":
+        from tests.test_sharded_training import _crash_run
+
+        plain = request.getfixturevalue("sharded_run")
+        profiled = _crash_run(tmp_path, "profiled", at_call=-1, profile=True)
+        state = profiled.model.state_dict()
+        return plain.model.state_dict(), plain.history, state, profiled.history
+    plain, plain_history = _train(2, profile=False, tables=tables)
+    return (plain, plain_history, *_train(2, profile=True, tables=tables))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("tables", ["sharded", "replicated"])
-def test_a_profiled_two_worker_run_trains_to_the_bit_like_an_unprofiled_one(ray_session, tables):
+def test_a_profiled_two_worker_run_trains_to_the_bit_like_an_unprofiled_one(
+    ray_session, tables, request, tmp_path
+):
     """The profile's barriers and its blocking DDP hook change when the work happens, not what
     is computed; every rank's phases are reported, and rank 0's add up to at most its epoch's
     time. Sharded tables have no DDP: their dense gradients are summed in ``sparse_sync``."""
-    plain, plain_history = _train(2, profile=False, tables=tables)
-    profiled, history = _train(2, profile=True, tables=tables)
+    plain, plain_history, profiled, history = _plain_and_profiled(tables, request, tmp_path)
     for name, tensor in plain.items():
         assert torch.equal(profiled[name], tensor), name
     assert "profile" not in plain_history[-1]
