@@ -16,6 +16,9 @@ in-process):
   of the step (see recoder_dist/training/step_profile.py), the mean over ranks, and the bytes
   that the sparse sync sent per step.
 
+With ``--model mf``, MatrixFactorization instead (200 dims, sparse, the same loss, batch and
+steps; with sharded tables its user table is sharded too).
+
 With ``--defaults``, what a user who changes nothing gets instead: the workers' CPUs and threads
 by default (``cpus_per_worker=None``, on a local Ray of this machine's cores) and torch's own
 thread count in-process.
@@ -24,6 +27,7 @@ thread count in-process.
     python benchmarks/scaling.py --datasets gowalla --sides 1 2r 2s
     python benchmarks/scaling.py --datasets ml-1m --rounds 3 --reference
     python benchmarks/scaling.py --datasets ml-1m --reference --defaults
+    python benchmarks/scaling.py --model mf --sides 1 2r 2s
 """
 
 from __future__ import annotations
@@ -46,15 +50,19 @@ SIDES = {
 
 
 def run(
-    matrix, side: str, epochs: int, profile: bool, cpus: float | None
+    matrix, side: str, epochs: int, profile: bool, cpus: float | None, model: str = "autoencoder"
 ) -> tuple[list[dict], float]:
     """The history of one training run and its wall time."""
     from recoder_dist import nn
     from recoder_dist.data.dataset import RecommendationDataset
     from recoder_dist.model import Recoder
 
+    if model == "mf":
+        built = nn.MatrixFactorization(embedding_size=200, sparse=True)
+    else:
+        built = nn.DynamicAutoencoder(**MODEL, sparse=True)
     trainer = Recoder(
-        nn.DynamicAutoencoder(**MODEL, sparse=True),
+        built,
         optimizer_type="adam",
         loss="logloss",
         num_workers=SIDES[side][0],
@@ -82,12 +90,12 @@ def measure(name: str, args) -> dict:
             path = npz_path(name, matrix)
             reference += reference_epochs(path, CONFIGS["sparse+ns"], args.epochs, 2)
         for side in args.sides:
-            history, wall = run(matrix, side, args.epochs, profile=False, cpus=cpus)
+            history, wall = run(matrix, side, args.epochs, False, cpus, args.model)
             seconds[side] += [record["seconds"] for record in history[1:]]
             fixed[side].append(wall - sum(record["seconds"] for record in history))
     profiles = {}
     for side in args.sides:
-        history, _ = run(matrix, side, args.epochs, profile=True, cpus=cpus)
+        history, _ = run(matrix, side, args.epochs, True, cpus, args.model)
         profiles[side] = history[1:]
     return dict(
         shape=matrix.shape, seconds=seconds, fixed=fixed, reference=reference, profiles=profiles
@@ -142,6 +150,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=4, help="per run; the first is dropped")
     parser.add_argument("--sides", nargs="+", default=list(SIDES), choices=list(SIDES))
+    parser.add_argument("--model", choices=["autoencoder", "mf"], default="autoencoder")
     parser.add_argument(
         "--reference", action="store_true", help="recsys-recoder 0.4.0 (2 threads) on ml-1m"
     )
@@ -168,7 +177,7 @@ def main():
         print(f"default CPUs per worker; {threads} torch thread(s) in-process")
     else:
         print("1 torch thread per worker and in-process")
-    print(f"median of {args.rounds} round(s) x {args.epochs - 1} epochs")
+    print(f"model: {args.model}; median of {args.rounds} round(s) x {args.epochs - 1} epochs")
     for name, result in results.items():
         users, items = result["shape"]
         print(f"\n### {name} ({users:,} users x {items:,} items): seconds per epoch\n")

@@ -42,10 +42,9 @@ _NOT_SHOWN = {
 _NOT_SHOWN |= {"sync_bytes_per_step", "dense_sync_bytes_per_step"}
 
 
-# Where the actors that hold runs' names live (named actors are unique within a namespace).
+# Where the actors that hold runs' names live (named actors are unique within a namespace),
+# and how long a new run waits for a name held by a driver that has just ended.
 RUNS_NAMESPACE = "recoder_dist.runs"
-
-
 CLAIM_WAIT_S = 5.0
 
 
@@ -112,6 +111,8 @@ class ProgressPrinter:
                 self.log = ProgressLog.options(**options).remote(_holder())
                 break
             except ValueError:  # the name is taken
+                if run is None:  # no name to take: another mistake, as it is
+                    raise
                 if time.monotonic() > deadline:
                     raise RunInUseError(_in_use(run)) from None
                 time.sleep(0.2)
