@@ -872,9 +872,6 @@ def _check_positive_int(value, name: str) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-__all__ = ["Recoder", "TrainingRows", "read_training_rows"]
-
-
 @dataclass
 class _SavedShards:
     """A sharded run's output whose last checkpoint holds the model's weights, and the
@@ -885,3 +882,6 @@ class _SavedShards:
 
     def discard(self) -> None:
         self.finalizer()
+
+
+__all__ = ["Recoder", "TrainingRows", "read_training_rows"]
