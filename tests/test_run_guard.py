@@ -16,11 +16,14 @@ import pytest
 from recoder_dist.data import RecommendationDataset
 from recoder_dist.model import Recoder
 from recoder_dist.nn import DynamicAutoencoder
-from recoder_dist.training.progress import CLAIM_WAIT_S, ProgressPrinter, RunInUseError
+from recoder_dist.training import progress
+from recoder_dist.training.progress import ProgressPrinter, RunInUseError
 from tests.ml100k import ml100k_split
 
 
-def test_a_second_job_on_a_running_run_is_refused(ray_session, tmp_path):
+def test_a_second_job_on_a_running_run_is_refused(ray_session, tmp_path, monkeypatch):
+    # The wait for a holder that has just ended, shorter here: this one does not end.
+    monkeypatch.setattr(progress, "CLAIM_WAIT_S", 0.5)
     data = RecommendationDataset(ml100k_split().train.interactions[:100])
     recoder = Recoder(
         DynamicAutoencoder([8]), num_workers=1, storage_path=str(tmp_path), run_name="busy"
@@ -31,7 +34,7 @@ def test_a_second_job_on_a_running_run_is_refused(ray_session, tmp_path):
         with pytest.raises(RunInUseError, match=f"the run {key} is being trained by another job"):
             recoder.train(data, batch_size=50)
         waited = time.monotonic() - started
-        assert waited < CLAIM_WAIT_S + 5, waited  # refused in seconds, not after a run
+        assert waited < progress.CLAIM_WAIT_S + 5, waited  # refused in seconds, not after a run
         with pytest.raises(RunInUseError, match=f"pid {os.getpid()}"):  # names the holder
             ProgressPrinter(run=key)
     assert not (tmp_path / "busy").exists()  # no worker wrote anything
