@@ -17,7 +17,7 @@ from recoder_dist.sharded.checkpoint import load_shards, save_shard, shard_file,
 from recoder_dist.sharded.state import (
     sharded_optimizer_state,
     sharded_state,
-    table_names,
+    table_rows,
 )
 from recoder_dist.training.checkpoint import SHARDED_FILE, export_snapshot
 from recoder_dist.training.optimizers import build_optimizers
@@ -63,17 +63,13 @@ def _load(rank, world, folder, sparse, constrained):
     model = _model(sparse, constrained, seed=None)
     optimizers = build_optimizers(model, "adam", 0.05, 0.0)
     model_state, optimizer_state = load_shards(
-        shard_files(folder), model.world, rank, _tables(model)
+        shard_files(folder), model.world, rank, table_rows(model)
     )
     assert_equal_states(model_state, sharded_state(whole_model, model))
     expected_optimizers = sharded_optimizer_state(whole_optimizers, optimizers, model)
     assert_equal_states(optimizer_state, expected_optimizers)
     model.load_state_dict(model_state)  # the states fit the model and its optimizers
     optimizers.load_state_dict(optimizer_state)
-
-
-def _tables(model) -> dict[str, int]:
-    return {key: table.num_items for key, table in table_names(model).items()}
 
 
 @pytest.mark.parametrize("sparse,constrained", [(True, False), (False, True)])

@@ -11,7 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recoder_dist.nn.base import FactorizationModel, activation, embedding_rows
+from recoder_dist.nn.base import (
+    FactorizationModel,
+    activation,
+    embedding_rows,
+    seeded_xavier_,
+)
 
 # recsys-recoder 0.4.0's names -> ours.
 _ALIASES = {
@@ -133,10 +138,7 @@ class DynamicAutoencoder(FactorizationModel):
         tables = [self.encoder_embedding]
         if not self.is_constrained:
             tables.append(self.decoder_embedding)
-        for offset, table in enumerate(tables):
-            generator = torch.Generator().manual_seed(self.init_seed + offset)
-            weight = nn.init.xavier_uniform_(torch.empty(table.weight.shape), generator=generator)
-            table.weight.copy_(weight)
+        seeded_xavier_(tables, self.init_seed)
         generator = torch.Generator().manual_seed(self.init_seed + 2)
         for module in self.modules():
             if isinstance(module, nn.Linear):

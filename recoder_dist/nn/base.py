@@ -88,6 +88,17 @@ class FactorizationModel(nn.Module):
         raise NotImplementedError
 
 
+@torch.no_grad()
+def seeded_xavier_(tables: list[nn.Embedding], seed: int) -> None:
+    """Xavier-uniform weights for ``tables``, table ``i`` drawn on the CPU from a generator of
+    its own seeded ``seed + i``: any row of a table can then be drawn without the rest (the
+    sharded tables draw their rows so, ``recoder_dist.sharded.tables``)."""
+    for offset, table in enumerate(tables):
+        generator = torch.Generator().manual_seed(seed + offset)
+        weight = nn.init.xavier_uniform_(torch.empty(table.weight.shape), generator=generator)
+        table.weight.copy_(weight)
+
+
 def embedding_rows(embedding: nn.Embedding, items: torch.Tensor | None) -> torch.Tensor:
     """Rows ``items`` of an embedding table (all rows when None).
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from recoder_dist.nn.base import FactorizationModel, activation, embedding_rows
+from recoder_dist.nn.base import (
+    FactorizationModel,
+    activation,
+    embedding_rows,
+    seeded_xavier_,
+)
 
 # recsys-recoder 0.4.0's names -> ours.
 _ALIASES = {"user_embedding_layer": "user_embedding", "item_embedding_layer": "item_embedding"}
@@ -90,10 +95,7 @@ class MatrixFactorization(FactorizationModel):
         each rank's rows, shard by shard."""
         if self.user_embedding.weight.is_meta:
             return  # a model without weights (see Recoder): they are made where they are used
-        for offset, table in enumerate((self.user_embedding, self.item_embedding)):
-            generator = torch.Generator().manual_seed(self.init_seed + offset)
-            weight = nn.init.xavier_uniform_(torch.empty(table.weight.shape), generator=generator)
-            table.weight.copy_(weight)
+        seeded_xavier_([self.user_embedding, self.item_embedding], self.init_seed)
         nn.init.zeros_(self.item_bias.weight)
 
     # recsys-recoder 0.4.0's attribute names, read-only. Properties register nothing: the

@@ -102,17 +102,10 @@ class ShardedAutoencoder(ShardedModel):
                 nn.init.zeros_(module.bias)
 
     @classmethod
-    def like(
-        cls, model, group=None, device=None, replica_group=None, draw: bool = True
-    ) -> ShardedAutoencoder:
-        """This rank's shard of ``model`` (an initialized DynamicAutoencoder): its
-        hyper-parameters, its dense layers and its tables' rows ``rank::world``. A model
-        initialized on the meta device (no weights, as the driver of a sharded run makes it)
-        gives the rows its ``init_seed`` draws, shard by shard: the whole tables never exist.
-        ``draw=False`` leaves them uninitialized: rows that are to be loaded."""
+    def of(cls, model, **placement) -> ShardedAutoencoder:
+        """See ``ShardedModel.of``: ``model`` is a DynamicAutoencoder."""
         params = model.model_params()
-        weightless = model.encoder_embedding.weight.is_meta
-        sharded = cls(
+        return cls(
             model.num_items,
             params["hidden_layers"],
             activation_type=params["activation_type"],
@@ -120,14 +113,8 @@ class ShardedAutoencoder(ShardedModel):
             dropout_prob=params["dropout_prob"],
             noise_prob=params["noise_prob"],
             sparse=params["sparse"],
-            seed=model.init_seed if weightless and draw else None,
-            group=group,
-            replica_group=replica_group,
-            device=device,
+            **placement,
         )
-        if not weightless:
-            sharded.load_from(model)
-        return sharded
 
     def codes(self, pooled: torch.Tensor) -> torch.Tensor:
         """The dense layers on this rank's users: DynamicAutoencoder's path after the pooling."""

@@ -18,7 +18,7 @@ import torch
 
 from recoder_dist.checksum import verify, with_checksum
 from recoder_dist.sharded.ownership import Ownership
-from recoder_dist.sharded.state import map_optimizer_rows, table_names
+from recoder_dist.sharded.state import map_optimizer_rows, table_names, table_rows
 
 FORMAT = "recoder_dist.shard"
 VERSION = 2  # 1 (session 11) had item tables only: "num_items" for all, read as such
@@ -70,7 +70,7 @@ def save_shard(folder: str, model, optimizers) -> str:
         "rank": rank,
         "world": world,
         # state_dict keys (a tied table under each of its names) -> the whole table's rows
-        "tables": {key: table.num_items for key, table in sorted(tables.items())},
+        "tables": table_rows(model),
         "model_state": {key: value.cpu() for key, value in model.state_dict().items()},
         "optimizer_state": map_optimizer_rows(
             _cpu(optimizers.state_dict()), optimizers, model, per_row

@@ -80,30 +80,18 @@ class ShardedFactorization(ShardedModel):
         self.item_bias = ShardedTable(num_items, 1, init="zeros", **table)
 
     @classmethod
-    def like(
-        cls, model, group=None, device=None, replica_group=None, draw: bool = True
-    ) -> ShardedFactorization:
-        """This rank's shard of ``model`` (an initialized MatrixFactorization): its
-        hyper-parameters and its tables' rows ``rank::world``. A model initialized on the meta
-        device gives the rows its ``init_seed`` draws, shard by shard.
-        ``draw=False`` leaves them uninitialized: rows that are to be loaded."""
+    def of(cls, model, **placement) -> ShardedFactorization:
+        """See ``ShardedModel.of``: ``model`` is a MatrixFactorization."""
         params = model.model_params()
-        weightless = model.user_embedding.weight.is_meta
-        sharded = cls(
+        return cls(
             model.num_items,
             model.num_users,
             params["embedding_size"],
             activation_type=params["activation_type"],
             dropout_prob=params["dropout_prob"],
             sparse=params["sparse"],
-            seed=model.init_seed if weightless and draw else None,
-            group=group,
-            replica_group=replica_group,
-            device=device,
+            **placement,
         )
-        if not weightless:
-            sharded.load_from(model)
-        return sharded
 
     @property
     def decoder_embedding(self) -> ShardedTable:

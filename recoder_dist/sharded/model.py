@@ -27,7 +27,8 @@ class ShardedModel(nn.Module):
     """A model whose tables are sharded by row over the ranks of ``group``.
 
     Subclasses set ``ownership`` (the item tables' layout), ``decoder_embedding`` and
-    ``decoder_bias`` (the item vectors and biases that score), and implement ``encode``.
+    ``decoder_bias`` (the item vectors and biases that score), and implement ``encode`` and
+    ``of`` (the sharded form of a whole model's class and hyper-parameters).
 
     Args:
         group: the process group of the shards (None: the default group).
@@ -43,6 +44,28 @@ class ShardedModel(nn.Module):
         super().__init__()
         self.group, self.replica_group = group, replica_group
         self.rank, self.world = comm.rank_and_world(group)
+
+    @classmethod
+    def like(
+        cls, model, group=None, device=None, replica_group=None, draw: bool = True
+    ) -> ShardedModel:
+        """This rank's shard of ``model`` (an initialized whole model): its hyper-parameters,
+        its dense layers and its tables' rows ``rank::world``. A model initialized on the meta
+        device (no weights, as the driver of a sharded run makes it) gives the rows its
+        ``init_seed`` draws, shard by shard: the whole tables never exist. ``draw=False``
+        leaves them uninitialized: rows that are to be loaded."""
+        weightless = any(p.is_meta for p in model.parameters())
+        seed = model.init_seed if weightless and draw else None
+        sharded = cls.of(model, seed=seed, group=group, replica_group=replica_group, device=device)
+        if not weightless:
+            sharded.load_from(model)
+        return sharded
+
+    @classmethod
+    def of(cls, model, *, seed, group, replica_group, device) -> ShardedModel:
+        """A sharded model of ``model``'s class and hyper-parameters, its tables drawn from
+        ``seed`` (None: left uninitialized), placed as the constructor's arguments say."""
+        raise NotImplementedError
 
     def encode(
         self,

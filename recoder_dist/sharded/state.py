@@ -27,6 +27,12 @@ def table_names(model: nn.Module) -> dict[str, ShardedTable]:
     }
 
 
+def table_rows(model: nn.Module) -> dict[str, int]:
+    """The rows of each sharded table of ``model``, whole (by ``state_dict`` key): what a
+    shard file records to lay its rows out under any world size."""
+    return {key: table.num_items for key, table in sorted(table_names(model).items())}
+
+
 def sharded_state(full_state: dict, model: nn.Module) -> dict:
     """This rank's part of a whole model's ``state_dict`` for the sharded ``model``."""
     tables = table_names(model)

@@ -24,7 +24,7 @@ import ray.train
 from recoder_dist import storage
 from recoder_dist.sharded.checkpoint import load_shards, save_shard, shard_files
 from recoder_dist.sharded.model import ShardedModel
-from recoder_dist.sharded.state import sharded_optimizer_state, sharded_state, table_names
+from recoder_dist.sharded.state import sharded_optimizer_state, sharded_state, table_rows
 from recoder_dist.training.snapshot import Snapshot, copy_snapshot, load_snapshot, save_snapshot
 
 SNAPSHOT_FILE = "snapshot.pt"
@@ -77,8 +77,7 @@ def read_checkpoint(folder: str, model=None, optimizers=None) -> tuple[Snapshot,
     if shards:
         snapshot = load_snapshot(os.path.join(folder, SHARDED_FILE))
         if sharded_model:
-            tables = {key: table.num_items for key, table in table_names(model).items()}
-            layout = dict(world=model.world, rank=model.rank, tables=tables)
+            layout = dict(world=model.world, rank=model.rank, tables=table_rows(model))
         else:
             layout = dict(world=1, rank=0)
         snapshot.model_state, snapshot.optimizer_state = load_shards(shards, **layout)

@@ -104,7 +104,8 @@ class ProgressPrinter:
         if run is not None:
             options.update(name=run, namespace=RUNS_NAMESPACE)
         # A holder whose driver has just ended (a stopped job, resubmitted) lets go of the name
-        # within a second or so: a live one still holds it when this gives up.
+        # shortly after (Ray ends a driver's actors with it): a live one still holds it when
+        # this gives up.
         deadline = time.monotonic() + CLAIM_WAIT_S
         while True:
             try:
