@@ -35,7 +35,7 @@ from recoder_dist.datasets import load_events, load_train_test, strong_generaliz
 from recoder_dist.metrics import NDCG, Recall
 from recoder_dist.model import Recoder
 from recoder_dist.nn import DynamicAutoencoder, MatrixFactorization
-from recoder_dist.training.sharded_step import SHARDED
+from recoder_dist.nn.base import sharded_class
 from recoder_dist.utils import dataframe_to_csr_matrix
 
 REPO = Path(__file__).resolve().parent.parent
@@ -142,7 +142,7 @@ def train(model, run: Run, dataset, workers: int, seed: int, epochs: int | None,
     and sampling group are a step's global ones: given as they are where the tables are
     sharded (a DynamicAutoencoder or a MatrixFactorization on several workers), split by hand
     where they are replicated (``batch_size`` is then per worker)."""
-    shares = 1 if type(model) in SHARDED else max(workers, 1)
+    shares = 1 if sharded_class(model) is not None else max(workers, 1)
     if run.batch_size % shares:
         raise ValueError(f"batch size {run.batch_size} does not split over {workers} workers")
     per_worker = run.batch_size // shares

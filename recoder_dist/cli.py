@@ -17,7 +17,17 @@ from pathlib import Path
 
 logger = logging.getLogger("recoder_dist")
 
-MODELS = ("autoencoder", "mf")
+# The command line's model flags -> the models' constructor arguments; a model takes those its
+# constructor has (``recoder_dist.nn.registry.build``), and any other through --model-param.
+MODEL_FLAGS = {
+    "hidden": "hidden_layers",
+    "embedding_size": "embedding_size",
+    "activation": "activation_type",
+    "noise": "noise_prob",
+    "dropout": "dropout_prob",
+    "constrained": "is_constrained",
+    "sparse": "sparse",
+}
 DATASETS = ("ml-100k", "ml-1m", "ml-20m", "ml-25m", "ml-latest-small", "ml-latest", "events")
 
 
@@ -70,23 +80,34 @@ def _prepare(args) -> int:
 
 
 def _model(args):
-    from recoder_dist.nn import DynamicAutoencoder, MatrixFactorization
+    """The registered model ``--model``, with the model flags that it takes and every
+    ``--model-param`` (which must all be its own)."""
+    from recoder_dist.nn import registry
 
-    if args.model == "autoencoder":
-        return DynamicAutoencoder(
-            hidden_layers=args.hidden,
-            activation_type=args.activation,
-            is_constrained=args.constrained,
-            noise_prob=args.noise,
-            dropout_prob=args.dropout,
-            sparse=args.sparse,
+    settings = {param: getattr(args, flag) for flag, param in MODEL_FLAGS.items()}
+    return registry.build(args.model, settings, strict=dict(args.model_param or {}))
+
+
+def _model_name(value: str) -> str:
+    from recoder_dist.nn import registry
+
+    if value not in registry.names():
+        raise argparse.ArgumentTypeError(
+            f"unknown model {value!r}; choose one of {', '.join(registry.names())}"
         )
-    return MatrixFactorization(
-        embedding_size=args.embedding_size,
-        activation_type=args.activation,
-        dropout_prob=args.dropout,
-        sparse=args.sparse,
-    )
+    return value
+
+
+def parse_model_param(value: str) -> tuple[str, object]:
+    """``NAME=VALUE``, the value read as JSON when it is (numbers, lists, true/false), else
+    as a string."""
+    name, sep, text = value.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {value!r}")
+    try:
+        return name.strip().replace("-", "_"), json.loads(text)
+    except json.JSONDecodeError:
+        return name.strip().replace("-", "_"), text
 
 
 def _metrics(ks: list[int]):
@@ -167,17 +188,18 @@ def _restored(
 ):
     from recoder_dist import storage
     from recoder_dist.model import Recoder
-    from recoder_dist.nn import DynamicAutoencoder, MatrixFactorization
+    from recoder_dist.nn import registry
     from recoder_dist.training.snapshot import load_snapshot
 
-    known = {"DynamicAutoencoder": DynamicAutoencoder, "MatrixFactorization": MatrixFactorization}
-    name = load_snapshot(checkpoint).model_class.rsplit(".", 1)[-1]
-    if name not in known:
-        raise UsageError(f"{checkpoint} holds a {name}; the CLI restores {sorted(known)}")
+    name = load_snapshot(checkpoint).model_class
+    try:
+        model_class = registry.model_class(name)
+    except ValueError as e:
+        raise UsageError(f"{checkpoint} holds a {name}: {e}") from None
     if storage_path is None and workers != 0:  # where Ray Train keeps an evaluation's run
         storage_path = storage.join(storage.parent(checkpoint), "runs")
     recoder = Recoder(
-        known[name](),
+        model_class(),
         num_workers=workers,
         use_cuda=gpus,
         storage_path=storage_path,
@@ -340,7 +362,20 @@ def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         "--preset",
         help="named settings (recoder_dist.presets: recoder-0.4.0, gowalla, ...); flags win",
     )
-    t.add_argument("--model", choices=MODELS, default="autoencoder")
+    t.add_argument(
+        "--model",
+        type=_model_name,
+        default="autoencoder",
+        help="a registered model (recoder_dist.nn.registry), e.g. autoencoder or mf",
+    )
+    t.add_argument(
+        "--model-param",
+        type=parse_model_param,
+        action="append",
+        metavar="NAME=VALUE",
+        help="a constructor argument of the model that no flag sets (e.g. anneal_cap=0.2); "
+        "repeat for more",
+    )
     t.add_argument("--hidden", type=int, nargs="+", default=[200])
     t.add_argument("--embedding-size", type=int, default=200)
     t.add_argument("--activation", default="tanh")

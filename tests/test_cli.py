@@ -166,7 +166,7 @@ def test_bad_flags_exit_2(capsys, tmp_path):
         main(["train", "--data", "x", "--checkpoint-dir", "y", "--model", "svd"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "invalid choice: 'svd'" in err[0]
+    assert len(err) == 1 and "unknown model 'svd'; choose one of autoencoder, mf" in err[0]
     config = tmp_path / "bad.json"
     config.write_text(json.dumps({"epochz": 3}))
     assert main(["--config", str(config), "train", "--data", "x", "--checkpoint-dir", "y"]) == 2

@@ -58,7 +58,7 @@ def test_the_reference_mode_runs_no_fast_path_and_trains_to_the_same_numbers(
         raise AssertionError("a fast path ran with kernels='reference'")
 
     monkeypatch.setattr(top_k_kernel, "top_k_rows", fail)
-    monkeypatch.setattr(autoencoder_module.DynamicAutoencoder, "_encode_entries", fail)
+    monkeypatch.setattr(autoencoder_module, "_pooled_entries", fail)
     losses, results = _run("reference")
 
     np.testing.assert_allclose(losses, fast_losses, rtol=1e-5)

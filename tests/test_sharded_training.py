@@ -30,6 +30,7 @@ from recoder_dist.training.optimizers import build_optimizers
 from recoder_dist.training.schedule import agreed_steps, epoch_batches
 from recoder_dist.training.sharded_step import rank_batch
 from recoder_dist.training.step import batch_loss
+from recoder_dist.training.worker_loop import _epoch_seed
 from tests.ml100k import ml100k_split
 
 pytestmark = pytest.mark.slow
@@ -61,7 +62,8 @@ def _reference_epochs(
     """One process's epochs ``epochs`` on the global batches of ``world`` ranks; the mean
     loss of each epoch. With ``groups`` groups of ranks (the 2D layout: tables sharded within
     a group, replicated across), a step's loss is the mean of the groups' losses, each on the
-    joined batch of its ranks (scored on its own sampled items)."""
+    joined batch of its ranks (scored on its own sampled items). Each epoch seeds torch as a
+    worker of rank 0 does, and each step gets the run's step count (a model's own terms)."""
     settings = TrainSettings(
         lr=TRAIN["lr"],
         weight_decay=0.0,
@@ -93,11 +95,14 @@ def _reference_epochs(
         ]
         total, users = 0.0, 0
         size = world // groups
-        for batches in zip(*ranks):
+        torch.manual_seed(_epoch_seed(SEED, epoch, 0))
+        for step, batches in enumerate(zip(*ranks), start=(epoch - 1) * steps):
             optimizers.zero_grad()
             for start in range(0, world, size):
                 batch = _joined(list(batches[start : start + size]))
-                loss = batch_loss(model, loss_fn, batch, torch.device("cpu"))
+                loss = batch_loss(
+                    model, loss_fn, batch, torch.device("cpu"), epoch=epoch, step=step
+                )
                 (loss / groups).backward()
                 total += loss.item() * batch.shape[0]
                 users += batch.shape[0]

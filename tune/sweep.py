@@ -1,4 +1,5 @@
-"""A Ray Tune sweep over batch size and learning rate (and, if asked, the model's main knobs).
+"""A Ray Tune sweep over batch size and learning rate (and, if asked, the model's main knobs)
+of any registered model (``--model``: ``recoder_dist.nn.registry``).
 
 Each trial is a distributed TorchTrainer run (through ``Recoder``) whose evaluations of the
 validation users reach Tune through ``TuneReportCallback``; ASHA stops the weak trials early.
@@ -14,6 +15,7 @@ last checkpoint), ``results.csv`` and ``best.model``. Trial drivers ask for the 
 run on the head, not on GPU nodes that may be pre-empted.
 
     python tune/sweep.py --data data/ml-1m --storage sweeps/ml-1m --epochs 50 --workers 2
+    python tune/sweep.py --model vae --tune-model --num-samples 4 --data ... --storage ...
     python tune/sweep.py --data data/ml-1m --storage sweeps/ml-1m --resume   # after a crash
     ray job submit --working-dir . -- python tune/sweep.py --data ... --storage s3://...
 """
@@ -33,10 +35,11 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from ray.tune.schedulers import ASHAScheduler
 
 from recoder_dist import storage
+from recoder_dist.cli import MODEL_FLAGS, parse_model_param
 from recoder_dist.datasets import open_prepared
 from recoder_dist.metrics import NDCG, Recall
 from recoder_dist.model import Recoder, TrainingRows, read_training_rows
-from recoder_dist.nn import DynamicAutoencoder
+from recoder_dist.nn import registry
 from recoder_dist.training import release
 from recoder_dist.training.checkpoint import export_snapshot
 from recoder_dist.training.launcher import ensure_ray
@@ -45,19 +48,14 @@ logger = logging.getLogger(__name__)
 
 METRICS = (Recall(k=20), Recall(k=50), NDCG(k=100))
 DRIVER_RESOURCE = "trial_driver"  # advertised by cluster.yaml's head
-# The settings a trial's configuration chooses, as results.csv and the summary give them.
-CHOSEN = (
-    "lr",
-    "batch_size",
-    "hidden_layers",
-    "is_constrained",
-    "noise_prob",
-    "dropout_prob",
-    "sparse",
-    "weight_decay",
-    "milestones",
-    "negative_sampling",
-)
+# The training settings a trial's configuration chooses; with the model's own settings (its
+# constructor's arguments), what results.csv and the summary give.
+TRAINING = ("lr", "batch_size", "weight_decay", "milestones", "negative_sampling")
+
+
+def chosen(model: str) -> tuple[str, ...]:
+    """The settings of a trial of ``model`` that results.csv and the summary give."""
+    return (*TRAINING, *registry.parameters(registry.model_class(model)))
 
 
 def run_trial(config: dict, train_rows: TrainingRows | None = None) -> None:
@@ -65,20 +63,13 @@ def run_trial(config: dict, train_rows: TrainingRows | None = None) -> None:
     ``train_rows`` (the sweep's driver read them once for every trial) or, without them, on the
     training files (read again by this trial)."""
     split = open_prepared(config["data"])  # the rows are read by the cluster
-    model = DynamicAutoencoder(
-        hidden_layers=config["hidden_layers"],
-        activation_type="tanh",
-        is_constrained=config["is_constrained"],
-        noise_prob=config["noise_prob"],
-        dropout_prob=config["dropout_prob"],
-        sparse=config["sparse"],
-    )
+    model = registry.build(config["model"], config)  # the settings that are the model's
     # The trial's Ray Train run has a name of its own in the sweep's storage: when Tune restarts
     # an interrupted trial, this run resumes from its last checkpoint.
     recoder = Recoder(
         model,
         optimizer_type="adam",
-        loss="logloss",
+        loss=config["loss"],
         num_workers=config["workers"],
         cpus_per_worker=config["cpus_per_worker"],
         seed=config["seed"],
@@ -109,12 +100,9 @@ def milestones(fractions, epochs: int) -> list[int] | None:
     return sorted({max(1, round(f * epochs)) for f in fractions}) if fractions else None
 
 
-# What --tune-model draws from, on top of the grid of learning rates and batch sizes.
-MODEL_SPACE = {
-    "hidden_layers": [[200], [600], [600, 200]],
-    "is_constrained": [False, True],
-    "noise_prob": [0.2, 0.5],
-    "dropout_prob": [0.0, 0.5],
+# What --tune-model draws from for every model, on top of the grid of learning rates and batch
+# sizes and of the model's own ``tune_space``.
+TRAINING_SPACE = {
     "weight_decay": [0.0, 2e-5, 1e-4],
     "milestones": [None, (0.6, 0.8)],
     # Reconstructing only the group's items (0.4.0's way) or every item: on ml-1m's 3.7k items
@@ -124,16 +112,20 @@ MODEL_SPACE = {
 
 
 def search_space(args) -> dict:
+    """The trials' configurations: the grid of ``--lrs`` x ``--batch-sizes`` (x ``--dropout``),
+    the model's settings from the model flags and ``--model-param``, and with ``--tune-model``
+    draws from ``TRAINING_SPACE`` and the model's ``tune_space``."""
+    model = {param: getattr(args, flag) for flag, param in MODEL_FLAGS.items()}
+    model.update(dict(args.model_param or {}))
     space = {
         "data": storage.normalized(args.data),
         "storage": storage.normalized(args.storage),
+        "model": args.model,
+        "loss": args.loss,
+        **model,
         "lr": tune.grid_search(args.lrs),
         "batch_size": tune.grid_search(args.batch_sizes),
-        "hidden_layers": args.hidden,
-        "is_constrained": args.constrained,
-        "noise_prob": args.noise,
         "dropout_prob": tune.grid_search(args.dropout),
-        "sparse": args.sparse,
         "weight_decay": args.weight_decay,
         "milestones": tuple(args.milestones) if args.milestones else None,
         "negative_sampling": args.negative_sampling,
@@ -144,7 +136,8 @@ def search_space(args) -> dict:
         "seed": args.seed,
     }
     if args.tune_model:
-        space.update({name: tune.choice(values) for name, values in MODEL_SPACE.items()})
+        drawn = {**TRAINING_SPACE, **registry.model_class(args.model).tune_space}
+        space.update({name: tune.choice(values) for name, values in drawn.items()})
     return space
 
 
@@ -261,6 +254,8 @@ def export(results: tune.ResultGrid, root: str, metric: str) -> dict:
     """Writes results.csv and best.model (the final snapshot of Tune's best trial) to
     ``root``."""
     frame = results.get_dataframe()
+    model = frame["config/model"].iloc[0] if "config/model" in frame.columns else "autoencoder"
+    settings = chosen(model)
     if metric not in frame.columns:
         errors = [str(r.error).splitlines()[0] for r in results if r.error is not None]
         raise RuntimeError(f"no trial reported {metric}; trial errors: {errors}")
@@ -269,7 +264,7 @@ def export(results: tune.ResultGrid, root: str, metric: str) -> dict:
         for c in frame.columns
         if c in ("trial_id", "epoch", "snapshot", metric)
         or c.startswith("config/")
-        and c.split("/", 1)[1] in CHOSEN
+        and c.split("/", 1)[1] in settings
         or c in (m.name for m in METRICS)
     ]
     table = io.StringIO()
@@ -283,7 +278,8 @@ def export(results: tune.ResultGrid, root: str, metric: str) -> dict:
     checkpoint = storage.with_path(root, best.metrics[CHECKPOINT_PATH_KEY])
     snapshot = export_snapshot(checkpoint, storage.join(root, "best.model"))
     summary = {
-        "best": {k: best.config[k] for k in CHOSEN},
+        "model": model,
+        "best": {k: best.config[k] for k in settings if k in best.config},
         metric: best.metrics[metric],
         "snapshot": snapshot,
         "trials": len(frame),
@@ -304,11 +300,27 @@ def main(argv: list[str] | None = None) -> dict:
         required=True,
         help="the sweep's folder or URI (s3://...), reachable from every node",
     )
+    parser.add_argument(
+        "--model",
+        default="autoencoder",
+        choices=registry.names(),
+        help="the registered model that the trials train",
+    )
+    parser.add_argument("--loss", default="logloss")
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[100, 500])
     parser.add_argument("--hidden", type=int, nargs="+", default=[200])
+    parser.add_argument("--embedding-size", type=int, default=200)
+    parser.add_argument("--activation", default="tanh")
     parser.add_argument("--noise", type=float, default=0.5)
     parser.add_argument("--constrained", action="store_true", help="tied decoder weights")
+    parser.add_argument(
+        "--model-param",
+        type=parse_model_param,
+        action="append",
+        metavar="NAME=VALUE",
+        help="a constructor argument of the model that no flag sets (e.g. anneal_cap=0.2)",
+    )
     parser.add_argument(
         "--dropout",
         type=float,
@@ -338,8 +350,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--tune-model",
         action="store_true",
-        help="also draw layers, tied weights, noise, weight decay, milestones and negative "
-        "sampling (--num-samples draws per grid point)",
+        help="also draw weight decay, milestones, negative sampling and the model's own "
+        "settings (its tune_space; --num-samples draws per grid point)",
     )
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--eval-freq", type=int, default=5)

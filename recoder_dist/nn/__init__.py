@@ -1,4 +1,4 @@
-"""Models that Recoder trains."""
+"""Models that Recoder trains: each registers itself by name (``registry``)."""
 
 from recoder_dist.nn.autoencoder import DynamicAutoencoder
 from recoder_dist.nn.base import FactorizationModel

@@ -15,8 +15,10 @@ from recoder_dist.nn.base import (
     FactorizationModel,
     activation,
     embedding_rows,
+    hidden_sizes,
     seeded_xavier_,
 )
+from recoder_dist.nn.registry import register
 
 # recsys-recoder 0.4.0's names -> ours.
 _ALIASES = {
@@ -27,6 +29,7 @@ _ALIASES = {
 }
 
 
+@register("autoencoder")
 class DynamicAutoencoder(FactorizationModel):
     """An item-based autoencoder over users' interaction rows.
 
@@ -41,6 +44,19 @@ class DynamicAutoencoder(FactorizationModel):
     """
 
     accepts_sparse_input = True  # on CPU, encoded from its entries; elsewhere densified
+
+    tune_space = {
+        "hidden_layers": [[200], [600], [600, 200]],
+        "is_constrained": [False, True],
+        "noise_prob": [0.2, 0.5],
+        "dropout_prob": [0.0, 0.5],
+    }
+
+    @classmethod
+    def sharded_form(cls):
+        from recoder_dist.sharded.autoencoder import ShardedAutoencoder
+
+        return ShardedAutoencoder
 
     def __init__(
         self,
@@ -75,11 +91,7 @@ class DynamicAutoencoder(FactorizationModel):
         )
 
     def load_model_params(self, model_params: dict) -> None:
-        hidden = model_params["hidden_layers"]
-        if hidden is not None:
-            hidden = [int(h) for h in hidden]
-            if not hidden or min(hidden) < 1:
-                raise ValueError(f"hidden_layers must be positive sizes, got {hidden}")
+        hidden = hidden_sizes(model_params["hidden_layers"])
         for name in ("dropout_prob", "noise_prob"):
             if not 0.0 <= model_params[name] < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {model_params[name]}")
@@ -204,38 +216,46 @@ class DynamicAutoencoder(FactorizationModel):
     def _codes(self, input: torch.Tensor, input_items: torch.Tensor | None) -> torch.Tensor:
         """The decoder's last hidden layer for the rows of ``input``."""
         encoder = embedding_rows(self.encoder_embedding, input_items)
-        if input.is_sparse and input.device.type == "cpu" and not input.requires_grad:
-            input = input.coalesce()  # a no-op for the trainer's batches, built coalesced
-            rows, cols = input.indices()
-            z = self._encode_entries(rows, cols, input.values(), input.shape[0], encoder)
-        else:  # the reference
-            if input.is_sparse:
-                input = input.to_dense()
-            z = self.noise(F.normalize(input, p=2, dim=1)) @ encoder
-        return dense_codes(self, z)
+        return dense_codes(self, pooled_input(self.noise, input, encoder))
 
-    def _encode_entries(self, rows, cols, values, num_rows: int, encoder) -> torch.Tensor:
-        """``noise(normalize(input)) @ encoder`` from the stored entries ``(rows, cols,
-        values)`` of ``input`` (row-major order); the zeros of ``input`` are never read.
 
-        Interaction rows are a few percent dense: on CPU, the dense product and a dropout mask
-        drawn for every zero cost much of a training step (benchmarks/RESULTS.md). Zeros
-        contribute nothing to either, so this normalizes, drops out and sums the non-zeros
-        alone (``embedding_bag`` with per-entry weights): the same result up to rounding, each
-        non-zero dropped with the same probability (the random draws differ from the dense
-        path's). A dense input takes the dense path, which is this one's reference; the trainer
-        hands the model a sparse input on CPU only (``training.step.model_input``).
-        """
-        # F.normalize: each row divided by max(its L2 norm, 1e-12).
-        norms = torch.zeros(num_rows, dtype=values.dtype).index_add_(0, rows, values * values)
-        values = values / norms.sqrt_().clamp_min_(1e-12).index_select(0, rows)
-        if self.noise.training and self.noise_prob > 0:
-            # nn.Dropout's bernoulli_ costs several times a uniform draw and a compare; the
-            # kept entries and their scale are the same.
-            keep = torch.rand_like(values) >= self.noise_prob
-            values = values.mul_(keep).div_(1 - self.noise_prob)
-        offsets = bag_offsets(rows, num_rows)
-        return F.embedding_bag(cols, encoder, offsets, mode="sum", per_sample_weights=values)
+def pooled_input(noise: nn.Dropout, input: torch.Tensor, encoder: torch.Tensor) -> torch.Tensor:
+    """``noise(normalize(input, dim=1)) @ encoder``: the input rows L2-normalized, dropped out
+    by ``noise`` (input noise; a no-op outside training mode) and pooled over ``encoder``'s rows
+    (``input``'s columns' item vectors).
+
+    A sparse CPU ``input`` (the trainer's, ``training.step.model_input``) is read from its
+    stored entries alone (``_pooled_entries``); a dense one takes the dense path, the reference.
+    """
+    if input.is_sparse and input.device.type == "cpu" and not input.requires_grad:
+        input = input.coalesce()  # a no-op for the trainer's batches, built coalesced
+        rows, cols = input.indices()
+        return _pooled_entries(noise, rows, cols, input.values(), input.shape[0], encoder)
+    if input.is_sparse:
+        input = input.to_dense()
+    return noise(F.normalize(input, p=2, dim=1)) @ encoder
+
+
+def _pooled_entries(noise: nn.Dropout, rows, cols, values, num_rows: int, encoder):
+    """``noise(normalize(input)) @ encoder`` from the stored entries ``(rows, cols, values)``
+    of ``input`` (row-major order); the zeros of ``input`` are never read.
+
+    Interaction rows are a few percent dense: on CPU, the dense product and a dropout mask
+    drawn for every zero cost much of a training step (benchmarks/RESULTS.md). Zeros
+    contribute nothing to either, so this normalizes, drops out and sums the non-zeros alone
+    (``embedding_bag`` with per-entry weights): the same result up to rounding, each non-zero
+    dropped with the same probability (the random draws differ from the dense path's).
+    """
+    # F.normalize: each row divided by max(its L2 norm, 1e-12).
+    norms = torch.zeros(num_rows, dtype=values.dtype).index_add_(0, rows, values * values)
+    values = values / norms.sqrt_().clamp_min_(1e-12).index_select(0, rows)
+    if noise.training and noise.p > 0:
+        # nn.Dropout's bernoulli_ costs several times a uniform draw and a compare; the kept
+        # entries and their scale are the same.
+        keep = torch.rand_like(values) >= noise.p
+        values = values.mul_(keep).div_(1 - noise.p)
+    offsets = bag_offsets(rows, num_rows)
+    return F.embedding_bag(cols, encoder, offsets, mode="sum", per_sample_weights=values)
 
 
 def dense_codes(model, pooled: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,20 @@ ACTIVATIONS = {
 }
 
 
+def hidden_sizes(hidden) -> list[int] | None:
+    """``hidden_layers`` as a list of ints (None stays None: given later, by a snapshot).
+
+    Raises:
+        ValueError: an empty list or a size below 1.
+    """
+    if hidden is None:
+        return None
+    sizes = [int(h) for h in hidden]
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"hidden_layers must be positive sizes, got {sizes}")
+    return sizes
+
+
 def activation(name: str) -> nn.Module:
     try:
         return ACTIVATIONS[name]()
@@ -50,6 +64,25 @@ class FactorizationModel(nn.Module):
                 f"{self.recoder040_aliases[name]}"
             )
         super().__setattr__(name, value)
+
+    #: What a sweep (``tune/sweep.py --tune-model``) searches for this model: constructor
+    #: argument -> the values to choose from.
+    tune_space: dict[str, list] = {}
+
+    @classmethod
+    def sharded_form(cls) -> type | None:
+        """The class of this model's form whose tables are sharded over the ranks (a
+        ``recoder_dist.sharded.ShardedModel`` computing the same loss), or None: the tables are
+        replicated on every rank. It holds for the class that defines it only (see
+        ``sharded_class``): a subclass's forward may differ from what it computes."""
+        return None
+
+    def loss_terms(self, epoch: int, step: int) -> torch.Tensor | None:
+        """What this model adds to the loss of its last forward in training mode, summed over
+        that batch's users (the trainer divides the sum of this and the reconstruction loss by
+        them), or None. ``epoch`` (from 1) and ``step`` (the optimizer updates before this one,
+        counted over the run) let a term follow a schedule, such as a VAE's KL annealing."""
+        return None
 
     def init_model(self, num_items: int | None = None, num_users: int | None = None) -> None:
         """Creates the model's parameters for ``num_items`` items and ``num_users`` users."""
@@ -112,3 +145,12 @@ def embedding_rows(embedding: nn.Embedding, items: torch.Tensor | None) -> torch
     if embedding.sparse and torch.is_grad_enabled():
         return embedding(torch.arange(embedding.num_embeddings, device=embedding.weight.device))
     return embedding.weight
+
+
+def sharded_class(model: nn.Module) -> type | None:
+    """The sharded form of ``model``'s class (``FactorizationModel.sharded_form``), when that
+    class defines one itself; None otherwise (an inherited one may not compute its forward)."""
+    cls = type(model)
+    if "sharded_form" not in vars(cls):
+        return None
+    return cls.sharded_form()

@@ -11,11 +11,13 @@ from recoder_dist.nn.base import (
     embedding_rows,
     seeded_xavier_,
 )
+from recoder_dist.nn.registry import register
 
 # recsys-recoder 0.4.0's names -> ours.
 _ALIASES = {"user_embedding_layer": "user_embedding", "item_embedding_layer": "item_embedding"}
 
 
+@register("mf")
 class MatrixFactorization(FactorizationModel):
     """Scores ``act(user) . item + bias(item)`` for the users of the batch, as recsys-recoder
     0.4.0 does (the activation applies to user embeddings only; both tables start from
@@ -30,6 +32,14 @@ class MatrixFactorization(FactorizationModel):
     """
 
     accepts_sparse_input = True  # the input rows are not read: users have their own embedding
+
+    tune_space = {"embedding_size": [64, 128, 200], "dropout_prob": [0.0, 0.2, 0.5]}
+
+    @classmethod
+    def sharded_form(cls):
+        from recoder_dist.sharded.factorization import ShardedFactorization
+
+        return ShardedFactorization
 
     def __init__(
         self,

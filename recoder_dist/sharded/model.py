@@ -99,6 +99,8 @@ class ShardedModel(nn.Module):
         negative_sampling: bool = True,
         keep: torch.Tensor | None = None,
         sampled: torch.Tensor | None = None,
+        epoch: int = 1,
+        step: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One step's loss on this rank's batch (entries ``rows``, global ``items``,
         ``values``; ``users`` the rows' global user ids), as the whole model's ``batch_loss``
@@ -106,7 +108,8 @@ class ShardedModel(nn.Module):
 
         ``keep`` is the input noise's mask per entry (drawn when None, for the models with
         input noise). ``sampled``: the items that this rank's sampling group scores (global
-        ids), when more than its entries' (a sampling group larger than the batch). Returns
+        ids), when more than its entries' (a sampling group larger than the batch). ``epoch``
+        and ``step``: for the model's own terms (``loss_terms``), as the whole model's. Returns
         ``(share, total)`` as ``sharded_loss``; a collective.
         """
         codes, routes = self.encode(
@@ -119,7 +122,7 @@ class ShardedModel(nn.Module):
             keep=keep,
             sampled=sampled,
         )
-        return sharded_loss(
+        share, total = sharded_loss(
             codes,
             routes,
             values,
@@ -129,6 +132,17 @@ class ShardedModel(nn.Module):
             loss_params,
             negative_sampling,
         )
+        terms = self.loss_terms(epoch, step)
+        if terms is None:
+            return share, total
+        # This rank's users' terms, over the global batch's users as the reconstruction's.
+        terms = terms / max(routes.num_users, 1)
+        return share + terms, total + comm.all_reduce(terms.detach(), group=self.group)
+
+    def loss_terms(self, epoch: int, step: int) -> torch.Tensor | None:
+        """The whole model's ``loss_terms`` for this rank's users of the last ``encode`` in
+        training mode (summed over them), or None."""
+        return None
 
     def tables(self) -> list[ShardedTable]:
         """The distinct sharded tables, in registration order (a tied table once)."""

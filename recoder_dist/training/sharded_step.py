@@ -12,19 +12,12 @@ import numpy as np
 import torch
 
 from recoder_dist.data.collator import SparseBatch
-from recoder_dist.nn.autoencoder import DynamicAutoencoder
-from recoder_dist.nn.factorization import MatrixFactorization
-from recoder_dist.sharded.autoencoder import ShardedAutoencoder
+from recoder_dist.nn.base import sharded_class
 from recoder_dist.sharded.decoder import computes
-from recoder_dist.sharded.factorization import ShardedFactorization
 from recoder_dist.sharded.model import ShardedModel
 from recoder_dist.training.step import DEBUG, to_device
 
 TABLES = ("sharded", "replicated")
-
-# The models that train sharded, and their sharded forms. Exact classes: a subclass's forward
-# may differ from what the sharded form computes.
-SHARDED = {DynamicAutoencoder: ShardedAutoencoder, MatrixFactorization: ShardedFactorization}
 
 
 def check_tables(tables: str) -> None:
@@ -34,14 +27,14 @@ def check_tables(tables: str) -> None:
 
 def shards_tables(model, loss_fn, tables: str, world: int, precision: str = "fp32") -> bool:
     """Whether a run of ``world`` ranks trains ``model`` with sharded tables: asked for, more
-    than one rank (one rank holds every row either way), a model of ``SHARDED`` itself (the
-    other models, and a subclass whose forward may differ, replicate their tables), a loss
+    than one rank (one rank holds every row either way), a model whose class has a sharded
+    form (``nn.base.sharded_class``; the others replicate their tables), a loss
     that the sharded decoder computes (mse, logistic, logloss; a loss module of the user's
     reads the whole output) and float32 steps (bf16 autocast runs on the replicated path)."""
     return (
         tables == "sharded"
         and world > 1
-        and type(model) in SHARDED
+        and sharded_class(model) is not None
         and computes(loss_fn)
         and precision == "fp32"
     )
@@ -73,13 +66,16 @@ def sharded_batch_loss(
     loss_params: dict,
     negative_sampling: bool,
     groups_exceed_batches: bool,
+    epoch: int = 1,
+    step: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(share, total)`` of this rank's ``batch`` (see ``ShardedModel.loss``): call
     ``backward`` on the share; ``total`` is the global batch's mean loss. A collective.
 
     ``groups_exceed_batches``: sampling groups hold more users than a batch
     (``num_sampling_users > batch_size``), so a batch scores items beyond its entries', which
-    travel to their owners too (the same on every rank).
+    travel to their owners too (the same on every rank). ``epoch``, ``step``: as
+    ``batch_loss``'s.
     """
     if DEBUG:
         batch.check()
@@ -97,4 +93,6 @@ def sharded_batch_loss(
         loss_params=loss_params,
         negative_sampling=negative_sampling,
         sampled=sampled,
+        epoch=epoch,
+        step=step,
     )

@@ -64,8 +64,11 @@ def batch_loss(
     bf16: bool = False,
     *,
     compiled: bool = True,
+    epoch: int = 1,
+    step: int = 0,
 ) -> torch.Tensor:
-    """Reconstruction loss of one batch, averaged over its users.
+    """Loss of one batch, averaged over its users: the reconstruction loss plus the model's
+    own terms (``loss_terms``, given ``epoch`` and ``step``, the updates before this one).
 
     The model reads the batch's rows over the sampled items and is scored on the same items.
     With ``bf16`` the model's forward runs under autocast to bfloat16 (its weights and
@@ -84,4 +87,8 @@ def batch_loss(
         output = model(
             input, input_users=users, input_items=items, target_users=users, target_items=items
         )
-    return loss_fn(output.float(), target) / max(batch.shape[0], 1)
+    loss = loss_fn(output.float(), target)
+    terms = unwrapped(model).loss_terms(epoch, step) if model.training else None
+    if terms is not None:
+        loss = loss + terms.float()
+    return loss / max(batch.shape[0], 1)

@@ -15,6 +15,7 @@ every tensor of a collective lives on the worker's device.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import resource
@@ -34,6 +35,7 @@ from recoder_dist.data.collator import Collator
 from recoder_dist.data.epoch_order import RowBlocks
 from recoder_dist.data.ray_dataset import rows_from_arrow
 from recoder_dist.losses import build_loss
+from recoder_dist.nn.base import sharded_class
 from recoder_dist.sharded.model import ShardedModel
 from recoder_dist.sharded.replicas import layout_groups
 from recoder_dist.sharded.state import sharded_optimizer_state
@@ -50,12 +52,7 @@ from recoder_dist.training.prefetch import EpochPrefetcher
 from recoder_dist.training.resources import worker_threads
 from recoder_dist.training.schedule import agreed_steps, epoch_batches
 from recoder_dist.training.sharded_evaluation import sharded_eval_sums
-from recoder_dist.training.sharded_step import (
-    SHARDED,
-    rank_batch,
-    sharded_batch_loss,
-    shards_tables,
-)
+from recoder_dist.training.sharded_step import rank_batch, sharded_batch_loss, shards_tables
 from recoder_dist.training.sparse_sync import SparseGradSync
 from recoder_dist.training.step import batch_loss, unwrapped
 from recoder_dist.training.step_profile import StepProfile, gathered, timed_allreduce_hook
@@ -141,7 +138,7 @@ def _sharded_job(job: WorkerJob, device, world: int) -> tuple[WorkerJob, Sharded
     shard_group = replica_group = None
     if job.shard_group_size is not None and job.shard_group_size < world:  # the 2D layout
         shard_group, replica_group = layout_groups(job.shard_group_size)
-    model = SHARDED[type(whole)].like(
+    model = sharded_class(whole).like(
         whole,
         group=shard_group,
         device=device,
@@ -196,7 +193,9 @@ def _train(
     )
     if sharded:
 
-        def loss_of(batch):
+        def loss_of(batch, step, *, epoch, first_step):
+            # ``step`` counts the epoch's steps; the model's own terms get the run's (its
+            # schedules run over the run's updates)
             return sharded_batch_loss(
                 model,
                 batch,
@@ -205,13 +204,24 @@ def _train(
                 job.loss_params,
                 settings.negative_sampling,
                 collator.num_sampling_users > collator.batch_size,
+                epoch,
+                first_step + step,
             )
 
     else:
         bf16, compiled = settings.precision == "bf16", kernels.compiled(job.kernels)
 
-        def loss_of(batch):
-            loss = batch_loss(net, loss_fn, batch, device, bf16, compiled=compiled)
+        def loss_of(batch, step, *, epoch, first_step):
+            loss = batch_loss(
+                net,
+                loss_fn,
+                batch,
+                device,
+                bf16,
+                compiled=compiled,
+                epoch=epoch,
+                step=first_step + step,
+            )
             return loss, loss.detach()
 
     steps = agreed_steps(settings, collator, world, device)
@@ -240,7 +250,7 @@ def _train(
             model.train()
             profile.restart()
             loss_total, users = _run_steps(
-                loss_of,
+                functools.partial(loss_of, epoch=epoch, first_step=(epoch - 1) * steps),
                 unwrapped(net),
                 optimizers,
                 sync,
@@ -302,13 +312,14 @@ def _run_steps(loss_of, model, optimizers, sync, batches, device, sparse_names, 
     """One epoch's training steps, their phases timed by ``profile``; returns the loss summed
     over its users (on the device: no sync per step) and the number of users.
 
-    ``loss_of(batch)`` gives the tensor to call ``backward`` on and the batch's mean loss (the
-    global batch's with sharded tables); ``sync`` adds up the gradients over the ranks."""
+    ``loss_of(batch, step)`` gives the tensor to call ``backward`` on and the batch's mean
+    loss (the global batch's with sharded tables), ``step`` counting the epoch's steps from 0;
+    ``sync`` adds up the gradients over the ranks."""
     loss_total, users = torch.zeros((), dtype=torch.float64, device=device), 0
     for step, batch in enumerate(profile.timed(batches, "data")):
         optimizers.zero_grad()
         with profile.phase("forward"):
-            loss, value = loss_of(batch)
+            loss, value = loss_of(batch, step)
         with profile.phase("backward"):
             loss.backward()
         if step == 0:
