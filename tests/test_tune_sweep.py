@@ -1,4 +1,4 @@
-"""A real 2-trial Ray Tune sweep: each trial a distributed training run, the best exported."""
+"""Real Ray Tune sweeps: each trial a distributed training run, the best exported."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from recoder_dist.datasets import load_prepared
 from recoder_dist.metrics import NDCG
 from recoder_dist.model import Recoder
-from recoder_dist.nn import DynamicAutoencoder
+from recoder_dist.nn import MultVAE
 from tests.second_ray import stop_session
 from tune.sweep import main as sweep
 
@@ -40,8 +40,13 @@ def test_two_trial_sweep_exports_a_snapshot_that_evaluates_to_its_score(
             "4",
             "--eval-freq",
             "2",
+            "--model",
+            "vae",
             "--hidden",
             "64",
+            "16",
+            "--model-param",
+            "anneal_steps=20",
             "--cpus-per-worker",
             "0.5",
         ]
@@ -49,6 +54,9 @@ def test_two_trial_sweep_exports_a_snapshot_that_evaluates_to_its_score(
     table = pd.read_csv(tmp_path / "sweep" / "results.csv")
     assert len(table) == 2 and table["NDCG@100"].notna().all()
     assert sorted(table["config/batch_size"]) == [50, 100]
+    # the model's own settings, as the trials had them
+    assert (table["config/anneal_steps"] == 20).all()
+    assert summary["model"] == "vae" and summary["best"]["hidden_layers"] == [64, 16]
     assert summary["NDCG@100"] == table["NDCG@100"].max()
     assert_no_reservation_left(ray_session)
 
@@ -56,7 +64,7 @@ def test_two_trial_sweep_exports_a_snapshot_that_evaluates_to_its_score(
     resumed = sweep(["--data", str(data), "--output", str(tmp_path / "sweep"), "--resume"])
     assert resumed == summary
 
-    recoder = Recoder(DynamicAutoencoder(), num_workers=0)
+    recoder = Recoder(MultVAE(), num_workers=0)
     recoder.init_from_model_file(summary["snapshot"])
     validation = load_prepared(data).split.validation
     score = recoder.evaluate(validation, 100, [NDCG(k=100)])["NDCG@100"]
