@@ -45,6 +45,44 @@ class MultinomialNLLLoss(nn.Module):
         return -(target * log_probabilities).sum()
 
 
+class BPRLoss(nn.Module):
+    """Bayesian personalized ranking (Rendle et al., 2009): for each observed entry ``(u, i)``
+    of the target, ``negatives`` columns ``j`` drawn uniformly from the scored ones, and
+    ``-log sigmoid(s_ui - s_uj)`` summed (a drawn ``j`` that the user has is left out; values
+    count as 1). Scoring every item (no negative sampling), ``j`` is uniform over the catalog,
+    BPR's own; with negative sampling, over the items of the sampling group, which favours
+    popular items.
+
+    Args:
+        negatives: items drawn for each observed entry.
+    """
+
+    accepts_sparse_target = True
+
+    def __init__(self, negatives: int = 1):
+        super().__init__()
+        if int(negatives) < 1:
+            raise ValueError(f"negatives must be >= 1, got {negatives}")
+        self.negatives = int(negatives)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if target.is_sparse:
+            rows, cols = target.coalesce().indices()
+        else:
+            rows, cols = target.nonzero(as_tuple=True)
+        width = input.shape[1]
+        drawn = torch.randint(0, width, (len(rows), self.negatives), device=input.device)
+        # Whether a drawn column is one of the row's entries: the entries' flat positions,
+        # sorted, looked up (row-major entries come sorted).
+        flat = (rows * width + cols).sort().values
+        keys = rows.unsqueeze(1) * width + drawn
+        found = torch.searchsorted(flat, keys).clamp_max(max(len(flat) - 1, 0))
+        negative = flat[found] != keys if len(flat) else torch.ones_like(keys, dtype=torch.bool)
+        positive_scores = input[rows, cols].unsqueeze(1)
+        drawn_scores = input[rows.unsqueeze(1), drawn]
+        return (F.softplus(drawn_scores - positive_scores) * negative).sum()
+
+
 def _at_entries(dense: torch.Tensor, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The entries of ``dense`` where ``sparse`` has entries, and ``sparse``'s values."""
     sparse = sparse.coalesce()
@@ -58,7 +96,7 @@ def _logistic(**params) -> nn.Module:
     return nn.BCEWithLogitsLoss(reduction="sum", **params)
 
 
-LOSSES = {"mse": MSELoss, "logistic": _logistic, "logloss": MultinomialNLLLoss}
+LOSSES = {"mse": MSELoss, "logistic": _logistic, "logloss": MultinomialNLLLoss, "bpr": BPRLoss}
 
 
 def build_loss(loss: str | nn.Module, loss_params: dict | None = None) -> nn.Module:

@@ -167,3 +167,36 @@ def test_sparse_target_gives_the_dense_value_and_gradient(name, params):
         assert value.item() == pytest.approx(naive, rel=1e-12), layout
         grads[layout] = x.grad
     torch.testing.assert_close(grads["sparse"], grads["dense"], rtol=1e-12, atol=1e-12)
+
+
+def naive_bpr(drawn: torch.Tensor) -> float:
+    """BPR by a loop over the observed cells in row-major order, ``drawn[k]`` the columns drawn
+    for the k-th; a drawn column that the row has is skipped."""
+    total, k = 0.0, 0
+    for r in range(INPUT.shape[0]):
+        for c in range(INPUT.shape[1]):
+            if TARGET[r, c] <= 0:
+                continue
+            for j in drawn[k].tolist():
+                if TARGET[r, j] == 0:
+                    margin = float(INPUT[r, c] - INPUT[r, j])
+                    total += -math.log(1 / (1 + math.exp(-margin)))
+            k += 1
+    return total
+
+
+@pytest.mark.parametrize("negatives", [1, 3])
+def test_bpr_is_the_pairwise_loss_of_the_drawn_items(negatives):
+    """BPRLoss against a loop over the same draws (the generator's stream replayed), dense
+    and sparse targets alike; a drawn positive is left out."""
+    loss = build_loss("bpr", {"negatives": negatives})
+    observed = int((TARGET > 0).sum())
+    for seed in range(5):
+        torch.manual_seed(seed)
+        drawn = torch.randint(0, INPUT.shape[1], (observed, negatives))
+        expected = naive_bpr(drawn)
+        for target in (TARGET, TARGET.to_sparse().coalesce()):
+            torch.manual_seed(seed)
+            assert loss(INPUT, target).item() == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match="negatives must be >= 1"):
+        build_loss("bpr", {"negatives": 0})

@@ -138,7 +138,17 @@ def search_space(args) -> dict:
     if args.tune_model:
         drawn = {**TRAINING_SPACE, **registry.model_class(args.model).tune_space}
         space.update({name: tune.choice(values) for name, values in drawn.items()})
+    for name, values in args.grid or []:
+        space[name] = tune.grid_search(values)
     return space
+
+
+def grid_axis(value: str) -> tuple[str, list]:
+    """``NAME=[V1, V2, ...]`` (a JSON list): a grid axis over a setting."""
+    name, values = parse_model_param(value)
+    if not isinstance(values, list) or not values:
+        raise argparse.ArgumentTypeError(f"expected NAME=[V1, V2, ...], got {value!r}")
+    return name, values
 
 
 def driver_resources(args) -> dict:
@@ -292,6 +302,12 @@ def export(results: tune.ResultGrid, root: str, metric: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    results = sweep(args)
+    return export(results, storage.normalized(args.storage), args.metric)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="a folder written by recoder-dist prepare")
     parser.add_argument(
@@ -348,6 +364,14 @@ def main(argv: list[str] | None = None) -> dict:
         help="lr_milestones as fractions of --epochs (e.g. 0.6 0.8); none by default",
     )
     parser.add_argument(
+        "--grid",
+        type=grid_axis,
+        action="append",
+        metavar="NAME=[V1,...]",
+        help="a grid axis over a model or training setting, e.g. anneal_cap=[0.1,0.2]; repeat "
+        "for more (the grid is their product with --lrs and --batch-sizes)",
+    )
+    parser.add_argument(
         "--tune-model",
         action="store_true",
         help="also draw weight decay, milestones, negative sampling and the model's own "
@@ -383,8 +407,7 @@ def main(argv: list[str] | None = None) -> dict:
         # Ray Train's in-process mode cannot report from inside a Tune trial (Ray raises a
         # DeprecationWarning at ray.train.get_context()).
         parser.error("--workers must be at least 1: a trial trains on Ray Train workers")
-    results = sweep(args)
-    return export(results, storage.normalized(args.storage), args.metric)
+    return args
 
 
 if __name__ == "__main__":
