@@ -1,6 +1,6 @@
 """Ranking quality of the models against closed-form baselines, on real data.
 
-Trains and evaluates DynamicAutoencoder, MatrixFactorization, EASE and popularity on
+Trains and evaluates DynamicAutoencoder, MultVAE, MatrixFactorization, EASE and popularity on
 
 * ml-1m-implicit: Mult-VAE strong generalization (600 validation and 600 test users, seed 0,
   80/20 fold-in); Recall@20 and Recall@50 divided by min(k, |relevant|), NDCG@100; test users.
@@ -16,6 +16,7 @@ embeddings (item bias as an offset): ``p = x V (V^T V + lambda I)^-1``, scores `
     python benchmarks/quality.py                                 # both datasets, 1 worker
     python benchmarks/quality.py --datasets ml-1m --epochs 5     # a quick look
     python benchmarks/quality.py --datasets ml-1m --compare-workers 2
+    python benchmarks/quality.py --datasets ml-1m --models vae --compare-workers 2
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from recoder_dist.baselines import EASE, Popularity, evaluate_scores
 from recoder_dist.datasets import load_events, load_train_test, strong_generalization_split
 from recoder_dist.metrics import NDCG, Recall
 from recoder_dist.model import Recoder
-from recoder_dist.nn import DynamicAutoencoder, MatrixFactorization
+from recoder_dist.nn import DynamicAutoencoder, MatrixFactorization, MultVAE
 from recoder_dist.nn.base import sharded_class
 from recoder_dist.utils import dataframe_to_csr_matrix
 
@@ -68,6 +69,31 @@ DAE_ML1M = Run(
     num_epochs=18,
     weight_decay=2e-5,
     lr_milestones=(12,),
+)
+# MultVAE on ml-1m: the `vae-ml-1m` preset (validation NDCG@100 by hand and by a Tune sweep
+# on prepare's split, RESULTS.md 2026-12-07: [600, 200], cap 0.2 over 2,000 steps, 0.4104 at
+# epoch 60; caps 0.1 / 0.3 / 1.0 over 300 steps 0.4060 / 0.4065 / 0.3976, [200] 0.4038 at best;
+# batch 100 peaked at 0.4074 (epoch 30)).
+VAE_ML1M = Run(
+    model=dict(hidden_layers=[600, 200], noise_prob=0.5, anneal_cap=0.2, anneal_steps=2000),
+    loss="logloss",
+    lr=1e-3,
+    batch_size=500,
+    num_epochs=60,
+)
+# MultVAE on Gowalla: not tuned (the cost of an epoch on 40,981 items); the ml-1m settings with
+# sparse tables and sampling groups of 1,500 users (as the autoencoder's search found best among
+# sampled groups), the KL weight at its cap after 25 epochs of 60 steps.
+VAE_GOWALLA = Run(
+    model=dict(
+        hidden_layers=[600, 200], noise_prob=0.5, anneal_cap=0.2, anneal_steps=1500, sparse=True
+    ),
+    loss="logloss",
+    lr=1e-3,
+    batch_size=500,
+    num_epochs=30,
+    negative_sampling=True,
+    num_sampling_users=1500,
 )
 # MF on ml-1m, validation NDCG@100 (ridge fold-in, lambda 10; popularity 0.2138), sparse
 # embeddings, batch 100, lr 1e-3: multinomial loss 0.3606 at epoch 20, then overfitting (0.3012
@@ -123,12 +149,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--workers", type=int, default=1, help="Ray Train workers")
     parser.add_argument("--datasets", default="ml-1m,gowalla")
+    parser.add_argument(
+        "--models",
+        default="dae,vae,mf,baselines",
+        help="which rows: dae (DynamicAutoencoder), vae (MultVAE), mf, baselines",
+    )
     parser.add_argument("--epochs", type=int, help="override every model's number of epochs")
     parser.add_argument(
         "--compare-workers",
         type=int,
         metavar="N",
-        help="add an ml-1m DynamicAutoencoder row trained on N workers",
+        help="add ml-1m DynamicAutoencoder and MultVAE rows trained on N workers",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -198,44 +229,62 @@ def ml1m_rows(args) -> list[dict]:
     worker_counts = [args.workers]
     if args.compare_workers and args.compare_workers != args.workers:
         worker_counts.append(args.compare_workers)
-    for workers in worker_counts:
-        dae = DynamicAutoencoder(**DAE_ML1M.model)
-        recoder, seconds = train(
-            dae, DAE_ML1M, train_set, workers, args.seed, args.epochs, args.precision
+    chosen = args.models.split(",")
+    autoencoders = [
+        (name, model_class, run)
+        for key, name, model_class, run in (
+            ("dae", "DynamicAutoencoder", DynamicAutoencoder, DAE_ML1M),
+            ("vae", "MultVAE", MultVAE, VAE_ML1M),
         )
-        results = recoder.evaluate(test, metrics=ML1M_METRICS)
-        rows.append(result_row("ml-1m", "DynamicAutoencoder", workers, seconds, results))
+        if key in chosen
+    ]
+    for name, model_class, run in autoencoders:
+        for workers in worker_counts:
+            model = model_class(**run.model)
+            recoder, seconds = train(
+                model, run, train_set, workers, args.seed, args.epochs, args.precision
+            )
+            results = recoder.evaluate(test, metrics=ML1M_METRICS)
+            rows.append(result_row("ml-1m", name, workers, seconds, results))
 
-    mf = MatrixFactorization(**MF_ML1M.model)
-    recoder, seconds = train(
-        mf, MF_ML1M, train_set, args.workers, args.seed, args.epochs, args.precision
-    )
-    results = evaluate_scores(fold_in_scores(recoder, MF_FOLD_IN_LAMBDA), test, ML1M_METRICS)
-    rows.append(result_row("ml-1m", "MF + ridge fold-in", args.workers, seconds, results))
+    if "mf" in chosen:
+        mf = MatrixFactorization(**MF_ML1M.model)
+        recoder, seconds = train(
+            mf, MF_ML1M, train_set, args.workers, args.seed, args.epochs, args.precision
+        )
+        results = evaluate_scores(fold_in_scores(recoder, MF_FOLD_IN_LAMBDA), test, ML1M_METRICS)
+        rows.append(result_row("ml-1m", "MF + ridge fold-in", args.workers, seconds, results))
 
-    for name, baseline in (("EASE", EASE(EASE_LAMBDA)), ("popularity", Popularity())):
-        rows.append(baseline_row("ml-1m", name, baseline, train_set, test, ML1M_METRICS))
+    if "baselines" in chosen:
+        for name, baseline in (("EASE", EASE(EASE_LAMBDA)), ("popularity", Popularity())):
+            rows.append(baseline_row("ml-1m", name, baseline, train_set, test, ML1M_METRICS))
     return rows
 
 
 def gowalla_rows(args) -> list[dict]:
     train_set, test = load_train_test(args.data_root / "gowalla").datasets()
     rows = []
-    for name, model, run in (
-        ("DynamicAutoencoder", DynamicAutoencoder(**DAE_GOWALLA.model), DAE_GOWALLA),
-        ("MatrixFactorization", MatrixFactorization(**MF_GOWALLA.model), MF_GOWALLA),
+    chosen = args.models.split(",")
+    for key, name, model_class, run in (
+        ("dae", "DynamicAutoencoder", DynamicAutoencoder, DAE_GOWALLA),
+        ("vae", "MultVAE", MultVAE, VAE_GOWALLA),
+        ("mf", "MatrixFactorization", MatrixFactorization, MF_GOWALLA),
     ):
+        if key not in chosen:
+            continue
+        model = model_class(**run.model)
         recoder, seconds = train(
             model, run, train_set, args.workers, args.seed, args.epochs, args.precision
         )
         results = recoder.evaluate(test, metrics=GOWALLA_METRICS)
         rows.append(result_row("gowalla", name, args.workers, seconds, results))
 
-    # EASE's dense 40,981 x 40,981 inverse would take ~13 GB: refused.
-    rows.append(dict(dataset="gowalla", model="EASE", note="n/a (too many items)"))
-    rows.append(
-        baseline_row("gowalla", "popularity", Popularity(), train_set, test, GOWALLA_METRICS)
-    )
+    if "baselines" in chosen:
+        # EASE's dense 40,981 x 40,981 inverse would take ~13 GB: refused.
+        rows.append(dict(dataset="gowalla", model="EASE", note="n/a (too many items)"))
+        rows.append(
+            baseline_row("gowalla", "popularity", Popularity(), train_set, test, GOWALLA_METRICS)
+        )
     return rows
 
 

@@ -85,7 +85,7 @@ def _model(args):
     from recoder_dist.nn import registry
 
     settings = {param: getattr(args, flag) for flag, param in MODEL_FLAGS.items()}
-    return registry.build(args.model, settings, strict=dict(args.model_param or {}))
+    return registry.build(args.model, settings, strict=args.model_param or {})
 
 
 def _model_name(value: str) -> str:
@@ -96,6 +96,15 @@ def _model_name(value: str) -> str:
             f"unknown model {value!r}; choose one of {', '.join(registry.names())}"
         )
     return value
+
+
+class ModelParams(argparse.Action):
+    """``--model-param NAME=VALUE``, repeatable: the settings gathered in a dict (a preset's
+    or a config file's dict is the default, which the flags update)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        name, value = values
+        setattr(namespace, self.dest, {**(getattr(namespace, self.dest) or {}), name: value})
 
 
 def parse_model_param(value: str) -> tuple[str, object]:
@@ -371,7 +380,7 @@ def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     t.add_argument(
         "--model-param",
         type=parse_model_param,
-        action="append",
+        action=ModelParams,
         metavar="NAME=VALUE",
         help="a constructor argument of the model that no flag sets (e.g. anneal_cap=0.2); "
         "repeat for more",

@@ -292,6 +292,9 @@ def test_every_preset_names_only_train_flags_with_values_they_accept(name, capsy
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
             argv.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, dict):  # --model-param NAME=VALUE, one a setting
+            for setting, given in value.items():
+                argv += [flag, f"{setting}={json.dumps(given)}"]
         else:
             argv += [flag, *map(str, value if isinstance(value, list) else [value])]
     try:

@@ -35,7 +35,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from ray.tune.schedulers import ASHAScheduler
 
 from recoder_dist import storage
-from recoder_dist.cli import MODEL_FLAGS, parse_model_param
+from recoder_dist.cli import MODEL_FLAGS, ModelParams, parse_model_param
 from recoder_dist.datasets import open_prepared
 from recoder_dist.metrics import NDCG, Recall
 from recoder_dist.model import Recoder, TrainingRows, read_training_rows
@@ -116,7 +116,7 @@ def search_space(args) -> dict:
     the model's settings from the model flags and ``--model-param``, and with ``--tune-model``
     draws from ``TRAINING_SPACE`` and the model's ``tune_space``."""
     model = {param: getattr(args, flag) for flag, param in MODEL_FLAGS.items()}
-    model.update(dict(args.model_param or {}))
+    model.update(args.model_param or {})
     space = {
         "data": storage.normalized(args.data),
         "storage": storage.normalized(args.storage),
@@ -333,7 +333,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--model-param",
         type=parse_model_param,
-        action="append",
+        action=ModelParams,
         metavar="NAME=VALUE",
         help="a constructor argument of the model that no flag sets (e.g. anneal_cap=0.2)",
     )
