@@ -81,17 +81,15 @@ VAE_ML1M = Run(
     batch_size=500,
     num_epochs=60,
 )
-# MultVAE on Gowalla: not tuned (the cost of an epoch on 40,981 items); the ml-1m settings with
-# sparse tables and sampling groups of 1,500 users (as the autoencoder's search found best among
-# sampled groups), the KL weight at its cap after 25 epochs of 60 steps.
+# MultVAE on Gowalla: not tuned. [600, 200] took 192 s an epoch here (RESULTS.md, 2026-12-07):
+# [200], sparse tables and sampling groups of 1,500 users (the autoencoder's best of the sampled
+# groups), the KL weight at its cap after 10 epochs of 60 steps, 15 epochs.
 VAE_GOWALLA = Run(
-    model=dict(
-        hidden_layers=[600, 200], noise_prob=0.5, anneal_cap=0.2, anneal_steps=1500, sparse=True
-    ),
+    model=dict(hidden_layers=[200], noise_prob=0.5, anneal_cap=0.2, anneal_steps=600, sparse=True),
     loss="logloss",
     lr=1e-3,
     batch_size=500,
-    num_epochs=30,
+    num_epochs=15,
     negative_sampling=True,
     num_sampling_users=1500,
 )
