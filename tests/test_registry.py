@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from recoder_dist.cli import _model, _with_config
-from recoder_dist.nn import DynamicAutoencoder, MatrixFactorization, registry
+from recoder_dist.nn import DynamicAutoencoder, MatrixFactorization, MultVAE, registry
 from recoder_dist.nn.base import FactorizationModel, sharded_class
 from recoder_dist.sharded.autoencoder import ShardedAutoencoder
 from recoder_dist.sharded.factorization import ShardedFactorization
@@ -70,5 +70,14 @@ def test_the_command_line_builds_any_registered_model():
     assert model.hidden_layers == [32, 16] and model.is_constrained
     with pytest.raises(ValueError, match="has no setting anneal_cap"):
         _cli_model("--model-param", "anneal_cap=0.2")
+    vae = _cli_model("--model", "vae", "--hidden", "16", "8", "--model-param", "anneal_cap=0.5")
+    assert type(vae) is MultVAE and vae.model_params() == dict(
+        hidden_layers=[16, 8],
+        activation_type="tanh",
+        noise_prob=0.5,
+        anneal_cap=0.5,
+        anneal_steps=200_000,
+        sparse=True,
+    )
     torch.manual_seed(0)
     model.init_model(num_items=10)  # a model the trainer can use
