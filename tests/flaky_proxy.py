@@ -90,6 +90,14 @@ class FlakyProxy:
             self.outages.append((mode, now, self._until))
         logger.warning("storage outage (%s) for %.1f s through %s", mode, seconds, self.host_port)
 
+    def restore(self) -> None:
+        """Ends the outage now (the connections it holds are closed)."""
+        with self._lock:
+            if self._mode != "pass":
+                self._end_outage()
+                mode, began, _ = self.outages[-1]
+                self.outages[-1] = (mode, began, time.monotonic())
+
     def close(self) -> None:
         self._closed.set()
         self._thread.join(timeout=5)
