@@ -5,6 +5,13 @@ URIs go through pyarrow's filesystems, so S3-compatible stores work with an endp
 as Ray Train accepts them too: ``s3://bucket/runs?endpoint_override=host:port&scheme=http``.
 Credentials come from each node's environment (on AWS, the instance profile), never from the
 driver.
+
+Files on a URI (``exists``, ``upload``, ``local_copy``, ``copy``, ``write_atomically``, and Ray
+Train's checkpoints through ``retrying_filesystem``) outlast a storage outage: each call is
+retried with backoff for ``recoder_dist.retry.RETRY_SECONDS`` (120 s; the environment variable
+``RECODER_DIST_STORAGE_RETRY_S`` overrides it), then fails with one error naming the URI. Data
+read by Ray Data's readers (``filesystem``, ``for_ray_data``) is not: its tasks are retried by
+Ray.
 """
 
 from __future__ import annotations
@@ -18,6 +25,10 @@ from typing import BinaryIO
 from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
+
+from recoder_dist.retry import with_retries
+from recoder_dist.retrying_fs import put_whole
+from recoder_dist.retrying_fs import retrying_filesystem as _retrying
 
 
 def is_uri(location: str | os.PathLike) -> bool:
@@ -93,6 +104,19 @@ def filesystem(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
         raise ValueError(f"cannot open {location}: {e}") from None
 
 
+def retrying_filesystem(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """As :func:`filesystem`, with a URI's filesystem retried through outages (see
+    :mod:`recoder_dist.retrying_fs`): for checkpoints and snapshots, whose files go whole.
+
+    Raises:
+        ValueError: a URI that pyarrow cannot open (unknown scheme, malformed query).
+    """
+    fs, path = filesystem(location)
+    if is_uri(location):
+        fs = _retrying(normalized(location))
+    return fs, path
+
+
 def for_ray_data(locations: list[str]) -> tuple[pafs.FileSystem | None, list[str]]:
     """The ``filesystem`` and paths to give Ray Data's readers for files at ``locations``
     (URIs of one filesystem, or local paths). Ray resolves a list of URIs by the first one's
@@ -105,18 +129,18 @@ def for_ray_data(locations: list[str]) -> tuple[pafs.FileSystem | None, list[str
 
 
 def exists(location: str | os.PathLike) -> bool:
-    fs, path = filesystem(location)
+    fs, path = retrying_filesystem(location)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def is_file(location: str | os.PathLike) -> bool:
-    fs, path = filesystem(location)
+    fs, path = retrying_filesystem(location)
     return fs.get_file_info(path).type == pafs.FileType.File
 
 
 def delete(location: str | os.PathLike) -> None:
     """Deletes the file at ``location``; nothing there is not an error."""
-    fs, path = filesystem(location)
+    fs, path = retrying_filesystem(location)
     with contextlib.suppress(FileNotFoundError):
         fs.delete_file(path)
 
@@ -147,8 +171,8 @@ def upload(local_path: str, location: str | os.PathLike) -> None:
         _write_local_atomically(location, lambda f: _copy_from(local_path, f))
         return
     fs, path = filesystem(location)
-    with open(local_path, "rb") as src, fs.open_output_stream(path) as dst:
-        shutil.copyfileobj(src, dst, length=1 << 22)
+    with open(local_path, "rb") as src:  # retried whole: see put_whole
+        with_retries(lambda: put_whole(fs, path, src), location, "upload")
 
 
 @contextlib.contextmanager
@@ -168,8 +192,12 @@ def local_copy(location: str | os.PathLike) -> Iterator[str]:
     fs, path = filesystem(location)
     with tempfile.TemporaryDirectory(prefix="recoder-dist-download-") as folder:
         local = os.path.join(folder, os.path.basename(path) or "file")
-        with fs.open_input_stream(path) as src, open(local, "wb") as dst:
-            shutil.copyfileobj(src, dst, length=1 << 22)
+
+        def get():  # again from the start at each try
+            with fs.open_input_stream(path) as src, open(local, "wb") as dst:
+                shutil.copyfileobj(src, dst, length=1 << 22)
+
+        with_retries(get, location, "download")
         yield local
 
 
@@ -186,7 +214,7 @@ def copy(source: str | os.PathLike, destination: str | os.PathLike) -> str:
     if _one_store(source, destination):
         if not is_file(source):
             raise FileNotFoundError(f"no file at {source}")
-        fs, path = filesystem(source)
+        fs, path = retrying_filesystem(source)
         fs.copy_file(path, filesystem(destination)[1])
         return destination
     with local_copy(source) as local:

@@ -100,7 +100,7 @@ def export_snapshot(location: str, destination: str) -> str:
     location = storage.normalized(location)
     if storage.is_file(storage.join(location, SNAPSHOT_FILE)):
         return copy_snapshot(storage.join(location, SNAPSHOT_FILE), destination)
-    fs, path = storage.filesystem(location)
+    fs, path = storage.retrying_filesystem(location)
     with ray.train.Checkpoint(path, filesystem=fs).as_directory() as folder:  # downloaded
         return save_snapshot(read_checkpoint(folder)[0], destination)
 

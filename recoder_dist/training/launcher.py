@@ -195,7 +195,7 @@ def run_job(
             dataset_config=EvalSplit(),
             run_config=RunConfig(
                 name=name,
-                storage_path=storage_path,
+                **_run_storage(storage_path),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 failure_config=FailureConfig(max_failures=max_failures),
                 callbacks=list(callbacks or []),
@@ -203,6 +203,16 @@ def run_job(
         )
         result = trainer.fit()
     return RunOutput(result, storage_path if own_storage else None, job.in_process)
+
+
+def _run_storage(storage_path: str) -> dict:
+    """``RunConfig``'s storage arguments: a URI with a filesystem that retries through outages,
+    so that Ray Train's own checkpoint uploads, run-state writes and downloads outlast one as
+    ours do (``recoder_dist.storage``); a local path as it is."""
+    if not storage.is_uri(storage_path):
+        return {"storage_path": storage_path}
+    fs, path = storage.retrying_filesystem(storage_path)
+    return {"storage_path": path, "storage_filesystem": fs}
 
 
 class EvalSplit(DataConfig):

@@ -1,0 +1,267 @@
+"""What a cluster does to a run, and what the user sees (issue 35): each test states the fault,
+and checks that nothing is lost.
+
+Storage outage: the bucket stops answering in the middle of a run. The run's storage goes
+through a FlakyProxy (tests/flaky_proxy.py) in front of the local S3 server, which refuses
+every connection for the outage (moto's in-memory server would lose the bucket if it were
+restarted). The run is a `recoder-dist train` job on the two-node cluster of
+tests/multinode.py: the worker node's Train worker uploads the checkpoints (Ray Train's copy
+into the run's storage, through recoder_dist's retrying filesystem), the head's Train
+controller writes the run's state, and rank 0 exports the snapshots: every kind of process
+that writes to the bucket meets the outage.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass
+
+import pytest
+import torch
+from ray.job_submission import JobSubmissionClient
+
+from recoder_dist.cli import main
+from recoder_dist.retry import RETRY_ENV
+from recoder_dist.training.checkpoint import read_checkpoint
+from recoder_dist.training.snapshot import load_snapshot
+from tests.flaky_proxy import FlakyProxy
+from tests.test_multinode import bucket_files, last_json, training_job
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 4
+SETTINGS = ("--epochs", str(EPOCHS), "--checkpoint-freq", "1", "--seed", "3")
+# A report tick of 1 s (each checkpoint waits for one): the run is still going when the outage
+# begins, at its first snapshot.
+SLOW_REPORTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1"}
+
+
+@pytest.fixture
+def bucket_credentials(no_shared_disk_cluster, monkeypatch):
+    """This process reads the bucket like any node, with credentials in its environment."""
+    for name, value in no_shared_disk_cluster.s3.credentials_env().items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.fixture(scope="module")
+def straight_weights(prepared_ml100k, ray_session, tmp_path_factory) -> dict:
+    """The final weights of the same run in this process (``--workers 0``), which a 1-worker
+    run equals to the bit: a run that lost or repeated a step differs from them."""
+    folder = tmp_path_factory.mktemp("straight")
+    job = training_job(prepared_ml100k, str(folder / "ck"), str(folder / "runs"))
+    assert main([*job[1:], *SETTINGS, "--workers", "0"]) == 0
+    return load_snapshot(str(folder / "ck" / f"model_epoch_{EPOCHS}.model")).model_state
+
+
+@dataclass
+class OutageRun:
+    status: str  # the job's final status
+    logs: str  # the job's log
+    before: set[str]  # the user's snapshots in the bucket when the outage began
+    seen: dict[str, float]  # snapshot -> seconds from the outage's start to its first listing
+    run_s: float  # from the outage's start to the job's end
+    refused: int  # connections that the proxy refused
+
+
+def first_snapshot(s3) -> bool:
+    """The user's first snapshot is in the bucket."""
+    return "model_epoch_1.model" in bucket_files(s3, "outage/ck")
+
+
+def first_registered_checkpoint(s3) -> bool:
+    """Ray Train's run state in the bucket lists a checkpoint (its controller registers one on
+    its next tick after the upload): a run stopped now resumes from it."""
+    states = [f for f in bucket_files(s3, "outage/runs") if f.endswith(_RUN_STATE)]
+    if not states:
+        return False
+    with s3.filesystem().open_input_stream(s3.path(f"outage/runs/{states[0]}")) as f:
+        return b"epoch_" in f.read()
+
+
+_RUN_STATE = "/checkpoint_manager_snapshot.json"
+
+
+def run_through_an_outage(
+    cluster, proxy, job, seconds: float, env_vars: dict, when=first_snapshot
+) -> OutageRun:
+    """Submits ``job``, starts an outage of ``seconds`` once ``when(s3)``, and waits for the
+    job's end (which ends the outage too)."""
+    s3 = cluster.s3
+    job_id = f"outage-{uuid.uuid4().hex[:8]}"
+    started = cluster.submit(*job, env_vars=env_vars, submission_id=job_id, wait=False)
+    assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
+    client = JobSubmissionClient(cluster.dashboard)
+    deadline = time.monotonic() + 240
+    while not when(s3):
+        assert not client.get_job_status(job_id).is_terminal(), client.get_job_logs(job_id)
+        assert time.monotonic() < deadline, client.get_job_logs(job_id)[-3000:]
+        time.sleep(0.1)
+    proxy.outage("refuse", seconds)
+    began = time.monotonic()
+    before = set(bucket_files(s3, "outage/ck"))
+    seen = {}
+    while not (status := client.get_job_status(job_id)).is_terminal():
+        for name in bucket_files(s3, "outage/ck"):  # directly, not through the proxy
+            seen.setdefault(name, round(time.monotonic() - began, 1))
+        time.sleep(0.2)
+    run_s = round(time.monotonic() - began, 1)
+    proxy.restore()
+    return OutageRun(status.value, client.get_job_logs(job_id), before, seen, run_s, proxy.refused)
+
+
+def assert_the_bucket_holds_whole_checkpoints(s3, tmp_path) -> tuple[list[str], list[str]]:
+    """Every snapshot of the user's (``outage/ck``) and every checkpoint that Ray Train's run
+    state registers (``outage/runs/<run>/epoch_N``, which a resumed run restores) reads whole:
+    checksums verified, the records of every epoch up to it. Returns the user's snapshots,
+    and the checkpoint folders in the bucket that the run state does not register (a failed
+    run's upload cut short: never restored, and written over when the run gets there again).
+    """
+    files = bucket_files(s3, "outage")
+    snapshots = sorted(f for f in files if f.startswith("ck/model_epoch_"))
+    for name in snapshots:
+        assert load_snapshot(s3.uri(f"outage/{name}")).epoch == int(name[15:-6])
+    fs = s3.filesystem()
+    folders = {f.rsplit("/", 1)[0] for f in files if f.startswith("runs/") and "/epoch_" in f}
+    registered = set()
+    for state in [f for f in files if f.endswith(_RUN_STATE)]:
+        with fs.open_input_stream(s3.path(f"outage/{state}")) as f:
+            names = set(re.findall(r"epoch_\d+", f.read().decode()))
+        registered |= {f"{state.rsplit('/', 1)[0]}/{name}" for name in names}
+    assert registered and registered <= folders, (registered, files)
+    for folder in sorted(registered):
+        local = tmp_path / folder.replace("/", "_")
+        local.mkdir(parents=True)
+        for name in [f for f in files if f.startswith(folder + "/")]:
+            with fs.open_input_stream(s3.path(f"outage/{name}")) as src:
+                (local / name.rsplit("/", 1)[1]).write_bytes(src.read())
+        snapshot, history = read_checkpoint(str(local))
+        assert snapshot.epoch == int(folder.rsplit("_", 1)[1])
+        assert [h["epoch"] for h in history] == list(range(1, snapshot.epoch + 1))
+    return snapshots, sorted(folders - registered)
+
+
+def assert_the_weights_of(s3, straight: dict) -> None:
+    ours = load_snapshot(s3.uri(f"outage/ck/model_epoch_{EPOCHS}.model")).model_state
+    assert ours.keys() == straight.keys()
+    for name in ours:
+        assert torch.equal(ours[name], straight[name]), name
+
+
+def retry_warnings(cluster) -> list[tuple[str, str]]:
+    """(log file, line) of every retry warning in both nodes' Ray logs (the Train workers',
+    the Train controller's, the job driver's)."""
+    found = []
+    for temp_dir in (cluster.head_temp_dir, cluster.worker_view(cluster.worker_temp_dir)):
+        # Not session_latest: a link to an absolute path, which names the head's /tmp here.
+        for log in sorted(temp_dir.glob("session_2*/logs/**/*")):
+            if log.is_file() and log.suffix in (".out", ".err"):
+                lines = log.read_text(errors="replace").splitlines()
+                found += [(log.name, ln) for ln in lines if "retrying in" in ln]
+    return found
+
+
+@pytest.fixture
+def proxied_bucket(no_shared_disk_cluster, bucket_credentials):
+    """A FlakyProxy before the cluster's bucket, and the bucket's ``outage/`` emptied (the
+    S3 server lives for the session)."""
+    s3 = no_shared_disk_cluster.s3
+    fs = s3.filesystem()
+    fs.delete_dir_contents(s3.path("outage"), missing_dir_ok=True)
+    host, port = s3.host_port.split(":")
+    with FlakyProxy(host, int(port)) as proxy:
+        proxy.uri = lambda key: (
+            f"s3://{s3.path(key)}?endpoint_override={proxy.host_port}&scheme=http"
+        )
+        yield proxy
+
+
+def test_a_20_s_storage_outage_mid_run_delays_the_run_and_loses_nothing(
+    no_shared_disk_cluster, proxied_bucket, prepared_ml100k, straight_weights, tmp_path
+):
+    """Every storage call retries (up to 120 s) until the bucket answers again; the epochs in
+    between go on. The run ends with the weights of a straight run, to the bit, and every
+    checkpoint in the bucket reads whole."""
+    cluster, s3, proxy = no_shared_disk_cluster, no_shared_disk_cluster.s3, proxied_bucket
+    job = training_job(prepared_ml100k, proxy.uri("outage/ck"), proxy.uri("outage/runs"), *SETTINGS)
+    outage_s = 20.0
+    run = run_through_an_outage(cluster, proxy, job, outage_s, SLOW_REPORTS)
+    retries = retry_warnings(cluster)
+    print(
+        json.dumps(
+            dict(
+                outage_s=outage_s,
+                status=run.status,
+                snapshots_before_outage=sorted(run.before),
+                snapshot_seen_after_outage_start_s=run.seen,
+                outage_start_to_job_end_s=run.run_s,
+                connections_refused=run.refused,
+                retry_warnings=len(retries),
+                retry_warnings_by_log={
+                    log: sum(1 for lg, _ in retries if lg == log) for log, _ in retries
+                },
+                first_retry_warning=retries[0][1][:400] if retries else None,
+            )
+        )
+    )
+    assert f"model_epoch_{EPOCHS}.model" not in run.before, "the run ended before the outage"
+    assert run.refused > 0 and retries, "nothing met the outage"
+    assert run.status == "SUCCEEDED", run.logs[-5000:]
+    assert (
+        json.loads([ln for ln in run.logs.splitlines() if ln.startswith("{")][-1])["epoch"]
+        == EPOCHS
+    )
+    snapshots, unregistered = assert_the_bucket_holds_whole_checkpoints(s3, tmp_path)
+    assert snapshots == [f"ck/model_epoch_{e}.model" for e in range(1, EPOCHS + 1)]
+    assert unregistered == []
+    assert_the_weights_of(s3, straight_weights)
+
+
+def test_an_outage_longer_than_the_retry_bound_fails_the_run_which_resubmitted_resumes(
+    no_shared_disk_cluster, proxied_bucket, prepared_ml100k, straight_weights, tmp_path
+):
+    """With a retry bound of 2 s (the job's RECODER_DIST_STORAGE_RETRY_S) and an outage of
+    30 s, a storage call gives up: the run fails, naming the URI (the controller's write of
+    the run state or the worker's upload, whichever gives up first: both were seen). What it
+    wrote reads whole; the same command, submitted again once the bucket answers (the outage
+    is ended when the job has failed), resumes from the last checkpoint that Ray Train
+    registered and ends with the weights of a straight run.
+
+    The outage begins once the run's state lists a checkpoint: before that, the run has no
+    checkpoint to resume from (Ray Train registers one on the controller's tick after the
+    upload, and a controller that cannot write the run's state fails the run), and a
+    resubmitted run starts over."""
+    cluster, s3, proxy = no_shared_disk_cluster, no_shared_disk_cluster.s3, proxied_bucket
+    job = training_job(prepared_ml100k, proxy.uri("outage/ck"), proxy.uri("outage/runs"), *SETTINGS)
+    short_retries = {**SLOW_REPORTS, RETRY_ENV: "2"}
+    run = run_through_an_outage(
+        cluster, proxy, job, 30.0, short_retries, when=first_registered_checkpoint
+    )
+    # Whichever gave up first: the Train controller writing the run state (a ControllerError
+    # with our error as its message), or the worker uploading a checkpoint (a
+    # WorkerGroupError, whose message Ray cuts to the end of the worker's error).
+    failure = [ln for ln in run.logs.splitlines() if f"(retry bound 2 s, {RETRY_ENV})" in ln]
+    snapshots, unregistered = assert_the_bucket_holds_whole_checkpoints(s3, tmp_path / "failed")
+    print(
+        json.dumps(
+            dict(
+                status=run.status,
+                outage_start_to_job_end_s=run.run_s,
+                error=run.logs.strip().splitlines()[-2:],
+                snapshots_after_failure=snapshots,
+                unregistered_folders_after_failure=unregistered,
+            )
+        )
+    )
+    assert run.status == "FAILED", run.logs[-5000:]
+    assert failure and f"endpoint_override={proxy.host_port}" in failure[-1], run.logs[-5000:]
+
+    resumed = cluster.submit(*job)  # the same command: the same run name and storage
+    assert last_json(resumed)["epoch"] == EPOCHS
+    assert "resuming from the checkpoint of epoch " in resumed.stdout + resumed.stderr
+    snapshots, unregistered = assert_the_bucket_holds_whole_checkpoints(s3, tmp_path / "again")
+    assert unregistered == []
+    assert snapshots == [f"ck/model_epoch_{e}.model" for e in range(1, EPOCHS + 1)]
+    assert_the_weights_of(s3, straight_weights)
