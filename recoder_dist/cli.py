@@ -3,7 +3,9 @@ similar-items, demo.
 
 Every command connects to ``RAY_ADDRESS`` when it is set (as under ``ray job submit``) and
 otherwise starts a local embedded Ray. A user mistake (a bad flag, a missing file, a value
-out of range) prints one line and exits 2; any other failure exits 1 with its traceback.
+out of range) prints one line and exits 2; a storage outage past the retry bound
+(``recoder_dist.retry``) prints one line and exits 1 (resubmitted, a run resumes); any other
+failure exits 1 with its traceback.
 """
 
 from __future__ import annotations
@@ -548,11 +550,30 @@ def _user_error(error: Exception) -> Exception | None:
     # not at the top, so that --help and argparse errors do not pay for importing pandas.
     from recoder_dist.datasets.download import DownloadError
 
-    if isinstance(error, (*_USER_ERRORS, DownloadError)):
+    return _raised(error, (*_USER_ERRORS, DownloadError))
+
+
+def _outage(error: Exception) -> Exception | None:
+    """The storage outage behind ``error`` (``recoder_dist.retry``: the bucket did not answer
+    for the whole retry bound), here, in every failed worker or in Ray Train's controller; or
+    None. Not the user's mistake, but one line says it all: resubmitted, the run resumes."""
+    from recoder_dist.retry import StorageUnavailableError
+
+    return _raised(error, (StorageUnavailableError,))
+
+
+def _raised(error: Exception, kinds: tuple) -> Exception | None:
+    """``error`` if it is one of ``kinds``; else, for a failed Ray Train run, the first
+    failed worker's error when every worker's is (``WorkerGroupError.worker_failures``), or
+    the controller's (``ControllerError.controller_failure``)."""
+    if isinstance(error, kinds):
         return error
-    failures = getattr(error, "worker_failures", None)  # ray.train.WorkerGroupError's
-    if failures and all(isinstance(e, _USER_ERRORS) for e in failures.values()):
+    failures = getattr(error, "worker_failures", None)
+    if failures and all(isinstance(e, kinds) for e in failures.values()):
         return failures[min(failures)]
+    controller = getattr(error, "controller_failure", None)
+    if controller is not None and controller is not error:
+        return _raised(controller, kinds)
     return None
 
 
@@ -569,9 +590,9 @@ def main(argv: list[str] | None = None) -> int:
             ensure_ray(verbose=True)
         return args.run(args)
     except Exception as e:
-        mistake = _user_error(e)
-        if mistake is None:
+        mistake, outage = _user_error(e), _outage(e)
+        if mistake is None and outage is None:
             raise  # the traceback (a failed run's includes each failed rank's)
         logging.getLogger("recoder_dist").debug("where the error was met", exc_info=True)
-        print(f"recoder-dist: error: {mistake}", file=sys.stderr)
-        return 2
+        print(f"recoder-dist: error: {mistake or outage}", file=sys.stderr)
+        return 2 if mistake is not None else 1

@@ -303,3 +303,32 @@ def test_every_preset_names_only_train_flags_with_values_they_accept(name, capsy
         pytest.fail(f"{name}: train refuses {argv}: {capsys.readouterr().err}")
     assert {key: getattr(args, key) for key in preset(name)} == preset(name)
     assert commands["train"] is not main
+
+
+def test_a_storage_outage_is_one_line_from_here_a_worker_or_the_controller(monkeypatch, capsys):
+    """Past the retry bound the run stops with one line naming the URI and exits 1 (not a
+    user's mistake, which exits 2), whether the error was raised in this process, by every
+    worker, or by Ray Train's controller; another error keeps its traceback."""
+    import ray.train
+
+    import recoder_dist.cli as cli
+    from recoder_dist.retry import StorageUnavailableError
+
+    outage = StorageUnavailableError("storage unavailable: upload s3://b/run/x failed 3 times")
+    argv = ["train", "--data", "d", "--checkpoint-dir", "c"]
+    for raised in (
+        outage,
+        ray.train.WorkerGroupError("workers failed", {0: outage, 1: outage}),
+        ray.train.ControllerError(outage),
+    ):
+
+        def fail(args, raised=raised):
+            raise raised
+
+        monkeypatch.setattr(cli, "_train", fail)
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"recoder-dist: error: {outage}"]
+    monkeypatch.setattr(cli, "_train", lambda args: (_ for _ in ()).throw(OSError("disk")))
+    with pytest.raises(OSError, match="disk"):
+        main(argv)

@@ -257,6 +257,9 @@ def test_an_outage_longer_than_the_retry_bound_fails_the_run_which_resubmitted_r
     )
     assert run.status == "FAILED", run.logs[-5000:]
     assert failure and f"endpoint_override={proxy.host_port}" in failure[-1], run.logs[-5000:]
+    # What the user sees last: one line (cli._outage), the traceback only with --verbose.
+    last = run.logs.strip().splitlines()[-1]
+    assert last.startswith("recoder-dist: error: storage unavailable: "), run.logs[-5000:]
 
     resumed = cluster.submit(*job)  # the same command: the same run name and storage
     assert last_json(resumed)["epoch"] == EPOCHS
