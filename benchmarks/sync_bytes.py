@@ -24,6 +24,7 @@ is compute / (compute + link bytes / bandwidth).
     python benchmarks/sync_bytes.py
     python benchmarks/sync_bytes.py --datasets gowalla --step-ms 5
     python benchmarks/sync_bytes.py --step-ms 2 --plot benchmarks/sync_projection.png
+    python benchmarks/sync_bytes.py --model mf   # MatrixFactorization's step
 
 Beside today's sync, the sharded path of ``recoder_dist/sharded`` (issue #32), counted from the
 same sampled steps: what each rank sends in one step, forward and backward, through its link
@@ -71,14 +72,18 @@ def long_tail(users: int, items: int, per_user: int, seed: int = 0) -> sp.csr_ma
     return matrix
 
 
-def link_bytes(counts: list[int], num_items: int) -> tuple[float, float]:
-    """Bytes through a rank's link in one step: SparseGradSync's, and DDP's dense all-reduce."""
+def link_bytes(
+    counts: list[int], num_items: int, dims: tuple[int, ...] = TABLE_DIMS
+) -> tuple[float, float]:
+    """Bytes through a rank's link in one step: SparseGradSync's, and DDP's dense all-reduce,
+    for tables of ``num_items`` rows and widths ``dims`` of which rank r touched ``counts[r]``
+    rows."""
     world = len(counts)
     if world == 1:
         return 0.0, 0.0
     longest = max(counts)
     sync, dense_buffer, ddp = 0.0, 0, 0
-    for dim in TABLE_DIMS:
+    for dim in dims:
         ddp += num_items * dim * 4
         if world * longest <= DENSE_SHARE * num_items:
             sync += (world - 1) * longest * (8 + 4 * dim)  # int64 index + float32 row
@@ -88,13 +93,19 @@ def link_bytes(counts: list[int], num_items: int) -> tuple[float, float]:
     return sync + ring * dense_buffer, ring * ddp
 
 
-def sharded_bytes(block: sp.csr_matrix, sizes: list[int], hidden: int = HIDDEN) -> dict:
+def sharded_bytes(
+    block: sp.csr_matrix, sizes: list[int], hidden: int = HIDDEN, users: np.ndarray | None = None
+) -> dict:
     """Bytes that each rank sends in one sharded step (forward and backward), per exchange.
 
     Args:
         block: the step's global batch (rank 0's rows, then rank 1's, ...).
         sizes: users of each rank.
         hidden: the codes' width.
+        users: MatrixFactorization's step: the rows' global user ids (its user table is
+            sharded too: each user's row comes from its owner, ``u % world``, and its gradient
+            goes back; its entries carry no input value, and it has no dense layer). None:
+            the autoencoder's (the encoder's pooling sends partial codes home).
 
     Returns:
         per-rank arrays: ``entries`` (to the items' owners), ``partials`` (partial codes back
@@ -105,35 +116,64 @@ def sharded_bytes(block: sp.csr_matrix, sizes: list[int], hidden: int = HIDDEN) 
         gradient of their log-sum-exp: three all-reduces of the global batch's floats),
         and ``scores`` (users x items this rank scores).
     """
-    world, users = len(sizes), block.shape[0]
+    factorization = users is not None
+    world, num_rows = len(sizes), block.shape[0]
     rank_of_row = np.repeat(np.arange(world), sizes)
-    rows = np.repeat(np.arange(users), np.diff(block.indptr))
+    rows = np.repeat(np.arange(num_rows), np.diff(block.indptr))
     source, owner = rank_of_row[rows], block.indices % world
     away = source != owner
-    entries = np.bincount(source[away], minlength=world) * ENTRY_BYTES
-    # One partial code per (user, owner) pair with entries; the user's own rank's stays home.
-    pairs = np.unique(rows.astype(np.int64) * world + owner)
-    pair_owner, pair_source = pairs % world, rank_of_row[pairs // world]
-    away = pair_source != pair_owner
+    # MatrixFactorization's entries carry their target only, not an input value as well.
+    entry_bytes = ENTRY_BYTES - 4 if factorization else ENTRY_BYTES
+    entries = np.bincount(source[away], minlength=world) * entry_bytes
     row_bytes = hidden * 4
+    if factorization:
+        # Each user's row from its owner: an entry there (its row, id and weight of 1), the
+        # row back, its gradient there again; a user of its owner's rank stays home.
+        pair_owner, pair_source = np.asarray(users) % world, rank_of_row
+        away = pair_source != pair_owner
+        entries = entries + np.bincount(pair_source[away], minlength=world) * entry_bytes
+    else:
+        # One partial code per (user, owner) pair with entries; the user's own rank's stays home.
+        pairs = np.unique(rows.astype(np.int64) * world + owner)
+        pair_owner, pair_source = pairs % world, rank_of_row[pairs // world]
+        away = pair_source != pair_owner
     partials = (
         np.bincount(pair_owner[away], minlength=world)
         + np.bincount(pair_source[away], minlength=world)
     ) * row_bytes
     sizes = np.asarray(sizes)
-    codes = (world - 1) * sizes.max() * row_bytes + (users - sizes) * row_bytes
+    codes = (world - 1) * sizes.max() * row_bytes + (num_rows - sizes) * row_bytes
     ring = 2 * (world - 1) / world
-    small = 2 * (world - 1) * 8 + ring * (hidden + 1) * 4
-    stats = np.full(world, 3 * ring * users * 4)
+    # Each route's counts (the batch sizes' all-gather, the counts' all-to-all: two routes for
+    # MatrixFactorization, its users' and its items'); the dense layers' gradients (the
+    # autoencoder's encoder bias) and the loss in all-reduces.
+    dense = 0 if factorization else hidden
+    small = (1 + factorization) * 2 * (world - 1) * 8 + ring * (dense + 1) * 4
+    stats = np.full(world, 3 * ring * num_rows * 4)
     items = np.unique(block.indices)
-    scores = users * np.bincount(items % world, minlength=world)
+    scores = num_rows * np.bincount(items % world, minlength=world)
     return dict(
         entries=entries, partials=partials, codes=codes, small=small, stats=stats, scores=scores
     )
 
 
-def measure(matrix: sp.csr_matrix, steps: int, seed: int) -> dict[int, dict]:
-    """Per world size: the mean rows a rank touches, and the mean link bytes of both syncs."""
+def replicated_bytes(
+    counts: list[int], num_items: int, num_users: int, factorization: bool
+) -> tuple[float, float]:
+    """``link_bytes`` of a step's replicated tables: the autoencoder's three item tables, or
+    MatrixFactorization's two item tables and its user table (``GROUP`` rows a rank)."""
+    if not factorization:
+        return link_bytes(counts, num_items)
+    items = link_bytes(counts, num_items, dims=(HIDDEN, 1))
+    users = link_bytes([GROUP] * len(counts), num_users, dims=(HIDDEN,))
+    return items[0] + users[0], items[1] + users[1]
+
+
+def measure(
+    matrix: sp.csr_matrix, steps: int, seed: int, factorization: bool = False
+) -> dict[int, dict]:
+    """Per world size: the mean rows a rank touches, and the mean link bytes of both syncs
+    (``factorization``: MatrixFactorization's step, else the autoencoder's)."""
     rng = np.random.default_rng(seed)
     num_users, num_items = matrix.shape
     out = {}
@@ -149,15 +189,17 @@ def measure(matrix: sp.csr_matrix, steps: int, seed: int) -> dict[int, dict]:
             ]
             rows.append(np.mean(counts))
             scores.append(GROUP * np.mean(counts))  # today: a rank scores its group's items
-            step_sync, step_ddp = link_bytes(counts, num_items)
+            step_sync, step_ddp = replicated_bytes(counts, num_items, num_users, factorization)
             sync.append(step_sync)
             ddp.append(step_ddp)
-            sharded.append(sharded_bytes(matrix[users], [GROUP] * world))
+            ids = users if factorization else None
+            sharded.append(sharded_bytes(matrix[users], [GROUP] * world, users=ids))
             # The global batch fixed at GROUP users, dealt out as evenly as it goes.
             fixed_sizes = [len(part) for part in np.array_split(np.arange(GROUP), world)]
-            fixed.append(sharded_bytes(matrix[users[:GROUP]], fixed_sizes))
+            first = None if ids is None else ids[:GROUP]
+            fixed.append(sharded_bytes(matrix[users[:GROUP]], fixed_sizes, users=first))
             if world > NODE:
-                group_bytes, replica_bytes = two_d_bytes(matrix, users, world, NODE)
+                group_bytes, replica_bytes = two_d_bytes(matrix, users, world, NODE, factorization)
                 intra.append(group_bytes)
                 inter.append(replica_bytes)
         out[world] = dict(
@@ -174,20 +216,32 @@ def measure(matrix: sp.csr_matrix, steps: int, seed: int) -> dict[int, dict]:
     return out
 
 
-def two_d_bytes(matrix: sp.csr_matrix, users: np.ndarray, world: int, group: int):
+def two_d_bytes(
+    matrix: sp.csr_matrix, users: np.ndarray, world: int, group: int, factorization=False
+):
     """Bytes a rank sends in one step of the 2D layout (``world`` ranks in groups of ``group``,
     ``GROUP`` users a rank, ``users`` in rank order), mean over ranks: within its group (the
     sharded exchange, logloss) and to its replicas (the rows of its shard that its group
-    touched, as ``link_bytes`` counts a sync of a ``num_items / group``-row table)."""
-    num_items, groups = matrix.shape[1], world // group
-    within, touched = [], []
+    touched, as ``link_bytes`` counts a sync of a ``num_items / group``-row table; for
+    MatrixFactorization, its item tables' and its user table's)."""
+    (num_users, num_items), groups = matrix.shape, world // group
+    within, touched, touched_users = [], [], []
     for g in range(groups):
-        block = matrix[users[g * group * GROUP : (g + 1) * group * GROUP]]
-        b = sharded_bytes(block, [GROUP] * group)
+        ids = users[g * group * GROUP : (g + 1) * group * GROUP]
+        block = matrix[ids]
+        b = sharded_bytes(block, [GROUP] * group, users=ids if factorization else None)
         within.append(np.mean(b["entries"] + b["partials"] + b["codes"] + b["stats"]) + b["small"])
         touched.append(np.bincount(np.unique(block.indices) % group, minlength=group))
-    touched = np.array(touched)  # groups x shards
-    across = [link_bytes(list(touched[:, r]), num_items // group)[0] for r in range(group)]
+        touched_users.append(np.bincount(ids % group, minlength=group))
+    touched, touched_users = np.array(touched), np.array(touched_users)  # groups x shards
+    across = []
+    for r in range(group):
+        if factorization:
+            items = link_bytes(list(touched[:, r]), num_items // group, dims=(HIDDEN, 1))[0]
+            rows = link_bytes(list(touched_users[:, r]), num_users // group, dims=(HIDDEN,))[0]
+            across.append(items + rows)
+        else:
+            across.append(link_bytes(list(touched[:, r]), num_items // group)[0])
     return float(np.mean(within)), float(np.mean(across))
 
 
@@ -331,6 +385,12 @@ def main():
         help="compute time of one 500-user step (default: this CPU's, Gowalla, 1 thread)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--model",
+        choices=["autoencoder", "mf"],
+        default="autoencoder",
+        help="whose step: the [200] autoencoder's, or 200-dim MatrixFactorization's",
+    )
     parser.add_argument("--plot", help="save the projection as a PNG here (needs matplotlib)")
     args = parser.parse_args()
     results = {}
@@ -339,7 +399,7 @@ def main():
             matrix = long_tail(users=200_000, items=1_000_000, per_user=30, seed=args.seed)
         else:
             matrix = load_matrix(name)
-        measured = results[name] = measure(matrix, args.steps, args.seed)
+        measured = results[name] = measure(matrix, args.steps, args.seed, args.model == "mf")
         print(f"\n### {name}: {matrix.shape[0]:,} users x {matrix.shape[1]:,} items\n")
         header = ["ranks", "rows a rank touches", "sync MB a rank", "DDP dense MB a rank", "ratio"]
         rows = [

@@ -1,6 +1,7 @@
 """benchmarks/sync_bytes.py's count of the sharded path's bytes against the bytes that the
 implementation hands to the collectives in a real step on 3 gloo ranks (forward, backward and
-the dense layers' all-reduce), counted per rank as each collective sends them off the rank."""
+the dense layers' all-reduce), counted per rank as each collective sends them off the rank:
+the autoencoder's step, and MatrixFactorization's (its users' rows from their owners)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from recoder_dist.sharded.autoencoder import ShardedAutoencoder
+from recoder_dist.sharded.factorization import ShardedFactorization
 from tests.sharded_harness import interactions, rank_entries, run_ranks, split
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -46,17 +48,27 @@ def _count_collectives(world, sent):
     )
 
 
-def _count(rank, world):
+def _count(rank, world, factorization=False):
     matrix = interactions(11, 23, 19, seed=4)
-    users = np.arange(11)
+    # MF reads its users' rows: ids out of rank order, so that some are on their owner's rank
+    users = np.array([7, 2, 9, 0, 4, 10, 3, 5, 1, 8, 6]) if factorization else np.arange(11)
     sent = [0.0]
     _count_collectives(world, sent)
-    model = ShardedAutoencoder(23, [HIDDEN])
-    rows, items, values, num_users = rank_entries(matrix, users[split(SIZES, rank)])
-    share, _ = model.loss(rows, items, values, num_users, loss="logloss")
+    mine = users[split(SIZES, rank)]
+    rows, items, values, num_users = rank_entries(matrix, mine)
+    if factorization:
+        model = ShardedFactorization(23, 11, HIDDEN)
+        share, _ = model.loss(
+            rows, items, values, num_users, users=torch.from_numpy(mine), loss="logloss"
+        )
+    else:
+        model = ShardedAutoencoder(23, [HIDDEN])
+        share, _ = model.loss(rows, items, values, num_users, loss="logloss")
     share.backward()
     model.all_reduce_dense_grads()
-    expected = sharded_bytes(matrix[users], SIZES, hidden=HIDDEN)
+    expected = sharded_bytes(
+        matrix[users], SIZES, hidden=HIDDEN, users=users if factorization else None
+    )
     total = sum(expected[key][rank] for key in ("entries", "partials", "codes", "stats"))
     total += expected["small"]
     if not np.isclose(sent[0], total):
@@ -66,3 +78,8 @@ def _count(rank, world):
 def test_counted_bytes_are_the_implementation_s():
     torch.manual_seed(0)
     run_ranks(3, _count)
+
+
+def test_counted_bytes_are_the_implementation_s_for_matrix_factorization():
+    torch.manual_seed(0)
+    run_ranks(3, _count, True)
