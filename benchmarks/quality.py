@@ -70,10 +70,8 @@ DAE_ML1M = Run(
     weight_decay=2e-5,
     lr_milestones=(12,),
 )
-# MultVAE on ml-1m: the `vae-ml-1m` preset (validation NDCG@100 by hand and by a Tune sweep
-# on prepare's split, RESULTS.md 2026-12-07: [600, 200], cap 0.2 over 2,000 steps, 0.4104 at
-# epoch 60; caps 0.1 / 0.3 / 1.0 over 300 steps 0.4060 / 0.4065 / 0.3976, [200] 0.4038 at best;
-# batch 100 peaked at 0.4074 (epoch 30)).
+# MultVAE on ml-1m: the `vae-ml-1m` preset, chosen by validation NDCG@100 by hand and by a Tune
+# sweep on prepare's split (the figures: RESULTS.md, Quality, 2026-12-07).
 VAE_ML1M = Run(
     model=dict(hidden_layers=[600, 200], noise_prob=0.5, anneal_cap=0.2, anneal_steps=2000),
     loss="logloss",
@@ -81,9 +79,9 @@ VAE_ML1M = Run(
     batch_size=500,
     num_epochs=60,
 )
-# MultVAE on Gowalla: not tuned. [600, 200] took 192 s an epoch here (RESULTS.md, 2026-12-07):
-# [200], sparse tables and sampling groups of 1,500 users (the autoencoder's best of the sampled
-# groups), the KL weight at its cap after 10 epochs of 60 steps, 15 epochs.
+# MultVAE on Gowalla: not tuned ([600, 200] was too slow an epoch here: RESULTS.md, Quality,
+# 2026-12-07): [200], sparse tables and sampling groups of 1,500 users (the autoencoder's best
+# of the sampled groups), the KL weight at its cap after 10 epochs of 60 steps, 15 epochs.
 VAE_GOWALLA = Run(
     model=dict(hidden_layers=[200], noise_prob=0.5, anneal_cap=0.2, anneal_steps=600, sparse=True),
     loss="logloss",

@@ -16,6 +16,7 @@ from recoder_dist.nn.base import (
     activation,
     embedding_rows,
     hidden_sizes,
+    seeded_dense_,
     seeded_xavier_,
 )
 from recoder_dist.nn.registry import register
@@ -151,12 +152,7 @@ class DynamicAutoencoder(FactorizationModel):
         if not self.is_constrained:
             tables.append(self.decoder_embedding)
         seeded_xavier_(tables, self.init_seed)
-        generator = torch.Generator().manual_seed(self.init_seed + 2)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                weight = torch.empty(module.weight.shape)
-                module.weight.copy_(nn.init.xavier_uniform_(weight, generator=generator))
-                nn.init.zeros_(module.bias)
+        seeded_dense_(self, self.init_seed + 2)
         nn.init.zeros_(self.decoder_bias.weight)
 
     # recsys-recoder 0.4.0's attribute names, read-only. Properties register nothing: the

@@ -132,6 +132,19 @@ def seeded_xavier_(tables: list[nn.Embedding], seed: int) -> None:
         table.weight.copy_(weight)
 
 
+@torch.no_grad()
+def seeded_dense_(model: nn.Module, seed: int) -> None:
+    """Xavier-uniform weights for ``model``'s ``nn.Linear`` layers, in module order, drawn on
+    the CPU from one generator seeded ``seed``, and zero biases: a whole model and each rank of
+    its sharded form draw the same dense layers, with no broadcast."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            weight = nn.init.xavier_uniform_(torch.empty(module.weight.shape), generator=generator)
+            module.weight.copy_(weight)
+            nn.init.zeros_(module.bias)
+
+
 def embedding_rows(embedding: nn.Embedding, items: torch.Tensor | None) -> torch.Tensor:
     """Rows ``items`` of an embedding table (all rows when None).
 

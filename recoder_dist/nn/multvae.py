@@ -25,6 +25,7 @@ from recoder_dist.nn.base import (
     activation,
     embedding_rows,
     hidden_sizes,
+    seeded_dense_,
     seeded_xavier_,
 )
 from recoder_dist.nn.registry import register
@@ -134,7 +135,7 @@ class MultVAE(FactorizationModel):
         if self.encoder_embedding.weight.is_meta:
             return  # a model without weights (see Recoder): they are made where they are used
         seeded_xavier_([self.encoder_embedding, self.decoder_embedding], self.init_seed)
-        _init_dense(self, self.init_seed + 2)
+        seeded_dense_(self, self.init_seed + 2)
         nn.init.zeros_(self.decoder_bias.weight)
 
     def forward(
@@ -228,18 +229,6 @@ def _table(num_items: int, dim: int, table: dict, seed_offset: int = 0, zeros: b
     return ShardedTable(num_items, dim, init=init, seed=(seed or 0) + seed_offset, **placement)
 
 
-@torch.no_grad()
-def _init_dense(model: nn.Module, seed: int) -> None:
-    """Xavier-uniform weights, in module order, from one CPU generator seeded ``seed``, and
-    zero biases: the same on every rank, with no broadcast."""
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            weight = nn.init.xavier_uniform_(torch.empty(module.weight.shape), generator=generator)
-            module.weight.copy_(weight)
-            nn.init.zeros_(module.bias)
-
-
 class ShardedMultVAE(ShardedModel):
     """A MultVAE whose item tables hold only this rank's rows (``recoder_dist.sharded``).
 
@@ -271,7 +260,7 @@ class ShardedMultVAE(ShardedModel):
         self.anneal_cap, self.anneal_steps = anneal_cap, anneal_steps
         table = dict(rank=self.rank, world=self.world, sparse=sparse, device=device, seed=seed)
         _build_layers(self, num_items, [int(h) for h in hidden_layers], table)
-        _init_dense(self, (seed or 0) + 2)
+        seeded_dense_(self, (seed or 0) + 2)
         self._kl = None
 
     @classmethod

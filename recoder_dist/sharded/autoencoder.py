@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from recoder_dist.nn.autoencoder import dense_codes
-from recoder_dist.nn.base import activation
+from recoder_dist.nn.base import activation, seeded_dense_
 from recoder_dist.sharded.encoder import input_noise, normalized_values, sharded_pooling
 from recoder_dist.sharded.model import ShardedModel
 from recoder_dist.sharded.ownership import Ownership
@@ -92,14 +92,7 @@ class ShardedAutoencoder(ShardedModel):
                 num_items, sizes[0], init=xavier, seed=(seed or 0) + 1, **table
             )
         self.decoder_bias = ShardedTable(num_items, 1, init="zeros", **table)
-        generator = torch.Generator().manual_seed((seed or 0) + 2)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                weight = torch.empty(module.weight.shape)
-                nn.init.xavier_uniform_(weight, generator=generator)  # drawn on the CPU
-                with torch.no_grad():
-                    module.weight.copy_(weight)
-                nn.init.zeros_(module.bias)
+        seeded_dense_(self, (seed or 0) + 2)
 
     @classmethod
     def of(cls, model, **placement) -> ShardedAutoencoder:
