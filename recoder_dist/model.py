@@ -10,7 +10,6 @@ import weakref
 from dataclasses import dataclass
 
 import numpy as np
-import ray
 import torch
 
 from recoder_dist import storage
@@ -47,6 +46,7 @@ from recoder_dist.training.launcher import (
     run_job,
 )
 from recoder_dist.training.optimizers import check_optimizer_type, check_optimizers
+from recoder_dist.training.resources import default_workers
 from recoder_dist.training.sharded_step import check_tables, rank_batch, shards_tables
 from recoder_dist.training.snapshot import (
     Snapshot,
@@ -691,9 +691,7 @@ class Recoder:
         if self.num_workers is not None:
             return self.num_workers
         ensure_ray()
-        nodes = sum(node["Alive"] for node in ray.nodes())
-        alone = not os.environ.get("RAY_ADDRESS") and nodes == 1
-        return 0 if alone and self.max_failures == 0 else 1
+        return default_workers(self.max_failures)
 
     def _job(
         self, workers: int = 0, *, sharded: bool = False, use_cuda: bool = False, **kwargs

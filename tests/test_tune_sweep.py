@@ -1,4 +1,5 @@
-"""Real Ray Tune sweeps: each trial a distributed training run, the best exported."""
+"""Real Ray Tune sweeps: each trial a distributed training run (or one in the trial's own
+process), the best exported."""
 
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
 
-from recoder_dist.datasets import load_prepared
+from recoder_dist.datasets import load_prepared, open_prepared
+from recoder_dist.losses import MultinomialNLLLoss
 from recoder_dist.metrics import NDCG
-from recoder_dist.model import Recoder
-from recoder_dist.nn import MultVAE
+from recoder_dist.model import Recoder, read_training_rows
+from recoder_dist.nn import DynamicAutoencoder, MultVAE
 from tests.second_ray import stop_session
 from tune.sweep import main as sweep
 
@@ -24,9 +28,14 @@ from tune.sweep import main as sweep
 def test_two_trial_sweep_exports_a_snapshot_that_evaluates_to_its_score(
     ray_session, prepared_ml100k, tmp_path
 ):
+    """Trials that train in their own process (``--workers 0``): each reports what the same
+    training reaches outside Tune, and the best one's snapshot is exported. (Trials on Ray
+    Train workers: the next test, and test_multinode's sweep through the bucket.)"""
     data = prepared_ml100k
     summary = sweep(
         [
+            "--workers",
+            "0",
             "--data",
             str(data),
             "--output",
@@ -59,6 +68,25 @@ def test_two_trial_sweep_exports_a_snapshot_that_evaluates_to_its_score(
     assert summary["model"] == "vae" and summary["best"]["hidden_layers"] == [64, 16]
     assert summary["NDCG@100"] == table["NDCG@100"].max()
     assert_no_reservation_left(ray_session)
+
+    # The trial of batch size 50, trained again here without Tune.
+    split = open_prepared(data)
+    model = MultVAE(hidden_layers=[64, 16], anneal_steps=20, sparse=True)  # --sparse's default
+    recoder = Recoder(model, num_workers=0, seed=0)
+    history = recoder.train(
+        read_training_rows(split.train),
+        val_dataset=split.validation,
+        lr=1e-3,
+        batch_size=50,
+        num_epochs=4,
+        negative_sampling=True,
+        eval_freq=2,
+        metrics=[NDCG(k=100)],
+        eval_num_recommendations=100,
+    )
+    trial = table[table["config/batch_size"] == 50].iloc[0]
+    assert trial["epoch"] == 4  # not stopped by ASHA at epoch 2
+    assert trial["NDCG@100"] == pytest.approx(history[-1]["NDCG@100"], abs=1e-9)
 
     # Resuming a finished sweep restores its results instead of running the trials again.
     resumed = sweep(["--data", str(data), "--output", str(tmp_path / "sweep"), "--resume"])
@@ -128,6 +156,8 @@ def test_four_trials_in_turn_finish_on_the_real_cpus_beside_another_ray_instance
         "64",
         "--concurrent",
         "1",
+        "--workers",  # each trial a Ray Train run (this machine alone would train in process)
+        "1",
     ]
     process = subprocess.Popen(
         command,
@@ -194,3 +224,74 @@ def test_the_search_space_is_the_models_own():
     assert "is_constrained" in chosen("autoencoder")
     with pytest.raises(SystemExit):
         parse_args(["--data", "d", "--storage", "s", "--grid", "anneal_cap=0.1"])
+
+
+class FailOnce(MultinomialNLLLoss):
+    """logloss that raises at its ``at_call``-th batch, the first time only (a marker file
+    remembers it across the trial's restart)."""
+
+    def __init__(self, marker: str, at_call: int):
+        super().__init__()
+        self.marker, self.at_call, self.calls = marker, at_call, 0
+
+    def forward(self, input, target):
+        self.calls += 1
+        if self.calls == self.at_call and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            raise RuntimeError("the trial fails once")
+        return super().forward(input, target)
+
+
+def _trial_run(loss, data: Path, in_trial: bool) -> list[dict]:
+    """6 epochs of ml-100k in this process, a checkpoint every 2 (as a sweep's trial with
+    ``--workers 0`` trains), reporting to Tune ``in_trial``."""
+    split = open_prepared(data)
+    callbacks = [TuneReportCallback()] if in_trial else []
+    model = DynamicAutoencoder(hidden_layers=[32], sparse=True)
+    recoder = Recoder(model, loss=loss, num_workers=0, seed=3, callbacks=callbacks)
+    return recoder.train(
+        read_training_rows(split.train),
+        val_dataset=split.validation,
+        batch_size=100,
+        num_epochs=6,
+        negative_sampling=True,
+        eval_freq=2,
+        checkpoint_freq=2,
+        metrics=[NDCG(k=100)],
+        eval_num_recommendations=100,
+    )
+
+
+@pytest.mark.slow
+def test_a_failed_in_process_trial_resumes_from_its_checkpoint_to_a_straight_runs_score(
+    ray_session, prepared_ml100k, tmp_path
+):
+    """A trial that trains in its own process and fails in epoch 4 is restarted by Tune
+    (``max_failures``) from the checkpoint it reported at epoch 2, and ends where the same
+    training outside Tune, never interrupted, ends."""
+    marker, calls = str(tmp_path / "failed"), tmp_path / "batches-after-the-restart"
+    batches_per_epoch = -(-len(load_prepared(prepared_ml100k).split.train) // 100)
+
+    def trial(config):
+        loss = FailOnce(marker, 3 * batches_per_epoch + 2)
+        _trial_run(loss, prepared_ml100k, in_trial=True)
+        calls.write_text(str(loss.calls))  # the attempt that ended: the restarted one
+
+    tuner = tune.Tuner(
+        tune.with_resources(trial, {"CPU": 1}),
+        run_config=tune.RunConfig(
+            storage_path=str(tmp_path / "tune"),
+            failure_config=tune.FailureConfig(max_failures=1),
+            verbose=0,
+        ),
+    )
+    [result] = tuner.fit()
+    assert os.path.exists(marker), "the trial never failed"
+    assert result.error is None
+    straight_loss = FailOnce(marker, 1)  # the marker is there: it never fails
+    straight = _trial_run(straight_loss, prepared_ml100k, in_trial=False)
+    # The restarted attempt trained epochs 3 to 6 of the straight run's 6, not all 6.
+    assert int(calls.read_text()) * 6 == straight_loss.calls * 4
+    assert result.metrics["epoch"] == 6
+    assert result.metrics["NDCG@100"] == pytest.approx(straight[-1]["NDCG@100"], abs=1e-9)
+    assert result.metrics["loss"] == pytest.approx(straight[-1]["loss"], rel=1e-9)

@@ -2,7 +2,10 @@
 of any registered model (``--model``: ``recoder_dist.nn.registry``).
 
 Each trial is a distributed TorchTrainer run (through ``Recoder``) whose evaluations of the
-validation users reach Tune through ``TuneReportCallback``; ASHA stops the weak trials early.
+validation users reach Tune through ``TuneReportCallback``, or with ``--workers 0`` a training
+run in the trial's own process, which reports to Tune itself (``training.session``; no Train
+controller or worker to start, and the next trial reuses the process); ASHA stops the weak
+trials early.
 The best trial, by Tune's own result, has its final checkpoint exported as a snapshot file
 (``best.model``, loadable with ``Recoder.init_from_model_file``), and the results are written
 as CSV and printed.
@@ -43,6 +46,7 @@ from recoder_dist.nn import registry
 from recoder_dist.training import release
 from recoder_dist.training.checkpoint import export_snapshot
 from recoder_dist.training.launcher import ensure_ray
+from recoder_dist.training.resources import default_workers
 
 logger = logging.getLogger(__name__)
 
@@ -152,8 +156,11 @@ def grid_axis(value: str) -> tuple[str, list]:
 
 
 def driver_resources(args) -> dict:
-    """What a trial's driver asks for (its workers ask their own): the head's trial_driver
+    """What a trial's process asks for. One that trains itself (``--workers 0``): the CPUs of a
+    worker. One that drives Ray Train workers (they ask their own): the head's trial_driver
     resource when the cluster has it, else a tenth of a CPU (anywhere)."""
+    if args.workers == 0:
+        return {"CPU": args.cpus_per_worker}
     if ray.cluster_resources().get(DRIVER_RESOURCE, 0) > 0:
         return {"CPU": 0, DRIVER_RESOURCE: 1}
     return {"CPU": 0.1}
@@ -226,6 +233,8 @@ class ReleaseStoppedRuns(tune.Callback):
 
 def sweep(args) -> tune.ResultGrid:
     ensure_ray()
+    if args.workers is None:
+        args.workers = default_workers()
     root = storage.normalized(args.storage)
     # The training rows are read once, here, and every trial trains from the same blocks.
     rows = read_training_rows(open_prepared(args.data).train)
@@ -247,6 +256,8 @@ def sweep(args) -> tune.ResultGrid:
                 scheduler=scheduler,
                 num_samples=args.num_samples,
                 max_concurrent_trials=args.concurrent,
+                # A trial that trains in its process leaves it to the next one, imports done.
+                reuse_actors=args.workers == 0,
             ),
             run_config=tune.RunConfig(
                 name="tune",
@@ -283,9 +294,16 @@ def export(results: tune.ResultGrid, root: str, metric: str) -> dict:
         storage.join(root, "results.csv"), lambda f: f.write(table.getvalue().encode())
     )
     best = results.get_best_result(metric=metric, mode="max", scope="last", filter_nan_and_inf=True)
-    if best is None or best.error is not None or CHECKPOINT_PATH_KEY not in best.metrics:
+    # A trial's last checkpoint: in its Ray Train run's storage (its path among the metrics),
+    # or for a trial that trained in its process, Tune's own (in the trial's folder).
+    if best is None or best.error is not None:
+        raise RuntimeError("no trial finished: nothing to export")
+    if best.checkpoint is not None:
+        checkpoint = storage.with_path(root, best.checkpoint.path)
+    elif CHECKPOINT_PATH_KEY in best.metrics:
+        checkpoint = storage.with_path(root, best.metrics[CHECKPOINT_PATH_KEY])
+    else:
         raise RuntimeError("no trial finished with a checkpoint: nothing to export")
-    checkpoint = storage.with_path(root, best.metrics[CHECKPOINT_PATH_KEY])
     snapshot = export_snapshot(checkpoint, storage.join(root, "best.model"))
     summary = {
         "model": model,
@@ -390,8 +408,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--workers",
         type=int,
-        default=1,
-        help="Ray Train workers per trial (at least 1)",
+        help="Ray Train workers per trial; 0 trains in the trial's own process (no worker "
+        "group to start, and the next trial reuses the process). Default: 0 where Ray runs "
+        "on this machine alone, 1 on a cluster (as Recoder's num_workers=None)",
     )
     parser.add_argument("--cpus-per-worker", type=float, default=1)
     parser.add_argument("--metric", default="NDCG@100")
@@ -403,10 +422,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.grace_period is not None and not 1 <= args.grace_period <= args.epochs:
         parser.error(f"--grace-period must be between 1 and --epochs ({args.epochs})")
-    if args.workers < 1:
-        # Ray Train's in-process mode cannot report from inside a Tune trial (Ray raises a
-        # DeprecationWarning at ray.train.get_context()).
-        parser.error("--workers must be at least 1: a trial trains on Ray Train workers")
+    if args.workers is not None and args.workers < 0:
+        parser.error("--workers must be 0 (in the trial's process) or more")
     return args
 
 

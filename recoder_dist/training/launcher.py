@@ -1,4 +1,4 @@
-"""Starting (or joining) Ray and running the worker loop with Ray Train."""
+"""Starting (or joining) Ray and running the worker loop with Ray Train (or in this process)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ from recoder_dist.training.checkpoint import read_checkpoint
 from recoder_dist.training.config import WorkerJob
 from recoder_dist.training.progress import ProgressPrinter, epochs_between_lines
 from recoder_dist.training.resources import nodes_for_workers, split_cpus
+from recoder_dist.training.session import ProcessSession
 from recoder_dist.training.snapshot import Snapshot
 from recoder_dist.training.storage_check import check_storage_reaches_workers
-from recoder_dist.training.worker_loop import worker_loop
+from recoder_dist.training.worker_loop import run_loop, worker_loop
 
 logger = logging.getLogger(__name__)
 
@@ -157,24 +158,24 @@ def run_job(
     for dataset in datasets.values():
         dataset.context.print_on_execution_start = False
         dataset.context.enable_progress_bars = False
-    if cpus_per_worker is None:  # in-process, nothing is reserved: 1 is a placeholder
-        cpus_per_worker = (
-            split_cpus(nodes_for_workers(), num_workers, job.use_cuda) if num_workers else 1
-        )
+    num_epochs = job.train.num_epochs if job.train else 1
+    if job.in_process:
+        held = storage.join(storage_path, run_name) if run_name and storage_path else None
+        return _run_here(job, datasets, train_blocks, num_epochs, held, callbacks)
+    if cpus_per_worker is None:
+        cpus_per_worker = split_cpus(nodes_for_workers(), num_workers, job.use_cuda)
     resources = {"CPU": cpus_per_worker}
     if job.use_cuda:
         resources["GPU"] = 1
     own_storage = storage_path is None
     if own_storage:
         storage_path = tempfile.mkdtemp(prefix="recoder-dist-run-")
-    if not job.in_process:
-        try:
-            check_storage_reaches_workers(storage_path, default=own_storage)
-        except ValueError:
-            if own_storage:
-                shutil.rmtree(storage_path, ignore_errors=True)
-            raise
-    num_epochs = job.train.num_epochs if job.train else 1
+    try:
+        check_storage_reaches_workers(storage_path, default=own_storage)
+    except ValueError:
+        if own_storage:
+            shutil.rmtree(storage_path, ignore_errors=True)
+        raise
     name = run_name or f"recoder-dist-{uuid.uuid4().hex[:8]}"
     # A named run is held on the cluster while it goes on (two jobs must not train one run).
     held = storage.join(storage_path, run_name) if run_name else None
@@ -182,8 +183,8 @@ def run_job(
         trainer = TorchTrainer(
             worker_loop,
             train_loop_config={
-                "job": job if job.in_process else ray.put(job),
-                "train_blocks": train_blocks if job.in_process else ray.put(train_blocks),
+                "job": ray.put(job),
+                "train_blocks": ray.put(train_blocks),
                 "progress": progress.log,
                 "storage_path": storage_path,
             },
@@ -202,7 +203,24 @@ def run_job(
             ),
         )
         result = trainer.fit()
-    return RunOutput(result, storage_path if own_storage else None, job.in_process)
+    return RunOutput(result.return_value, result.checkpoint, storage_path if own_storage else None)
+
+
+def _run_here(job: WorkerJob, datasets: dict, train_blocks, num_epochs: int, held, callbacks):
+    """``run_job`` in this process (not Ray Train's local mode: see ``training.session``),
+    reporting to Ray Tune when ``callbacks`` hold Tune's ``TuneReportCallback`` (the run is a
+    trial's). Its checkpoints stay in local folders; the run ``held`` (a named run's storage
+    and name) is held on the cluster while it goes on."""
+    to_tune = False
+    if callbacks:  # Ray Tune is imported only where a run may be a trial's
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        to_tune = any(isinstance(c, TuneReportCallback) for c in callbacks)
+    session = ProcessSession(datasets.get("eval"), to_tune=to_tune)
+    config = {"job": job, "train_blocks": train_blocks, "storage_path": None}
+    with ProgressPrinter(epochs_between_lines(num_epochs), run=held) as progress:
+        value = run_loop({**config, "progress": progress.log}, session)
+    return RunOutput(value, session.checkpoint(), None, session)
 
 
 def _run_storage(storage_path: str) -> dict:
@@ -240,13 +258,14 @@ class EvalSplit(DataConfig):
 class RunOutput:
     """What a run left: ``value``, what rank 0's loop returned (a training run's records, one
     per epoch, or an evaluation's results), and, for training, ``checkpoint``, the last one
-    (a ``ray.train.Checkpoint``), until ``discard``."""
+    (a ``ray.train.Checkpoint``), until ``discard``: in the run's storage, or for a run in this
+    process (``session``), a local folder."""
 
-    def __init__(self, result, own_storage: str | None, in_process: bool):
-        self.value = result.return_value
-        self.checkpoint = result.checkpoint
+    def __init__(self, value, checkpoint, own_storage: str | None, session=None):
+        self.value = value
+        self.checkpoint = checkpoint
         self._own_storage = own_storage
-        self._in_process = in_process
+        self._session = session
 
     def final_snapshot(self) -> Snapshot:
         """The snapshot of the run's last checkpoint, wherever its storage is."""
@@ -256,8 +275,8 @@ class RunOutput:
             return read_checkpoint(folder)[0]
 
     def discard(self) -> None:
-        """Deletes the run's temporary files (in-process, its checkpoints are local folders)."""
-        if self._in_process and self.checkpoint is not None:
-            shutil.rmtree(self.checkpoint.path, ignore_errors=True)
+        """Deletes the run's temporary files."""
+        if self._session is not None:
+            self._session.discard()
         if self._own_storage:
             shutil.rmtree(self._own_storage, ignore_errors=True)

@@ -24,6 +24,18 @@ import math
 import os
 
 
+def default_workers(max_failures: int = 0) -> int:
+    """What ``num_workers=None`` stands for: 0 (train in this process) where Ray runs on this
+    machine alone, which saves starting a worker group where there is nothing to spread over;
+    1 worker on a cluster (``RAY_ADDRESS``, or more than one node), or when ``max_failures``
+    asks Ray Train for restarts."""
+    import ray
+
+    nodes = sum(node["Alive"] for node in ray.nodes())
+    alone = not os.environ.get("RAY_ADDRESS") and nodes == 1
+    return 0 if alone and max_failures == 0 else 1
+
+
 def split_cpus(nodes: list[tuple[float, float]], num_workers: int, use_gpu: bool) -> int:
     """The most whole CPUs each of ``num_workers`` workers can hold with all of them placed.
 

@@ -1,4 +1,5 @@
-"""The function every Ray Train worker runs: train (and evaluate) on its shard of user rows.
+"""The function every Ray Train worker runs (and a run in this process: ``run_loop`` in a
+``training.session``): train (and evaluate) on its shard of user rows.
 
 Ranks agree on the number of steps of an epoch before it starts. With sharded tables
 (``WorkerJob.tables``, see ``training.sharded_step``) each rank holds its rows of every item
@@ -51,6 +52,7 @@ from recoder_dist.training.optimizers import build_optimizers, epoch_lrs, sparse
 from recoder_dist.training.prefetch import EpochPrefetcher
 from recoder_dist.training.resources import worker_threads
 from recoder_dist.training.schedule import agreed_steps, epoch_batches
+from recoder_dist.training.session import ProcessSession, TrainSession
 from recoder_dist.training.sharded_evaluation import sharded_eval_sums
 from recoder_dist.training.sharded_step import rank_batch, sharded_batch_loss, shards_tables
 from recoder_dist.training.sparse_sync import SparseGradSync
@@ -61,7 +63,13 @@ logger = logging.getLogger(__name__)
 
 
 def worker_loop(config: dict) -> list[dict] | dict:
-    """Entry point of ``TorchTrainer(train_loop_per_worker=...)``.
+    """Entry point of ``TorchTrainer(train_loop_per_worker=...)``: :func:`run_loop` in this Ray
+    Train worker's session."""
+    return run_loop(config, TrainSession())
+
+
+def run_loop(config: dict, session: TrainSession | ProcessSession) -> list[dict] | dict:
+    """Trains (or evaluates) on this rank of ``session``.
 
     ``config["job"]`` is a :class:`WorkerJob` or an ObjectRef to one (a large model crosses the
     object store once); ``config["train_blocks"]`` the :class:`RowBlocks` of the training rows
@@ -72,22 +80,20 @@ def worker_loop(config: dict) -> list[dict] | dict:
     Returns:
         An evaluation job's results (``{metric: mean, "eval_users": n}``), or a training job's
         records, one per epoch of the whole run (after a restart, the records of the epochs
-        before its checkpoint come from the checkpoint). A training job reports to Ray Train
+        before its checkpoint come from the checkpoint). A training job reports to its session
         the epochs that evaluate (for Tune) or checkpoint.
     """
     job, blocks = (
         ray.get(value) if isinstance(value, ray.ObjectRef) else value
         for value in (config["job"], config["train_blocks"])
     )
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
     progress = config["progress"]
     if not job.in_process:
         held = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-        torch.set_num_threads(worker_threads(held, context.get_local_world_size()))
-    device = _device(job.use_cuda, rank, progress)
-    if _shards(job, world):
-        job, model = _sharded_job(job, device, world)
+        torch.set_num_threads(worker_threads(held, session.local_world))
+    device = _device(job.use_cuda, session, progress)
+    if _shards(job, session.world):
+        job, model = _sharded_job(job, device, session.world)
     else:
         model = job.model.to(device)
 
@@ -95,19 +101,19 @@ def worker_loop(config: dict) -> list[dict] | dict:
         if job.weights is not None:
             model.load_state_dict(_read_weights(job.weights, model).model_state)
         model.eval()
-        return _evaluate(model, job, device, rank, world)
+        return _evaluate(model, job, device, session)
     # In-process, the loop seeds torch's global RNG: give the caller's RNG state back after.
     cuda = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda, enabled=job.in_process):
-        return _train(model, job, blocks, progress, device, rank, world, config["storage_path"])
+        return _train(model, job, blocks, progress, device, session, config["storage_path"])
 
 
-def _device(use_cuda: bool, rank: int, progress) -> torch.device:
+def _device(use_cuda: bool, session, progress) -> torch.device:
     """This worker's GPU when ``use_cuda`` and torch sees one; otherwise the CPU, with a
     warning when a GPU was asked for (``use_cuda=True`` means GPUs where present)."""
     if use_cuda and torch.cuda.is_available():
-        return ray.train.torch.get_device()
-    if use_cuda and rank == 0:
+        return session.cuda_device()
+    if use_cuda and session.rank == 0:
         node = ray.util.get_node_ip_address()
         _note(
             progress,
@@ -156,9 +162,10 @@ def _note(progress, message: str) -> None:
 
 
 def _train(
-    model, job: WorkerJob, blocks: RowBlocks, progress, device, rank: int, world: int, storage_path
+    model, job: WorkerJob, blocks: RowBlocks, progress, device, session, storage_path
 ) -> list[dict]:
     settings: TrainSettings = job.train
+    rank, world = session.rank, session.world
     distributed = world > 1 and dist.is_initialized()
     loss_fn = build_loss(job.loss, job.loss_params).to(device)
     sharded = isinstance(model, ShardedModel)  # see _sharded_job
@@ -181,7 +188,7 @@ def _train(
             sync = SparseGradSync([model.get_parameter(n) for n in sparse_names])
 
     optimizers = build_optimizers(model, job.optimizer_type, settings.lr, settings.weight_decay)
-    start_epoch, history = _resume(model, optimizers, job, rank, progress)
+    start_epoch, history = _resume(model, optimizers, job, session, progress)
     batch_size, group_size = settings.batch_size, settings.num_sampling_users
     if sharded:  # the global batch, split over the ranks
         batch_size, group_size = rank_batch(batch_size, group_size, world)
@@ -288,7 +295,7 @@ def _train(
                 and (epoch % settings.eval_freq == 0 or epoch == last_epoch)
             ):
                 model.eval()
-                metrics.update(_evaluate(model, job, device, rank, world))
+                metrics.update(_evaluate(model, job, device, session))
             evaluated = "eval_users" in metrics
             wants_checkpoint = epoch == last_epoch or (
                 settings.checkpoint_freq > 0 and epoch % settings.checkpoint_freq == 0
@@ -302,9 +309,9 @@ def _train(
             if rank == 0:
                 progress.append.remote(metrics)  # not waited for: only the console needs it
             if wants_checkpoint:  # what Ray Train (and Tune) must see
-                _report_checkpoint(metrics, history, model, optimizers, job, rank, storage_path)
+                _report_checkpoint(metrics, history, model, optimizers, job, session, storage_path)
             elif evaluated:
-                ray.train.report(metrics)
+                session.report(metrics)
     return history
 
 
@@ -373,13 +380,13 @@ def _memory_mb(distributed: bool, device) -> dict[str, float]:
     return {"peak_rss_mb": peak, "private_rss_mb": private}
 
 
-def _resume(model, optimizers, job: WorkerJob, rank: int, progress) -> tuple[int, list[dict]]:
+def _resume(model, optimizers, job: WorkerJob, session, progress) -> tuple[int, list[dict]]:
     """After a worker failure, or when a run of the same name and storage is started again (its
     driver was lost), Ray Train starts the loop with the run's last checkpoint: load this
     rank's part of its weights and optimizer states (from any world size), and return its
     epoch and the records of the epochs up to it. Otherwise start from the job: its epoch, its
     optimizer states, no records."""
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint, rank = session.checkpoint(), session.rank
     if checkpoint is None and job.weights is not None:  # continues a sharded run's model
         snapshot = _read_weights(job.weights, model, optimizers)
         model.load_state_dict(snapshot.model_state)
@@ -439,7 +446,7 @@ def _check_gradients_are_where_expected(model, sparse_names: list[str]) -> None:
             )
 
 
-def _evaluate(model, job: WorkerJob, device, rank: int, world: int) -> dict:
+def _evaluate(model, job: WorkerJob, device, session) -> dict:
     """Metric means over all evaluation users: each rank scores its own share of them (dealt
     out once, by the launcher's ``EvalSplit``), and the sums and counts are added up. A
     sharded ``model``'s ranks score their items for every rank's users (collectives: every
@@ -447,7 +454,7 @@ def _evaluate(model, job: WorkerJob, device, rank: int, world: int) -> dict:
     settings: EvalSettings = job.eval
     metrics, k = list(settings.metrics), settings.num_recommendations
     compiled = kernels.compiled(job.kernels)
-    shard = ray.train.get_dataset_shard("eval")
+    shard, world = session.eval_shard(), session.world
     tables = shard.iter_batches(batch_size=settings.batch_size, batch_format="pyarrow")
     batches = ((rows_from_arrow(t), rows_from_arrow(t, "target_")) for t in tables)
     if isinstance(model, ShardedModel):  # the top k merged from the owners' top k
@@ -464,35 +471,29 @@ def _evaluate(model, job: WorkerJob, device, rank: int, world: int) -> dict:
 
 
 def _report_checkpoint(
-    metrics: dict, history: list[dict], model, optimizers, job: WorkerJob, rank: int, storage_path
+    metrics: dict, history: list[dict], model, optimizers, job: WorkerJob, session, storage_path
 ) -> None:
     """Every rank reports ``metrics`` with its part of the checkpoint of ``metrics["epoch"]``
     (see ``training.checkpoint``: a sharded model's ranks each their shard, rank 0 the
     snapshot and the records), which Ray Train uploads into one folder of the run's storage,
-    ``epoch_<N>``, and keeps for restarts, deleting the local folders. The user's own copy
-    (``metrics["snapshot"]``, named by model_checkpoint_prefix) is then exported from the
-    uploaded one by rank 0: a whole snapshot is copied (within one bucket, by the store
-    itself), shards are assembled into one file."""
+    ``epoch_<N>``, and keeps for restarts, deleting the local folders (in-process, the folder
+    is the checkpoint: ``session``). The user's own copy (``metrics["snapshot"]``, named by
+    model_checkpoint_prefix) is then exported from the uploaded one by rank 0: a whole
+    snapshot is copied (within one bucket, by the store itself), shards are assembled into one
+    file."""
     epoch = metrics["epoch"]
-    name = f"epoch_{epoch}"
     folder = tempfile.mkdtemp(prefix="recoder-dist-ckpt-")
-    write_checkpoint(folder, job, model, optimizers, epoch, history, rank)
-    if os.listdir(folder):
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(folder),
-            checkpoint_dir_name=name,
-            delete_local_checkpoint_after_upload=True,  # in-process, the folder is the checkpoint
-        )
-    else:  # a rank with no part of it
+    write_checkpoint(folder, job, model, optimizers, epoch, history, session.rank)
+    if not os.listdir(folder):  # a rank with no part of it
         os.rmdir(folder)
-        ray.train.report(metrics, checkpoint_dir_name=name)
+        folder = None
+    session.report(metrics, folder, name=f"epoch_{epoch}")
     if "snapshot" not in metrics:
         return
     if isinstance(model, ShardedModel):
         dist.barrier()  # a rank's report returns once its own files are uploaded: all are now
-    if rank == 0:
-        uploaded = ray.train.get_checkpoint()  # the persisted checkpoint, once report returns
+    if session.rank == 0:
+        uploaded = session.checkpoint()  # the persisted checkpoint, once report returns
         export_snapshot(_location(uploaded, storage_path), metrics["snapshot"])
 
 
