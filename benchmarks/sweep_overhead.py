@@ -63,7 +63,8 @@ def one_side(label: str, tree: str, workers: str, data: str) -> list:
     done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
     if done.returncode != 0:
-        raise RuntimeError(f"{label}: the sweep failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+        output = done.stdout[-3000:] + done.stderr[-3000:]
+        raise RuntimeError(f"{label}: the sweep failed:\n{output}")
     epochs, trials = epochs_seconds(storage)
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     return [

@@ -36,7 +36,8 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -281,7 +282,7 @@ def s3_server(tmp_path_factory):
 # --- A cluster whose worker node shares no disk with the head --------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass
 class NoSharedDiskCluster:
     """A head (0 CPUs) and one worker node (2 CPUs, resource WORKER_NODE) with a private /tmp."""
 
@@ -292,6 +293,17 @@ class NoSharedDiskCluster:
     head_temp_dir: Path  # on the host's disk
     worker_temp_dir: Path  # inside the worker node's tmpfs: see worker_view
     worker_pid: int  # its `ray start`, which lives in the worker node's mount namespace
+    _start_worker_node: Callable[[], subprocess.Popen] = field(repr=False, default=None)
+
+    def replace_worker_node(self) -> None:
+        """Kills the worker node at once (its raylet, object store and workers: a spot instance
+        taken back), and starts a new one like it, with an empty /tmp (an autoscaler's
+        replacement); returns once the GCS counts it."""
+        known = _alive_nodes(self.dashboard)
+        for pid in session_processes(self.worker_pid):  # every process of the node, no grace
+            _signal(pid, signal.SIGKILL)
+        self.worker_pid = self._start_worker_node().pid
+        _wait_for_new_node(self.dashboard, known)
 
     def worker_view(self, path: str | Path) -> Path:
         """`path` as the worker node sees it, readable from here while the node runs (the
@@ -452,13 +464,33 @@ def _ray_start(*args: str, ports) -> list[str]:
     ]
 
 
+def _alive_nodes(dashboard: str) -> set[str]:
+    """The ids of the nodes that the GCS counts alive (none while the dashboard does not
+    answer yet)."""
+    from ray.util.state import list_nodes
+
+    try:
+        nodes = list_nodes(address=dashboard, raise_on_missing_output=False)
+    except Exception:  # the dashboard may not answer yet
+        return set()
+    return {n.node_id for n in nodes if n.state == "ALIVE"}
+
+
+def _wait_for_new_node(dashboard: str, known: set[str], timeout_s: float = 60) -> None:
+    """Waits until the GCS counts a node alive that is not in ``known``, besides the head."""
+    deadline = time.monotonic() + timeout_s
+    while len(_alive_nodes(dashboard) - known) < (1 if known else 2):
+        if time.monotonic() > deadline:
+            pytest.fail(f"the worker node did not join: alive {_alive_nodes(dashboard)}")
+        time.sleep(0.5)
+
+
 @contextlib.contextmanager
 def running_no_shared_disk_cluster(s3: S3Server, private_dirs=("/tmp",)):
     """Starts the head, then the worker node with a tmpfs over each of `private_dirs`; yields a
     NoSharedDiskCluster; stops both (by session id) at exit, and the tmpfs goes with the worker
     node's mount namespace when its last process exits."""
     import ray.util
-    from ray.util.state import list_nodes
 
     # Unix socket paths are limited to 107 bytes: short temp dirs, not pytest's tmp_path.
     head_temp_dir = Path(tempfile.mkdtemp(prefix="rdmn-", dir="/tmp"))
@@ -501,7 +533,7 @@ def running_no_shared_disk_cluster(s3: S3Server, private_dirs=("/tmp",)):
     worker_shell = " && ".join([*steps, f"exec {shlex.join(worker_command)}"])
     worker_argv = ["unshare", "-m", "--propagation", "private", "bash", "-c", worker_shell]
 
-    head = worker = None
+    head, workers = None, []
     try:
         # The logs are on the host: the worker node writes its own through the inherited fd.
         with open(head_temp_dir / "head_ray_start.log", "w") as log:
@@ -513,28 +545,25 @@ def running_no_shared_disk_cluster(s3: S3Server, private_dirs=("/tmp",)):
                 start_new_session=True,
             )
         wait_for_line(head_temp_dir / "head_ray_start.log", "Ray runtime started", head, 90)
-        with open(head_temp_dir / "worker_ray_start.log", "w") as log:
-            worker = subprocess.Popen(
-                worker_argv,
-                env=node_env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        wait_for_line(head_temp_dir / "worker_ray_start.log", "Ray runtime started", worker, 90)
 
+        def start_worker_node() -> subprocess.Popen:
+            log_path = head_temp_dir / f"worker_ray_start_{len(workers)}.log"
+            with open(log_path, "w") as log:
+                workers.append(
+                    subprocess.Popen(
+                        worker_argv,
+                        env=node_env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+            wait_for_line(log_path, "Ray runtime started", workers[-1], 90)
+            return workers[-1]
+
+        worker = start_worker_node()
         dashboard = f"http://127.0.0.1:{dashboard_port}"
-        deadline = time.monotonic() + 60
-        while True:  # the worker node has started; wait until the GCS counts it
-            try:
-                nodes = list_nodes(address=dashboard, raise_on_missing_output=False)
-            except Exception:  # the dashboard may not answer yet
-                nodes = []
-            if sum(n.state == "ALIVE" for n in nodes) == 2:
-                break
-            if time.monotonic() > deadline:
-                pytest.fail(f"the worker node did not join: {nodes}")
-            time.sleep(0.5)
+        _wait_for_new_node(dashboard, known=set())  # the head
         yield NoSharedDiskCluster(
             gcs_address=gcs_address,
             dashboard=dashboard,
@@ -543,9 +572,10 @@ def running_no_shared_disk_cluster(s3: S3Server, private_dirs=("/tmp",)):
             head_temp_dir=head_temp_dir,
             worker_temp_dir=worker_temp_dir,
             worker_pid=worker.pid,
+            _start_worker_node=start_worker_node,
         )
     finally:
-        for leader in (worker, head):
+        for leader in [*workers, head]:
             if leader is not None:
                 stop_session(leader)
         shutil.rmtree(head_temp_dir, ignore_errors=True)

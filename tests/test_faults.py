@@ -1,6 +1,8 @@
 """What a cluster does to a run, and what the user sees (issue 35): each test states the fault,
 and checks that nothing is lost.
 
+A lost node: the worker node's processes are killed at once, and a new node joins.
+
 Storage outage: the bucket stops answering in the middle of a run. The run's storage goes
 through a FlakyProxy (tests/flaky_proxy.py) in front of the local S3 server, which refuses
 every connection for the outage (moto's in-memory server would lose the bucket if it were
@@ -71,13 +73,13 @@ def first_snapshot(s3) -> bool:
     return "model_epoch_1.model" in bucket_files(s3, "outage/ck")
 
 
-def first_registered_checkpoint(s3) -> bool:
-    """Ray Train's run state in the bucket lists a checkpoint (its controller registers one on
-    its next tick after the upload): a run stopped now resumes from it."""
-    states = [f for f in bucket_files(s3, "outage/runs") if f.endswith(_RUN_STATE)]
+def first_registered_checkpoint(s3, runs: str = "outage/runs") -> bool:
+    """Ray Train's run state in the bucket (under ``runs``) lists a checkpoint (its controller
+    registers one on its next tick after the upload): a run stopped now resumes from it."""
+    states = [f for f in bucket_files(s3, runs) if f.endswith(_RUN_STATE)]
     if not states:
         return False
-    with s3.filesystem().open_input_stream(s3.path(f"outage/runs/{states[0]}")) as f:
+    with s3.filesystem().open_input_stream(s3.path(f"{runs}/{states[0]}")) as f:
         return b"epoch_" in f.read()
 
 
@@ -143,8 +145,8 @@ def assert_the_bucket_holds_whole_checkpoints(s3, tmp_path) -> tuple[list[str], 
     return snapshots, sorted(folders - registered)
 
 
-def assert_the_weights_of(s3, straight: dict) -> None:
-    ours = load_snapshot(s3.uri(f"outage/ck/model_epoch_{EPOCHS}.model")).model_state
+def assert_the_weights_of(s3, straight: dict, prefix: str = "outage") -> None:
+    ours = load_snapshot(s3.uri(f"{prefix}/ck/model_epoch_{EPOCHS}.model")).model_state
     assert ours.keys() == straight.keys()
     for name in ours:
         assert torch.equal(ours[name], straight[name]), name
@@ -268,3 +270,50 @@ def test_an_outage_longer_than_the_retry_bound_fails_the_run_which_resubmitted_r
     assert unregistered == []
     assert snapshots == [f"ck/model_epoch_{e}.model" for e in range(1, EPOCHS + 1)]
     assert_the_weights_of(s3, straight_weights)
+
+
+def test_a_lost_worker_node_is_replaced_and_the_run_resumes_to_the_weights_of_a_straight_run(
+    no_shared_disk_cluster, bucket_credentials, prepared_ml100k, straight_weights
+):
+    """The worker node is killed mid-run, every process of it at once (its raylet, object
+    store and Train worker: a spot instance taken back), and a new one like it joins (the
+    autoscaler's replacement). With ``--max-failures 1``, Ray Train starts the worker group
+    again on the new node, from the last checkpoint that it registered in the bucket, and the
+    job ends with the weights of a straight run. The Train controller and the job's driver
+    live on the head, which the loss does not touch."""
+    cluster, s3 = no_shared_disk_cluster, no_shared_disk_cluster.s3
+    s3.filesystem().delete_dir_contents(s3.path("lost"), missing_dir_ok=True)
+    job = training_job(
+        prepared_ml100k, s3.uri("lost/ck"), s3.uri("lost/runs"), *SETTINGS, "--max-failures", "1"
+    )
+    job_id = f"lost-node-{uuid.uuid4().hex[:8]}"
+    # A report tick of 2 s: the run is still going when its first checkpoint is registered.
+    slow = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"}
+    started = cluster.submit(*job, env_vars=slow, submission_id=job_id, wait=False)
+    assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
+    client = JobSubmissionClient(cluster.dashboard)
+    deadline = time.monotonic() + 240
+    while not first_registered_checkpoint(s3, "lost/runs"):
+        assert not client.get_job_status(job_id).is_terminal(), client.get_job_logs(job_id)
+        assert time.monotonic() < deadline, client.get_job_logs(job_id)[-3000:]
+        time.sleep(0.1)
+    lost = time.monotonic()
+    cluster.replace_worker_node()
+    joined_s = round(time.monotonic() - lost, 1)
+    while not (status := client.get_job_status(job_id)).is_terminal():
+        time.sleep(0.2)
+    logs = client.get_job_logs(job_id)
+    print(
+        json.dumps(
+            dict(
+                status=status.value,
+                node_lost_to_new_node_joined_s=joined_s,
+                node_lost_to_job_end_s=round(time.monotonic() - lost, 1),
+                resumed=[ln for ln in logs.splitlines() if "resuming from" in ln],
+            )
+        )
+    )
+    assert status.value == "SUCCEEDED", logs[-5000:]
+    assert "resuming from the checkpoint of epoch " in logs, logs[-5000:]
+    assert json.loads([ln for ln in logs.splitlines() if ln.startswith("{")][-1])["epoch"] == EPOCHS
+    assert_the_weights_of(s3, straight_weights, prefix="lost")
