@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -17,6 +18,7 @@ from recoder_dist import storage
 from recoder_dist.data.epoch_order import RowBlocks
 from recoder_dist.training.checkpoint import read_checkpoint
 from recoder_dist.training.config import WorkerJob
+from recoder_dist.training.lease import RunLease
 from recoder_dist.training.progress import ProgressPrinter, epochs_between_lines
 from recoder_dist.training.resources import nodes_for_workers, split_cpus
 from recoder_dist.training.session import ProcessSession
@@ -179,7 +181,7 @@ def run_job(
     name = run_name or f"recoder-dist-{uuid.uuid4().hex[:8]}"
     # A named run is held on the cluster while it goes on (two jobs must not train one run).
     held = storage.join(storage_path, run_name) if run_name else None
-    with ProgressPrinter(epochs_between_lines(num_epochs), run=held) as progress:
+    with ProgressPrinter(epochs_between_lines(num_epochs), run=held) as progress, _leased(held):
         trainer = TorchTrainer(
             worker_loop,
             train_loop_config={
@@ -218,9 +220,16 @@ def _run_here(job: WorkerJob, datasets: dict, train_blocks, num_epochs: int, hel
         to_tune = any(isinstance(c, TuneReportCallback) for c in callbacks)
     session = ProcessSession(datasets.get("eval"), to_tune=to_tune)
     config = {"job": job, "train_blocks": train_blocks, "storage_path": None}
-    with ProgressPrinter(epochs_between_lines(num_epochs), run=held) as progress:
+    with ProgressPrinter(epochs_between_lines(num_epochs), run=held) as progress, _leased(held):
         value = run_loop({**config, "progress": progress.log}, session)
     return RunOutput(value, session.checkpoint(), None, session)
+
+
+def _leased(run: str | None):
+    """A named run (``run``: its storage and name) is held in its storage too, against drivers
+    of other clusters that share it (``training.lease``); this cluster's are refused by the
+    progress actor's name, taken first."""
+    return RunLease(run) if run is not None else contextlib.nullcontext()
 
 
 def _run_storage(storage_path: str) -> dict:

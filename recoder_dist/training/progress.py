@@ -109,7 +109,7 @@ class ProgressPrinter:
         deadline = time.monotonic() + CLAIM_WAIT_S
         while True:
             try:
-                self.log = ProgressLog.options(**options).remote(_holder())
+                self.log = ProgressLog.options(**options).remote(driver())
                 break
             except ValueError:  # the name is taken
                 if run is None:  # no name to take: another mistake, as it is
@@ -172,10 +172,12 @@ def epochs_between_lines(num_epochs: int, lines: int = 10) -> int:
     return max(1, math.ceil(num_epochs / lines))
 
 
-def _holder() -> dict:
-    """Who runs this driver, for the message of a job refused while it runs."""
+def driver() -> dict:
+    """Who runs this driver, for the message of a job refused while it runs: its cluster (the
+    Ray session's name), job, submission, host, pid and start."""
     context = ray.get_runtime_context()
     return {
+        "cluster": context.get_session_name(),
         "job": context.get_job_id(),
         "submission": os.environ.get("RAY_JOB_SUBMISSION_ID"),
         "host": socket.gethostname(),
