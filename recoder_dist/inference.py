@@ -236,7 +236,9 @@ def _write(dataset, folder: str) -> int:
 def _replaced(output: str, write) -> int:
     """``write(fresh)`` into a fresh sibling folder of ``output``, which then takes the place of
     ``output``; returns what ``write`` returns. A failure deletes the fresh folder and leaves
-    ``output`` as it was."""
+    ``output`` as it was. Once replaced, the fresh folders that earlier runs left beside it
+    (a driver lost mid-write) are deleted: an output has one writer at a time (another that
+    writes it meanwhile fails, and leaves the output to this one)."""
     token = uuid.uuid4().hex[:8]
     fresh = storage.suffixed(output, f".tmp-{token}")
     try:
@@ -253,7 +255,20 @@ def _replaced(output: str, write) -> int:
             os.rename(output, old)
         os.rename(fresh, output)
         shutil.rmtree(old, ignore_errors=True)
+    _delete_abandoned(output)
     return result
+
+
+def _delete_abandoned(output: str) -> None:
+    """Deletes the folders beside ``output`` that runs left mid-write (``<output>.tmp-*``, and
+    locally ``<output>.old-*``)."""
+    fs, path = storage.filesystem(output)
+    parent, name = path.rstrip("/").rsplit("/", 1)
+    selector = pafs.FileSelector(parent, allow_not_found=True)
+    for info in fs.get_file_info(selector):
+        left = info.base_name.startswith((f"{name}.tmp-", f"{name}.old-"))
+        if info.type == pafs.FileType.Directory and left:
+            _delete_folder(storage.with_path(output, info.path))
 
 
 def _move_objects(fresh: str, output: str) -> None:

@@ -1,7 +1,8 @@
 """What a cluster does to a run, and what the user sees (issue 35): each test states the fault,
 and checks that nothing is lost.
 
-A lost node: the worker node's processes are killed at once, and a new node joins.
+A lost node: the worker node's processes are killed at once, and a new node joins. A lost
+driver of `recommend`: killed while its files go into the bucket.
 
 Storage outage: the bucket stops answering in the middle of a run. The run's storage goes
 through a FlakyProxy (tests/flaky_proxy.py) in front of the local S3 server, which refuses
@@ -17,19 +18,27 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import time
 import uuid
 from dataclasses import dataclass
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from ray.job_submission import JobSubmissionClient
 
 from recoder_dist.cli import main
+from recoder_dist.datasets import load_prepared
+from recoder_dist.model import Recoder
+from recoder_dist.nn import DynamicAutoencoder
 from recoder_dist.retry import RETRY_ENV
 from recoder_dist.training.checkpoint import read_checkpoint
 from recoder_dist.training.snapshot import load_snapshot
 from tests.flaky_proxy import FlakyProxy
+from tests.multinode import REPO, client_env, stop_session
+from tests.test_inference import reference
 from tests.test_multinode import bucket_files, last_json, training_job
 
 pytestmark = pytest.mark.slow
@@ -317,3 +326,62 @@ def test_a_lost_worker_node_is_replaced_and_the_run_resumes_to_the_weights_of_a_
     assert "resuming from the checkpoint of epoch " in logs, logs[-5000:]
     assert json.loads([ln for ln in logs.splitlines() if ln.startswith("{")][-1])["epoch"] == EPOCHS
     assert_the_weights_of(s3, straight_weights, prefix="lost")
+
+
+def test_a_driver_lost_while_writing_recommendations_resubmitted_writes_them_whole_once(
+    s3_server, prepared_ml100k, tmp_path, monkeypatch
+):
+    """`recoder-dist recommend` (a driver on its own local Ray) writes into a fresh sibling of
+    its output in the bucket, then moves the files into the output. Once the first file of the
+    fresh folder is in the bucket, the bucket stalls (through a FlakyProxy) and the driver's
+    session is killed: the write is cut mid-way. The same command, run again with the bucket
+    back, leaves in the output every user's recommendations once, those of the model in this
+    process, and deletes the killed run's fresh folder."""
+    s3 = s3_server
+    for name, value in s3.credentials_env().items():
+        monkeypatch.setenv(name, value)
+    s3.filesystem().delete_dir_contents(s3.path("lost-driver"), missing_dir_ok=True)
+    recoder = Recoder(DynamicAutoencoder(hidden_layers=[32]), num_workers=0, seed=0)
+    recoder.train(load_prepared(prepared_ml100k).split.train, num_epochs=2, batch_size=100)
+    checkpoint = recoder.save_state(str(tmp_path / "model"))
+    # An earlier output, which the new one replaces: a writer that added to it would leave
+    # this user twice.
+    expected = reference(recoder, prepared_ml100k, "train", 10)
+    some_user = next(iter(expected))
+    earlier = pa.table({"user": [some_user], "rank_items": [expected[some_user][::-1]]})
+    pq.write_table(earlier, s3.path("lost-driver/recs/earlier.parquet"), filesystem=s3.filesystem())
+    env = {**client_env(), **s3.credentials_env(), "PYTHONPATH": str(REPO)}
+    host, port = s3.host_port.split(":")
+    with FlakyProxy(host, int(port)) as proxy:
+        output = (
+            f"s3://{s3.path('lost-driver/recs')}?endpoint_override={proxy.host_port}&scheme=http"
+        )
+        command = [
+            *("recoder-dist", "recommend", "--checkpoint", checkpoint),
+            *("--data", str(prepared_ml100k), "--split", "train", "--top-k", "10"),
+            *("--output", output),
+        ]
+        first = subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True
+        )
+        deadline = time.monotonic() + 180
+        while not any(".tmp-" in f for f in bucket_files(s3, "lost-driver")):
+            assert first.poll() is None, "the run ended before its first file"
+            assert time.monotonic() < deadline, "no file of the fresh folder in 180 s"
+            time.sleep(0.05)
+        proxy.outage("stall", 600)
+        stop_session(first, grace_s=0)
+        cut = bucket_files(s3, "lost-driver")
+        proxy.restore()
+        assert not first.stdout.read(), "the killed run finished"
+
+        again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert json.loads(again.stdout.strip().splitlines()[-1])["users"] == 738
+    rows = pq.read_table(s3.path("lost-driver/recs"), filesystem=s3.filesystem()).to_pylist()
+    assert len(rows) == len({row["user"] for row in rows}) == 738  # each user once
+    assert {row["user"]: row["rank_items"] for row in rows} == expected
+    print(json.dumps({"cut_at": cut}))
+    assert any(".tmp-" in f for f in cut)
+    # The killed run's fresh folder is gone too.
+    assert [f for f in bucket_files(s3, "lost-driver") if not f.startswith("recs/")] == []

@@ -61,6 +61,9 @@ def test_a_second_run_replaces_the_first(ray_session, trained, prepared_ml100k, 
     output = tmp_path / "recs"
     split = open_prepared(prepared_ml100k)
     write_recommendations(trained, split, output, k=10, part="train")
+    for left in ("recs.tmp-0badf00d", "recs.old-0badf00d"):  # by runs whose driver was lost
+        (tmp_path / left).mkdir()
+        (tmp_path / left / "part.parquet").write_bytes(b"half")
     count = write_recommendations(trained, split, output, k=5, part="test")
     assert recommendations(output) == reference(trained, prepared_ml100k, "test", 5)
     assert count == 100
