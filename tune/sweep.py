@@ -45,7 +45,7 @@ from recoder_dist.model import Recoder, TrainingRows, read_training_rows
 from recoder_dist.nn import registry
 from recoder_dist.training import release
 from recoder_dist.training.checkpoint import export_snapshot
-from recoder_dist.training.launcher import ensure_ray
+from recoder_dist.training.launcher import ensure_ray, run_storage
 from recoder_dist.training.resources import default_workers
 
 logger = logging.getLogger(__name__)
@@ -241,9 +241,12 @@ def sweep(args) -> tune.ResultGrid:
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, train_rows=rows), driver_resources(args)
     )
-    state = storage.join(root, "tune")
-    if args.resume and tune.Tuner.can_restore(state):
-        tuner = tune.Tuner.restore(state, trainable, resume_errored=True)
+    # Tune's experiment state, and the checkpoints of trials that train in their process, are
+    # written through a filesystem that retries through a storage outage (as the trials' runs).
+    state = run_storage(storage.join(root, "tune"))  # the path, and a URI's filesystem
+    path = state.pop("storage_path")
+    if args.resume and tune.Tuner.can_restore(path, **state):
+        tuner = tune.Tuner.restore(path, trainable, resume_errored=True, **state)
     else:
         grace_period = args.grace_period or min(max(args.eval_freq, 1), args.epochs)
         scheduler = ASHAScheduler(time_attr="epoch", max_t=args.epochs, grace_period=grace_period)
@@ -261,7 +264,7 @@ def sweep(args) -> tune.ResultGrid:
             ),
             run_config=tune.RunConfig(
                 name="tune",
-                storage_path=root,
+                **run_storage(root),
                 # An interrupted trial (a lost node, a killed driver) starts again, and its Ray
                 # Train run resumes from its last checkpoint.
                 failure_config=tune.FailureConfig(max_failures=args.max_failures),

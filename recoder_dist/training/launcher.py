@@ -198,7 +198,7 @@ def run_job(
             dataset_config=EvalSplit(),
             run_config=RunConfig(
                 name=name,
-                **_run_storage(storage_path),
+                **run_storage(storage_path),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 failure_config=FailureConfig(max_failures=max_failures),
                 callbacks=list(callbacks or []),
@@ -232,10 +232,10 @@ def _leased(run: str | None):
     return RunLease(run) if run is not None else contextlib.nullcontext()
 
 
-def _run_storage(storage_path: str) -> dict:
-    """``RunConfig``'s storage arguments: a URI with a filesystem that retries through outages,
-    so that Ray Train's own checkpoint uploads, run-state writes and downloads outlast one as
-    ours do (``recoder_dist.storage``); a local path as it is."""
+def run_storage(storage_path: str) -> dict:
+    """``RunConfig``'s storage arguments (Ray Train's, and Ray Tune's): a URI with a filesystem
+    that retries through outages, so that Ray's own checkpoint uploads, run-state writes and
+    downloads outlast one as ours do (``recoder_dist.storage``); a local path as it is."""
     if not storage.is_uri(storage_path):
         return {"storage_path": storage_path}
     fs, path = storage.retrying_filesystem(storage_path)
