@@ -263,6 +263,8 @@ def _delete_abandoned(output: str) -> None:
     """Deletes the folders beside ``output`` that runs left mid-write (``<output>.tmp-*``, and
     locally ``<output>.old-*``)."""
     fs, path = storage.filesystem(output)
+    if "/" not in path.rstrip("/"):  # a bucket itself: nothing can be beside it
+        return
     parent, name = path.rstrip("/").rsplit("/", 1)
     selector = pafs.FileSelector(parent, allow_not_found=True)
     for info in fs.get_file_info(selector):
