@@ -58,6 +58,7 @@ def test_two_trial_sweep_exports_a_snapshot_that_evaluates_to_its_score(
             "anneal_steps=20",
             "--cpus-per-worker",
             "0.5",
+            "--gpus",  # where there are some: none here, so the trials train on CPU
         ]
     )
     table = pd.read_csv(tmp_path / "sweep" / "results.csv")
@@ -66,6 +67,7 @@ def test_two_trial_sweep_exports_a_snapshot_that_evaluates_to_its_score(
     # the model's own settings, as the trials had them
     assert (table["config/anneal_steps"] == 20).all()
     assert summary["model"] == "vae" and summary["best"]["hidden_layers"] == [64, 16]
+    assert table["config/use_cuda"].all()
     assert summary["NDCG@100"] == table["NDCG@100"].max()
     assert_no_reservation_left(ray_session)
 

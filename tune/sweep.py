@@ -45,7 +45,7 @@ from recoder_dist.model import Recoder, TrainingRows, read_training_rows
 from recoder_dist.nn import registry
 from recoder_dist.training import release
 from recoder_dist.training.checkpoint import export_snapshot
-from recoder_dist.training.launcher import ensure_ray, run_storage
+from recoder_dist.training.launcher import ensure_ray, gpus_for, run_storage
 from recoder_dist.training.resources import default_workers
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ METRICS = (Recall(k=20), Recall(k=50), NDCG(k=100))
 DRIVER_RESOURCE = "trial_driver"  # advertised by cluster.yaml's head
 # The training settings a trial's configuration chooses; with the model's own settings (its
 # constructor's arguments), what results.csv and the summary give.
-TRAINING = ("lr", "batch_size", "weight_decay", "milestones", "negative_sampling")
+TRAINING = ("lr", "batch_size", "weight_decay", "milestones", "negative_sampling", "use_cuda")
 
 
 def chosen(model: str) -> tuple[str, ...]:
@@ -74,6 +74,7 @@ def run_trial(config: dict, train_rows: TrainingRows | None = None) -> None:
         model,
         optimizer_type="adam",
         loss=config["loss"],
+        use_cuda=config.get("use_cuda", False),  # absent from a sweep saved before --gpus
         num_workers=config["workers"],
         cpus_per_worker=config["cpus_per_worker"],
         seed=config["seed"],
@@ -137,6 +138,7 @@ def search_space(args) -> dict:
         "eval_freq": args.eval_freq,
         "workers": args.workers,
         "cpus_per_worker": args.cpus_per_worker,
+        "use_cuda": args.gpus,
         "seed": args.seed,
     }
     if args.tune_model:
@@ -157,10 +159,14 @@ def grid_axis(value: str) -> tuple[str, list]:
 
 def driver_resources(args) -> dict:
     """What a trial's process asks for. One that trains itself (``--workers 0``): the CPUs of a
-    worker. One that drives Ray Train workers (they ask their own): the head's trial_driver
-    resource when the cluster has it, else a tenth of a CPU (anywhere)."""
+    worker, and with ``--gpus`` its GPU. One that drives Ray Train workers (they ask their
+    own): the head's trial_driver resource when the cluster has it, else a tenth of a CPU
+    (anywhere)."""
     if args.workers == 0:
-        return {"CPU": args.cpus_per_worker}
+        # A GPU where the cluster has them (or may add them: RAY_ADDRESS), as Recoder's workers
+        # ask; on a local Ray without any, the trial trains on CPU (gpus_for warns).
+        gpu = {"GPU": 1} if args.gpus and gpus_for(True) else {}
+        return {"CPU": args.cpus_per_worker, **gpu}
     if ray.cluster_resources().get(DRIVER_RESOURCE, 0) > 0:
         return {"CPU": 0, DRIVER_RESOURCE: 1}
     return {"CPU": 0.1}
@@ -416,6 +422,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "on this machine alone, 1 on a cluster (as Recoder's num_workers=None)",
     )
     parser.add_argument("--cpus-per-worker", type=float, default=1)
+    parser.add_argument(
+        "--gpus",
+        action="store_true",
+        help="a GPU for each of a trial's workers (or its process, with --workers 0), where the "
+        "cluster has them (use_cuda=True)",
+    )
     parser.add_argument("--metric", default="NDCG@100")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
