@@ -11,6 +11,7 @@ import threading
 import time
 
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 
 from recoder_dist import storage
@@ -237,3 +238,28 @@ def test_the_retrying_filesystem_pickles_as_its_uri_alone(proxied, monkeypatch):
         assert os.environ[name].encode() not in data
     again = pickle.loads(data)
     assert again.handler.location == proxied.uri("retry/pickle")
+
+
+def test_the_rows_read_from_a_bucket_outlast_an_outage(proxied, s3_server, prepared_ml100k):
+    """What a read task of ``UserRowFiles.row_blocks`` runs (the file's footer, then its row
+    groups), each started during an outage that the SDK's own attempts do not outlast."""
+    from recoder_dist.data.parquet_rows import _footer, _read_row_groups
+    from recoder_dist.datasets import open_prepared
+
+    local = open_prepared(prepared_ml100k).train
+    name = os.path.basename(local.paths[0])
+    bucket = s3_server.filesystem()
+    with (
+        open(local.paths[0], "rb") as f,
+        bucket.open_output_stream(s3_server.path(f"retry/rows/{name}")) as out,
+    ):
+        out.write(f.read())
+    uri = proxied.uri(f"retry/rows/{name}")
+    proxied.outage("refuse", seconds=8)
+    metadata = _footer(uri)
+    assert metadata.num_rows == local.num_rows
+    proxied.outage("refuse", seconds=8)
+    groups = tuple(range(metadata.num_row_groups))
+    table, rows = _read_row_groups(uri, groups, local.num_items, local.has_target)
+    assert proxied.refused > 0 and rows == local.num_rows
+    assert table.equals(pq.read_table(local.paths[0]))  # the file as read from its folder

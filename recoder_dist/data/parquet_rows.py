@@ -25,6 +25,7 @@ from recoder_dist.data.collator import UserRows
 from recoder_dist.data.dataset import RecommendationDataset
 from recoder_dist.data.epoch_order import RowBlocks
 from recoder_dist.data.ray_dataset import DEFAULT_ROWS_PER_BLOCK, rows_from_arrow
+from recoder_dist.retry import with_retries
 
 # Interactions per file: about 64 MB of item ids and values, so that a large table is many
 # files (read in parallel, spread over the nodes) and a small one is one file.
@@ -270,15 +271,23 @@ def _footer(path: str) -> pq.FileMetaData:
     if not storage.is_file(path):
         raise FileNotFoundError(f"the user rows' file {path} is missing")
     fs, fs_path = storage.filesystem(path)
-    with fs.open_input_file(fs_path) as file:
-        return pq.ParquetFile(file).metadata
+
+    def read() -> pq.FileMetaData:  # again from the start at each try
+        with fs.open_input_file(fs_path) as file:
+            return pq.ParquetFile(file).metadata
+
+    return with_retries(read, path, "read the footer of")
 
 
 def _read_row_groups(path: str, groups: tuple[int, ...], num_items: int, has_target: bool):
     """Row groups ``groups`` of the file at ``path``, as one checked table, and its rows."""
     fs, fs_path = storage.filesystem(path)
-    with fs.open_input_file(fs_path) as file:
-        table = pq.ParquetFile(file).read_row_groups(list(groups))
+
+    def read() -> pa.Table:  # again from the start at each try (a storage outage)
+        with fs.open_input_file(fs_path) as file:
+            return pq.ParquetFile(file).read_row_groups(list(groups))
+
+    table = with_retries(read, path, "read")
     checked_table(table, num_items, has_target, path)
     return table, table.num_rows
 
