@@ -5,21 +5,38 @@ test_sharded_step)."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
+import pyarrow.fs
 import pytest
+import ray.train
 import torch
+import torch.distributed as dist
 
 from recoder_dist import storage
+from recoder_dist.retrying_fs import RetryingHandler
 from recoder_dist.sharded.autoencoder import ShardedAutoencoder
-from recoder_dist.sharded.checkpoint import load_shards, save_shard, shard_file, shard_files
+from recoder_dist.sharded.checkpoint import (
+    load_shards,
+    save_shard,
+    shard_file,
+    shard_files,
+    shards_to_read,
+)
 from recoder_dist.sharded.state import (
     sharded_optimizer_state,
     sharded_state,
     table_rows,
 )
-from recoder_dist.training.checkpoint import SHARDED_FILE, export_snapshot
+from recoder_dist.training.checkpoint import (
+    HISTORY_FILE,
+    SHARDED_FILE,
+    export_snapshot,
+    read_restorable,
+)
 from recoder_dist.training.optimizers import build_optimizers
 from recoder_dist.training.snapshot import Snapshot, load_snapshot, save_snapshot
 from tests.damage import alter_a_tensor_byte
@@ -158,3 +175,100 @@ def test_a_sharded_checkpoint_in_a_bucket_exports_one_snapshot(s3_server, tmp_pa
     assert_equal_states(snapshot.model_state, whole_model)
     local = load_snapshot(export_snapshot(str(folder), str(tmp_path / "local.model")))
     assert_equal_states(local.model_state, whole_model)
+
+
+def test_a_rank_reads_the_saved_shards_that_hold_its_rows():
+    """Against every row's saved and new rank, for worlds 1-6 (rows enough for every pair)."""
+    for saved in range(1, 7):
+        for world in range(1, 7):
+            for rows in (saved * world, saved * world + 5):
+                for rank in range(world):
+                    holding = {i % saved for i in range(rows) if i % world == rank}
+                    assert shards_to_read(saved, world, rank) == sorted(holding), (saved, world)
+
+
+class CountingHandler(RetryingHandler):
+    """This machine's disk read as remote storage (each file downloaded before it is read),
+    noting the files opened for reading."""
+
+    def __init__(self, location: str, opened: list[str]):
+        super().__init__(location)
+        self.opened = opened
+
+    def open_input_stream(self, path):
+        self.opened.append(path)
+        return super().open_input_stream(path)
+
+    def open_input_file(self, path):
+        self.opened.append(path)
+        return super().open_input_file(path)
+
+
+def _meta(epoch: int) -> Snapshot:
+    return Snapshot(
+        model_class="recoder_dist.nn.autoencoder.DynamicAutoencoder",
+        model_params={},
+        model_state={},
+        num_items=NUM_ITEMS,
+        num_users=None,
+        epoch=epoch,
+    )
+
+
+def _resume(rank, world, run, whole_file, expected_epoch, out):
+    """Rank ``rank`` of 2 restores the run's last checkpoint from its storage, the ranks
+    agreeing by an all-reduce; writes the files it opened and its notes to ``out``."""
+    model = _model(True, False, seed=None)
+    optimizers = build_optimizers(model, "adam", 0.05, 0.0)
+    opened, notes = [], []
+    fs = pyarrow.fs.PyFileSystem(CountingHandler(f"file://{run}", opened))
+
+    def everyone(ok: bool) -> bool:
+        flag = torch.tensor([int(ok)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag)
+
+    checkpoint = ray.train.Checkpoint(os.path.join(run, "epoch_2"), filesystem=fs)
+    snapshot, history = read_restorable(checkpoint, model, optimizers, everyone, notes.append)
+    assert snapshot.epoch == expected_epoch and history == [{"epoch": expected_epoch}]
+    whole_model, whole_optimizers = torch.load(whole_file)
+    assert_equal_states(snapshot.model_state, sharded_state(whole_model, model))
+    expected_optimizers = sharded_optimizer_state(whole_optimizers, optimizers, model)
+    assert_equal_states(snapshot.optimizer_state, expected_optimizers)
+    torch.save((opened, notes), os.path.join(out, f"rank{rank}.pt"))
+
+
+def test_each_rank_downloads_only_its_shards_and_the_ranks_agree_on_a_checkpoint(tmp_path):
+    """A 4-rank run's checkpoints (epochs 1 and 2, the same rows) in remote storage, restored
+    on 2 ranks: rank r downloads the shards r and r + 2 of the last checkpoint, the snapshot and
+    the records, nothing else. Then one shard of epoch 2 is damaged: only rank 1 reads it, and
+    both ranks restore epoch 1 (a rank that went on alone with epoch 2 would train another
+    model than its peer)."""
+    run, out = tmp_path / "run", tmp_path / "out"
+    out.mkdir()
+    run_ranks(4, _save, str(tmp_path), True, False)
+    whole = tmp_path / "whole.pt"
+    for epoch in (1, 2):
+        folder = run / f"epoch_{epoch}"
+        folder.mkdir(parents=True)
+        for path in shard_files(str(tmp_path)):
+            shutil.copy(path, folder)
+        save_snapshot(_meta(epoch), str(folder / SHARDED_FILE))
+        (folder / HISTORY_FILE).write_text(json.dumps([{"epoch": epoch}]))
+
+    run_ranks(2, _resume, str(run), str(whole), 2, str(out))
+    last = run / "epoch_2"
+    for rank in (0, 1):
+        opened, notes = torch.load(out / f"rank{rank}.pt")
+        names = [shard_file(rank, 4), shard_file(rank + 2, 4), SHARDED_FILE, HISTORY_FILE]
+        assert sorted(opened) == sorted(str(last / name) for name in names)
+        assert notes == []
+
+    damaged = last / shard_file(3, 4)
+    alter_a_tensor_byte(damaged)
+    run_ranks(2, _resume, str(run), str(whole), 1, str(out))
+    opened, notes = torch.load(out / "rank0.pt")
+    assert str(damaged) not in opened and notes == []  # rank 0's own files read whole
+    opened, notes = torch.load(out / "rank1.pt")
+    assert len(notes) == 1 and f"cannot resume from {last}" in notes[0]
+    assert f"{damaged} is damaged" in notes[0]

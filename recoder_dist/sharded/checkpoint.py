@@ -11,6 +11,7 @@ Each file carries a checksum of its content (``recoder_dist.checksum``), verifie
 
 from __future__ import annotations
 
+import math
 import os
 import re
 
@@ -36,19 +37,37 @@ def shard_files(folder: str) -> list[str]:
     Raises:
         ValueError: shards of different world sizes, or some rank's file missing.
     """
-    found = sorted(
-        (int(m[2]), int(m[1]), name) for name in os.listdir(folder) if (m := _NAME.fullmatch(name))
-    )
+    return [os.path.join(folder, name) for name in shard_names(os.listdir(folder), folder)]
+
+
+def shard_names(names, where: str) -> list[str]:
+    """The shard files among the file ``names`` of one folder (``where``, for errors), in rank
+    order: a folder's listing, local or in a bucket, checked before any file is read.
+
+    Raises:
+        ValueError: shards of different world sizes, or some rank's file missing.
+    """
+    found = sorted((int(m[2]), int(m[1]), name) for name in names if (m := _NAME.fullmatch(name)))
     if not found:
         return []
     worlds = {world for world, _, _ in found}
     ranks = [rank for _, rank, _ in found]
     if len(worlds) > 1 or ranks != list(range(found[0][0])):
         raise ValueError(
-            f"{folder} holds shards {ranks} of world sizes {sorted(worlds)}: a checkpoint needs "
+            f"{where} holds shards {ranks} of world sizes {sorted(worlds)}: a checkpoint needs "
             "one file for every rank of one run"
         )
-    return [os.path.join(folder, name) for _, _, name in found]
+    return [name for _, _, name in found]
+
+
+def shards_to_read(saved_world: int, world: int, rank: int) -> list[int]:
+    """The saved ranks (of ``saved_world``) whose files may hold rows of rank ``rank`` of
+    ``world``: row ``i`` was saved by rank ``i % saved_world`` and is now rank ``i % world``'s,
+    and some ``i`` satisfies both exactly when the two ranks agree modulo the worlds' greatest
+    common divisor (the Chinese remainder theorem). One file when the world is the saved one;
+    every file for ``world=1``."""
+    step = math.gcd(saved_world, world)
+    return list(range(rank % step, saved_world, step))
 
 
 def save_shard(folder: str, model, optimizers) -> str:

@@ -17,12 +17,14 @@ import json
 import os
 import posixpath
 import re
+import tempfile
+from collections.abc import Callable
 
 import pyarrow.fs
 import ray.train
 
 from recoder_dist import storage
-from recoder_dist.sharded.checkpoint import load_shards, save_shard, shard_files
+from recoder_dist.sharded.checkpoint import load_shards, save_shard, shard_names, shards_to_read
 from recoder_dist.sharded.model import ShardedModel
 from recoder_dist.sharded.state import sharded_optimizer_state, sharded_state, table_rows
 from recoder_dist.training.snapshot import Snapshot, copy_snapshot, load_snapshot, save_snapshot
@@ -55,10 +57,16 @@ def write_checkpoint(
         json.dump(history, f)
 
 
-def read_checkpoint(folder: str, model=None, optimizers=None) -> tuple[Snapshot, list[dict]]:
+def read_checkpoint(
+    folder: str, model=None, optimizers=None, listing: list[str] | None = None
+) -> tuple[Snapshot, list[dict]]:
     """The snapshot in ``folder``, its weights and optimizer states laid out for ``model``: a
-    ShardedModel's rows (``optimizers`` are its ``Optimizers``), or the whole model
-    (``model`` None or whole); and the records of its epochs.
+    ShardedModel's rows (``optimizers`` are its ``Optimizers``), read from the shard files
+    that hold them only (``shards_to_read``), or the whole model (``model`` None or whole); and
+    the records of its epochs.
+
+    ``listing``: the names of the checkpoint's files where ``folder`` holds only those that
+    ``files_to_read`` names (a copy from remote storage); None: ``folder`` is the checkpoint.
 
     Raises:
         FileNotFoundError: a folder with no snapshot.
@@ -73,14 +81,16 @@ def read_checkpoint(folder: str, model=None, optimizers=None) -> tuple[Snapshot,
             except ValueError as e:  # a truncated or altered file
                 raise ValueError(f"{records} is damaged: {e}") from None
     sharded_model = isinstance(model, ShardedModel)
-    shards = shard_files(folder)
+    shards = shard_names(os.listdir(folder) if listing is None else listing, folder)
     if shards:
         snapshot = load_snapshot(os.path.join(folder, SHARDED_FILE))
         if sharded_model:
             layout = dict(world=model.world, rank=model.rank, tables=table_rows(model))
         else:
             layout = dict(world=1, rank=0)
-        snapshot.model_state, snapshot.optimizer_state = load_shards(shards, **layout)
+        read = shards_to_read(len(shards), layout["world"], layout["rank"])
+        paths = [os.path.join(folder, shards[saved]) for saved in read]
+        snapshot.model_state, snapshot.optimizer_state = load_shards(paths, **layout)
         return snapshot, history
     snapshot = load_snapshot(os.path.join(folder, SNAPSHOT_FILE))
     if sharded_model:
@@ -90,6 +100,85 @@ def read_checkpoint(folder: str, model=None, optimizers=None) -> tuple[Snapshot,
                 snapshot.optimizer_state, optimizers, model
             )
     return snapshot, history
+
+
+def files_to_read(listing: list[str], model=None) -> list[str]:
+    """The files of a checkpoint (its file names ``listing``) that ``read_checkpoint`` reads
+    for ``model``: the snapshot, the records and, for a ShardedModel's rank, the shards that
+    hold its rows (for any other reader, every shard)."""
+    shards = shard_names(listing, "the checkpoint")
+    if not shards:
+        wanted = {SNAPSHOT_FILE, HISTORY_FILE}
+    elif isinstance(model, ShardedModel):
+        read = shards_to_read(len(shards), model.world, model.rank)
+        wanted = {SHARDED_FILE, HISTORY_FILE, *(shards[saved] for saved in read)}
+    else:
+        wanted = {SHARDED_FILE, HISTORY_FILE, *shards}
+    return [name for name in listing if name in wanted]
+
+
+def read_checkpoint_at(
+    checkpoint: ray.train.Checkpoint, model=None, optimizers=None
+) -> tuple[Snapshot, list[dict]]:
+    """``read_checkpoint`` of a run's ``checkpoint`` where it lies (the run's storage, local or
+    remote): from remote storage, only the files that ``model`` reads are downloaded (a rank of
+    a sharded run, the shards of its rows: one file of the shards when it resumes on as many
+    ranks as wrote them)."""
+    fs, path = checkpoint.filesystem, checkpoint.path
+    if isinstance(fs, pyarrow.fs.LocalFileSystem):
+        return read_checkpoint(path, model, optimizers)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(path))
+    listing = [posixpath.basename(i.path) for i in infos if i.type == pyarrow.fs.FileType.File]
+    local = pyarrow.fs.LocalFileSystem()
+    with tempfile.TemporaryDirectory(prefix="recoder-dist-read-") as folder:
+        for name in files_to_read(listing, model):
+            pyarrow.fs.copy_files(
+                posixpath.join(path, name),
+                os.path.join(folder, name),
+                source_filesystem=fs,
+                destination_filesystem=local,
+            )
+        try:
+            return read_checkpoint(folder, model, optimizers, listing)
+        except ValueError as e:  # named where the files lie, not where they were copied
+            raise ValueError(str(e).replace(folder, path.rstrip("/"))) from None
+
+
+def read_restorable(
+    checkpoint: ray.train.Checkpoint,
+    model=None,
+    optimizers=None,
+    everyone: Callable[[bool], bool] = bool,
+    note: Callable[[str], None] | None = None,
+) -> tuple[Snapshot, list[dict]]:
+    """``read_checkpoint_at`` of a run's ``checkpoint``; when a file of it is damaged (a
+    checksum that does not match, a truncated file), of the newest earlier checkpoint of the
+    run that reads whole (the run then repeats the epochs since, instead of starting over).
+
+    Each rank of a run reads only its files, so the ranks agree on a checkpoint through
+    ``everyone`` (whether a condition holds on every rank: a collective where the run has
+    several ranks), called once for each checkpoint tried: one that some rank cannot read is
+    nobody's. ``note`` is told of each checkpoint that this rank cannot read.
+
+    Raises:
+        ValueError: no checkpoint of the run reads whole on every rank (this rank's first
+            error, or one that says so).
+    """
+    first_error = None
+    for candidate in [checkpoint, *earlier_checkpoints(checkpoint)]:
+        read = None
+        try:
+            read = read_checkpoint_at(candidate, model, optimizers)
+        except ValueError as e:
+            first_error = first_error or e
+            if note is not None:
+                note(f"cannot resume from {candidate.path}: {e}")
+        if everyone(read is not None):
+            return read
+    raise first_error or ValueError(
+        f"no checkpoint of the run at {posixpath.dirname(checkpoint.path)} reads whole on every "
+        "rank (the others' errors are in their notes)"
+    )
 
 
 def export_snapshot(location: str, destination: str) -> str:

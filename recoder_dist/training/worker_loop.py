@@ -41,9 +41,9 @@ from recoder_dist.sharded.model import ShardedModel
 from recoder_dist.sharded.replicas import layout_groups
 from recoder_dist.sharded.state import sharded_optimizer_state
 from recoder_dist.training.checkpoint import (
-    earlier_checkpoints,
     export_snapshot,
-    read_checkpoint,
+    read_checkpoint_at,
+    read_restorable,
     write_checkpoint,
 )
 from recoder_dist.training.config import EvalSettings, TrainSettings, WorkerJob
@@ -188,7 +188,7 @@ def _train(
             sync = SparseGradSync([model.get_parameter(n) for n in sparse_names])
 
     optimizers = build_optimizers(model, job.optimizer_type, settings.lr, settings.weight_decay)
-    start_epoch, history = _resume(model, optimizers, job, session, progress)
+    start_epoch, history = _resume(model, optimizers, job, session, progress, device)
     batch_size, group_size = settings.batch_size, settings.num_sampling_users
     if sharded:  # the global batch, split over the ranks
         batch_size, group_size = rank_batch(batch_size, group_size, world)
@@ -380,7 +380,7 @@ def _memory_mb(distributed: bool, device) -> dict[str, float]:
     return {"peak_rss_mb": peak, "private_rss_mb": private}
 
 
-def _resume(model, optimizers, job: WorkerJob, session, progress) -> tuple[int, list[dict]]:
+def _resume(model, optimizers, job: WorkerJob, session, progress, device) -> tuple[int, list[dict]]:
     """After a worker failure, or when a run of the same name and storage is started again (its
     driver was lost), Ray Train starts the loop with the run's last checkpoint: load this
     rank's part of its weights and optimizer states (from any world size), and return its
@@ -398,7 +398,16 @@ def _resume(model, optimizers, job: WorkerJob, session, progress) -> tuple[int, 
             state = sharded_optimizer_state(state, optimizers, model)
         optimizers.load_state_dict(state)
         return job.start_epoch, []
-    snapshot, history = _read_restorable(checkpoint, model, optimizers, rank, progress)
+    snapshot, history = read_restorable(
+        checkpoint,
+        model,
+        optimizers,
+        everyone=functools.partial(_everyone, session=session, device=device),
+        # each rank reads its own files of a sharded model, and its errors; a whole one, rank 0's
+        note=functools.partial(_note, progress)
+        if rank == 0 or isinstance(model, ShardedModel)
+        else None,
+    )
     model.load_state_dict(snapshot.model_state)
     optimizers.load_state_dict(snapshot.optimizer_state)
     if rank == 0:
@@ -406,33 +415,20 @@ def _resume(model, optimizers, job: WorkerJob, session, progress) -> tuple[int, 
     return snapshot.epoch, history
 
 
-def _read_restorable(checkpoint, model, optimizers, rank: int, progress):
-    """The snapshot and records of ``checkpoint``, laid out for ``model``; when a file of it is
-    damaged (a checksum that does not match, a truncated file), those of the newest earlier
-    checkpoint of the run that reads whole: the run then repeats the epochs since, instead of
-    starting over. Every rank reads every file of a checkpoint, so the ranks agree on which.
-
-    Raises:
-        ValueError: no checkpoint of the run reads whole (the last one's error).
-    """
-    first_error = None
-    for candidate in [checkpoint, *earlier_checkpoints(checkpoint)]:
-        try:
-            with candidate.as_directory() as folder:
-                return read_checkpoint(folder, model, optimizers)
-        except ValueError as e:
-            first_error = first_error or e
-            if rank == 0:
-                _note(progress, f"cannot resume from {candidate.path}: {e}")
-    raise first_error
+def _everyone(ok: bool, session, device) -> bool:
+    """Whether ``ok`` holds on every rank (a collective where the run has several)."""
+    if session.world == 1 or not dist.is_initialized():
+        return ok
+    flag = torch.tensor([int(ok)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def _read_weights(checkpoint: ray.train.Checkpoint, model, optimizers=None):
     """The snapshot of ``checkpoint`` (an earlier sharded run's) laid out for this rank's
-    sharded ``model`` (and its ``optimizers``): each rank reads its rows from every shard, one
-    file at a time (downloaded first from remote storage)."""
-    with checkpoint.as_directory() as folder:
-        return read_checkpoint(folder, model, optimizers)[0]
+    sharded ``model`` (and its ``optimizers``): each rank reads its rows from the shards that
+    hold them, one file at a time (only those downloaded from remote storage)."""
+    return read_checkpoint_at(checkpoint, model, optimizers)[0]
 
 
 def _check_gradients_are_where_expected(model, sparse_names: list[str]) -> None:
