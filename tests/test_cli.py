@@ -49,6 +49,7 @@ def brute_force_neighbours(vectors: np.ndarray, k: int) -> list[tuple[list[int],
     return found
 
 
+@pytest.mark.slow
 def test_train_evaluate_recommend(ray_session, prepared, tmp_path, capsys):
     config = tmp_path / "train.yaml"
     config.write_text("epochs: 2\nbatch-size: 100\nhidden: [64]\n")

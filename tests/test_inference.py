@@ -16,6 +16,8 @@ from recoder_dist.inference import write_recommendations
 from recoder_dist.model import Recoder
 from recoder_dist.nn import DynamicAutoencoder
 
+pytestmark = pytest.mark.slow  # each test runs Ray Data's inference over the cluster
+
 
 @pytest.fixture(scope="module")
 def trained(prepared_ml100k):

@@ -21,11 +21,14 @@ from recoder_dist.datasets import load_prepared
 from recoder_dist.metrics import NDCG
 from recoder_dist.model import Recoder
 from recoder_dist.nn import DynamicAutoencoder
+from recoder_dist.sharded.checkpoint import shard_file
 from recoder_dist.similarity import item_vectors
 from recoder_dist.training.snapshot import load_snapshot
 from tests.conftest import shared_data
 from tests.multinode import WORKER_NODE
 from tests.test_cli import brute_force_neighbours
+
+pytestmark = pytest.mark.slow  # a two-node cluster, and jobs on it
 
 # A driver's preamble: the two nodes' ids, and a task pinned to each. The head has 0 CPUs, so
 # its task asks for none.
@@ -230,12 +233,16 @@ def test_prepare_train_evaluate_and_recommend_through_the_bucket(
     # The same split as the fixture's, written by the same command to the head's disk.
     assert "split.json" in bucket_files(s3, "job/data")
     data = s3.uri("job/data")
-    job = training_job(data, s3.uri("job/ck"), s3.uri("job/runs"), "--epochs", "2")
+    # 2 workers, the tables sharded: each writes its shard of a checkpoint into the bucket, and
+    # rank 0 assembles the user's snapshot from them there.
+    sharded = ("--epochs", "2", "--workers", "2")
+    job = training_job(data, s3.uri("job/ck"), s3.uri("job/runs"), *sharded)
     trained = last_json(cluster.submit(*job))
     assert trained["checkpoint"] == s3.uri("job/ck/model_epoch_2.model")
     files = bucket_files(s3, "job")
     assert "ck/model_epoch_2.model" in files
-    assert any(f.startswith("runs/") and f.endswith("/snapshot.pt") for f in files), files
+    shards = [f for f in files if f.startswith("runs/") and "/epoch_2/shard_" in f]
+    assert sorted(f.rsplit("/", 1)[1] for f in shards) == [shard_file(r, 2) for r in (0, 1)], files
 
     # evaluate reads the snapshot from the bucket and scores what training reported.
     evaluated = last_json(
@@ -314,7 +321,6 @@ def test_prepare_reads_events_from_the_bucket_on_the_cluster(
     assert pairs == {name: expected.get(name, set()) for name in pairs}
 
 
-@pytest.mark.slow
 def test_a_head_with_no_cpu_prepares_a_local_file(no_shared_disk_cluster, tmp_path):
     """A CSV on the head's disk, which the worker node does not see, prepared into a folder
     there: the head (0 CPUs) reads and writes with tasks that ask for none, the worker node

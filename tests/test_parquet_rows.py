@@ -42,7 +42,7 @@ def train(split, workers: int):
     return recoder, history[-1]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_training_from_files_is_training_from_the_matrix(ray_session, prepared_ml100k, workers):
     """The same rows in the same blocks: the same weights to the bit, and the same evaluation
     (of the same sampled users), whether the rows come from the files or from memory."""

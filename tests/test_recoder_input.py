@@ -116,7 +116,7 @@ def test_more_users_than_the_model_represents():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
-@pytest.mark.parametrize("num_workers", [0, 1])
+@pytest.mark.parametrize("num_workers", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_use_cuda_without_a_gpu_trains_on_cpu(ray_session, caplog, num_workers):
     """use_cuda=True means GPUs where present: none here, so the run is the CPU one, to the
     bit, and says so. The CPU run is this process's (a 1-worker run ends with its weights to

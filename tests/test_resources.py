@@ -99,6 +99,7 @@ class RecordsWorker(MultinomialNLLLoss):
         return super().forward(input, target)
 
 
+@pytest.mark.slow
 def test_a_worker_takes_the_nodes_cpus_by_default(ray_session, tmp_path):
     """The session's Ray has 4 logical CPUs on this machine's cores: the worker reserves them
     all, and runs no more threads than there are cores."""
@@ -176,6 +177,7 @@ def test_what_the_caller_holds_through_rays_public_api(ray_session):
         ray.kill(actor)
 
 
+@pytest.mark.slow
 def test_cpus_per_worker_given_is_what_each_worker_holds(ray_session, tmp_path):
     """1.5 CPUs each: Ray reserves 1.5, torch runs 1 thread (whole CPUs only)."""
     recoder = Recoder(

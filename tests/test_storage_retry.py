@@ -170,6 +170,7 @@ def _read(s3_server, key: str) -> bytes:
 
 # Refused, a call fails after the SDK's own 3 attempts (about 6 s): an outage longer than that
 # reaches our retries. Stalled, a call waits in the SDK until the connection drops.
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, seconds", [("refuse", 8), ("stall", 3)])
 def test_an_upload_and_a_download_outlast_an_outage(
     proxied, s3_server, tmp_path, mode, seconds, caplog
@@ -192,6 +193,7 @@ def test_an_upload_and_a_download_outlast_an_outage(
         assert f.read() == payload
 
 
+@pytest.mark.slow
 def test_an_upload_through_a_store_that_never_answers_fails_within_the_bound(
     proxied, tmp_path, monkeypatch
 ):
@@ -208,6 +210,7 @@ def test_an_upload_through_a_store_that_never_answers_fails_within_the_bound(
     assert f"retry bound 2 s, {RETRY_ENV}" in str(raised.value)
 
 
+@pytest.mark.slow
 def test_ray_trains_copy_through_the_retrying_filesystem_outlasts_an_outage(
     proxied, s3_server, tmp_path
 ):
@@ -240,6 +243,7 @@ def test_the_retrying_filesystem_pickles_as_its_uri_alone(proxied, monkeypatch):
     assert again.handler.location == proxied.uri("retry/pickle")
 
 
+@pytest.mark.slow
 def test_the_rows_read_from_a_bucket_outlast_an_outage(proxied, s3_server, prepared_ml100k):
     """What a read task of ``UserRowFiles.row_blocks`` runs (the file's footer, then its row
     groups), each started during an outage that the SDK's own attempts do not outlast."""
