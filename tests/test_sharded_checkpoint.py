@@ -89,6 +89,18 @@ def _load(rank, world, folder, sparse, constrained):
     optimizers.load_state_dict(optimizer_state)
 
 
+def _meta(epoch: int) -> Snapshot:
+    """The snapshot beside the shards: class, hyper-parameters and epoch, no weights."""
+    return Snapshot(
+        model_class="recoder_dist.nn.autoencoder.DynamicAutoencoder",
+        model_params={},
+        model_state={},
+        num_items=NUM_ITEMS,
+        num_users=None,
+        epoch=epoch,
+    )
+
+
 @pytest.mark.parametrize("sparse,constrained", [(True, False), (False, True)])
 def test_shard_files_load_whole_and_on_another_world(tmp_path, sparse, constrained):
     run_ranks(3, _save, str(tmp_path), sparse, constrained)
@@ -157,15 +169,7 @@ def test_a_sharded_checkpoint_in_a_bucket_exports_one_snapshot(s3_server, tmp_pa
     run_ranks(2, _save, str(folder), True, False)
     whole_model, _ = torch.load(folder / "whole.pt")
     (folder / "whole.pt").unlink()
-    meta = Snapshot(
-        model_class="recoder_dist.nn.autoencoder.DynamicAutoencoder",
-        model_params={},
-        model_state={},
-        num_items=NUM_ITEMS,
-        num_users=None,
-        epoch=3,
-    )
-    save_snapshot(meta, folder / SHARDED_FILE)
+    save_snapshot(_meta(3), folder / SHARDED_FILE)
     for path in folder.iterdir():
         storage.upload(str(path), s3_server.uri(f"runs/r/epoch_3/{path.name}"))
 
@@ -202,17 +206,6 @@ class CountingHandler(RetryingHandler):
     def open_input_file(self, path):
         self.opened.append(path)
         return super().open_input_file(path)
-
-
-def _meta(epoch: int) -> Snapshot:
-    return Snapshot(
-        model_class="recoder_dist.nn.autoencoder.DynamicAutoencoder",
-        model_params={},
-        model_state={},
-        num_items=NUM_ITEMS,
-        num_users=None,
-        epoch=epoch,
-    )
 
 
 def _resume(rank, world, run, whole_file, expected_epoch, out):
