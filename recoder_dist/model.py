@@ -353,7 +353,7 @@ class Recoder:
         datasets = {}
         if evaluating:
             datasets["eval"] = self._eval_dataset(
-                val_dataset, eval_num_users, eval_settings.batch_size
+                val_dataset, eval_num_users, eval_settings.batch_size, here=workers == 0
             )
         prefix = storage.normalized(model_checkpoint_prefix) if model_checkpoint_prefix else None
         logger.info(
@@ -435,7 +435,7 @@ class Recoder:
                 batches = _csr_batches(eval_dataset, users, settings.batch_size)
             else:
                 ensure_ray()
-                rows = self._eval_dataset(eval_dataset, num_users, settings.batch_size)
+                rows = self._eval_dataset(eval_dataset, num_users, settings.batch_size, here=True)
                 batches = _arrow_batches(rows, settings.batch_size)
             return self._evaluate_here(batches, settings)
         workers = self.workers
@@ -444,7 +444,7 @@ class Recoder:
             self._model, build_loss(self.loss, self.loss_params), self.tables, workers, "fp32"
         )
         job = self._job(workers, sharded=sharded, use_cuda=self._use_gpus(workers), eval=settings)
-        rows = self._eval_dataset(eval_dataset, num_users, settings.batch_size)
+        rows = self._eval_dataset(eval_dataset, num_users, settings.batch_size, workers == 0)
         output = self._run(job, {"eval": rows}, workers)
         output.discard()
         return output.value  # each metric's mean, and the users counted
@@ -634,23 +634,34 @@ class Recoder:
         return present
 
     def _eval_dataset(
-        self, dataset: RecommendationDataset | UserRowFiles, num_users: int | None, batch_size: int
+        self,
+        dataset: RecommendationDataset | UserRowFiles,
+        num_users: int | None,
+        batch_size: int,
+        here: bool = False,
     ):
         """The evaluation users' rows (a fixed random sample of ``num_users`` of them), in the
         object store in blocks of about ``batch_size`` rows, in a fixed order: the launcher
-        deals blocks out to the workers, who score them a batch at a time."""
+        deals blocks out to the workers, who score them a batch at a time. ``here``: this
+        process scores them (a run in process, an evaluation in the driver), and reads files
+        itself instead of asking the cluster's tasks to."""
         if isinstance(dataset, UserRowFiles):  # its rows are the users with target items
             if dataset.num_rows == 0:
                 raise ValueError("the evaluation dataset has no user with target interactions")
-            rows = dataset.ray_dataset()
+            keep = None
             if num_users is not None and num_users < dataset.num_rows:
                 keep = np.zeros(dataset.num_rows, dtype=bool)
                 chosen = np.random.default_rng(self.seed).choice(dataset.num_rows, num_users, False)
                 keep[chosen] = True
-                rows = rows.map_batches(
-                    lambda table: table.filter(keep[table.column("position").to_numpy()]),
-                    batch_format="pyarrow",
-                )
+
+            def sample(table):
+                return table if keep is None else table.filter(keep[table["position"].to_numpy()])
+
+            if here:
+                return to_ray_dataset(sample(dataset.table()), rows_per_block=batch_size)
+            rows = dataset.ray_dataset()
+            if keep is not None:
+                rows = rows.map_batches(sample, batch_format="pyarrow")
             # Read once, by the cluster, into the object store: every evaluation of every
             # worker then reads its blocks, instead of starting read tasks of its own (which
             # would wait for CPUs that the workers hold).

@@ -119,6 +119,21 @@ REPO = Path(__file__).resolve().parents[1]
 TRIAL_TIMEOUT_S = 420  # a trial took up to 175 s on this 2-core machine under a load of 50
 
 
+def sweep_process(arguments: list[str]) -> subprocess.Popen:
+    """`tune/sweep.py arguments` in a process of its own, on a local Ray of its own (this
+    machine's CPUs), its output read through a pipe."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "tune" / "sweep.py"), *arguments],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,  # its Ray's processes too: stopped by their group on failure
+    )
+
+
 def _terminated(line: str) -> int:
     """The number of ended trials in a Tune status line ("Trial status: 2 TERMINATED | ...")."""
     if not line.startswith("Trial status:"):
@@ -135,11 +150,7 @@ def test_four_trials_in_turn_finish_on_the_real_cpus_beside_another_ray_instance
     test session's Ray runs too: Ray Train's cleaner cannot free a stopped trial's CPUs then,
     and before `ReleaseStoppedRuns` the second trial waited for them forever."""
     cpus = len(os.sched_getaffinity(0))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     command = [
-        sys.executable,
-        str(REPO / "tune" / "sweep.py"),
         "--data",
         str(prepared_ml100k),
         "--storage",
@@ -161,14 +172,7 @@ def test_four_trials_in_turn_finish_on_the_real_cpus_beside_another_ray_instance
         "--workers",  # each trial a Ray Train run (this machine alone would train in process)
         "1",
     ]
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        start_new_session=True,  # its Ray's processes too: stopped by their group on failure
-    )
+    process = sweep_process(command)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
     reader.start()
@@ -203,6 +207,33 @@ def test_four_trials_in_turn_finish_on_the_real_cpus_beside_another_ray_instance
         (3e-3, 100),
         (3e-3, 200),
     ]
+
+
+@pytest.mark.slow
+def test_trials_that_train_in_their_process_may_hold_every_cpu(prepared_ml100k, tmp_path):
+    """As many trials at once as the machine has CPUs, each training in its process on one
+    (`--workers 0`), on a local Ray of the real CPU count: their evaluation rows are read in
+    the trials' processes, with no Ray task. Before, Ray Data's tasks (a CPU each) waited for
+    the CPUs that the trials held, and the sweep never ended."""
+    cpus = len(os.sched_getaffinity(0))
+    batch_sizes = [str(50 * (i + 1)) for i in range(cpus)]
+    process = sweep_process(
+        [
+            *("--data", str(prepared_ml100k), "--storage", str(tmp_path / "sweep")),
+            *("--workers", "0", "--cpus-per-worker", "1", "--concurrent", str(cpus)),
+            *("--lrs", "1e-3", "--batch-sizes", *batch_sizes, "--hidden", "32"),
+            *("--epochs", "2", "--eval-freq", "1", "--grace-period", "2"),
+        ]
+    )
+    try:
+        output, _ = process.communicate(timeout=TRIAL_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        stop_session(process)
+        pytest.fail(f"the sweep did not end in {TRIAL_TIMEOUT_S} s: trials waiting for CPUs?")
+    assert process.returncode == 0, output[-3000:]
+    assert f"{cpus}.0/{cpus} CPUs" in output, "the trials did not run at once on every CPU"
+    table = pd.read_csv(tmp_path / "sweep" / "results.csv")
+    assert len(table) == cpus and (table["epoch"] == 2).all() and table["NDCG@100"].notna().all()
 
 
 def test_the_search_space_is_the_models_own():

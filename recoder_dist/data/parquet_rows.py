@@ -198,20 +198,25 @@ class UserRowFiles:
         _check_reads(pending, wait_for=len(pending))
         return RowBlocks(tuple(refs), tuple(rows), tuple(starts))
 
-    def to_dataset(self) -> RecommendationDataset:
-        """The rows read here, as a matrix (for data that fits this machine)."""
-        shape = (self.num_users, self.num_items)
-        inputs, targets = [], []
+    def table(self) -> pa.Table:
+        """Every row, read here and checked, in the files' order (for rows that this process
+        uses itself, with no Ray task: a Tune trial that trains in its process may hold every
+        CPU that a task would wait for)."""
+        tables = []
         for path in self.paths:
             with storage.local_copy(path) as local:
                 table = pq.read_table(local)
             check_schema(table.schema, self.has_target, path)
-            checked_table(table, self.num_items, self.has_target, path)
-            inputs.append(rows_from_arrow(table))
-            if self.has_target:
-                targets.append(rows_from_arrow(table, "target_"))
-        matrix = _csr(inputs, shape)
-        return RecommendationDataset(matrix, _csr(targets, shape) if self.has_target else None)
+            tables.append(checked_table(table, self.num_items, self.has_target, path))
+        return pa.concat_tables(tables)
+
+    def to_dataset(self) -> RecommendationDataset:
+        """The rows read here, as a matrix (for data that fits this machine)."""
+        shape = (self.num_users, self.num_items)
+        table = self.table()
+        matrix = _csr([rows_from_arrow(table)], shape)
+        targets = _csr([rows_from_arrow(table, "target_")], shape) if self.has_target else None
+        return RecommendationDataset(matrix, targets)
 
 
 def _read_row_group(path: str, index: int, num_items: int, has_target: bool) -> pa.Table:

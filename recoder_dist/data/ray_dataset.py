@@ -46,13 +46,15 @@ def _list_columns(csr, prefix: str) -> dict:
 
 
 def to_ray_dataset(table: pa.Table, rows_per_block: int = DEFAULT_ROWS_PER_BLOCK):
-    """A Ray Dataset over ``table``, in blocks of ``rows_per_block`` rows."""
+    """A Ray Dataset over ``table``, in blocks of ``rows_per_block`` rows: their metadata taken
+    here, where ``from_arrow`` would run a task a block for it, each asking a CPU that a Tune
+    trial training in its process may hold (the trial then waits forever)."""
     import ray.data
 
     if table.num_rows == 0:
         raise ValueError("cannot build a Ray Dataset with no user rows")
     blocks = [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
-    return ray.data.from_arrow(blocks)
+    return ray.data.from_blocks(blocks)
 
 
 def put_blocks(table: pa.Table, rows_per_block: int) -> RowBlocks:
