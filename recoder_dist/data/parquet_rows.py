@@ -203,11 +203,11 @@ class UserRowFiles:
         uses itself, with no Ray task: a Tune trial that trains in its process may hold every
         CPU that a task would wait for)."""
         tables = []
-        for path in self.paths:
-            with storage.local_copy(path) as local:
-                table = pq.read_table(local)
-            check_schema(table.schema, self.has_target, path)
-            tables.append(checked_table(table, self.num_items, self.has_target, path))
+        for path in self.paths:  # as row_blocks' tasks read them: retried, checked
+            metadata = _footer(path)
+            check_schema(metadata.schema.to_arrow_schema(), self.has_target, path)
+            groups = tuple(range(metadata.num_row_groups))
+            tables.append(_read_row_groups(path, groups, self.num_items, self.has_target)[0])
         return pa.concat_tables(tables)
 
     def to_dataset(self) -> RecommendationDataset:

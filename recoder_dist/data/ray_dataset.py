@@ -59,9 +59,9 @@ def to_ray_dataset(table: pa.Table, rows_per_block: int = DEFAULT_ROWS_PER_BLOCK
 
 def put_blocks(table: pa.Table, rows_per_block: int) -> RowBlocks:
     """The rows of ``table`` in the object store, ``rows_per_block`` at a time: the blocks of
-    ``to_ray_dataset(table, rows_per_block)``, without Ray Data, whose ``from_arrow`` runs a
-    task per block for its metadata (seconds of a run's start: benchmarks/RESULTS.md).
-    For rows that are in this process already; files are read by the cluster instead."""
+    ``to_ray_dataset(table, rows_per_block)``, as the ``RowBlocks`` that training reads, no
+    Ray Dataset. For rows that are in this process already; files are read by the cluster
+    instead."""
     import ray
 
     if table.num_rows == 0:

@@ -88,8 +88,7 @@ def read_checkpoint(
             layout = dict(world=model.world, rank=model.rank, tables=table_rows(model))
         else:
             layout = dict(world=1, rank=0)
-        read = shards_to_read(len(shards), layout["world"], layout["rank"])
-        paths = [os.path.join(folder, shards[saved]) for saved in read]
+        paths = [os.path.join(folder, name) for name in _shards_of(shards, model)]
         snapshot.model_state, snapshot.optimizer_state = load_shards(paths, **layout)
         return snapshot, history
     snapshot = load_snapshot(os.path.join(folder, SNAPSHOT_FILE))
@@ -107,14 +106,19 @@ def files_to_read(listing: list[str], model=None) -> list[str]:
     for ``model``: the snapshot, the records and, for a ShardedModel's rank, the shards that
     hold its rows (for any other reader, every shard)."""
     shards = shard_names(listing, "the checkpoint")
-    if not shards:
-        wanted = {SNAPSHOT_FILE, HISTORY_FILE}
-    elif isinstance(model, ShardedModel):
-        read = shards_to_read(len(shards), model.world, model.rank)
-        wanted = {SHARDED_FILE, HISTORY_FILE, *(shards[saved] for saved in read)}
+    if shards:
+        wanted = {SHARDED_FILE, HISTORY_FILE, *_shards_of(shards, model)}
     else:
-        wanted = {SHARDED_FILE, HISTORY_FILE, *shards}
+        wanted = {SNAPSHOT_FILE, HISTORY_FILE}
     return [name for name in listing if name in wanted]
+
+
+def _shards_of(shards: list[str], model) -> list[str]:
+    """Of a checkpoint's shard files (in rank order), those that hold rows of ``model``: a
+    ShardedModel's rank's (``shards_to_read``), or every one for the whole model."""
+    if not isinstance(model, ShardedModel):
+        return list(shards)
+    return [shards[saved] for saved in shards_to_read(len(shards), model.world, model.rank)]
 
 
 def read_checkpoint_at(
