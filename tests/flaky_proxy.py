@@ -2,7 +2,8 @@
 restarting the storage (moto's in-memory server loses its data when restarted).
 
 Every connection to ``proxy.host_port`` is piped to the upstream server by a thread of this
-process, until an outage, which is one of:
+process, as it is (a side's close reaches the other as a close, and no timeout is added),
+until an outage, which is one of:
 
 - ``refuse``: the connections open now are closed, and a new one is accepted and closed at
   once (the client reads a reset or an empty reply, as from a server that went down);
@@ -147,6 +148,7 @@ class FlakyProxy:
             except OSError:
                 _reset(client)
                 continue
+            server.settimeout(None)  # from now on the server's pace is the client's business
             with self._lock:
                 generation = self._generation
             threading.Thread(
@@ -154,11 +156,14 @@ class FlakyProxy:
             ).start()
 
     def _pipe(self, client: socket.socket, server: socket.socket, generation: int) -> None:
-        """Copies bytes both ways until either side closes, the proxy closes, or an outage
-        begins (refuse: closed now; stall: frozen until the outage ends, then closed)."""
+        """Copies bytes both ways until both sides have closed (a side's close is passed on as
+        a close, so the proxy is not seen between outages), the proxy closes, or an outage
+        begins (refuse: reset now; stall: frozen until the outage ends, then reset)."""
         peer = {client: server, server: client}
+        open_ = [client, server]  # the sides that may still send
+        graceful = False
         try:
-            while not self._closed.is_set():
+            while open_ and not self._closed.is_set():
                 with self._lock:
                     ended = self._generation != generation
                     stalled = self._mode == "stall"
@@ -167,17 +172,24 @@ class FlakyProxy:
                 if stalled:  # neither side hears anything
                     time.sleep(_POLL_S)
                     continue
-                readable, _, _ = select.select([client, server], [], [], _POLL_S)
+                readable, _, _ = select.select(open_, [], [], _POLL_S)
                 for source in readable:
                     data = source.recv(1 << 16)
-                    if not data:
-                        return
-                    peer[source].sendall(data)
+                    if data:
+                        peer[source].sendall(data)
+                    else:  # the source closed its side: close the same side to its peer
+                        open_.remove(source)
+                        with contextlib.suppress(OSError):
+                            peer[source].shutdown(socket.SHUT_WR)
+            graceful = not open_
         except OSError:
             return
         finally:
-            _reset(client)
-            _reset(server)
+            for sock in (client, server):
+                if graceful:
+                    sock.close()
+                else:
+                    _reset(sock)
 
 
 def _reset(sock: socket.socket) -> None:
