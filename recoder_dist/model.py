@@ -71,9 +71,9 @@ class Recoder:
         model: the model to train (its parameters are created on the first ``train``).
         num_items: number of items; by default taken from the first training dataset.
         num_users: number of users; by default taken from the first training dataset.
-        optimizer_type: 'adam' (the default), 'sgd', 'adagrad' or 'rmsprop'. A model with
-            sparse embeddings needs 'adam' (SparseAdam for the embeddings, Adam for the rest),
-            'sgd' or 'adagrad'.
+        optimizer_type: 'adam' (the default), 'adamw' (decoupled weight decay), 'sgd',
+            'adagrad' or 'rmsprop'. A model with sparse embeddings needs 'adam' or 'adamw'
+            (SparseAdam for the embeddings, Adam or AdamW for the rest), 'sgd' or 'adagrad'.
         loss: 'logloss' (the default: multinomial log-likelihood, as Mult-DAE), 'mse',
             'logistic', or a ``torch.nn.Module`` that reduces by sum. The defaults differ from
             recsys-recoder 0.4.0's ('sgd', 'mse'): on ml-1m-implicit's validation users they

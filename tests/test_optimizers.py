@@ -131,6 +131,7 @@ def owners(opt: torch.optim.Optimizer | None) -> list[int]:
 
 SPLITS = [
     ("adam", torch.optim.Adam, RowwiseSparseAdam),
+    ("adamw", torch.optim.AdamW, RowwiseSparseAdam),
     ("adagrad", torch.optim.Adagrad, torch.optim.Adagrad),
 ]
 
@@ -241,6 +242,7 @@ def test_rmsprop_refuses_sparse_models(make):
     "name, cls",
     [
         ("adam", torch.optim.Adam),
+        ("adamw", torch.optim.AdamW),
         ("sgd", torch.optim.SGD),
         ("adagrad", torch.optim.Adagrad),
         ("rmsprop", torch.optim.RMSprop),
@@ -257,6 +259,30 @@ def test_dense_models_take_any_optimizer(name, cls):
     opts.step()
     for old, p in zip(before, model.parameters()):
         assert not torch.equal(old, p)
+
+
+def test_adamw_decays_the_weights_apart_from_the_gradient():
+    """With no gradient from the loss, a step of 'adamw' multiplies each weight by exactly
+    1 - lr * weight_decay and leaves the biases alone, where 'adam' (decay in the gradient)
+    moves every decayed weight by about lr, whatever its size (Adam's first step is
+    lr * sign(gradient))."""
+    lr, decay = 0.01, 0.1
+    for name in ("adam", "adamw"):
+        model = autoencoder(sparse=False)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opts = build_optimizers(model, name, lr=lr, weight_decay=decay)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opts.step()
+        for n, p in model.named_parameters():
+            old = before[n]
+            if "bias" in n:
+                assert torch.equal(p, old), n
+            elif name == "adamw":
+                assert torch.equal(p, old * (1 - lr * decay)), n
+            else:
+                moved = old[old != 0] - p.detach()[old != 0]
+                assert torch.allclose(moved, lr * old[old != 0].sign(), rtol=1e-3), n
 
 
 def test_unknown_optimizer():

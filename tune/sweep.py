@@ -46,6 +46,7 @@ from recoder_dist.nn import registry
 from recoder_dist.training import release
 from recoder_dist.training.checkpoint import export_snapshot
 from recoder_dist.training.launcher import ensure_ray, gpus_for, run_storage
+from recoder_dist.training.optimizers import OPTIMIZERS
 from recoder_dist.training.resources import default_workers
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,15 @@ METRICS = (Recall(k=20), Recall(k=50), NDCG(k=100))
 DRIVER_RESOURCE = "trial_driver"  # advertised by cluster.yaml's head
 # The training settings a trial's configuration chooses; with the model's own settings (its
 # constructor's arguments), what results.csv and the summary give.
-TRAINING = ("lr", "batch_size", "weight_decay", "milestones", "negative_sampling", "use_cuda")
+TRAINING = (
+    "optimizer",
+    "lr",
+    "batch_size",
+    "weight_decay",
+    "milestones",
+    "negative_sampling",
+    "use_cuda",
+)
 
 
 def chosen(model: str) -> tuple[str, ...]:
@@ -72,7 +81,7 @@ def run_trial(config: dict, train_rows: TrainingRows | None = None) -> None:
     # an interrupted trial, this run resumes from its last checkpoint.
     recoder = Recoder(
         model,
-        optimizer_type="adam",
+        optimizer_type=config.get("optimizer", "adam"),  # absent from a sweep saved before it
         loss=config["loss"],
         use_cuda=config.get("use_cuda", False),  # absent from a sweep saved before --gpus
         num_workers=config["workers"],
@@ -131,6 +140,7 @@ def search_space(args) -> dict:
         "lr": tune.grid_search(args.lrs),
         "batch_size": tune.grid_search(args.batch_sizes),
         "dropout_prob": tune.grid_search(args.dropout),
+        "optimizer": args.optimizer,
         "weight_decay": args.weight_decay,
         "milestones": tuple(args.milestones) if args.milestones else None,
         "negative_sampling": args.negative_sampling,
@@ -376,6 +386,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="sparse embedding layers (else dense: weight decay then applies to them)",
+    )
+    parser.add_argument(
+        "--optimizer",
+        default="adam",
+        choices=sorted(OPTIMIZERS),
+        help="the dense weights' optimizer (adamw: weight decay apart from the gradient)",
     )
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument(

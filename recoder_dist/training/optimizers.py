@@ -23,6 +23,13 @@ OPTIMIZERS = {
         build=lambda groups, lr: torch.optim.Adam(groups, lr=lr),
         build_sparse=lambda groups, lr: RowwiseSparseAdam(groups, lr=lr),
     ),
+    # Adam whose weight decay shrinks the weights apart from the gradient's moments (Loshchilov
+    # and Hutter, "Decoupled Weight Decay Regularization"): each step multiplies a weight by
+    # 1 - lr * weight_decay, however large its gradients.
+    "adamw": _OptimizerKind(
+        build=lambda groups, lr: torch.optim.AdamW(groups, lr=lr),
+        build_sparse=lambda groups, lr: RowwiseSparseAdam(groups, lr=lr),
+    ),
     # SGD keeps a dense momentum buffer, so sparse rows get exactly the dense update.
     "sgd": _OptimizerKind(
         build=lambda groups, lr: torch.optim.SGD(groups, lr=lr, momentum=0.9),
@@ -117,7 +124,7 @@ def build_optimizers(
     model: nn.Module, optimizer_type: str, lr: float, weight_decay: float
 ) -> Optimizers:
     """Optimizers for ``model``: ``optimizer_type`` for dense parameters; for sparse
-    embeddings SparseAdam ('adam'), Adagrad ('adagrad') or SGD ('sgd').
+    embeddings SparseAdam ('adam', 'adamw'), Adagrad ('adagrad') or SGD ('sgd').
 
     Weight decay applies to dense weights, not to biases, and not to sparse embeddings
     (neither sparse optimizer supports it).
