@@ -238,25 +238,29 @@ def test_trials_that_train_in_their_process_may_hold_every_cpu(prepared_ml100k, 
 
 def test_the_search_space_is_the_models_own():
     """--model picks the registered model; --model-param fixes a setting, --grid makes one a
-    grid axis, --tune-model draws from the model's tune_space; results.csv's columns are the
-    training settings and the model's constructor arguments."""
+    grid axis, --tune-model draws from the model's tune_space, --optimizer names the trials'
+    optimizer; results.csv's columns are the training settings and the model's constructor
+    arguments."""
     from tune.sweep import chosen, parse_args, search_space
 
     args = parse_args(
         [
             *("--data", "d", "--storage", "s", "--model", "vae"),
             *("--model-param", "anneal_steps=300", "--grid", "anneal_cap=[0.1, 0.3]"),
-            "--tune-model",
+            *("--tune-model", "--optimizer", "adamw"),
         ]
     )
     space = search_space(args)
     assert space["model"] == "vae" and space["anneal_steps"] == 300
+    assert space["optimizer"] == "adamw" and "optimizer" in chosen("vae")
     assert space["anneal_cap"] == {"grid_search": [0.1, 0.3]}
     assert space["noise_prob"].categories == [0.2, 0.5]  # MultVAE.tune_space
     assert "anneal_cap" in chosen("vae") and "is_constrained" not in chosen("vae")
     assert "is_constrained" in chosen("autoencoder")
     with pytest.raises(SystemExit):
         parse_args(["--data", "d", "--storage", "s", "--grid", "anneal_cap=0.1"])
+    with pytest.raises(SystemExit):
+        parse_args(["--data", "d", "--storage", "s", "--optimizer", "lbfgs"])
 
 
 class FailOnce(MultinomialNLLLoss):
