@@ -161,7 +161,6 @@ class FlakyProxy:
         begins (refuse: reset now; stall: frozen until the outage ends, then reset)."""
         peer = {client: server, server: client}
         open_ = [client, server]  # the sides that may still send
-        graceful = False
         try:
             while open_ and not self._closed.is_set():
                 with self._lock:
@@ -181,15 +180,14 @@ class FlakyProxy:
                         open_.remove(source)
                         with contextlib.suppress(OSError):
                             peer[source].shutdown(socket.SHUT_WR)
-            graceful = not open_
         except OSError:
             return
         finally:
             for sock in (client, server):
-                if graceful:
-                    sock.close()
-                else:
+                if open_:  # cut short (an outage, the proxy's close, an error): reset
                     _reset(sock)
+                else:  # both sides closed
+                    sock.close()
 
 
 def _reset(sock: socket.socket) -> None:

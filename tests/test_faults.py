@@ -245,9 +245,8 @@ def test_an_outage_longer_than_the_retry_bound_fails_the_run_which_resubmitted_r
     upload, and a controller that cannot write the run's state fails the run), and a
     resubmitted run starts over.
 
-    The bound is a few tries long, not one: a bound shorter than one try (2 s was: an upload
-    took 2.1 s on CI) retries nothing, and a connection reset before the outage failed the
-    run there."""
+    The bound is a few tries long, not one: a bound shorter than one try retries nothing, so a
+    connection reset before the outage would fail the run there."""
     cluster, s3, proxy = no_shared_disk_cluster, no_shared_disk_cluster.s3, proxied_bucket
     job = training_job(prepared_ml100k, proxy.uri("outage/ck"), proxy.uri("outage/runs"), *SETTINGS)
     short_retries = {**SLOW_REPORTS, RETRY_ENV: "6"}
