@@ -81,7 +81,7 @@ def _reference(hidden, constrained, sparse, seed):
     return model
 
 
-def _steps(rank, world, matrix=None, cases=CASES):
+def _steps(rank, world, matrix=None, cases=CASES, weight_decay=0.0):
     if matrix is None:
         matrix = interactions(20, NUM_ITEMS, TOUCHED, seed=1)
     for number, case in enumerate(cases):
@@ -90,8 +90,8 @@ def _steps(rank, world, matrix=None, cases=CASES):
         reference = _reference(hidden, constrained, sparse, seed=number)
         sharded = ShardedAutoencoder(NUM_ITEMS, hidden, is_constrained=constrained, sparse=sparse)
         sharded.load_from(reference)
-        reference_opt = build_optimizers(reference, optimizer, 0.05, 0.0)
-        sharded_opt = build_optimizers(sharded, optimizer, 0.05, 0.0)
+        reference_opt = build_optimizers(reference, optimizer, 0.05, weight_decay)
+        sharded_opt = build_optimizers(sharded, optimizer, 0.05, weight_decay)
         for users, sizes in zip(STEP_USERS, SIZES[world]):
             collate = Collator(
                 num_items=NUM_ITEMS, batch_size=len(users), negative_sampling=negative_sampling
@@ -118,6 +118,20 @@ def _steps(rank, world, matrix=None, cases=CASES):
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_sharded_steps_equal_one_process(world):
     run_ranks(world, _steps)
+
+
+# Weight decay, Adam's (in the gradient) and AdamW's (on the weights): on dense tables, which
+# each rank decays in its own rows, and on the dense layer between sparse tables (the second
+# case's [6, 4]); never on biases.
+DECAY_CASES = [
+    ("logloss", False, "adam", False, True),
+    ("logloss", True, "adamw", True, False),
+    ("logloss", False, "adamw", False, True),
+]
+
+
+def test_weight_decay_steps_equal_one_process():
+    run_ranks(2, _steps, None, DECAY_CASES, 0.1)
 
 
 def _items_of_one_owner():
