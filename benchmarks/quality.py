@@ -17,6 +17,13 @@ embeddings (item bias as an offset): ``p = x V (V^T V + lambda I)^-1``, scores `
     python benchmarks/quality.py --datasets ml-1m --epochs 5     # a quick look
     python benchmarks/quality.py --datasets ml-1m --compare-workers 2
     python benchmarks/quality.py --datasets ml-1m --models vae --compare-workers 2
+    python benchmarks/quality.py --datasets ml-1m --models dae --splits 5
+
+``--splits N`` asks whether a model beats EASE on ml-1m beyond the noise of one split's 600
+test users: N strong splits (seeds 0 to N-1), on each the model trained and EASE fit, and each
+test user's NDCG@100 under both. It prints each split's means and, over all the splits' test
+users, the model's mean difference from EASE with its standard error (paired by user; the
+splits' training sets overlap, so their differences are not independent: a rough error).
 """
 
 from __future__ import annotations
@@ -137,6 +144,10 @@ MF_GOWALLA = Run(
     negative_sampling=True,
     num_sampling_users=3000,
 )
+AUTOENCODERS = (
+    ("dae", "DynamicAutoencoder", DynamicAutoencoder, DAE_ML1M),
+    ("vae", "MultVAE", MultVAE, VAE_ML1M),
+)
 MF_FOLD_IN_LAMBDA = 10.0
 EASE_LAMBDA = 500.0
 
@@ -157,6 +168,12 @@ def parse_args() -> argparse.Namespace:
         type=int,
         metavar="N",
         help="add ml-1m DynamicAutoencoder and MultVAE rows trained on N workers",
+    )
+    parser.add_argument(
+        "--splits",
+        type=int,
+        metavar="N",
+        help="ml-1m only: the autoencoders against EASE over N strong splits, paired by user",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -227,15 +244,9 @@ def ml1m_rows(args) -> list[dict]:
     if args.compare_workers and args.compare_workers != args.workers:
         worker_counts.append(args.compare_workers)
     chosen = args.models.split(",")
-    autoencoders = [
-        (name, model_class, run)
-        for key, name, model_class, run in (
-            ("dae", "DynamicAutoencoder", DynamicAutoencoder, DAE_ML1M),
-            ("vae", "MultVAE", MultVAE, VAE_ML1M),
-        )
-        if key in chosen
-    ]
-    for name, model_class, run in autoencoders:
+    for key, name, model_class, run in AUTOENCODERS:
+        if key not in chosen:
+            continue
         for workers in worker_counts:
             model = model_class(**run.model)
             recoder, seconds = train(
@@ -256,6 +267,56 @@ def ml1m_rows(args) -> list[dict]:
         for name, baseline in (("EASE", EASE(EASE_LAMBDA)), ("popularity", Popularity())):
             rows.append(baseline_row("ml-1m", name, baseline, train_set, test, ML1M_METRICS))
     return rows
+
+
+def per_user(score_fn, dataset, metric) -> np.ndarray:
+    """``metric`` of each user of ``dataset`` with a target, from ``score_fn``'s scores (each
+    user's own input items excluded, as ``evaluate_scores`` does)."""
+    users = np.flatnonzero(np.diff(dataset.target.indptr))
+    inputs, targets = dataset.interactions[users], dataset.target[users]
+    scores = np.array(score_fn(inputs), dtype=np.float64)
+    scores[np.repeat(np.arange(len(users)), np.diff(inputs.indptr)), inputs.indices] = -np.inf
+    top = np.argsort(-scores, axis=1, kind="stable")[:, : metric.k]
+    hits = np.take_along_axis(targets.toarray() > 0, top, axis=1)
+    return metric.evaluate_hits(hits, np.diff(targets.indptr))
+
+
+def split_comparison(args) -> None:
+    """Prints the autoencoders against EASE over ``args.splits`` strong splits of ml-1m."""
+    events = load_events(args.data_root / "ml-1m-implicit" / "interactions.csv")
+    matrix = dataframe_to_csr_matrix(events, "user", "item", "value")[0]
+    metric = NDCG(100)
+    chosen = [a for a in AUTOENCODERS if a[0] in args.models.split(",")]
+    differences = {name: [] for _, name, _, _ in chosen}
+    lines = []
+    for split_seed in range(args.splits):
+        split = strong_generalization_split(
+            matrix, num_val_users=600, num_test_users=600, seed=split_seed
+        )
+        ease = EASE(EASE_LAMBDA).fit(split.train.interactions)
+        reference = per_user(ease.scores, split.test, metric)
+        lines.append([split_seed, "EASE", f"{reference.mean():.4f}", "", ""])
+        for _, name, model_class, run in chosen:
+            recoder, seconds = train(
+                model_class(**run.model),
+                run,
+                split.train,
+                args.workers,
+                args.seed,
+                args.epochs,
+                args.precision,
+            )
+            values = per_user(recoder.predict, split.test, metric)
+            differences[name].append(values - reference)
+            change = f"{(values - reference).mean():+.4f}"
+            lines.append([split_seed, name, f"{values.mean():.4f}", change, f"{seconds:.1f}"])
+    for name, parts in differences.items():
+        pooled = np.concatenate(parts)
+        error = pooled.std(ddof=1) / np.sqrt(len(pooled))
+        change = f"{pooled.mean():+.4f} ± {error:.4f} ({len(pooled)} users)"
+        lines.append(["all", name, "", change, ""])
+    header = ["split", "model", metric.name, "minus EASE", "train s"]
+    print(markdown_table(header, lines))
 
 
 def gowalla_rows(args) -> list[dict]:
@@ -306,6 +367,11 @@ def main() -> None:
     unknown = set(datasets) - {"ml-1m", "gowalla"}
     if unknown:
         raise SystemExit(f"unknown datasets {sorted(unknown)}; choose from ml-1m, gowalla")
+    if args.splits:
+        if datasets != ["ml-1m"]:
+            raise SystemExit("--splits compares on ml-1m only: add --datasets ml-1m")
+        split_comparison(args)
+        return
     rows = []
     if "ml-1m" in datasets:
         rows += ml1m_rows(args)
