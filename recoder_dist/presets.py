@@ -48,7 +48,8 @@ PRESETS: dict[str, dict] = {
     # The autoencoder on ml-1m-implicit (strong split, 600 validation users): the best of Tune
     # sweeps (tune/sweep.py; benchmarks/RESULTS.md, 2026-12-05 and 2026-12-07) by validation
     # NDCG@100: tied dense weights, every item scored, weight decay 6e-3 (L2 in Adam; AdamW's
-    # decoupled decay did worse), 100 epochs of 5 steps.
+    # decoupled decay did worse), 100 epochs of 5 steps. At EASE's level, not above it, over
+    # five splits' test users (RESULTS.md, 2026-12-07, session 17).
     "ml-1m": dict(
         _AUTOENCODER,
         hidden=[600],
