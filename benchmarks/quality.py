@@ -367,7 +367,9 @@ def main() -> None:
     unknown = set(datasets) - {"ml-1m", "gowalla"}
     if unknown:
         raise SystemExit(f"unknown datasets {sorted(unknown)}; choose from ml-1m, gowalla")
-    if args.splits:
+    if args.splits is not None:
+        if args.splits < 1:
+            raise SystemExit(f"--splits must be >= 1, got {args.splits}")
         if datasets != ["ml-1m"]:
             raise SystemExit("--splits compares on ml-1m only: add --datasets ml-1m")
         split_comparison(args)
