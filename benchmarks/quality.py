@@ -234,10 +234,27 @@ def baseline_row(dataset: str, name: str, baseline, train_set, test, metrics) ->
     return result_row(dataset, name, "-", seconds, evaluate_scores(baseline.scores, test, metrics))
 
 
+def ml1m_matrix(data_root: Path):
+    """ml-1m-implicit's users x items CSR matrix."""
+    events = load_events(data_root / "ml-1m-implicit" / "interactions.csv")
+    return dataframe_to_csr_matrix(events, "user", "item", "value")[0]
+
+
+def ml1m_split(matrix, seed: int = 0):
+    """The strong split of ``matrix``: 600 validation and 600 test users drawn with ``seed``."""
+    return strong_generalization_split(matrix, num_val_users=600, num_test_users=600, seed=seed)
+
+
+def paired_difference(parts: list[np.ndarray]) -> str:
+    """The mean of the per-user differences ``parts`` (an array a split), its standard error
+    and the number of users, as a table cell."""
+    pooled = np.concatenate(parts)
+    error = pooled.std(ddof=1) / np.sqrt(len(pooled))
+    return f"{pooled.mean():+.4f} ± {error:.4f} ({len(pooled)} users)"
+
+
 def ml1m_rows(args) -> list[dict]:
-    events = load_events(args.data_root / "ml-1m-implicit" / "interactions.csv")
-    matrix = dataframe_to_csr_matrix(events, "user", "item", "value")[0]
-    split = strong_generalization_split(matrix, num_val_users=600, num_test_users=600, seed=0)
+    split = ml1m_split(ml1m_matrix(args.data_root))
     train_set, test = split.train, split.test
     rows = []
     worker_counts = [args.workers]
@@ -283,16 +300,13 @@ def per_user(score_fn, dataset, metric) -> np.ndarray:
 
 def split_comparison(args) -> None:
     """Prints the autoencoders against EASE over ``args.splits`` strong splits of ml-1m."""
-    events = load_events(args.data_root / "ml-1m-implicit" / "interactions.csv")
-    matrix = dataframe_to_csr_matrix(events, "user", "item", "value")[0]
+    matrix = ml1m_matrix(args.data_root)
     metric = NDCG(100)
     chosen = [a for a in AUTOENCODERS if a[0] in args.models.split(",")]
     differences = {name: [] for _, name, _, _ in chosen}
     lines = []
     for split_seed in range(args.splits):
-        split = strong_generalization_split(
-            matrix, num_val_users=600, num_test_users=600, seed=split_seed
-        )
+        split = ml1m_split(matrix, split_seed)
         ease = EASE(EASE_LAMBDA).fit(split.train.interactions)
         reference = per_user(ease.scores, split.test, metric)
         lines.append([split_seed, "EASE", f"{reference.mean():.4f}", "", ""])
@@ -311,10 +325,7 @@ def split_comparison(args) -> None:
             change = f"{(values - reference).mean():+.4f}"
             lines.append([split_seed, name, f"{values.mean():.4f}", change, f"{seconds:.1f}"])
     for name, parts in differences.items():
-        pooled = np.concatenate(parts)
-        error = pooled.std(ddof=1) / np.sqrt(len(pooled))
-        change = f"{pooled.mean():+.4f} ± {error:.4f} ({len(pooled)} users)"
-        lines.append(["all", name, "", change, ""])
+        lines.append(["all", name, "", paired_difference(parts), ""])
     header = ["split", "model", metric.name, "minus EASE", "train s"]
     print(markdown_table(header, lines))
 

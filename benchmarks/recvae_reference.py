@@ -30,13 +30,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from _common import markdown_table
-from quality import EASE_LAMBDA, per_user
+from quality import EASE_LAMBDA, ml1m_matrix, ml1m_split, paired_difference, per_user
 from torch import nn
 
 from recoder_dist.baselines import EASE
-from recoder_dist.datasets import load_events, strong_generalization_split
 from recoder_dist.metrics import NDCG
-from recoder_dist.utils import dataframe_to_csr_matrix
 
 REPO = Path(__file__).resolve().parent.parent
 PRIOR_WEIGHTS = (3 / 20, 3 / 4, 1 / 10)  # N(0, I), the last epoch's posterior, N(0, e^10)
@@ -108,11 +106,7 @@ def train_and_score(split_seed: int, epochs: int, gamma: float, lr: float, seed:
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     generator = np.random.default_rng(seed)
-    events = load_events(REPO.parent / "shared" / "data" / "ml-1m-implicit" / "interactions.csv")
-    matrix = dataframe_to_csr_matrix(events, "user", "item", "value")[0]
-    split = strong_generalization_split(
-        matrix, num_val_users=600, num_test_users=600, seed=split_seed
-    )
+    split = ml1m_split(ml1m_matrix(REPO.parent / "shared" / "data"), split_seed)
     train = split.train.interactions.astype(np.float32)
     train.data[:] = 1.0
     metric = NDCG(100)
@@ -172,9 +166,7 @@ def main() -> None:
         change = f"{(recvae - ease).mean():+.4f}"
         row = [split_seed, "RecVAE", f"{recvae.mean():.4f}", change, f"{validation:.4f}"]
         lines.append([*row, f"{seconds:.1f}"])
-    pooled = np.concatenate(differences)
-    error = pooled.std(ddof=1) / np.sqrt(len(pooled))
-    lines.append(["all", "RecVAE", "", f"{pooled.mean():+.4f} ± {error:.4f}", "", ""])
+    lines.append(["all", "RecVAE", "", paired_difference(differences), "", ""])
     header = ["split", "model", "NDCG@100", "minus EASE", "validation", "train s"]
     print(markdown_table(header, lines))
 

@@ -32,7 +32,11 @@ def _dataset(seed: int) -> tuple[RecommendationDataset, np.ndarray]:
 def test_per_user_values_are_each_users_metric(metric):
     dataset, scores = _dataset(0)
     users = np.flatnonzero(np.diff(dataset.target.indptr))
-    values = per_user(lambda rows: scores[users], dataset, metric)
+
+    def scores_of_users(rows):  # both callers score exactly these users, in this order
+        return scores[users]
+
+    values = per_user(scores_of_users, dataset, metric)
     expected = []
     for user in users:
         seen = set(dataset.interactions[user].indices)
@@ -40,5 +44,5 @@ def test_per_user_values_are_each_users_metric(metric):
         expected.append(metric.evaluate(ranked[: metric.k], dataset.target[user].indices))
     assert len(values) == len(users) < dataset.num_users  # users without a target: left out
     np.testing.assert_allclose(values, expected, rtol=0, atol=1e-12)
-    mean = evaluate_scores(lambda rows: scores[users], dataset, [metric])[metric.name]
+    mean = evaluate_scores(scores_of_users, dataset, [metric])[metric.name]
     assert values.mean() == pytest.approx(mean, abs=1e-12)
