@@ -121,6 +121,14 @@ def log_tail(temp_dir: str | Path, name: str, lines: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
+def last_json(result: subprocess.CompletedProcess) -> dict:
+    """A successful command's result: the last line of its stdout that is a JSON object. Not
+    simply its last line: Ray relays its processes' messages (the raylet's, the autoscaler's)
+    to a driver's stdout, and one may come after the result."""
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return json.loads([ln for ln in result.stdout.splitlines() if ln.startswith("{")][-1])
+
+
 def client_env() -> dict[str, str]:
     """The environment for `ray start`, `ray job submit` and drivers: the venv first on PATH
     (a node runs `python` from the PATH of its `ray start`), no RAY_* of the caller's (an

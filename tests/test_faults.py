@@ -37,9 +37,9 @@ from recoder_dist.retry import RETRY_ENV
 from recoder_dist.training.checkpoint import read_checkpoint
 from recoder_dist.training.snapshot import load_snapshot
 from tests.flaky_proxy import FlakyProxy
-from tests.multinode import REPO, client_env, stop_session
+from tests.multinode import REPO, client_env, last_json, stop_session
 from tests.test_inference import reference
-from tests.test_multinode import bucket_files, last_json, training_job
+from tests.test_multinode import bucket_files, training_job
 
 pytestmark = pytest.mark.slow
 
@@ -383,8 +383,7 @@ def test_a_driver_lost_while_writing_recommendations_resubmitted_writes_them_who
         assert '{"output"' not in printed, f"the killed run finished:\n{printed}"
 
         again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert json.loads(again.stdout.strip().splitlines()[-1])["users"] == 738
+    assert last_json(again)["users"] == 738
     rows = pq.read_table(s3.path("lost-driver/recs"), filesystem=s3.filesystem()).to_pylist()
     assert len(rows) == len({row["user"] for row in rows}) == 738  # each user once
     assert {row["user"]: row["rank_items"] for row in rows} == expected

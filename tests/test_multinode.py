@@ -25,7 +25,7 @@ from recoder_dist.sharded.checkpoint import shard_file
 from recoder_dist.similarity import item_vectors
 from recoder_dist.training.snapshot import load_snapshot
 from tests.conftest import shared_data
-from tests.multinode import WORKER_NODE
+from tests.multinode import WORKER_NODE, last_json
 from tests.test_cli import brute_force_neighbours
 
 pytestmark = pytest.mark.slow  # a two-node cluster, and jobs on it
@@ -49,10 +49,8 @@ def node_id():
 
 
 def _driver_output(cluster, code: str) -> dict:
-    """Runs a driver (the preamble, then `code`) and returns the JSON of its last line."""
-    result = cluster.run_driver(_NODES + code)
-    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    """Runs a driver (the preamble, then `code`) and returns the JSON it printed last."""
+    return last_json(cluster.run_driver(_NODES + code))
 
 
 def test_the_worker_node_does_not_see_the_heads_tmp_and_vice_versa(
@@ -182,11 +180,6 @@ def training_job(prepared, checkpoint_dir: str, storage: str, *extra: str) -> li
         "32",
         *extra,
     ]
-
-
-def last_json(result) -> dict:
-    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return json.loads([ln for ln in result.stdout.splitlines() if ln.startswith("{")][-1])
 
 
 def bucket_files(s3, prefix: str) -> list[str]:

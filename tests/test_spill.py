@@ -7,7 +7,6 @@ setting of a Ray instance, and this test session's Ray keeps its default)."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -15,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.multinode import REPO, last_json
+
 STORE_BYTES = 80 * 2**20  # about Ray's least (75 MiB)
 
 _RUN = """
@@ -67,8 +67,7 @@ def _run(store_bytes: int) -> dict:
         timeout=600,
         start_new_session=True,
     )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return last_json(done)
 
 
 @pytest.mark.slow
