@@ -27,10 +27,10 @@ from _common import REPO, load_average
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-import recoder_dist.training.launcher as launcher
+import recoder_dist.training.driver.launcher as launcher
 from recoder_dist.model import Recoder
 from recoder_dist.nn import DynamicAutoencoder
-from recoder_dist.training.launcher import init_local_ray
+from recoder_dist.training.driver.launcher import init_local_ray
 
 sys.path.insert(0, str(REPO))
 from tests.ml100k import ml100k_split  # noqa: E402
@@ -42,7 +42,7 @@ DRIVER: dict[str, float] = {}
 
 def timed_worker_loop(config: dict):
     """The worker loop, its steps' first start and end written to ``config["stamps"]``."""
-    import recoder_dist.training.worker_loop as loop
+    import recoder_dist.training.worker.worker_loop as loop
 
     stamps = {"loop_start": time.time()}
 

@@ -56,7 +56,7 @@ def naive_epoch(matrix, groups) -> None:
 
 def our_epoch(collator, tables, densify: bool) -> None:
     from recoder_dist.data.ray_dataset import rows_from_arrow
-    from recoder_dist.training.step import densify as to_dense
+    from recoder_dist.training.worker.step import densify as to_dense
 
     cpu = torch.device("cpu")
     for table in tables:

@@ -98,7 +98,7 @@ def trained_recoder(train: sp.csr_matrix, epochs: int):
 def our_worker_batches(model, inputs, targets, compiled: bool = True) -> tuple[float, dict]:
     """Seconds of ``metric_sums`` over all batches (a worker's evaluation work) and the means."""
     from recoder_dist.data.collator import UserRows
-    from recoder_dist.training.evaluation import metric_sums
+    from recoder_dist.training.evaluation.scoring import metric_sums
 
     found = metrics()
     sums, count = np.zeros(len(found)), 0

@@ -49,7 +49,7 @@ TRAIN = dict(batch_size=500, lr=1e-3, weight_decay=2e-5)
 def _switches():
     """Fast path -> the (object, attribute, reference) replacements that switch it off."""
     from recoder_dist.nn import autoencoder
-    from recoder_dist.training import top_k_kernel
+    from recoder_dist.training.evaluation import top_k_kernel
 
     return {
         # A dense input: the step densifies the batch, the model multiplies it whole.
@@ -112,7 +112,7 @@ def training(name: str, negative_sampling: bool, args):
     neighbour's variant. CPU seconds are this process's, all threads: on a loaded machine they
     move far less than the wall clock."""
     from recoder_dist.data.dataset import RecommendationDataset
-    from recoder_dist.training import worker_loop
+    from recoder_dist.training.worker import worker_loop
 
     dataset = RecommendationDataset(load_matrix(name))
     original = worker_loop._run_steps

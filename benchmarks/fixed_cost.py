@@ -40,7 +40,7 @@ from recoder_dist.data import RecommendationDataset
 from recoder_dist.metrics import NDCG, Recall
 from recoder_dist.model import DRIVER_EVAL_SCORES, Recoder
 from recoder_dist.nn import DynamicAutoencoder
-from recoder_dist.training.launcher import init_local_ray
+from recoder_dist.training.driver.launcher import init_local_ray
 
 METRICS = [Recall(k=20), Recall(k=50), NDCG(k=100)]
 

@@ -25,12 +25,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from recoder_dist.datasets import strong_generalization_split
-from recoder_dist.training.sparse_sync import EXCHANGES
+from recoder_dist.training.worker.sparse_sync import EXCHANGES
 
 
 def sync_check(rank: int, world: int, port: int, backend: str, out) -> None:
     """Synced sparse gradients == all-reduced dense gradients / world, on ``backend``."""
-    from recoder_dist.training.sparse_sync import SparseGradSync
+    from recoder_dist.training.worker.sparse_sync import SparseGradSync
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group(backend, rank=rank, world_size=world)
@@ -154,8 +154,8 @@ def host_syncs_per_step(matrix, device: torch.device) -> str:
     from recoder_dist.data.collator import Collator, UserRows
     from recoder_dist.losses import build_loss
     from recoder_dist.nn import DynamicAutoencoder
-    from recoder_dist.training.optimizers import build_optimizers
-    from recoder_dist.training.step import batch_loss
+    from recoder_dist.training.worker.optimizers import build_optimizers
+    from recoder_dist.training.worker.step import batch_loss
 
     model = DynamicAutoencoder(hidden_layers=[HIDDEN], noise_prob=0.5, sparse=True)
     model.init_model(num_items=matrix.shape[1])
@@ -218,7 +218,7 @@ def main() -> None:
 
     import ray
 
-    from recoder_dist.training.launcher import init_local_ray
+    from recoder_dist.training.driver.launcher import init_local_ray
 
     init_local_ray(num_cpus=os.cpu_count(), logging_level="ERROR")
     shape = (13_600, 2_000, 1_000_000) if args.small else (136_000, 20_000, 10_000_000)

@@ -13,7 +13,7 @@ in-process):
   (Ray Train's start and end, the driver's preparation);
 - with ``--reference``, recsys-recoder 0.4.0 on 2 torch threads beside them (ml-1m only);
 - one profiled run per side (``Recoder.train(profile=True)``): seconds per epoch in each phase
-  of the step (see recoder_dist/training/step_profile.py), the mean over ranks, and the bytes
+  of the step (see recoder_dist/training/worker/step_profile.py), the mean over ranks, and the bytes
   that the sparse sync sent per step.
 
 With ``--model mf``, MatrixFactorization instead (200 dims, sparse, the same loss, batch and
@@ -163,7 +163,7 @@ def main():
     logging.getLogger("ray").setLevel(logging.WARNING)
     import torch
 
-    from recoder_dist.training.launcher import ensure_ray
+    from recoder_dist.training.driver.launcher import ensure_ray
 
     if not args.defaults:
         torch.set_num_threads(1)  # the in-process loop runs in this process

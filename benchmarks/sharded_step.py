@@ -29,8 +29,8 @@ from recoder_dist.data.collator import Collator, UserRows  # noqa: E402
 from recoder_dist.losses import build_loss  # noqa: E402
 from recoder_dist.nn import DynamicAutoencoder  # noqa: E402
 from recoder_dist.sharded.autoencoder import ShardedAutoencoder  # noqa: E402
-from recoder_dist.training.optimizers import build_optimizers  # noqa: E402
-from recoder_dist.training.step import batch_loss  # noqa: E402
+from recoder_dist.training.worker.optimizers import build_optimizers  # noqa: E402
+from recoder_dist.training.worker.step import batch_loss  # noqa: E402
 from tests.sharded_harness import rank_entries, run_ranks  # noqa: E402
 
 STEPS, WARMUP = 12, 2

@@ -3,7 +3,8 @@
 Each baseline has ``fit(matrix)`` (users x items, the training users) and
 ``scores(rows) -> np.ndarray`` (one row of item scores per row of a users x items CSR input).
 :func:`evaluate_scores` runs any such scorer through the same top-k and metric code as
-``Recoder.evaluate`` (``recoder_dist.training.evaluation.metric_sums``), so the numbers compare.
+``Recoder.evaluate`` (``recoder_dist.training.evaluation.scoring.metric_sums``), so the numbers
+compare.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from recoder_dist.data.collator import UserRows
 from recoder_dist.data.dataset import RecommendationDataset
 from recoder_dist.metrics import Metric
-from recoder_dist.training.evaluation import check_metrics, metric_sums
+from recoder_dist.training.evaluation.scoring import check_metrics, metric_sums
 
 
 class Popularity:

@@ -584,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             # Every epoch's line, and Ray's own logs: Ray is started (or joined) now, with its
             # workers' logs on this console; otherwise a command starts it quietly when needed.
-            from recoder_dist.training.launcher import ensure_ray
+            from recoder_dist.training.driver.launcher import ensure_ray
 
             logging.getLogger("recoder_dist").setLevel(logging.DEBUG)
             ensure_ray(verbose=True)

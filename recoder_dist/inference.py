@@ -32,8 +32,8 @@ from recoder_dist import storage
 from recoder_dist.data.local_files import on_this_node
 from recoder_dist.data.ray_dataset import rows_from_arrow
 from recoder_dist.similarity import item_vectors, similar_items_table, top_k_cosine
-from recoder_dist.training.evaluation import recommend_top_k
-from recoder_dist.training.launcher import gpus_for
+from recoder_dist.training.driver.launcher import gpus_for
+from recoder_dist.training.evaluation.scoring import recommend_top_k
 from recoder_dist.utils import load_id_map
 
 # Rows per block that the actors take at a time.

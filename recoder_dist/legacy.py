@@ -22,8 +22,8 @@ from torch.torch_version import TorchVersion
 from recoder_dist.losses import build_loss
 from recoder_dist.nn.autoencoder import DynamicAutoencoder
 from recoder_dist.nn.factorization import MatrixFactorization
-from recoder_dist.training.optimizers import check_optimizer_type
 from recoder_dist.training.snapshot import Snapshot
+from recoder_dist.training.worker.optimizers import check_optimizer_type
 
 try:
     from numpy._core.multiarray import _reconstruct

@@ -32,28 +32,28 @@ from recoder_dist.losses import build_loss
 from recoder_dist.metrics import Metric
 from recoder_dist.nn.base import FactorizationModel
 from recoder_dist.training.config import EvalSettings, TrainSettings, WorkerJob
-from recoder_dist.training.evaluation import (
-    batches_metric_sums,
-    metric_means,
-    predict_scores,
-    recommend_top_k,
-)
-from recoder_dist.training.launcher import (
+from recoder_dist.training.driver.launcher import (
     RunOutput,
     cluster_gpus,
     ensure_ray,
     gpus_for,
     run_job,
 )
-from recoder_dist.training.optimizers import check_optimizer_type, check_optimizers
+from recoder_dist.training.evaluation.scoring import (
+    batches_metric_sums,
+    metric_means,
+    predict_scores,
+    recommend_top_k,
+)
 from recoder_dist.training.resources import default_workers
-from recoder_dist.training.sharded_step import check_tables, rank_batch, shards_tables
 from recoder_dist.training.snapshot import (
     Snapshot,
     load_snapshot,
     model_class_name,
     save_snapshot,
 )
+from recoder_dist.training.worker.optimizers import check_optimizer_type, check_optimizers
+from recoder_dist.training.worker.sharded_step import check_tables, rank_batch, shards_tables
 
 logger = logging.getLogger(__name__)
 
@@ -291,7 +291,7 @@ class Recoder:
             decay_sparse_lr: let ``lr_milestones`` decay the sparse embeddings' optimizer too.
                 recsys-recoder 0.4.0 decays only the dense optimizer, which is the default.
             profile: time the phases of the training steps on every rank (see
-                ``recoder_dist.training.step_profile``); a profiled step waits for the other
+                ``recoder_dist.training.worker.step_profile``); a profiled step waits for the other
                 ranks before its collectives, so it runs a little slower.
             precision: ``"fp32"``, or ``"bf16"``: the model's forward under autocast to
                 bfloat16 (weights, gradients, optimizer states and evaluation stay float32).

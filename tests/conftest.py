@@ -47,7 +47,7 @@ def ray_session():
     by the Train workers on a 2-core machine."""
     import ray
 
-    from recoder_dist.training.launcher import init_local_ray
+    from recoder_dist.training.driver.launcher import init_local_ray
 
     started = not ray.is_initialized()
     if started:

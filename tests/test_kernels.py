@@ -16,7 +16,7 @@ from recoder_dist.metrics import NDCG, Recall
 from recoder_dist.model import Recoder
 from recoder_dist.nn import DynamicAutoencoder
 from recoder_dist.nn import autoencoder as autoencoder_module
-from recoder_dist.training import top_k_kernel
+from recoder_dist.training.evaluation import top_k_kernel
 
 
 def _matrix(seed: int) -> sp.csr_matrix:

@@ -21,8 +21,8 @@ from recoder_dist.data.ray_dataset import to_ray_dataset
 from recoder_dist.model import Recoder
 from recoder_dist.nn import DynamicAutoencoder
 from recoder_dist.training.checkpoint import read_checkpoint
-from recoder_dist.training.launcher import EvalSplit
-from recoder_dist.training.progress import ProgressPrinter
+from recoder_dist.training.driver.launcher import EvalSplit
+from recoder_dist.training.driver.progress import ProgressPrinter
 from recoder_dist.training.snapshot import load_snapshot
 from tests.ml100k import ml100k_split
 
@@ -152,7 +152,7 @@ def test_a_node_gone_since_it_was_listed_is_not_a_node_that_cannot_see(ray_sessi
     """The storage check asks every other node whether it sees the run's folder. A node that
     an autoscaler removed between the listing and the question runs no worker: it is skipped,
     not reported as blind (the fake GPU cluster's test met this race)."""
-    from recoder_dist.training.storage_check import _nodes_that_cannot_see
+    from recoder_dist.training.driver.storage_check import _nodes_that_cannot_see
 
     here = ray.get_runtime_context().get_node_id()
     gone = {"NodeID": "ab" * 28, "NodeManagerAddress": "10.9.9.9"}  # no such node

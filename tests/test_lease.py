@@ -1,5 +1,5 @@
-"""A run's lease in its storage (recoder_dist.training.lease): two clusters that share a bucket
-never train one run at once; a lease whose holder was lost is taken over when it expires."""
+"""A run's lease in its storage (recoder_dist.training.driver.lease): two clusters that share a
+bucket never train one run at once; a lease whose holder was lost is taken over when it expires."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from recoder_dist.data import RecommendationDataset
 from recoder_dist.model import Recoder
 from recoder_dist.nn import DynamicAutoencoder
-from recoder_dist.training.lease import LEASE_FILE, RunLease
-from recoder_dist.training.progress import RunInUseError
+from recoder_dist.training.driver.lease import LEASE_FILE, RunLease
+from recoder_dist.training.driver.progress import RunInUseError
 from tests.ml100k import ml100k_split
 
 

@@ -9,13 +9,13 @@ import torch
 from torch import nn
 
 from recoder_dist.nn import DynamicAutoencoder, MatrixFactorization
-from recoder_dist.training.optimizers import (
+from recoder_dist.training.worker.optimizers import (
     build_optimizers,
     epoch_lrs,
     lr_at_epoch,
     sparse_parameter_names,
 )
-from recoder_dist.training.sparse_adam import RowwiseSparseAdam
+from recoder_dist.training.worker.sparse_adam import RowwiseSparseAdam
 
 NUM_ITEMS, NUM_USERS = 20, 7
 

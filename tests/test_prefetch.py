@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from recoder_dist.training.prefetch import EpochPrefetcher
+from recoder_dist.training.worker.prefetch import EpochPrefetcher
 
 
 def wait_until(condition, seconds=5.0):

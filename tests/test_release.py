@@ -11,7 +11,7 @@ import ray
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from recoder_dist.training import release
+from recoder_dist.training.driver import release
 from tests.second_ray import second_ray  # noqa: F401
 
 

@@ -16,8 +16,8 @@ import pytest
 from recoder_dist.data import RecommendationDataset
 from recoder_dist.model import Recoder
 from recoder_dist.nn import DynamicAutoencoder
-from recoder_dist.training import progress
-from recoder_dist.training.progress import ProgressPrinter, RunInUseError
+from recoder_dist.training.driver import progress
+from recoder_dist.training.driver.progress import ProgressPrinter, RunInUseError
 from tests.ml100k import ml100k_split
 
 

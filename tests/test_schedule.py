@@ -13,8 +13,8 @@ from recoder_dist.data.ray_dataset import user_rows_table
 from recoder_dist.losses import build_loss
 from recoder_dist.nn import DynamicAutoencoder, MatrixFactorization
 from recoder_dist.training.config import TrainSettings
-from recoder_dist.training.schedule import agreed_steps, epoch_batches
-from recoder_dist.training.step import batch_loss
+from recoder_dist.training.worker.schedule import agreed_steps, epoch_batches
+from recoder_dist.training.worker.step import batch_loss
 
 
 def blocks_of(table, rows_per_block=4) -> RowBlocks:
@@ -107,7 +107,7 @@ def test_an_empty_batch_has_zero_loss_and_gradient(model, negative_sampling):
 
 
 def test_a_global_batch_is_split_over_the_ranks():
-    from recoder_dist.training.sharded_step import rank_batch
+    from recoder_dist.training.worker.sharded_step import rank_batch
 
     assert rank_batch(500, 1000, 2) == (250, 500)
     assert rank_batch(600, 600, 3) == (200, 200)

@@ -37,8 +37,8 @@ from recoder_dist.training.checkpoint import (
     export_snapshot,
     read_restorable,
 )
-from recoder_dist.training.optimizers import build_optimizers
 from recoder_dist.training.snapshot import Snapshot, load_snapshot, save_snapshot
+from recoder_dist.training.worker.optimizers import build_optimizers
 from tests.damage import alter_a_tensor_byte
 from tests.sharded_harness import (
     assert_equal_states,

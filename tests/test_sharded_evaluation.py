@@ -24,15 +24,15 @@ from recoder_dist.metrics import NDCG, AveragePrecision, Recall
 from recoder_dist.nn.autoencoder import DynamicAutoencoder
 from recoder_dist.sharded.autoencoder import ShardedAutoencoder
 from recoder_dist.sharded.ownership import Ownership
-from recoder_dist.training import top_k_kernel
-from recoder_dist.training.evaluation import metric_sums, recommend_top_k
-from recoder_dist.training.sharded_evaluation import (
+from recoder_dist.training.evaluation import top_k_kernel
+from recoder_dist.training.evaluation.scoring import metric_sums, recommend_top_k
+from recoder_dist.training.evaluation.sharded import (
     merge_top_k,
     no_users,
     sharded_eval_sums,
     sharded_top_k,
 )
-from recoder_dist.training.top_k import top_k
+from recoder_dist.training.evaluation.top_k import top_k
 from tests.sharded_harness import gather_full_rows, run_ranks
 
 CPU = torch.device("cpu")

@@ -30,10 +30,10 @@ from recoder_dist.sharded.state import (
     sharded_optimizer_state,
     sharded_state,
 )
-from recoder_dist.training.evaluation import metric_sums, recommend_top_k
-from recoder_dist.training.optimizers import build_optimizers
-from recoder_dist.training.sharded_evaluation import sharded_eval_sums, sharded_top_k
-from recoder_dist.training.step import batch_loss
+from recoder_dist.training.evaluation.scoring import metric_sums, recommend_top_k
+from recoder_dist.training.evaluation.sharded import sharded_eval_sums, sharded_top_k
+from recoder_dist.training.worker.optimizers import build_optimizers
+from recoder_dist.training.worker.step import batch_loss
 from tests.sharded_harness import (
     assert_equal_states,
     gathered_optimizer_state,

@@ -10,8 +10,8 @@ from recoder_dist.data.collator import Collator, UserRows
 from recoder_dist.losses import build_loss
 from recoder_dist.sharded.autoencoder import ShardedAutoencoder
 from recoder_dist.sharded.replicas import average_replicas, layout_groups
-from recoder_dist.training.optimizers import build_optimizers
-from recoder_dist.training.step import batch_loss
+from recoder_dist.training.worker.optimizers import build_optimizers
+from recoder_dist.training.worker.step import batch_loss
 from tests.sharded_harness import interactions, rank_entries, run_ranks, split
 from tests.test_sharded_step import NUM_ITEMS, TOUCHED, _close_state, _reference
 

@@ -27,8 +27,8 @@ from recoder_dist.sharded.state import (
     sharded_optimizer_state,
     sharded_state,
 )
-from recoder_dist.training.optimizers import build_optimizers
-from recoder_dist.training.step import batch_loss
+from recoder_dist.training.worker.optimizers import build_optimizers
+from recoder_dist.training.worker.step import batch_loss
 from tests.sharded_harness import (
     gather_full_rows,
     gathered_optimizer_state,

@@ -26,11 +26,11 @@ from recoder_dist.nn import DynamicAutoencoder
 from recoder_dist.sharded.checkpoint import shard_files
 from recoder_dist.training.checkpoint import read_checkpoint
 from recoder_dist.training.config import TrainSettings
-from recoder_dist.training.optimizers import build_optimizers
-from recoder_dist.training.schedule import agreed_steps, epoch_batches
-from recoder_dist.training.sharded_step import rank_batch
-from recoder_dist.training.step import batch_loss
-from recoder_dist.training.worker_loop import _epoch_seed
+from recoder_dist.training.worker.optimizers import build_optimizers
+from recoder_dist.training.worker.schedule import agreed_steps, epoch_batches
+from recoder_dist.training.worker.sharded_step import rank_batch
+from recoder_dist.training.worker.step import batch_loss
+from recoder_dist.training.worker.worker_loop import _epoch_seed
 from tests.ml100k import ml100k_split
 
 pytestmark = pytest.mark.slow

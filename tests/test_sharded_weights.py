@@ -15,7 +15,7 @@ from recoder_dist.data import RecommendationDataset
 from recoder_dist.metrics import NDCG, Recall
 from recoder_dist.model import Recoder, read_training_rows
 from recoder_dist.nn import DynamicAutoencoder
-from recoder_dist.training.optimizers import build_optimizers
+from recoder_dist.training.worker.optimizers import build_optimizers
 from tests.ml100k import ml100k_split
 from tests.test_sharded_training import MODEL, SEED, TRAIN, _close, _reference_epochs
 

@@ -12,7 +12,6 @@ import torch
 
 import recoder_dist.training.snapshot as snapshot_module
 from recoder_dist.nn import DynamicAutoencoder
-from recoder_dist.training.optimizers import build_optimizers
 from recoder_dist.training.snapshot import (
     FORMAT,
     VERSION,
@@ -21,6 +20,7 @@ from recoder_dist.training.snapshot import (
     model_class_name,
     save_snapshot,
 )
+from recoder_dist.training.worker.optimizers import build_optimizers
 from tests.damage import alter_a_tensor_byte
 
 

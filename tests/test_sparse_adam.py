@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recoder_dist.training.sparse_adam import RowwiseSparseAdam
+from recoder_dist.training.worker.sparse_adam import RowwiseSparseAdam
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks")
 

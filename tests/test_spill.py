@@ -24,7 +24,7 @@ import numpy as np, scipy.sparse as sp, ray
 from recoder_dist.data import RecommendationDataset
 from recoder_dist.model import Recoder, read_training_rows
 from recoder_dist.nn import DynamicAutoencoder
-from recoder_dist.training.launcher import init_local_ray
+from recoder_dist.training.driver.launcher import init_local_ray
 
 store = int(sys.argv[1])
 init_local_ray(num_cpus=2, object_store_memory=store or None, include_dashboard=False)

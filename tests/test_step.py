@@ -11,7 +11,7 @@ import torch
 from recoder_dist.data.collator import Collator, UserRows
 from recoder_dist.losses import build_loss
 from recoder_dist.nn import DynamicAutoencoder
-from recoder_dist.training.step import batch_loss, model_input, sparse_tensor
+from recoder_dist.training.worker.step import batch_loss, model_input, sparse_tensor
 
 CPU = torch.device("cpu")
 
@@ -83,7 +83,7 @@ def test_models_without_sparse_input_get_the_dense_batch():
 def test_debug_checks_every_batch_before_the_step(monkeypatch, debug):
     """A batch whose entries are out of row order is flagged coalesced all the same, and the
     loss silently counts it wrong; RECODER_DIST_DEBUG=1 (step.DEBUG) refuses it first."""
-    from recoder_dist.training import step
+    from recoder_dist.training.worker import step
 
     monkeypatch.setattr(step, "DEBUG", debug)
     batch = sampled_batch()

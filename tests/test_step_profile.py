@@ -9,7 +9,7 @@ import torch
 from recoder_dist.data import RecommendationDataset
 from recoder_dist.model import Recoder
 from recoder_dist.nn import DynamicAutoencoder
-from recoder_dist.training.step_profile import PHASES, StepProfile
+from recoder_dist.training.worker.step_profile import PHASES, StepProfile
 from tests.ml100k import ml100k_split
 
 

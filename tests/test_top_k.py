@@ -12,13 +12,13 @@ import torch
 from recoder_dist.data.collator import UserRows
 from recoder_dist.metrics import NDCG, AveragePrecision, Recall
 from recoder_dist.nn import DynamicAutoencoder, MatrixFactorization
-from recoder_dist.training import top_k_kernel
-from recoder_dist.training.evaluation import (
+from recoder_dist.training.evaluation import top_k_kernel
+from recoder_dist.training.evaluation.scoring import (
     _is_target,
     metric_sums,
     predict_scores,
 )
-from recoder_dist.training.top_k import top_k
+from recoder_dist.training.evaluation.top_k import top_k
 from tests.test_metrics import naive
 
 CPU = torch.device("cpu")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from recoder_dist.training import top_k_kernel
-from recoder_dist.training.top_k_kernel import top_k_rows
+from recoder_dist.training.evaluation import top_k_kernel
+from recoder_dist.training.evaluation.top_k_kernel import top_k_rows
 
 
 def naive_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

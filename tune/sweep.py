@@ -3,7 +3,7 @@ of any registered model (``--model``: ``recoder_dist.nn.registry``).
 
 Each trial is a distributed TorchTrainer run (through ``Recoder``) whose evaluations of the
 validation users reach Tune through ``TuneReportCallback``, or with ``--workers 0`` a training
-run in the trial's own process, which reports to Tune itself (``training.session``; no Train
+run in the trial's own process, which reports to Tune itself (``training.worker.session``; no Train
 controller or worker to start, and the next trial reuses the process); ASHA stops the weak
 trials early.
 The best trial, by Tune's own result, has its final checkpoint exported as a snapshot file
@@ -43,11 +43,11 @@ from recoder_dist.datasets import open_prepared
 from recoder_dist.metrics import NDCG, Recall
 from recoder_dist.model import Recoder, TrainingRows, read_training_rows
 from recoder_dist.nn import registry
-from recoder_dist.training import release
 from recoder_dist.training.checkpoint import export_snapshot
-from recoder_dist.training.launcher import ensure_ray, gpus_for, run_storage
-from recoder_dist.training.optimizers import OPTIMIZERS
+from recoder_dist.training.driver import release
+from recoder_dist.training.driver.launcher import ensure_ray, gpus_for, run_storage
 from recoder_dist.training.resources import default_workers
+from recoder_dist.training.worker.optimizers import OPTIMIZERS
 
 logger = logging.getLogger(__name__)
 
@@ -188,10 +188,11 @@ class ReleaseStoppedRuns(tune.Callback):
     Tune stops a trial (ASHA at a rung, or at ``max_t``) by ending its actor, which kills the
     trial's Ray Train controller before it can remove its workers' placement group; only Ray
     Train's ``PlacementGroupCleaner`` would then free those CPUs, and it cannot where two Ray
-    instances run on one machine (``recoder_dist.training.release``). So for ``watch_s`` after
-    each trial ends, every ``every_s``, and at the end of the sweep, this driver removes the
-    groups whose workers are all dead, itself: in a thread of its own, since the state API can
-    take a second to answer on a busy machine and Tune's loop should not wait for it.
+    instances run on one machine (``recoder_dist.training.driver.release``). So for
+    ``watch_s`` after each trial ends, every ``every_s``, and at the end of the sweep, this
+    driver removes the groups whose workers are all dead, itself: in a thread of its own, since
+    the state API can take a second to answer on a busy machine and Tune's loop should not wait
+    for it.
     """
 
     def __init__(self, watch_s: float = 120.0, every_s: float = 1.0, final_wait_s: float = 60.0):

@@ -98,7 +98,7 @@ def prepare_on_cluster(
     import ray
     import ray.data
 
-    from recoder_dist.training.launcher import ensure_ray
+    from recoder_dist.training.driver.launcher import ensure_ray
 
     if type(split) not in (StrongSplitConfig, WeakSplitConfig):
         raise TypeError(f"split must be a StrongSplitConfig or WeakSplitConfig, got {split!r}")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from recoder_dist.data.collator import resolve_sampling_users
 from recoder_dist.metrics import Metric
-from recoder_dist.training.evaluation import check_metrics
+from recoder_dist.training.evaluation.scoring import check_metrics
 from recoder_dist.training.snapshot import Snapshot, model_class_name
 
 # The training step's arithmetic: float32, or the forward under autocast to bfloat16.
@@ -97,7 +97,7 @@ class WorkerJob:
     noise of every (epoch, rank), so that a resumed run repeats what a straight one does.
     ``kernels``: the CPU fast paths ("compiled") or their references ("reference"), see
     ``recoder_dist.kernels``. ``tables``: the item tables sharded by row over the ranks
-    ("sharded") or whole on every rank ("replicated"), see ``training.sharded_step``;
+    ("sharded") or whole on every rank ("replicated"), see ``training.worker.sharded_step``;
     ``shard_group_size``: sharded within groups of that many ranks and replicated across
     them (the 2D layout, ``sharded.replicas``), None for one group of every rank.
     ``weights``: the checkpoint of an earlier run with sharded tables (a

@@ -31,8 +31,8 @@ from recoder_dist.data.collator import UserRows, row_numbers
 from recoder_dist.metrics import Metric
 from recoder_dist.sharded import comm
 from recoder_dist.sharded.model import ShardedModel
-from recoder_dist.training.evaluation import batches_metric_sums
-from recoder_dist.training.top_k import top_k
+from recoder_dist.training.evaluation.scoring import batches_metric_sums
+from recoder_dist.training.evaluation.top_k import top_k
 
 
 def no_users() -> UserRows:

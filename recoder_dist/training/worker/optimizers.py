@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from recoder_dist.training.sparse_adam import RowwiseSparseAdam
+from recoder_dist.training.worker.sparse_adam import RowwiseSparseAdam
 
 
 @dataclass(frozen=True)

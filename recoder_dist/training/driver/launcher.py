@@ -18,13 +18,13 @@ from recoder_dist import storage
 from recoder_dist.data.epoch_order import RowBlocks
 from recoder_dist.training.checkpoint import read_checkpoint
 from recoder_dist.training.config import WorkerJob
-from recoder_dist.training.lease import RunLease
-from recoder_dist.training.progress import ProgressPrinter, epochs_between_lines
+from recoder_dist.training.driver.lease import RunLease
+from recoder_dist.training.driver.progress import ProgressPrinter, epochs_between_lines
+from recoder_dist.training.driver.storage_check import check_storage_reaches_workers
 from recoder_dist.training.resources import nodes_for_workers, split_cpus
-from recoder_dist.training.session import ProcessSession
 from recoder_dist.training.snapshot import Snapshot
-from recoder_dist.training.storage_check import check_storage_reaches_workers
-from recoder_dist.training.worker_loop import run_loop, worker_loop
+from recoder_dist.training.worker.session import ProcessSession
+from recoder_dist.training.worker.worker_loop import run_loop, worker_loop
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def _drop_progress_bar_notice(record: logging.LogRecord) -> bool:
 def init_local_ray(*, verbose: bool = False, **kwargs) -> None:
     """Starts a local embedded Ray tuned for this library (``kwargs`` go to ``ray.init``)."""
     # The dashboard stays on: it serves the state API, through which a sweep's driver
-    # (recoder_dist.training.release) and Ray Train's PlacementGroupCleaner see that a run's
+    # (recoder_dist.training.driver.release) and Ray Train's PlacementGroupCleaner see that a run's
     # controller has died (a Tune trial stopped by its scheduler kills it) and free the run's
     # CPUs. Without it they stay reserved for good, and the next trial waits for them forever.
     for key, value in _console_settings(verbose).items():
@@ -209,7 +209,7 @@ def run_job(
 
 
 def _run_here(job: WorkerJob, datasets: dict, train_blocks, num_epochs: int, held, callbacks):
-    """``run_job`` in this process (not Ray Train's local mode: see ``training.session``),
+    """``run_job`` in this process (not Ray Train's local mode: see ``training.worker.session``),
     reporting to Ray Tune when ``callbacks`` hold Tune's ``TuneReportCallback`` (the run is a
     trial's). Its checkpoints stay in local folders; the run ``held`` (a named run's storage
     and name) is held on the cluster while it goes on."""
@@ -227,7 +227,7 @@ def _run_here(job: WorkerJob, datasets: dict, train_blocks, num_epochs: int, hel
 
 def _leased(run: str | None):
     """A named run (``run``: its storage and name) is held in its storage too, against drivers
-    of other clusters that share it (``training.lease``); this cluster's are refused by the
+    of other clusters that share it (``training.driver.lease``); this cluster's are refused by the
     progress actor's name, taken first."""
     return RunLease(run) if run is not None else contextlib.nullcontext()
 

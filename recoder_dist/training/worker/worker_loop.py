@@ -1,8 +1,8 @@
 """The function every Ray Train worker runs (and a run in this process: ``run_loop`` in a
-``training.session``): train (and evaluate) on its shard of user rows.
+``training.worker.session``): train (and evaluate) on its shard of user rows.
 
 Ranks agree on the number of steps of an epoch before it starts. With sharded tables
-(``WorkerJob.tables``, see ``training.sharded_step``) each rank holds its rows of every item
+(``WorkerJob.tables``, see ``training.worker.sharded_step``) each rank holds its rows of every item
 table and the dense layers' gradients are all-reduced; a new model's rows are drawn where they
 live, and each rank writes its own shard of a checkpoint (``training.checkpoint``): no rank holds
 the whole model. With replicated tables dense parameters are averaged by DDP, sparse embedding
@@ -47,17 +47,21 @@ from recoder_dist.training.checkpoint import (
     write_checkpoint,
 )
 from recoder_dist.training.config import EvalSettings, TrainSettings, WorkerJob
-from recoder_dist.training.evaluation import batches_metric_sums, metric_means
-from recoder_dist.training.optimizers import build_optimizers, epoch_lrs, sparse_parameter_names
-from recoder_dist.training.prefetch import EpochPrefetcher
+from recoder_dist.training.evaluation.scoring import batches_metric_sums, metric_means
+from recoder_dist.training.evaluation.sharded import sharded_eval_sums
 from recoder_dist.training.resources import worker_threads
-from recoder_dist.training.schedule import agreed_steps, epoch_batches
-from recoder_dist.training.session import ProcessSession, TrainSession
-from recoder_dist.training.sharded_evaluation import sharded_eval_sums
-from recoder_dist.training.sharded_step import rank_batch, sharded_batch_loss, shards_tables
-from recoder_dist.training.sparse_sync import SparseGradSync
-from recoder_dist.training.step import batch_loss, unwrapped
-from recoder_dist.training.step_profile import StepProfile, gathered, timed_allreduce_hook
+from recoder_dist.training.worker.optimizers import (
+    build_optimizers,
+    epoch_lrs,
+    sparse_parameter_names,
+)
+from recoder_dist.training.worker.prefetch import EpochPrefetcher
+from recoder_dist.training.worker.schedule import agreed_steps, epoch_batches
+from recoder_dist.training.worker.session import ProcessSession, TrainSession
+from recoder_dist.training.worker.sharded_step import rank_batch, sharded_batch_loss, shards_tables
+from recoder_dist.training.worker.sparse_sync import SparseGradSync
+from recoder_dist.training.worker.step import batch_loss, unwrapped
+from recoder_dist.training.worker.step_profile import StepProfile, gathered, timed_allreduce_hook
 
 logger = logging.getLogger(__name__)
 

@@ -1,11 +1,11 @@
 """A run's lease in its storage: what keeps two clusters that share a bucket from training one
 run (the same storage and name) at once.
 
-On one cluster a named actor holds the run (``training.progress``): it dies with its driver, so
-a stopped job's run is free again at once. A driver on another cluster cannot see that actor.
-So the driver also keeps a lease in the run's folder, ``LEASE_FILE``: who holds the run (the
-cluster's Ray session, the job, the host and pid) and until when, renewed while the run goes
-on and deleted when it ends. A driver of another cluster that finds a lease that has not
+On one cluster a named actor holds the run (``training.driver.progress``): it dies with its
+driver, so a stopped job's run is free again at once. A driver on another cluster cannot see
+that actor. So the driver also keeps a lease in the run's folder, ``LEASE_FILE``: who holds the
+run (the cluster's Ray session, the job, the host and pid) and until when, renewed while the
+run goes on and deleted when it ends. A driver of another cluster that finds a lease that has not
 expired is refused, naming the holder; one that finds an expired lease (its holder was lost
 without deleting it) takes it over. A lease of this cluster's is left to the named actor,
 which knows whether its driver lives (a stopped job, submitted again at once, goes on).
@@ -28,7 +28,7 @@ import time
 import uuid
 
 from recoder_dist import storage
-from recoder_dist.training.progress import RunInUseError, driver
+from recoder_dist.training.driver.progress import RunInUseError, driver
 
 logger = logging.getLogger(__name__)
 

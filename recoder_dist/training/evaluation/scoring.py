@@ -11,8 +11,8 @@ import torch
 
 from recoder_dist.data.collator import SparseBatch, UserRows, row_numbers
 from recoder_dist.metrics import Metric
-from recoder_dist.training.step import model_input, to_device
-from recoder_dist.training.top_k import top_k
+from recoder_dist.training.evaluation.top_k import top_k
+from recoder_dist.training.worker.step import model_input, to_device
 
 
 def _as_batch(rows: UserRows, num_items: int) -> SparseBatch:
@@ -76,7 +76,7 @@ def metric_sums(
     Users with no target item cannot be scored and are not counted. ``top_k_of(inputs)``
     gives the lists ``(items, valid)`` when they do not come from ``model``'s
     ``recommend_top_k``: a collective that every rank calls, with users or none (a sharded
-    model's, ``training.sharded_evaluation``).
+    model's, ``training.evaluation.sharded``).
     """
     inputs, targets = _scored_users(inputs, targets)
     if top_k_of is not None:

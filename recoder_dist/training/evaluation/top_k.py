@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from recoder_dist.training import top_k_kernel
+from recoder_dist.training.evaluation import top_k_kernel
 
 
 def top_k(
