@@ -11,7 +11,7 @@ negative sampling (batch_size 500, num_sampling_users 500), on ml-1m-implicit an
 - ours: ``rows_from_arrow`` on the group's Arrow rows (what a worker reads from Ray Data) and
   ``Collator``, which yields sparse batches (rows, cols, values over the sampled items); a GPU
   densifies them on the device, and on CPU the autoencoder reads them sparse. The column
-  "ours + densify" adds a densification (``step.densify`` on CPU) for a like-for-like count.
+  "ours + densify" adds a densification (``batch.densify`` on CPU) for a like-for-like count.
 - floor: the bytes of our output written with no work done: the group's Arrow ids copied to
   int64 columns, zero rows, the values copied. No collator that writes this format can beat
   it; the gap between it and ours is the marking of the items and each entry's lookup.
@@ -56,7 +56,7 @@ def naive_epoch(matrix, groups) -> None:
 
 def our_epoch(collator, tables, densify: bool) -> None:
     from recoder_dist.data.ray_dataset import rows_from_arrow
-    from recoder_dist.training.worker.step import densify as to_dense
+    from recoder_dist.training.batch import densify as to_dense
 
     cpu = torch.device("cpu")
     for table in tables:

@@ -18,10 +18,11 @@ from recoder_dist.losses import build_loss
 from recoder_dist.metrics import NDCG, Recall
 from recoder_dist.nn import MultVAE
 from recoder_dist.nn.multvae import ShardedMultVAE, kl_weight
+from recoder_dist.training.batch import sparse_tensor
 from recoder_dist.training.evaluation.scoring import metric_sums
 from recoder_dist.training.evaluation.sharded import sharded_eval_sums
 from recoder_dist.training.worker.optimizers import build_optimizers
-from recoder_dist.training.worker.step import batch_loss, sparse_tensor
+from recoder_dist.training.worker.step import batch_loss
 from tests.sharded_harness import (
     gathered_state,
     interactions,

@@ -11,7 +11,8 @@ import torch
 from recoder_dist.data.collator import Collator, UserRows
 from recoder_dist.losses import build_loss
 from recoder_dist.nn import DynamicAutoencoder
-from recoder_dist.training.worker.step import batch_loss, model_input, sparse_tensor
+from recoder_dist.training.batch import model_input, sparse_tensor
+from recoder_dist.training.worker.step import batch_loss
 
 CPU = torch.device("cpu")
 

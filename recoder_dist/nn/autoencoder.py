@@ -220,7 +220,7 @@ def pooled_input(noise: nn.Dropout, input: torch.Tensor, encoder: torch.Tensor) 
     by ``noise`` (input noise; a no-op outside training mode) and pooled over ``encoder``'s rows
     (``input``'s columns' item vectors).
 
-    A sparse CPU ``input`` (the trainer's, ``training.worker.step.model_input``) is read from its
+    A sparse CPU ``input`` (the trainer's, ``training.batch.model_input``) is read from its
     stored entries alone (``_pooled_entries``); a dense one takes the dense path, the reference.
     """
     if input.is_sparse and input.device.type == "cpu" and not input.requires_grad:

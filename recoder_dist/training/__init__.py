@@ -8,7 +8,11 @@
   (replicated or sharded tables), the optimizers and the sparse gradients' exchange.
 - ``evaluation/``: top k and the metrics' sums over users, of a whole model or of sharded
   tables; called by the worker loop and by ``Recoder.evaluate``, and calling neither.
-- Here, what both sides share: the settings the driver sends (``config``), how many CPUs and
-  threads a worker takes (``resources``), model files (``snapshot``) and a run's checkpoint
-  folders (``checkpoint``).
+- Here, what they share: the settings the driver sends (``config``), how many CPUs and threads
+  a worker takes (``resources``), a batch on the device as a model reads it (``batch``), model
+  files (``snapshot``) and a run's checkpoint folders (``checkpoint``).
+
+``tests/test_layout.py`` holds the parts to it: evaluation imports neither the worker's part
+nor the driver's, the worker's part does not import the driver's, and the shared modules import
+neither.
 """

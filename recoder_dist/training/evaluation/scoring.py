@@ -11,8 +11,8 @@ import torch
 
 from recoder_dist.data.collator import SparseBatch, UserRows, row_numbers
 from recoder_dist.metrics import Metric
+from recoder_dist.training.batch import model_input, to_device
 from recoder_dist.training.evaluation.top_k import top_k
-from recoder_dist.training.worker.step import model_input, to_device
 
 
 def _as_batch(rows: UserRows, num_items: int) -> SparseBatch:

@@ -15,7 +15,8 @@ from recoder_dist.data.collator import SparseBatch
 from recoder_dist.nn.base import sharded_class
 from recoder_dist.sharded.decoder import computes
 from recoder_dist.sharded.model import ShardedModel
-from recoder_dist.training.worker.step import DEBUG, to_device
+from recoder_dist.training.batch import to_device
+from recoder_dist.training.worker.step import DEBUG
 
 TABLES = ("sharded", "replicated")
 

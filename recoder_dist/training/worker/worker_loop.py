@@ -40,6 +40,7 @@ from recoder_dist.nn.base import sharded_class
 from recoder_dist.sharded.model import ShardedModel
 from recoder_dist.sharded.replicas import layout_groups
 from recoder_dist.sharded.state import sharded_optimizer_state
+from recoder_dist.training.batch import unwrapped
 from recoder_dist.training.checkpoint import (
     export_snapshot,
     read_checkpoint_at,
@@ -60,7 +61,7 @@ from recoder_dist.training.worker.schedule import agreed_steps, epoch_batches
 from recoder_dist.training.worker.session import ProcessSession, TrainSession
 from recoder_dist.training.worker.sharded_step import rank_batch, sharded_batch_loss, shards_tables
 from recoder_dist.training.worker.sparse_sync import SparseGradSync
-from recoder_dist.training.worker.step import batch_loss, unwrapped
+from recoder_dist.training.worker.step import batch_loss
 from recoder_dist.training.worker.step_profile import StepProfile, gathered, timed_allreduce_hook
 
 logger = logging.getLogger(__name__)
