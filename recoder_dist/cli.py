@@ -131,6 +131,7 @@ def _train(args) -> int:
     from recoder_dist import storage
     from recoder_dist.datasets import open_prepared
     from recoder_dist.model import Recoder
+    from recoder_dist.training.snapshot import epoch_file
 
     # The cluster reads the user rows; this process, split.json only.
     split = open_prepared(args.data)
@@ -173,7 +174,7 @@ def _train(args) -> int:
     )
     results = recoder.evaluate(split.test, max(args.metrics), metrics)
     output = {
-        "checkpoint": storage.suffixed(prefix, f"_epoch_{recoder.current_epoch}.model"),
+        "checkpoint": epoch_file(prefix, recoder.current_epoch),
         "epoch": recoder.current_epoch,
         "test": results,
     }

@@ -7,6 +7,9 @@ with the terms at the target's entries computed from those entries alone (equal 
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +22,13 @@ class MSELoss(nn.Module):
 
     def __init__(self, confidence: float = 0.0):
         super().__init__()
+        # Below -1 an observed entry's weight is negative: the loss falls without bound.
+        if (
+            isinstance(confidence, bool)
+            or not isinstance(confidence, numbers.Real)
+            or not (-1 <= confidence < math.inf)
+        ):
+            raise ValueError(f"confidence must be a finite number >= -1, got {confidence!r}")
         self.confidence = confidence
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ compute the same formulas on one list; the classes' ``evaluate(x, y)`` calls the
 from __future__ import annotations
 
 import logging
+import numbers
 
 import numpy as np
 
@@ -78,10 +79,10 @@ class Metric:
     """
 
     def __init__(self, metric_name: str, k: int | None = None):
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        if k is not None and (isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1):
             raise ValueError(f"{type(self).__name__}: k must be a positive int, got {k!r}")
         self.metric_name = metric_name
-        self.k = k
+        self.k = None if k is None else int(k)
 
     @property
     def name(self) -> str:
@@ -239,6 +240,8 @@ class RecommenderEvaluator:
     """
 
     def __init__(self, recommender, metrics: list[Metric]):
+        if isinstance(metrics, Metric) or not metrics:
+            raise ValueError("metrics must be a list of at least one metric, e.g. [Recall(20)]")
         for metric in metrics:
             if not isinstance(metric, Metric):
                 raise TypeError(f"metrics must be Metric objects, got {type(metric).__name__}")

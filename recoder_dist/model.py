@@ -48,9 +48,11 @@ from recoder_dist.training.evaluation.scoring import (
 from recoder_dist.training.resources import default_workers
 from recoder_dist.training.snapshot import (
     Snapshot,
+    epoch_file,
     load_snapshot,
     model_class_name,
     save_snapshot,
+    snapshot_prefix,
 )
 from recoder_dist.training.worker.optimizers import check_optimizer_type, check_optimizers
 from recoder_dist.training.worker.sharded_step import check_tables, rank_batch, shards_tables
@@ -175,6 +177,13 @@ class Recoder:
             raise ValueError(
                 f"cpus_per_worker must be None or a finite number > 0, got {cpus_per_worker!r}"
             )
+        for name, value in (("num_items", num_items), ("num_users", num_users)):
+            if value is not None:
+                _check_positive_int(value, name)
+        if seed is not None and (
+            isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0
+        ):
+            raise ValueError(f"seed must be None or an int >= 0, got {seed!r}")
         check_optimizer_type(optimizer_type)
         self._compiled = compiled_kernels(kernels)  # validates the mode
         self.kernels = kernels
@@ -192,8 +201,8 @@ class Recoder:
         build_loss(loss, loss_params)  # validates the name and parameters now
         self._model = model
         self._shards: _SavedShards | None = None  # see the model property
-        self.num_items = num_items
-        self.num_users = num_users
+        self.num_items = None if num_items is None else int(num_items)
+        self.num_users = None if num_users is None else int(num_users)
         self.optimizer_type = optimizer_type
         self.loss = loss
         self.loss_params = dict(loss_params or {})
@@ -303,29 +312,44 @@ class Recoder:
         _check_dataset(train_dataset, "train_dataset")
         if _num_interactions(train_dataset) == 0:
             raise ValueError("train_dataset has no interactions")
+        if isinstance(train_dataset, RecommendationDataset) and isinstance(self.loss, str):
+            _warn_of_values_the_loss_misreads(self.loss, train_dataset.interactions.data)
         evaluating = val_dataset is not None and eval_freq > 0
+        if (val_dataset is not None or metrics is not None) and not evaluating:
+            logger.warning(
+                "val_dataset and metrics are used with eval_freq >= 1 only: this run evaluates "
+                "nothing (val_dataset %s, metrics %s, eval_freq %s)",
+                "given" if val_dataset is not None else "None",
+                "given" if metrics is not None else "None",
+                eval_freq,
+            )
+        if lr_milestones is not None and not isinstance(lr_milestones, (list, tuple)):
+            raise TypeError(f"lr_milestones must be a list of epochs, got {lr_milestones!r}")
         settings = TrainSettings(  # validates every setting
             lr=lr,
             weight_decay=weight_decay,
             num_epochs=num_epochs,
             batch_size=batch_size,
             num_sampling_users=resolve_sampling_users(batch_size, num_sampling_users),
-            negative_sampling=bool(negative_sampling),
+            negative_sampling=negative_sampling,
             iters_per_epoch=iters_per_epoch,
             lr_milestones=tuple(lr_milestones) if lr_milestones else None,
-            decay_sparse_lr=bool(decay_sparse_lr),
+            decay_sparse_lr=decay_sparse_lr,
             checkpoint_freq=checkpoint_freq,
             eval_freq=eval_freq if evaluating else 0,
             num_train_rows=len(train_dataset),
-            profile=bool(profile),
+            profile=profile,
             precision=precision,
         )
         eval_settings = None
         if evaluating:
             _check_dataset(val_dataset, "val_dataset", needs_target=True)
             eval_settings = EvalSettings.of(
-                metrics, eval_num_recommendations, eval_batch_size or batch_size
+                metrics,
+                eval_num_recommendations,
+                batch_size if eval_batch_size is None else eval_batch_size,
             )
+            _check_eval_users(eval_num_users, "eval_num_users")
         workers = self.workers  # resolved once: the log, the job and the run agree
         loss = build_loss(self.loss, self.loss_params)
         sharded = shards_tables(self._model, loss, self.tables, workers, precision)
@@ -339,7 +363,7 @@ class Recoder:
                 )
         self._init_training(train_dataset, weightless=sharded)
         if evaluating:
-            self._check_eval_items(val_dataset)
+            self._check_eval_data(val_dataset)
         use_gpus = self._use_gpus(workers)
         check_optimizers(self._model, self.optimizer_type)  # a mismatch fails now, not in a worker
 
@@ -355,7 +379,7 @@ class Recoder:
             datasets["eval"] = self._eval_dataset(
                 val_dataset, eval_num_users, eval_settings.batch_size, here=workers == 0
             )
-        prefix = storage.normalized(model_checkpoint_prefix) if model_checkpoint_prefix else None
+        prefix = snapshot_prefix(model_checkpoint_prefix) if model_checkpoint_prefix else None
         logger.info(
             "training %s on %d users x %d items, %d worker(s), epochs %d..%d",
             type(self._model).__name__,
@@ -422,7 +446,8 @@ class Recoder:
         self._require_model()
         _check_dataset(eval_dataset, "eval_dataset", needs_target=True)
         settings = EvalSettings.of(metrics, num_recommendations, batch_size)
-        self._check_eval_items(eval_dataset)
+        _check_eval_users(num_users, "num_users")
+        self._check_eval_data(eval_dataset)
         if isinstance(eval_dataset, RecommendationDataset):
             users = self._eval_users(eval_dataset, num_users)
             scores = len(users) * self.num_items
@@ -455,7 +480,8 @@ class Recoder:
         Args:
             users_interactions: users x items sparse matrix, a RecommendationDataset, or a
                 ``UsersInteractions`` (0.4.0's: its users' ids, which a MatrixFactorization
-                reads, and their items).
+                reads, and their items). A matrix's rows are users 0..n-1: a model of user
+                rows takes every user's (some users: a ``UsersInteractions``).
             return_input: also return the dense input.
 
         Returns:
@@ -496,7 +522,7 @@ class Recoder:
     def save_state(self, model_checkpoint_prefix: str) -> str:
         """Writes ``{prefix}_epoch_{current_epoch}.model`` and returns its path."""
         self._require_model()
-        path = storage.suffixed(model_checkpoint_prefix, f"_epoch_{self.current_epoch}.model")
+        path = epoch_file(model_checkpoint_prefix, self.current_epoch)
         save_snapshot(self._snapshot(), path)
         logger.info("saved %s", path)
         return path
@@ -576,6 +602,7 @@ class Recoder:
         if self.num_items is None or self.num_items < dataset.num_items:
             self.num_items = dataset.num_items
         if self._model_initialized:
+            self._check_known_users(dataset, "training")  # whatever user_based says
             return
         # The initial weights are drawn from the seed too: one seed, one run.
         meta = torch.device("meta") if weightless else contextlib.nullcontext()
@@ -612,11 +639,22 @@ class Recoder:
             self._shards.discard()
             self._shards = None
 
-    def _check_eval_items(self, dataset: RecommendationDataset) -> None:
+    def _check_eval_data(self, dataset: RecommendationDataset | UserRowFiles) -> None:
         if dataset.num_items > self.num_items:
             raise ValueError(
                 f"the evaluation data has {dataset.num_items} items but the model knows "
                 f"{self.num_items}"
+            )
+        self._check_known_users(dataset, "evaluation")
+
+    def _check_known_users(self, dataset, what: str) -> None:
+        """Refuses data with users beyond a model's user table (a model of user rows)."""
+        known = self._model.known_users
+        if known is not None and dataset.num_users > known:
+            raise ValueError(
+                f"the {what} data has {dataset.num_users} users but "
+                f"{type(self._model).__name__} knows {known} (its user table): it scores the "
+                "users it was trained on, by their row"
             )
 
     def _use_gpus(self, workers: int) -> bool:
@@ -780,15 +818,28 @@ class Recoder:
 
     def _user_rows(self, users_interactions) -> UserRows:
         # A UsersInteractions (0.4.0's argument) names each row's user, which a model of user
-        # rows (MatrixFactorization) scores; a bare matrix's rows are users 0..n-1.
+        # rows (MatrixFactorization) scores; a bare matrix's rows are users 0..n-1, so such a
+        # model takes a bare matrix of every user only (rows 5..7 would be read as users 0..2).
+        known, name = self._model.known_users, type(self._model).__name__
         if isinstance(users_interactions, UsersInteractions):
             rows = users_interactions.user_rows()
             num_items = users_interactions.interactions_matrix.shape[1]
+            if known is not None and len(rows) and int(rows.users.max()) >= known:
+                raise ValueError(
+                    f"users_interactions names user {int(rows.users.max())}; {name} knows "
+                    f"users 0..{known - 1} (its user table)"
+                )
         else:
             if isinstance(users_interactions, RecommendationDataset):
                 users_interactions = users_interactions.interactions
             matrix = RecommendationDataset(users_interactions).interactions
             rows, num_items = UserRows.from_csr(matrix), matrix.shape[1]
+            if known is not None and matrix.shape[0] != known:
+                raise ValueError(
+                    f"{name} scores users by id, and a matrix's rows are read as users 0..n-1: "
+                    f"give all {known} users' rows, or UsersInteractions(user_ids, rows) for "
+                    f"some of them (got {matrix.shape[0]} rows)"
+                )
         if num_items > self.num_items:
             raise ValueError(
                 f"users_interactions has {num_items} items; the model knows {self.num_items}"
@@ -874,6 +925,32 @@ def read_training_rows(dataset: RecommendationDataset | UserRowFiles) -> Trainin
         num_items=dataset.num_items,
         num_interactions=_num_interactions(dataset),
     )
+
+
+def _warn_of_values_the_loss_misreads(loss: str, values: np.ndarray) -> None:
+    """Says when the training values are outside what ``loss`` reads: its loss then falls
+    without bound, and training goes on (as recsys-recoder 0.4.0's, which does not look)."""
+    low, high = float(values.min()), float(values.max())
+    if loss == "logistic" and (low < 0 or high > 1):
+        logger.warning(
+            "loss 'logistic' reads the values as probabilities in [0, 1], but the training "
+            "data's span %g..%g: its loss falls without bound; binarize them "
+            "(matrix.data[:] = 1) or use loss='mse'",
+            low,
+            high,
+        )
+    elif loss == "logloss" and low < 0:
+        logger.warning(
+            "loss 'logloss' reads the values as non-negative weights, but the training data "
+            "holds %g: its loss falls without bound",
+            low,
+        )
+
+
+def _check_eval_users(value, name: str) -> None:
+    """A sample size of evaluation users: None (every user) or a positive int."""
+    if value is not None:
+        _check_positive_int(value, name)
 
 
 def _check_positive_int(value, name: str) -> None:

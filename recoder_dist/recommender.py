@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
+import scipy.sparse as sp
 
 from recoder_dist.data.loader import UsersInteractions
 from recoder_dist.embedding import EmbeddingsIndex
@@ -28,12 +31,14 @@ class InferenceRecommender(Recommender):
     """
 
     def __init__(self, model, num_recommendations: int):
-        if isinstance(num_recommendations, bool) or not isinstance(num_recommendations, int):
+        if isinstance(num_recommendations, bool) or not isinstance(
+            num_recommendations, numbers.Integral
+        ):
             raise TypeError(f"num_recommendations must be an int, got {num_recommendations!r}")
         if num_recommendations < 1:
             raise ValueError(f"num_recommendations must be >= 1, got {num_recommendations}")
         self.model = model
-        self.num_recommendations = num_recommendations
+        self.num_recommendations = int(num_recommendations)
 
     def recommend(self, users_hist) -> list[list[int]]:
         """The model's top items for each user.
@@ -70,11 +75,11 @@ class SimilarityRecommender(Recommender):
                 f"{type(embeddings_index).__name__}"
             )
         for name, value in (("num_recommendations", num_recommendations), ("n", n)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.embeddings_index = embeddings_index
-        self.num_recommendations = num_recommendations
-        self.n = n
+        self.num_recommendations = int(num_recommendations)
+        self.n = int(n)
         self.scale = scale
 
     def recommend(self, users_hist) -> list[np.ndarray]:
@@ -82,9 +87,10 @@ class SimilarityRecommender(Recommender):
 
         Args:
             users_hist: the users' histories, in the index's item ids: a
-                :class:`UsersInteractions` (a row's columns are the ids: build the index with
-                no ``id_map`` for this), or an iterable with one history per user, each a
-                sequence of ids or an object with an ``items`` attribute (0.4.0's form).
+                :class:`UsersInteractions` or a users x items sparse matrix (a row's columns
+                are the ids: build the index with no ``id_map`` for this), or an iterable
+                with one history per user, each a sequence of ids or an object with an
+                ``items`` attribute (0.4.0's form).
 
         Returns:
             one array of recommended ids per user, best first.
@@ -115,6 +121,8 @@ class SimilarityRecommender(Recommender):
 
 
 def _histories(users_hist):
+    if sp.issparse(users_hist):  # as InferenceRecommender takes it: row r is user r
+        users_hist = UsersInteractions(np.arange(users_hist.shape[0]), users_hist)
     if isinstance(users_hist, UsersInteractions):
         rows = users_hist.user_rows()  # a canonical copy: sorted ids, no explicit zeros
         for r in range(len(rows)):

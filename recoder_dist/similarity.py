@@ -97,9 +97,14 @@ def top_k_cosine(
         exclude = np.asarray(exclude, dtype=np.int64)
         if exclude.shape != (len(queries),):
             raise ValueError(f"exclude needs one row per query, got shape {exclude.shape}")
+        if exclude.size and (exclude.min() < 0 or exclude.max() >= len(vectors)):
+            raise ValueError(f"exclude's rows must be in [0, {len(vectors)})")
     if slice_size < 1:
         raise ValueError(f"slice_size must be >= 1, got {slice_size}")
 
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}, but torch sees no CUDA GPU here")
     units = torch.from_numpy(unit_rows(vectors)).to(device)
     query_units = torch.from_numpy(unit_rows(queries)).to(device)
     rows = np.empty((len(queries), k), dtype=np.int64)

@@ -220,6 +220,8 @@ def test_similarity_recommender_matches_recoder040(case):
     matrix = sp.csr_matrix((np.ones(len(rows)), (rows, sum(histories, []))), shape=(4, 30))
     interactions = UsersInteractions(np.arange(4), matrix)
     assert [r.tolist() for r in recommender.recommend(interactions)] == expected
+    # and as a bare matrix (row r is user r), as InferenceRecommender takes it
+    assert [r.tolist() for r in recommender.recommend(matrix)] == expected
 
 
 def test_similarity_recommender_with_n_1_has_no_candidates():
@@ -260,6 +262,9 @@ def test_recommender_evaluator_num_users_stops_after_the_batch():
     assert len(results[Recall(3)]) == 8  # two batches of 4 reach 5 users
     with pytest.raises(ValueError, match="target"):
         evaluator.evaluate(RecommendationDataset(matrix))
+    for no_list in ([], Recall(3)):
+        with pytest.raises(ValueError, match="metrics must be a list of at least one metric"):
+            RecommenderEvaluator(Same(), no_list)
 
 
 def test_inference_recommender_calls_the_model():
@@ -271,6 +276,8 @@ def test_inference_recommender_calls_the_model():
     assert InferenceRecommender(Model(), 2).recommend(interactions) == [[0, 1], [0, 1]]
     with pytest.raises(ValueError, match="num_recommendations"):
         InferenceRecommender(Model(), 0)
+    # a count from numpy (np.arange, a config array) is an int too
+    assert InferenceRecommender(Model(), np.int64(2)).recommend(interactions) == [[0, 1], [0, 1]]
 
 
 # ---------------------------------------------------------------- embedding indexes
@@ -413,11 +420,15 @@ def test_recoder_predicts_and_recommends_for_users_interactions(name):
     recommended = recoder.recommend(interactions, 4)
     masked = np.where(dense[users] > 0, -np.inf, output[users])
     assert recommended == np.argsort(-masked, axis=1, kind="stable")[:, :4].tolist()
-    # the same rows as a bare matrix are users 0..3 to the model
-    as_matrix = recoder.predict(sp.csr_matrix(dense[users]))
+    # The same rows as a bare matrix: an autoencoder reads only them; to a factorization
+    # model a bare matrix's rows are users 0..n-1, so it takes every user's rows, no fewer.
     if name.startswith("ae"):
+        as_matrix = recoder.predict(sp.csr_matrix(dense[users]))
         np.testing.assert_allclose(as_matrix, scores, rtol=1e-6)
     else:
-        np.testing.assert_allclose(as_matrix, output[:4], rtol=1e-5, atol=1e-6)
+        with pytest.raises(ValueError, match="give all 20 users' rows, or UsersInteractions"):
+            recoder.predict(sp.csr_matrix(dense[users]))
+        every = recoder.predict(sp.csr_matrix(dense))
+        np.testing.assert_allclose(every, output, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="items; the model knows"):
         recoder.predict(UsersInteractions([0], sp.csr_matrix((1, dense.shape[1] + 1))))

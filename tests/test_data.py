@@ -118,6 +118,16 @@ def test_non_finite_values(bad):
         RecommendationDataset(coo(TRIPLETS, SHAPE), coo([(1, 1, bad)], SHAPE))
 
 
+def test_values_that_float32_cannot_hold_are_not_called_nan():
+    """Finite float64 values beyond float32's range would become infinite in the cast: the
+    error says so rather than blaming NaN; complex values are refused, not cut to their real
+    part."""
+    with pytest.raises(ValueError, match="interactions holds values beyond float32's range"):
+        RecommendationDataset(coo([*TRIPLETS, (5, 4, 1e300)], SHAPE))
+    with pytest.raises(TypeError, match="interactions holds complex values"):
+        RecommendationDataset(sp.csr_matrix(np.eye(3, dtype=complex)))
+
+
 @pytest.mark.parametrize("target_shape", [(6, 4), (5, 5), (7, 6)])
 def test_target_shape_mismatch(target_shape):
     """A target of another shape is a ValueError quoting both shapes."""

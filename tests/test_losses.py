@@ -200,3 +200,11 @@ def test_bpr_is_the_pairwise_loss_of_the_drawn_items(negatives):
             assert loss(INPUT, target).item() == pytest.approx(expected, rel=1e-12)
     with pytest.raises(ValueError, match="negatives must be >= 1"):
         build_loss("bpr", {"negatives": 0})
+
+
+@pytest.mark.parametrize("confidence", [-5.0, float("nan"), float("inf"), "1"])
+def test_mse_confidence_that_would_weigh_observed_cells_below_zero_is_refused(confidence):
+    """1 + confidence weighs an observed cell: below -1 the loss falls without bound."""
+    with pytest.raises(ValueError, match="confidence must be a finite number >= -1"):
+        build_loss("mse", {"confidence": confidence})
+    assert build_loss("mse", {"confidence": -1.0}).confidence == -1.0  # observed cells unweighed

@@ -238,9 +238,11 @@ def test_shards_are_drawn_alone_and_evaluate_as_one_process():
     "params, message",
     [
         (dict(hidden_layers=[0]), "hidden_layers must be positive"),
-        (dict(hidden_layers=[8], noise_prob=1.0), "noise_prob must be in"),
-        (dict(hidden_layers=[8], anneal_cap=-0.1), "anneal_cap must be >= 0"),
-        (dict(hidden_layers=[8], anneal_steps=-1), "anneal_steps must be >= 0"),
+        (dict(hidden_layers=[8], noise_prob=1.0), "noise_prob must be a number in"),
+        (dict(hidden_layers=[8], anneal_cap=-0.1), "anneal_cap must be a finite number >= 0"),
+        (dict(hidden_layers=[8], anneal_cap=float("inf")), "anneal_cap must be a finite"),
+        (dict(hidden_layers=[8], anneal_steps=-1), "anneal_steps must be a whole number >= 0"),
+        (dict(hidden_layers=[8], anneal_steps=2.5), "anneal_steps must be a whole number >= 0"),
         (dict(hidden_layers=[8], activation_type="swish"), "unknown activation_type"),
     ],
 )

@@ -373,6 +373,10 @@ def test_factorization_model_params_round_trip():
         (dict(hidden_layers=[8], noise_prob=1.0), "noise_prob"),
         (dict(hidden_layers=[8], noise_prob=-0.1), "noise_prob"),
         (dict(hidden_layers=[8], activation_type="swish"), "swish"),
+        (dict(hidden_layers=[8], noise_prob="0.5"), "noise_prob must be a number in"),
+        (dict(hidden_layers=[8], noise_prob=None), "noise_prob must be a number in"),
+        (dict(hidden_layers=[8], noise_prob=float("nan")), "noise_prob must be a number in"),
+        (dict(hidden_layers=[8], activation_type=["tanh"]), r"unknown activation_type \['tanh'\]"),
     ],
 )
 def test_autoencoder_rejects_bad_params(kwargs, match):
@@ -387,6 +391,8 @@ def test_autoencoder_rejects_bad_params(kwargs, match):
         (dict(embedding_size=0), "embedding_size"),
         (dict(dropout_prob=1.0), "dropout_prob"),
         (dict(activation_type="gelu"), "gelu"),
+        (dict(embedding_size=None), "embedding_size must be a whole number >= 1, got None"),
+        (dict(embedding_size=2.9), "embedding_size must be a whole number >= 1, got 2.9"),
     ],
 )
 def test_factorization_rejects_bad_params(kwargs, match):

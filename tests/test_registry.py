@@ -42,7 +42,7 @@ def test_build_passes_the_settings_a_model_takes():
     assert mf.embedding_size == 4 and mf.sparse
     with pytest.raises(ValueError, match="MatrixFactorization \\(mf\\) has no setting hidden"):
         registry.build("mf", {}, strict={"hidden_layers": [8]})
-    with pytest.raises(ValueError, match="dropout_prob must be in"):
+    with pytest.raises(ValueError, match="dropout_prob must be a number in"):
         registry.build("mf", {}, strict={"dropout_prob": 2.0})
 
 

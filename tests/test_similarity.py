@@ -94,6 +94,15 @@ def test_bad_input_is_refused_clearly():
         similar_items(np.zeros((0, 2)), 1)
     with pytest.raises(ValueError, match="same width"):
         top_k_cosine(vectors, np.ones((1, 3)), 1)
+    for row in (4, -1):  # -1 would have excluded the last row, silently
+        with pytest.raises(ValueError, match=r"exclude's rows must be in \[0, 4\)"):
+            top_k_cosine(vectors, vectors[:2], 1, exclude=np.array([row, 0]))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_a_gpu_asked_for_where_torch_has_none_is_refused():
+    with pytest.raises(ValueError, match="device='cuda', but torch sees no CUDA GPU here"):
+        similar_items(np.eye(4), 2, device="cuda")
 
 
 def test_item_vectors_of_the_models():

@@ -83,9 +83,15 @@ def _as_csr(matrix, name: str) -> sp.csr_matrix:
         raise TypeError(f"{name} must be a scipy sparse matrix, got {type(matrix).__name__}")
     if matrix.ndim != 2:
         raise ValueError(f"{name} must be 2-D (users x items), got {matrix.ndim}-D")
-    csr = sp.csr_matrix(matrix, dtype=np.float32, copy=True)  # sorted and summed in place below
-    if not np.isfinite(csr.data).all():
+    if matrix.dtype.kind == "c":
+        raise TypeError(f"{name} holds complex values; interactions are real numbers")
+    # The values as given, before a cast to float32 can overflow.
+    if matrix.dtype.kind == "f" and not np.isfinite(matrix.tocoo(copy=False).data).all():
         raise ValueError(f"{name} holds NaN or infinite values")
+    with np.errstate(over="ignore"):
+        csr = sp.csr_matrix(matrix, dtype=np.float32, copy=True)  # sorted and summed below
+    if not np.isfinite(csr.data).all():
+        raise ValueError(f"{name} holds values beyond float32's range (about 3.4e38)")
     csr.sum_duplicates()  # also sorts the column indices of every row
     csr.eliminate_zeros()
     return csr

@@ -16,6 +16,7 @@ from recoder_dist.nn.base import (
     activation,
     embedding_rows,
     hidden_sizes,
+    probability,
     seeded_dense_,
     seeded_xavier_,
 )
@@ -93,15 +94,14 @@ class DynamicAutoencoder(FactorizationModel):
 
     def load_model_params(self, model_params: dict) -> None:
         hidden = hidden_sizes(model_params["hidden_layers"])
-        for name in ("dropout_prob", "noise_prob"):
-            if not 0.0 <= model_params[name] < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {model_params[name]}")
+        dropout_prob = probability(model_params["dropout_prob"], "dropout_prob")
+        noise_prob = probability(model_params["noise_prob"], "noise_prob")
         activation(model_params["activation_type"])  # validates the name
         self.hidden_layers = hidden
         self.activation_type = model_params["activation_type"]
         self.is_constrained = bool(model_params["is_constrained"])
-        self.dropout_prob = float(model_params["dropout_prob"])
-        self.noise_prob = float(model_params["noise_prob"])
+        self.dropout_prob = dropout_prob
+        self.noise_prob = noise_prob
         self.sparse = bool(model_params["sparse"])
 
     def init_model(self, num_items: int | None = None, num_users: int | None = None) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -21,20 +24,46 @@ def hidden_sizes(hidden) -> list[int] | None:
     """``hidden_layers`` as a list of ints (None stays None: given later, by a snapshot).
 
     Raises:
+        TypeError: not a list (a number, a string), or a size that is not a whole number.
         ValueError: an empty list or a size below 1.
     """
     if hidden is None:
         return None
+    if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Iterable):
+        raise TypeError(f"hidden_layers must be a list of sizes such as [200], got {hidden!r}")
+    hidden = list(hidden)
+    for size in hidden:
+        if isinstance(size, bool) or not isinstance(size, numbers.Real) or size != int(size):
+            raise TypeError(f"hidden_layers must hold whole sizes, got {hidden!r}")
     sizes = [int(h) for h in hidden]
     if not sizes or min(sizes) < 1:
         raise ValueError(f"hidden_layers must be positive sizes, got {sizes}")
     return sizes
 
 
+def probability(value, name: str) -> float:
+    """A dropout or noise probability: a number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def whole_number(value, name: str, minimum: int) -> int:
+    """A size or a count: an int (or a float with no fraction) >= ``minimum``."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or value != int(value)
+        or value < minimum
+    ):
+        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+    return int(value)
+
+
 def activation(name: str) -> nn.Module:
     try:
         return ACTIVATIONS[name]()
-    except KeyError:
+    except (KeyError, TypeError):
         raise ValueError(
             f"unknown activation_type {name!r}; choose one of {sorted(ACTIVATIONS)}"
         ) from None
@@ -75,6 +104,13 @@ class FactorizationModel(nn.Module):
         ``recoder_dist.sharded.ShardedModel`` computing the same loss), or None: the tables are
         replicated on every rank. It holds for the class that defines it only (see
         ``sharded_class``): a subclass's forward may differ from what it computes."""
+        return None
+
+    @property
+    def known_users(self) -> int | None:
+        """The users that a model of user rows scores (its user table's rows, ids 0..n-1), or
+        None for a model that reads only the interactions (any user). ``Recoder`` refuses data
+        with users beyond them, which the table would otherwise meet as an index error."""
         return None
 
     def loss_terms(self, epoch: int, step: int) -> torch.Tensor | None:

@@ -9,7 +9,9 @@ from recoder_dist.nn.base import (
     FactorizationModel,
     activation,
     embedding_rows,
+    probability,
     seeded_xavier_,
+    whole_number,
 )
 from recoder_dist.nn.registry import register
 
@@ -68,14 +70,12 @@ class MatrixFactorization(FactorizationModel):
         )
 
     def load_model_params(self, model_params: dict) -> None:
-        if int(model_params["embedding_size"]) < 1:
-            raise ValueError(f"embedding_size must be >= 1, got {model_params['embedding_size']}")
-        if not 0.0 <= model_params["dropout_prob"] < 1.0:
-            raise ValueError(f"dropout_prob must be in [0, 1), got {model_params['dropout_prob']}")
+        embedding_size = whole_number(model_params["embedding_size"], "embedding_size", 1)
+        dropout_prob = probability(model_params["dropout_prob"], "dropout_prob")
         activation(model_params["activation_type"])
-        self.embedding_size = int(model_params["embedding_size"])
+        self.embedding_size = embedding_size
         self.activation_type = model_params["activation_type"]
-        self.dropout_prob = float(model_params["dropout_prob"])
+        self.dropout_prob = dropout_prob
         self.sparse = bool(model_params["sparse"])
 
     def init_model(self, num_items: int | None = None, num_users: int | None = None) -> None:
@@ -111,6 +111,10 @@ class MatrixFactorization(FactorizationModel):
     # recsys-recoder 0.4.0's attribute names, read-only. Properties register nothing: the
     # state_dict and named_parameters keep our names only.
     recoder040_aliases = _ALIASES
+
+    @property
+    def known_users(self) -> int | None:
+        return self.num_users
 
     @property
     def user_embedding_layer(self) -> nn.Embedding:

@@ -16,6 +16,9 @@ rank.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import nn
 
@@ -25,8 +28,10 @@ from recoder_dist.nn.base import (
     activation,
     embedding_rows,
     hidden_sizes,
+    probability,
     seeded_dense_,
     seeded_xavier_,
+    whole_number,
 )
 from recoder_dist.nn.registry import register
 from recoder_dist.sharded.encoder import input_noise, normalized_values, sharded_pooling
@@ -100,18 +105,17 @@ class MultVAE(FactorizationModel):
 
     def load_model_params(self, model_params: dict) -> None:
         hidden = hidden_sizes(model_params["hidden_layers"])
-        if not 0.0 <= model_params["noise_prob"] < 1.0:
-            raise ValueError(f"noise_prob must be in [0, 1), got {model_params['noise_prob']}")
-        if not model_params["anneal_cap"] >= 0.0:
-            raise ValueError(f"anneal_cap must be >= 0, got {model_params['anneal_cap']}")
-        if int(model_params["anneal_steps"]) < 0:
-            raise ValueError(f"anneal_steps must be >= 0, got {model_params['anneal_steps']}")
+        noise_prob = probability(model_params["noise_prob"], "noise_prob")
+        cap = model_params["anneal_cap"]
+        if isinstance(cap, bool) or not isinstance(cap, numbers.Real) or not 0 <= cap < math.inf:
+            raise ValueError(f"anneal_cap must be a finite number >= 0, got {cap!r}")
+        anneal_steps = whole_number(model_params["anneal_steps"], "anneal_steps", 0)
         activation(model_params["activation_type"])  # validates the name
         self.hidden_layers = hidden
         self.activation_type = model_params["activation_type"]
-        self.noise_prob = float(model_params["noise_prob"])
-        self.anneal_cap = float(model_params["anneal_cap"])
-        self.anneal_steps = int(model_params["anneal_steps"])
+        self.noise_prob = noise_prob
+        self.anneal_cap = float(cap)
+        self.anneal_steps = anneal_steps
         self.sparse = bool(model_params["sparse"])
 
     def init_model(self, num_items: int | None = None, num_users: int | None = None) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from recoder_dist.data.collator import resolve_sampling_users
 from recoder_dist.metrics import Metric
@@ -38,8 +41,8 @@ class TrainSettings:
     precision: str = "fp32"
 
     def __post_init__(self):
-        if not (isinstance(self.lr, numbers.Real) and self.lr > 0):
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if not (isinstance(self.lr, numbers.Real) and 0 < self.lr < math.inf):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
         if not (isinstance(self.weight_decay, numbers.Real) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         _check_int(self.num_epochs, "num_epochs", 1)
@@ -51,6 +54,9 @@ class TrainSettings:
             _check_int(milestone, "every lr_milestones entry", 1)
         _check_int(self.checkpoint_freq, "checkpoint_freq", 0)
         _check_int(self.eval_freq, "eval_freq", 0)
+        for name in ("negative_sampling", "decay_sparse_lr", "profile"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 

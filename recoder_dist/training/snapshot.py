@@ -8,6 +8,7 @@ pickled code; the reader verifies the checksum.
 
 from __future__ import annotations
 
+import glob
 import os
 from dataclasses import dataclass, field, fields
 
@@ -40,6 +41,37 @@ def model_class_name(model) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def snapshot_prefix(prefix: str | os.PathLike) -> str:
+    """``prefix`` normalized (``storage.normalized``), keeping a final separator: snapshots are
+    named by appending to it (``epoch_file``), as recsys-recoder 0.4.0 names them, so that
+    ``"models/"`` names files in the folder ``models``."""
+    text = os.fspath(prefix)
+    normal = storage.normalized(text)
+    if not storage.is_uri(normal) and text.endswith(("/", os.sep)):
+        return os.path.join(normal, "")
+    return normal
+
+
+def epoch_file(prefix: str | os.PathLike, epoch: int) -> str:
+    """The snapshot of ``epoch`` under ``prefix``: ``{prefix}_epoch_{epoch}.model``."""
+    prefix = snapshot_prefix(prefix)
+    name = f"_epoch_{epoch}.model"
+    return prefix + name if prefix.endswith(os.sep) else storage.suffixed(prefix, name)
+
+
+def _what_is_there(location: str) -> str:
+    """For a local snapshot path that is not a file: a folder, or the prefix of snapshots
+    (``train``'s ``model_checkpoint_prefix`` given in place of one of its files)."""
+    if storage.is_uri(location):
+        return ""
+    if os.path.isdir(location):
+        return ": it is a folder"
+    found = sorted(glob.glob(glob.escape(location) + "_epoch_*.model"))
+    if found:
+        return f" (files under that prefix: {', '.join(os.path.basename(f) for f in found)})"
+    return ""
+
+
 def save_snapshot(snapshot: Snapshot, location: str | os.PathLike) -> str:
     """Writes ``snapshot`` to ``location`` (a path or a URI, see :mod:`recoder_dist.storage`)
     atomically and returns it: a reader never sees half a file, and a crash mid-write leaves
@@ -67,7 +99,7 @@ def load_snapshot(location: str | os.PathLike) -> Snapshot:
     """
     location = storage.normalized(location)
     if not storage.is_file(location):
-        raise FileNotFoundError(f"no snapshot file at {location}")
+        raise FileNotFoundError(f"no snapshot file at {location}{_what_is_there(location)}")
     with storage.local_copy(location) as path:
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)

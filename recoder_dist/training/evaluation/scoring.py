@@ -6,12 +6,14 @@ top-k kernel; False, their references (a dense input, ``torch.topk``).
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 
 from recoder_dist.data.collator import SparseBatch, UserRows, row_numbers
 from recoder_dist.metrics import Metric
-from recoder_dist.training.batch import model_input, to_device
+from recoder_dist.training.batch import checked_output, model_input, to_device
 from recoder_dist.training.evaluation.top_k import top_k
 
 
@@ -37,7 +39,7 @@ def predict_scores(
 def _scores(model, batch: SparseBatch, device, compiled: bool) -> torch.Tensor:
     users = to_device(batch.users, device)
     input = model_input(model, batch, device, compiled=compiled)
-    return model(input, input_users=users, target_users=users)
+    return checked_output(model, model(input, input_users=users, target_users=users), batch.shape)
 
 
 @torch.no_grad()
@@ -187,6 +189,8 @@ def _select(rows: UserRows, mask: np.ndarray) -> UserRows:
 
 def check_metrics(metrics, num_recommendations: int | None) -> int:
     """Validates the metrics and returns the list length to compute."""
+    if isinstance(metrics, Metric):
+        raise TypeError(f"metrics must be a list of metrics, e.g. [{metrics.name}], got one")
     if not metrics:
         raise ValueError("evaluation needs at least one metric, e.g. [Recall(20), NDCG(100)]")
     for metric in metrics:
@@ -197,8 +201,12 @@ def check_metrics(metrics, num_recommendations: int | None) -> int:
         if longest == 0:
             raise ValueError("set num_recommendations: no metric has a k")
         return longest
-    if num_recommendations < 1:
-        raise ValueError(f"num_recommendations must be >= 1, got {num_recommendations}")
+    if (
+        isinstance(num_recommendations, bool)
+        or not isinstance(num_recommendations, numbers.Integral)
+        or num_recommendations < 1
+    ):
+        raise ValueError(f"num_recommendations must be an int >= 1, got {num_recommendations!r}")
     if longest > num_recommendations:
         raise ValueError(
             f"a metric reads the top {longest} but num_recommendations={num_recommendations}"

@@ -8,7 +8,13 @@ import numpy as np
 import torch
 
 from recoder_dist.data.collator import SparseBatch
-from recoder_dist.training.batch import densify, model_input, to_device, unwrapped
+from recoder_dist.training.batch import (
+    checked_output,
+    densify,
+    model_input,
+    to_device,
+    unwrapped,
+)
 
 # RECODER_DIST_DEBUG=1: check every batch's promises (SparseBatch.check) before the step.
 DEBUG = os.environ.get("RECODER_DIST_DEBUG") == "1"
@@ -45,6 +51,7 @@ def batch_loss(
         output = model(
             input, input_users=users, input_items=items, target_users=users, target_items=items
         )
+    checked_output(model, output, batch.shape)
     loss = loss_fn(output.float(), target)
     terms = unwrapped(model).loss_terms(epoch, step) if model.training else None
     if terms is not None:

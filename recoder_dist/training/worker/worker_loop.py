@@ -51,6 +51,7 @@ from recoder_dist.training.config import EvalSettings, TrainSettings, WorkerJob
 from recoder_dist.training.evaluation.scoring import batches_metric_sums, metric_means
 from recoder_dist.training.evaluation.sharded import sharded_eval_sums
 from recoder_dist.training.resources import worker_threads
+from recoder_dist.training.snapshot import epoch_file
 from recoder_dist.training.worker.optimizers import (
     build_optimizers,
     epoch_lrs,
@@ -306,9 +307,7 @@ def _train(
                 settings.checkpoint_freq > 0 and epoch % settings.checkpoint_freq == 0
             )
             if wants_checkpoint and job.checkpoint_prefix:
-                metrics["snapshot"] = storage.suffixed(
-                    job.checkpoint_prefix, f"_epoch_{epoch}.model"
-                )
+                metrics["snapshot"] = epoch_file(job.checkpoint_prefix, epoch)
             metrics["seconds"] = time.perf_counter() - started
             history.append(metrics)
             if rank == 0:
