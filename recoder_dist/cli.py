@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -45,14 +46,24 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _prepare(args) -> int:
+    from recoder_dist import storage
     from recoder_dist.datasets import StrongSplitConfig, WeakSplitConfig, prepare
     from recoder_dist.datasets.cluster_prepare import prepare_on_cluster
     from recoder_dist.datasets.movielens import load_movielens
 
+    output = Path(args.output)
+    if not storage.is_uri(args.output) and output.exists() and not output.is_dir():
+        raise UsageError(f"--output {args.output} is a file, not a folder")  # before the work
     if args.split == "strong":
+        if args.val_fraction is not None:
+            raise UsageError("--val-fraction is a --split weak setting")
+        if args.test_users < 1:
+            raise UsageError(
+                f"--test-users must be >= 1 (train evaluates on them), got {args.test_users}"
+            )
         split = StrongSplitConfig(args.val_users, args.test_users, seed=args.seed)
     else:
-        split = WeakSplitConfig(seed=args.seed, val_fraction=args.val_fraction)
+        split = WeakSplitConfig(seed=args.seed, val_fraction=args.val_fraction or 0.0)
     if args.dataset == "events":
         if not args.input:
             raise UsageError("--dataset events needs --input (a file, folder, glob or URI)")
@@ -79,6 +90,14 @@ def _prepare(args) -> int:
         }
     print(json.dumps({"output": str(args.output), **sizes}))
     return 0
+
+
+def _path(value: str) -> str:
+    """A path flag's value: an empty one (a quoted, unset shell variable) would name the
+    current folder."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("an empty path")
+    return value
 
 
 def _model(args):
@@ -124,6 +143,8 @@ def parse_model_param(value: str) -> tuple[str, object]:
 def _metrics(ks: list[int]):
     from recoder_dist.metrics import NDCG, Recall
 
+    if min(ks) < 1:
+        raise UsageError(f"--metrics: each k must be >= 1, got {min(ks)}")
     return [*(Recall(k=k) for k in ks[:-1]), NDCG(k=ks[-1])]
 
 
@@ -135,6 +156,8 @@ def _train(args) -> int:
 
     # The cluster reads the user rows; this process, split.json only.
     split = open_prepared(args.data)
+    if split.test is None or split.test.num_rows == 0:  # said now, not after the epochs
+        raise UsageError(f"the split at {args.data} has no test users, which train evaluates")
     checkpoint_dir = storage.normalized(args.checkpoint_dir)
     recoder = Recoder(
         _model(args),
@@ -319,7 +342,7 @@ def parser() -> argparse.ArgumentParser:
 def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The command line's parser, and each command's own by name (whose defaults ``--preset``
     and ``--config`` set)."""
-    main = _Parser(prog="recoder-dist", description=__doc__.splitlines()[0])
+    main = _Parser(prog="recoder-dist", description=__doc__.split("\n\n")[0].replace("\n", " "))
     main.add_argument("--config", help="YAML or JSON file of defaults for the command's flags")
     main.add_argument(
         "--verbose", action="store_true", help="also show Ray's own logs (always in its log files)"
@@ -330,11 +353,13 @@ def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     p.add_argument("--dataset", choices=DATASETS, required=True)
     p.add_argument(
         "--data-dir",
+        type=_path,
         help="folder holding the ratings file (u.data, ratings.dat or ratings.csv) of an "
         "unzipped copy (default: download into the cache)",
     )
     p.add_argument(
         "--input",
+        type=_path,
         help="--dataset events: the event table, read by the cluster: a CSV (with a header) or "
         "Parquet file, a folder of them, a glob, or a URI of these",
     )
@@ -343,11 +368,13 @@ def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     p.add_argument(
         "--value-col", help="--dataset events: the events' values (default: every event is 1)"
     )
-    p.add_argument("--output", required=True)
+    p.add_argument("--output", type=_path, required=True)
     p.add_argument("--split", choices=("strong", "weak"), default="strong")
-    p.add_argument("--val-users", type=int, default=100)
-    p.add_argument("--test-users", type=int, default=100)
-    p.add_argument("--val-fraction", type=float, default=0.0)
+    p.add_argument("--val-users", type=int, default=100, help="--split strong")
+    p.add_argument(
+        "--test-users", type=int, default=100, help="--split strong (train evaluates on them)"
+    )
+    p.add_argument("--val-fraction", type=float, help="--split weak (default: 0)")
     p.add_argument(
         "--positive-above",
         type=float,
@@ -358,12 +385,16 @@ def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     p.set_defaults(run=_prepare)
 
     t = commands.add_parser("train", help="train a model on a prepared split")
-    t.add_argument("--data", required=True, help="folder written by prepare")
+    t.add_argument("--data", type=_path, required=True, help="folder written by prepare")
     t.add_argument(
-        "--checkpoint-dir", required=True, help="where snapshots go: a folder or a URI (s3://...)"
+        "--checkpoint-dir",
+        type=_path,
+        required=True,
+        help="where snapshots go: a folder or a URI (s3://...)",
     )
     t.add_argument(
         "--storage",
+        type=_path,
         help="Ray Train's run storage, reachable from every node (default: CHECKPOINT_DIR/runs)",
     )
     t.add_argument(
@@ -448,22 +479,25 @@ def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     t.set_defaults(run=_train)
 
     e = commands.add_parser("evaluate", help="evaluate a checkpoint on a prepared split")
-    e.add_argument("--checkpoint", required=True)
-    e.add_argument("--data", required=True)
+    e.add_argument("--checkpoint", type=_path, required=True)
+    e.add_argument("--data", type=_path, required=True)
     e.add_argument("--split", choices=("test", "validation"), default="test")
     e.add_argument(
-        "--storage", help="Ray Train's run storage (default: runs/ beside the checkpoint)"
+        "--storage",
+        type=_path,
+        help="Ray Train's run storage (default: runs/ beside the checkpoint)",
     )
     _add_common(e)
     _add_worker_cpus(e)
     e.set_defaults(run=_evaluate)
 
     r = commands.add_parser("recommend", help="top-K items of every user to Parquet")
-    r.add_argument("--checkpoint", required=True)
-    r.add_argument("--data", required=True)
+    r.add_argument("--checkpoint", type=_path, required=True)
+    r.add_argument("--data", type=_path, required=True)
     r.add_argument("--split", choices=("train", "test", "validation"), default="test")
     r.add_argument(
         "--output",
+        type=_path,
         required=True,
         help="a folder or a URI; what it holds is replaced once the new files are all written",
     )
@@ -474,10 +508,11 @@ def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     s = commands.add_parser(
         "similar-items", help="every item's K nearest items by cosine, to Parquet"
     )
-    s.add_argument("--checkpoint", required=True)
-    s.add_argument("--data", required=True, help="the prepared split (its item ids)")
+    s.add_argument("--checkpoint", type=_path, required=True)
+    s.add_argument("--data", type=_path, required=True, help="the prepared split (its item ids)")
     s.add_argument(
         "--output",
+        type=_path,
         required=True,
         help="a folder or a URI; what it holds is replaced once the new files are all written",
     )
@@ -489,6 +524,7 @@ def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     d = commands.add_parser("demo", help="train and evaluate an autoencoder on MovieLens 100K")
     d.add_argument(
         "--data-dir",
+        type=_path,
         help="folder with MovieLens 100K's u.data "
         "(default: $RECODER_DIST_ML100K, else download into the cache)",
     )
@@ -527,9 +563,17 @@ def _with_config(argv: list[str]) -> argparse.Namespace:
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        values = yaml.safe_load(text)
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise UsageError(
+                f"--config {path}: not valid YAML: {' '.join(str(e).split())}"
+            ) from None
     else:
-        values = json.loads(text)
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--config {path}: not valid JSON: {e}") from None
     if not isinstance(values, dict):
         raise UsageError(f"--config {path}: expected a mapping of flag names to values")
     known = vars(args)
@@ -540,7 +584,18 @@ def _with_config(argv: list[str]) -> argparse.Namespace:
     return cli.parse_args(argv)
 
 
-_USER_ERRORS = (UsageError, ValueError, FileNotFoundError, FloatingPointError)
+# A path that is a file where a folder goes (or the other way), or that the user may not
+# write, is the user's to fix too.
+_USER_ERRORS = (
+    UsageError,
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    FloatingPointError,
+)
 
 
 def _user_error(error: Exception) -> Exception | None:
@@ -578,6 +633,12 @@ def _raised(error: Exception, kinds: tuple) -> Exception | None:
     return None
 
 
+def _without_ray_notes(error: Exception) -> str:
+    """``error``'s message without what Ray Data appends to a failed task's error (its
+    attempts, and how to configure retries: none of the user's business for a mistake)."""
+    return re.split(r"\nFailed to .* after \d+/\d+ attempts", str(error), maxsplit=1)[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -595,5 +656,5 @@ def main(argv: list[str] | None = None) -> int:
         if mistake is None and outage is None:
             raise  # the traceback (a failed run's includes each failed rank's)
         logging.getLogger("recoder_dist").debug("where the error was met", exc_info=True)
-        print(f"recoder-dist: error: {mistake or outage}", file=sys.stderr)
+        print(f"recoder-dist: error: {_without_ray_notes(mistake or outage)}", file=sys.stderr)
         return 2 if mistake is not None else 1

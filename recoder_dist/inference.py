@@ -32,7 +32,7 @@ from recoder_dist import storage
 from recoder_dist.data.local_files import on_this_node
 from recoder_dist.data.ray_dataset import rows_from_arrow
 from recoder_dist.similarity import item_vectors, similar_items_table, top_k_cosine
-from recoder_dist.training.driver.launcher import gpus_for
+from recoder_dist.training.driver.launcher import ensure_ray, gpus_for
 from recoder_dist.training.evaluation.scoring import recommend_top_k
 from recoder_dist.utils import load_id_map
 
@@ -119,6 +119,7 @@ def write_recommendations(
             f"has {files.num_items}: a checkpoint of another dataset"
         )
     output = _output_folder(output)
+    ensure_ray()  # quietly: Ray Data would start it with its console logs
     use_gpu = gpus_for(use_gpu)
     rows = files.ray_dataset().select_columns(["user", "items", "values"])
     # The files' blocks (row groups) are large: smaller ones spread the users over the actors.
@@ -184,6 +185,7 @@ def write_similar_items(
             f"{prepared.train.num_items} items: a checkpoint of another dataset"
         )
     output = _output_folder(output)
+    ensure_ray()
     use_gpu = gpus_for(use_gpu)
     read_ids = ray.remote(_ids_of).options(**on_this_node())
     item_ids = read_ids.remote(prepared.id_map_path("item"))

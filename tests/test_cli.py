@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from recoder_dist.cli import main, parsers
-from recoder_dist.datasets import load_prepared, movielens
+from recoder_dist.datasets import StrongSplitConfig, load_prepared, movielens, prepare
 from recoder_dist.model import Recoder
 from recoder_dist.nn import DynamicAutoencoder
 from recoder_dist.presets import PRESETS, preset
@@ -143,6 +143,15 @@ def test_train_evaluate_recommend(ray_session, prepared, tmp_path, capsys):
             "no split.json",
         ),
         (["--config", "missing.yaml", "demo"], "no such file"),
+        (
+            ["prepare", "--dataset", "ml-100k", "--output", "o", "--test-users", "0"],
+            "--test-users must be >= 1 (train evaluates on them), got 0",
+        ),
+        (
+            ["prepare", "--dataset", "ml-100k", "--output", "o", "--val-fraction", "0.3"],
+            "--val-fraction is a --split weak setting",
+        ),
+        (["prepare", "--dataset", "ml-100k", "--output", __file__], "is a file, not a folder"),
     ],
 )
 def test_user_mistakes_are_one_line_and_exit_2(argv, message, capsys):
@@ -160,6 +169,39 @@ def test_verbose_logs_where_a_user_mistake_was_met(ray_session, capsys, caplog):
         assert main(["--verbose", *argv]) == 2
     assert "where the error was met" in caplog.text and "Traceback" in caplog.text
     assert capsys.readouterr().err.count("recoder-dist: error:") == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("bad.yaml", "epochs: [1\n", "not valid YAML: while parsing a flow sequence"),
+        ("bad.json", "{epochs: 1", "not valid JSON: Expecting property name"),
+    ],
+)
+def test_a_config_that_does_not_parse_is_named_in_one_line(capsys, tmp_path, name, text, message):
+    config = tmp_path / name
+    config.write_text(text)
+    assert main(["--config", str(config), "train", "--data", "x", "--checkpoint-dir", "y"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--config {config}: {message}" in err[0]
+
+
+def test_an_empty_path_is_refused_not_taken_for_the_current_folder(capsys):
+    """A quoted, unset shell variable (--output "$OUT") would write the split here."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare", "--dataset", "ml-100k", "--output", ""])
+    assert exit_info.value.code == 2
+    assert "argument --output: an empty path" in capsys.readouterr().err
+
+
+def test_a_split_without_test_users_is_refused_before_training(ray_session, tmp_path, capsys):
+    events = movielens.load_movielens("ml-100k", shared_data("ml-100k"))
+    prepare(events, tmp_path / "no-test", StrongSplitConfig(50, 0), positive_above=3.5)
+    argv = ["train", "--data", str(tmp_path / "no-test"), "--checkpoint-dir", str(tmp_path)]
+    assert main([*argv, "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "has no test users, which train evaluates" in err and "epoch" not in err
+    assert not list(tmp_path.glob("*.model"))
 
 
 def test_bad_flags_exit_2(capsys, tmp_path):
@@ -333,3 +375,44 @@ def test_a_storage_outage_is_one_line_from_here_a_worker_or_the_controller(monke
     monkeypatch.setattr(cli, "_train", lambda args: (_ for _ in ()).throw(OSError("disk")))
     with pytest.raises(OSError, match="disk"):
         main(argv)
+
+
+@pytest.mark.slow
+def test_a_bad_event_met_by_a_ray_data_task_is_one_line_and_so_is_a_recommendation_run(
+    prepared, tmp_path
+):
+    """The whole stderr of the real command line on its own local Ray. A bad id is met in a
+    Ray Data task: Ray Data logs the task's traceback as the dataset aborts and appends its
+    retry advice to the error; the user sees the error's own line alone. A recommend run that
+    succeeds starts Ray quietly, not through Ray Data with its INFO lines and progress (what
+    is left: our line naming the checkpoint, and a line of Ray's C++ core worker on the
+    scoring actors' restarts, which Python's logging does not reach)."""
+    events = tmp_path / "events.csv"
+    events.write_text("user,item\n1,2\nu7,3\n")
+    command = [sys.executable, "-m", "recoder_dist"]
+    done = subprocess.run(
+        [*command, "prepare", "--dataset", "events", "--input", str(events)]
+        + ["--output", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.splitlines() == [
+        f"recoder-dist: error: {events}: user 'u7' is not a non-negative integer"
+    ]
+
+    recoder = Recoder(DynamicAutoencoder([16]), num_workers=0, seed=0)
+    recoder.train(load_prepared(prepared).split.train, batch_size=100)
+    checkpoint = recoder.save_state(str(tmp_path / "model"))
+    done = subprocess.run(
+        [*command, "recommend", "--checkpoint", checkpoint, "--data", str(prepared)]
+        + ["--output", str(tmp_path / "recs"), "--top-k", "5"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stderr.splitlines()
+    assert lines[0] == f"loaded {checkpoint} (epoch 1)", done.stderr
+    assert not [ln for ln in lines[1:] if "core_worker.cc" not in ln], done.stderr

@@ -188,8 +188,26 @@ def write_csv(folder, name, text):
         ),
         ("user,item,value\n1,2,1\n1,3,\n", ValueError, "events.csv: value None is not a finite"),
         ("user,item,value\n1,2,1\n", ValueError, "no user has 5 or more positive events"),
+        (
+            "user,item,value\n1,2,1\n10000000000000000000,3,1\n",
+            ValueError,
+            "events.csv: user '10000000000000000000' is larger than the largest id, 2\\*\\*63",
+        ),
+        (
+            "user,item,value\n1,2,1\n1,3,1,9\n",
+            ValueError,
+            "events.csv is not a readable CSV file: CSV parse error: Expected 3 columns, got 4",
+        ),
     ],
-    ids=["missing column", "text id", "negative id", "missing value", "too few events"],
+    ids=[
+        "missing column",
+        "text id",
+        "negative id",
+        "missing value",
+        "too few events",
+        "id beyond int64",
+        "ragged row",
+    ],
 )
 def test_bad_events_are_named(ray_session, tmp_path, text, error, message):
     source = write_csv(tmp_path, "events.csv", text)
@@ -209,6 +227,33 @@ def test_missing_or_mixed_input_is_refused(tmp_path):
         prepare_on_cluster(
             tmp_path / "a.csv", tmp_path / "out", WeakSplitConfig(), positive_above=3
         )
+
+
+@pytest.mark.slow
+def test_what_spreadsheets_and_spark_write_prepares_as_a_plain_csv(ray_session, tmp_path):
+    """A CSV with a byte-order mark and quoted names (Excel's "CSV UTF-8", R's write.csv),
+    and a folder of Parquet parts with Spark's _SUCCESS marker beside them: the same split as
+    the plain CSV of the same events."""
+    events = pd.DataFrame(
+        [(u, (u * 3 + j) % 11) for u in range(12) for j in range(6)], columns=["user", "item"]
+    )
+    plain = tmp_path / "plain.csv"
+    events.to_csv(plain, index=False)
+    excel = tmp_path / "excel.csv"
+    excel.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes().replace(b"user,item", b'"user","item"'))
+    spark = tmp_path / "spark"
+    spark.mkdir()
+    pq.write_table(pa.Table.from_pandas(events, preserve_index=False), spark / "part-0.parquet")
+    (spark / "_SUCCESS").write_bytes(b"")
+    config = StrongSplitConfig(num_val_users=2, num_test_users=2, seed=1)
+    splits = {
+        name: load_prepared(prepare_on_cluster(source, tmp_path / name, config).location)
+        for name, source in (("a", plain), ("b", excel), ("c", spark))
+    }
+    for other in ("b", "c"):
+        assert splits[other].user_id_map == splits["a"].user_id_map
+        train, plain_train = splits[other].split.train, splits["a"].split.train
+        assert (train.interactions != plain_train.interactions).nnz == 0
 
 
 def test_the_command_line_prepares_events_on_the_cluster(ray_session, tmp_path, capsys):

@@ -210,10 +210,13 @@ def _input_files(source) -> list[str]:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.Directory:
             infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            # Hidden files, and what Spark and Hive write beside their parts (_SUCCESS,
+            # _committed_*, .crc files), are not events.
             found = [
                 i.path
                 for i in infos
-                if i.type == pafs.FileType.File and not os.path.basename(i.path).startswith(".")
+                if i.type == pafs.FileType.File
+                and not os.path.basename(i.path).startswith((".", "_"))
             ]
         else:
             found = [path] if info.type == pafs.FileType.File else []
@@ -224,7 +227,9 @@ def _input_files(source) -> list[str]:
 
 def _check_headers(paths: list[str], columns: list[str]) -> bool:
     """Whether the files are Parquet (else CSV: all one kind), after checking that each has
-    ``columns`` (reading its footer or its first line)."""
+    ``columns`` (reading its footer, or its header as the CSV reader reads it: a byte-order
+    mark and quotes are not part of a name)."""
+    import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     # The suffix of the path within the filesystem (a URI may end in a query).
@@ -239,7 +244,7 @@ def _check_headers(paths: list[str], columns: list[str]) -> bool:
                 names = pq.read_schema(fs_path, filesystem=fs).names
             else:
                 with fs.open_input_stream(fs_path) as f:
-                    names = f.read(1 << 16).split(b"\n", 1)[0].decode().strip().split(",")
+                    names = pacsv.open_csv(f).schema.names
         except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
             kind = "Parquet" if parquet else "CSV"
             raise ValueError(f"{path} is not a readable {kind} file: {e}") from None
@@ -309,20 +314,33 @@ def _positive_events(table: pa.Table, columns: dict, positive_above) -> pa.Table
     return pa.table(out)
 
 
+_LARGEST_ID = 2**63 - 1  # ids are int64
+
+
 def _ids(column: pa.ChunkedArray, name: str, where: str) -> np.ndarray:
     if column.null_count:
         raise ValueError(f"{where}: {name} is missing in {column.null_count} events")
     if pa.types.is_integer(column.type):
-        ids = column.to_numpy().astype(np.int64)
+        raw = column.to_numpy()
+        too_large = raw > _LARGEST_ID if pa.types.is_unsigned_integer(column.type) else None
+        ids = raw.astype(np.int64)
         bad = ids < 0
     elif pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-        text = column.to_numpy(zero_copy_only=False).astype(str)
-        digits = np.char.isdigit(np.char.strip(text))
+        text = np.char.strip(column.to_numpy(zero_copy_only=False).astype(str))
+        digits = np.char.isdecimal(text)
+        # An id of 19 digits or more may not fit in int64: those few are checked one by one.
+        too_large = np.zeros(len(text), dtype=bool)
+        for i in np.flatnonzero(digits & (np.char.str_len(text) >= 19)):
+            too_large[i] = int(text[i]) > _LARGEST_ID
         bad = ~digits
         ids = np.zeros(len(text), dtype=np.int64)
-        ids[digits] = np.char.strip(text[digits]).astype(np.int64)
+        fits = digits & ~too_large
+        ids[fits] = text[fits].astype(np.int64)
     else:
         raise ValueError(f"{where}: {name} is of type {column.type}, not integer ids")
+    if too_large is not None and too_large.any():
+        shown = column[int(np.flatnonzero(too_large)[0])].as_py()
+        raise ValueError(f"{where}: {name} {shown!r} is larger than the largest id, 2**63 - 1")
     if bad.any():
         shown = column[int(np.flatnonzero(bad)[0])].as_py()
         raise ValueError(f"{where}: {name} {shown!r} is not a non-negative integer")

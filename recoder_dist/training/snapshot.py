@@ -59,6 +59,16 @@ def epoch_file(prefix: str | os.PathLike, epoch: int) -> str:
     return prefix + name if prefix.endswith(os.sep) else storage.suffixed(prefix, name)
 
 
+def _unreadable(error: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in a line (torch's own advice,
+    to load it with ``weights_only=False``, would run whatever code the file holds)."""
+    text = str(error).strip()
+    if "Weights only load failed" in text:
+        return "it holds objects other than tensors and plain data: not a recoder_dist file"
+    first = text.splitlines()[0] if text else ""
+    return f"not a torch file ({type(error).__name__}: {first})"
+
+
 def _what_is_there(location: str) -> str:
     """For a local snapshot path that is not a file: a folder, or the prefix of snapshots
     (``train``'s ``model_checkpoint_prefix`` given in place of one of its files)."""
@@ -104,8 +114,7 @@ def load_snapshot(location: str | os.PathLike) -> Snapshot:
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # a corrupt file fails anywhere in the unpickler
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"{location} is not a readable snapshot: {first_line}") from None
+            raise ValueError(f"{location} is not a readable snapshot: {_unreadable(e)}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{location} is not a recoder_dist snapshot")
     if payload.get("version") != VERSION:

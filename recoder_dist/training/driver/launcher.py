@@ -62,10 +62,17 @@ def _quiet_ray_data_console() -> None:
             # The launcher turns progress bars off for the datasets it runs on; Ray Data warns
             # about that when one of them runs in this process (num_workers=0).
             handler.addFilter(_drop_progress_bar_notice)
+            # A task's error is logged with its whole traceback as the dataset aborts, then
+            # raised to whoever executes the dataset: once is enough (the log file keeps both).
+            handler.addFilter(_drop_task_errors)
 
 
 def _drop_progress_bar_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Progress bars disabled")
+
+
+def _drop_task_errors(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
 
 
 def init_local_ray(*, verbose: bool = False, **kwargs) -> None:
