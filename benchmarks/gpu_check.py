@@ -25,12 +25,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from recoder_dist.datasets import strong_generalization_split
-from recoder_dist.training.worker.sparse_sync import EXCHANGES
+from recoder_dist.training.sparse_sync import EXCHANGES
 
 
 def sync_check(rank: int, world: int, port: int, backend: str, out) -> None:
     """Synced sparse gradients == all-reduced dense gradients / world, on ``backend``."""
-    from recoder_dist.training.worker.sparse_sync import SparseGradSync
+    from recoder_dist.training.sparse_sync import SparseGradSync
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group(backend, rank=rank, world_size=world)

@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from recoder_dist.training.worker import sparse_sync
-from recoder_dist.training.worker.sparse_sync import SparseGradSync
+from recoder_dist.training import sparse_sync
+from recoder_dist.training.sparse_sync import SparseGradSync
 
 
 def touched_items(rng, num_items: int, users: int, items_per_user: int) -> torch.Tensor:

@@ -49,7 +49,7 @@ import numpy as np
 import scipy.sparse as sp
 from _common import load_matrix, markdown_table
 
-from recoder_dist.training.worker.sparse_sync import DENSE_SHARE
+from recoder_dist.training.sparse_sync import DENSE_SHARE
 
 TABLE_DIMS = (200, 200, 1)  # encoder, decoder, bias: each one row per item
 HIDDEN = 200  # the codes' width (the [200] autoencoder)

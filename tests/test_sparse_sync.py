@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from recoder_dist.training.worker.sparse_sync import EXCHANGES, SparseGradSync
+from recoder_dist.training.sparse_sync import EXCHANGES, SparseGradSync
 
 WORLD = 2
 TABLES = [(50, 4), (30, 3)]  # (rows, dim) of the embedding tables

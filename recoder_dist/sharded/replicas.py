@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from recoder_dist.sharded import comm
-from recoder_dist.training.worker.sparse_sync import SparseGradSync
+from recoder_dist.training.sparse_sync import SparseGradSync
 
 
 def layout_groups(group_size: int):

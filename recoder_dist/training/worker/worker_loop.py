@@ -52,6 +52,7 @@ from recoder_dist.training.evaluation.scoring import batches_metric_sums, metric
 from recoder_dist.training.evaluation.sharded import sharded_eval_sums
 from recoder_dist.training.resources import worker_threads
 from recoder_dist.training.snapshot import epoch_file
+from recoder_dist.training.sparse_sync import SparseGradSync
 from recoder_dist.training.worker.optimizers import (
     build_optimizers,
     epoch_lrs,
@@ -61,7 +62,6 @@ from recoder_dist.training.worker.prefetch import EpochPrefetcher
 from recoder_dist.training.worker.schedule import agreed_steps, epoch_batches
 from recoder_dist.training.worker.session import ProcessSession, TrainSession
 from recoder_dist.training.worker.sharded_step import rank_batch, sharded_batch_loss, shards_tables
-from recoder_dist.training.worker.sparse_sync import SparseGradSync
 from recoder_dist.training.worker.step import batch_loss
 from recoder_dist.training.worker.step_profile import StepProfile, gathered, timed_allreduce_hook
 
