@@ -55,7 +55,7 @@ def _prepare(args) -> int:
     if not storage.is_uri(args.output) and output.exists() and not output.is_dir():
         raise UsageError(f"--output {args.output} is a file, not a folder")  # before the work
     if args.split == "strong":
-        if args.val_fraction is not None:
+        if args.val_fraction:
             raise UsageError("--val-fraction is a --split weak setting")
         if args.test_users < 1:
             raise UsageError(
@@ -176,9 +176,10 @@ def _train(args) -> int:
     )
     metrics = _metrics(args.metrics)
     prefix = storage.join(checkpoint_dir, "model")
+    validating = split.validation is not None and args.eval_freq > 0
     history = recoder.train(
         train_dataset=split.train,
-        val_dataset=split.validation,
+        val_dataset=split.validation if validating else None,
         lr=args.lr,
         weight_decay=args.weight_decay,
         num_epochs=args.epochs,
@@ -189,8 +190,8 @@ def _train(args) -> int:
         num_sampling_users=args.sampling_users,
         model_checkpoint_prefix=prefix,
         checkpoint_freq=args.checkpoint_freq,
-        eval_freq=args.eval_freq if split.validation is not None else 0,
-        metrics=metrics,
+        eval_freq=args.eval_freq if validating else 0,
+        metrics=metrics if validating else None,
         eval_num_recommendations=max(args.metrics),
         precision=args.precision,
         profile=args.profile,

@@ -240,7 +240,11 @@ class RecommenderEvaluator:
     """
 
     def __init__(self, recommender, metrics: list[Metric]):
-        if isinstance(metrics, Metric) or not metrics:
+        if isinstance(metrics, Metric):
+            raise TypeError(
+                f"metrics must be a list of metrics, e.g. [{type(metrics).__name__}(...)]"
+            )
+        if not metrics:
             raise ValueError("metrics must be a list of at least one metric, e.g. [Recall(20)]")
         for metric in metrics:
             if not isinstance(metric, Metric):

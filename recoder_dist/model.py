@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -315,15 +316,15 @@ class Recoder:
         if isinstance(train_dataset, RecommendationDataset) and isinstance(self.loss, str):
             _warn_of_values_the_loss_misreads(self.loss, train_dataset.interactions.data)
         evaluating = val_dataset is not None and eval_freq > 0
-        if (val_dataset is not None or metrics is not None) and not evaluating:
+        if val_dataset is not None and not evaluating:
             logger.warning(
-                "val_dataset and metrics are used with eval_freq >= 1 only: this run evaluates "
-                "nothing (val_dataset %s, metrics %s, eval_freq %s)",
-                "given" if val_dataset is not None else "None",
-                "given" if metrics is not None else "None",
+                "val_dataset is evaluated every eval_freq epochs, and eval_freq is %s: this "
+                "run does not evaluate it",
                 eval_freq,
             )
-        if lr_milestones is not None and not isinstance(lr_milestones, (list, tuple)):
+        if lr_milestones is not None and (
+            isinstance(lr_milestones, (str, bytes)) or not isinstance(lr_milestones, Iterable)
+        ):
             raise TypeError(f"lr_milestones must be a list of epochs, got {lr_milestones!r}")
         settings = TrainSettings(  # validates every setting
             lr=lr,
@@ -929,7 +930,8 @@ def read_training_rows(dataset: RecommendationDataset | UserRowFiles) -> Trainin
 
 def _warn_of_values_the_loss_misreads(loss: str, values: np.ndarray) -> None:
     """Says when the training values are outside what ``loss`` reads: its loss then falls
-    without bound, and training goes on (as recsys-recoder 0.4.0's, which does not look)."""
+    without bound, and training goes on (as recsys-recoder 0.4.0's, which does not look).
+    In-memory data only: rows in files are read by the cluster, not here."""
     low, high = float(values.min()), float(values.max())
     if loss == "logistic" and (low < 0 or high > 1):
         logger.warning(

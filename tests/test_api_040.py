@@ -262,9 +262,10 @@ def test_recommender_evaluator_num_users_stops_after_the_batch():
     assert len(results[Recall(3)]) == 8  # two batches of 4 reach 5 users
     with pytest.raises(ValueError, match="target"):
         evaluator.evaluate(RecommendationDataset(matrix))
-    for no_list in ([], Recall(3)):
-        with pytest.raises(ValueError, match="metrics must be a list of at least one metric"):
-            RecommenderEvaluator(Same(), no_list)
+    with pytest.raises(ValueError, match="metrics must be a list of at least one metric"):
+        RecommenderEvaluator(Same(), [])
+    with pytest.raises(TypeError, match=r"metrics must be a list of metrics, e.g. \[Recall"):
+        RecommenderEvaluator(Same(), Recall(3))
 
 
 def test_inference_recommender_calls_the_model():

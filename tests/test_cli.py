@@ -50,7 +50,7 @@ def brute_force_neighbours(vectors: np.ndarray, k: int) -> list[tuple[list[int],
 
 
 @pytest.mark.slow
-def test_train_evaluate_recommend(ray_session, prepared, tmp_path, capsys):
+def test_train_evaluate_recommend(ray_session, prepared, tmp_path, capsys, caplog):
     config = tmp_path / "train.yaml"
     config.write_text("epochs: 2\nbatch-size: 100\nhidden: [64]\n")
     code, trained, _ = run(
@@ -70,6 +70,7 @@ def test_train_evaluate_recommend(ray_session, prepared, tmp_path, capsys):
     )
     assert code == 0 and trained["epoch"] == 2  # the config file's epochs
     assert trained["test"]["eval_users"] == 100
+    assert "does not evaluate" not in caplog.text  # no validation asked (--eval-freq 0)
     # The last epoch's phases, one value per rank (here one: in-process).
     assert {"forward", "backward", "optimizer", "batches_cpu"} <= set(trained["profile"])
     assert all(len(seconds) == 1 for seconds in trained["profile"].values())
@@ -194,13 +195,15 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_folder(capsys):
     assert "argument --output: an empty path" in capsys.readouterr().err
 
 
-def test_a_split_without_test_users_is_refused_before_training(ray_session, tmp_path, capsys):
+def test_a_split_without_test_users_is_refused_before_training(
+    ray_session, tmp_path, capsys, caplog
+):
     events = movielens.load_movielens("ml-100k", shared_data("ml-100k"))
     prepare(events, tmp_path / "no-test", StrongSplitConfig(50, 0), positive_above=3.5)
     argv = ["train", "--data", str(tmp_path / "no-test"), "--checkpoint-dir", str(tmp_path)]
     assert main([*argv, "--workers", "0"]) == 2
-    err = capsys.readouterr().err
-    assert "has no test users, which train evaluates" in err and "epoch" not in err
+    assert "has no test users, which train evaluates" in capsys.readouterr().err
+    assert "epoch 1/" not in caplog.text  # no epoch trained
     assert not list(tmp_path.glob("*.model"))
 
 

@@ -232,8 +232,8 @@ def test_missing_or_mixed_input_is_refused(tmp_path):
 @pytest.mark.slow
 def test_what_spreadsheets_and_spark_write_prepares_as_a_plain_csv(ray_session, tmp_path):
     """A CSV with a byte-order mark and quoted names (Excel's "CSV UTF-8", R's write.csv),
-    and a folder of Parquet parts with Spark's _SUCCESS marker beside them: the same split as
-    the plain CSV of the same events."""
+    and a folder of Parquet parts with Spark's _SUCCESS marker beside them (the folder, or a
+    glob of it): the same split as the plain CSV of the same events."""
     events = pd.DataFrame(
         [(u, (u * 3 + j) % 11) for u in range(12) for j in range(6)], columns=["user", "item"]
     )
@@ -248,9 +248,9 @@ def test_what_spreadsheets_and_spark_write_prepares_as_a_plain_csv(ray_session, 
     config = StrongSplitConfig(num_val_users=2, num_test_users=2, seed=1)
     splits = {
         name: load_prepared(prepare_on_cluster(source, tmp_path / name, config).location)
-        for name, source in (("a", plain), ("b", excel), ("c", spark))
+        for name, source in (("a", plain), ("b", excel), ("c", spark), ("d", spark / "*"))
     }
-    for other in ("b", "c"):
+    for other in ("b", "c", "d"):
         assert splits[other].user_id_map == splits["a"].user_id_map
         train, plain_train = splits[other].split.train, splits["a"].split.train
         assert (train.interactions != plain_train.interactions).nnz == 0

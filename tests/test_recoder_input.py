@@ -63,7 +63,8 @@ def test_constructor_rejects(kwargs, error, message):
         ({"num_epochs": 0}, ValueError, "num_epochs"),
         ({"lr": 0.0}, ValueError, "lr must be a finite number > 0"),
         ({"lr": float("inf")}, ValueError, "lr must be a finite number > 0"),
-        ({"negative_sampling": "False"}, TypeError, "negative_sampling must be True or False"),
+        ({"negative_sampling": "False"}, ValueError, "negative_sampling must be True or False"),
+        ({"weight_decay": float("inf")}, ValueError, "weight_decay must be a finite number"),
         ({"lr_milestones": 5}, TypeError, "lr_milestones must be a list of epochs"),
         ({"eval_freq": 1, "metrics": Recall(5)}, TypeError, "metrics must be a list"),
         ({"eval_freq": 1, "metrics": [Recall(5)], "eval_num_users": 0}, ValueError, "eval_num"),
@@ -75,15 +76,22 @@ def test_constructor_rejects(kwargs, error, message):
 )
 def test_train_rejects_bad_arguments(train_kwargs, error, message):
     if "eval_freq" in train_kwargs:
-        train_kwargs["val_dataset"] = RecommendationDataset(matrix(), matrix(seed=1))
+        validation = RecommendationDataset(matrix(), matrix(seed=1))
+        train_kwargs = {**train_kwargs, "val_dataset": validation}
     with pytest.raises(error, match=message):
         recoder().train(RecommendationDataset(matrix()), **train_kwargs)
+
+
+def test_lr_milestones_take_any_sequence_of_epochs(ray_session):
+    r = recoder()
+    r.train(RecommendationDataset(matrix()), batch_size=5, num_epochs=2, lr_milestones=range(2, 3))
+    assert r.current_epoch == 2
 
 
 def test_a_validation_set_that_is_never_evaluated_is_said(ray_session, caplog):
     validation = RecommendationDataset(matrix(), matrix(seed=1))
     recoder().train(RecommendationDataset(matrix()), batch_size=5, val_dataset=validation)
-    said = "this run evaluates nothing (val_dataset given, metrics None, eval_freq 0)"
+    said = "val_dataset is evaluated every eval_freq epochs, and eval_freq is 0: this run does"
     assert said in caplog.text
 
 
@@ -112,10 +120,13 @@ def test_values_that_the_loss_misreads_are_said(ray_session, caplog, loss, value
 
 
 def test_hidden_layers_must_be_a_list_of_whole_sizes():
-    for bad in (200, "200", [10.5], [True]):
-        with pytest.raises(TypeError, match="hidden_layers must"):
+    for bad in (200, "200", [10.5], [True], [float("inf")], [float("nan")]):
+        with pytest.raises(ValueError, match="hidden_layers must"):
             DynamicAutoencoder(bad)
     assert DynamicAutoencoder((np.int64(8), 4.0)).hidden_layers == [8, 4]
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="embedding_size must be a whole number >= 1"):
+            MatrixFactorization(embedding_size=bad)
 
 
 def test_metrics_take_numpy_ints():
@@ -307,11 +318,13 @@ def test_a_prefix_that_ends_with_a_separator_names_files_in_that_folder(ray_sess
 
 class _OneScore(FactorizationModel):
     """A model of one's own (the tutorial's "Your Own Factorization Model") that returns one
-    score per user, or nothing, where the trainer needs a score per target item."""
+    score per user, or nothing, where the trainer needs a score per target item; or
+    (``scores_targets``) a score per target item when given them, and one per user when asked
+    for every item, as evaluation asks."""
 
-    def __init__(self, returns_nothing: bool = False):
+    def __init__(self, returns_nothing: bool = False, scores_targets: bool = False):
         super().__init__()
-        self.returns_nothing = returns_nothing
+        self.returns_nothing, self.scores_targets = returns_nothing, scores_targets
 
     def init_model(self, num_items=None, num_users=None):
         self.weight = torch.nn.Linear(1, 1)
@@ -324,6 +337,8 @@ class _OneScore(FactorizationModel):
 
     def forward(self, input, input_users=None, input_items=None, **targets):
         scores = self.weight(input.sum(1, keepdim=True))
+        if self.scores_targets and targets.get("target_items") is not None:
+            return scores.expand(-1, len(targets["target_items"]))
         return None if self.returns_nothing else scores
 
 
@@ -333,3 +348,8 @@ def test_a_forward_that_does_not_score_the_target_items_is_named(ray_session):
         Recoder(_OneScore(), num_workers=0).train(data, batch_size=5)
     with pytest.raises(TypeError, match="_OneScore.forward returned NoneType; expected a tensor"):
         Recoder(_OneScore(returns_nothing=True), num_workers=0).train(data, batch_size=5)
+    # Trains (scoring the sampled items), and evaluation's forward over every item is named.
+    r = Recoder(_OneScore(scores_targets=True), num_workers=0)
+    r.train(data, batch_size=5, negative_sampling=True)
+    with pytest.raises(ValueError, match=r"returned shape \(20, 1\); expected \(20, 30\)"):
+        r.predict(matrix())

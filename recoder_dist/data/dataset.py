@@ -86,7 +86,8 @@ def _as_csr(matrix, name: str) -> sp.csr_matrix:
     if matrix.dtype.kind == "c":
         raise TypeError(f"{name} holds complex values; interactions are real numbers")
     # The values as given, before a cast to float32 can overflow.
-    if matrix.dtype.kind == "f" and not np.isfinite(matrix.tocoo(copy=False).data).all():
+    values = matrix.data if matrix.format in ("csr", "csc", "coo", "bsr") else matrix.tocoo().data
+    if matrix.dtype.kind == "f" and not np.isfinite(values).all():
         raise ValueError(f"{name} holds NaN or infinite values")
     with np.errstate(over="ignore"):
         csr = sp.csr_matrix(matrix, dtype=np.float32, copy=True)  # sorted and summed below

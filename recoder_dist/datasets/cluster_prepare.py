@@ -205,24 +205,28 @@ def _input_files(source) -> list[str]:
     head, pattern = os.path.split(path)
     if any(c in pattern for c in "*?["):
         infos = fs.get_file_info(pafs.FileSelector(head, allow_not_found=True))
-        found = [i.path for i in infos if fnmatch.fnmatch(os.path.basename(i.path), pattern)]
+        found = [
+            i.path
+            for i in infos
+            if fnmatch.fnmatch(os.path.basename(i.path), pattern)
+            and (pattern.startswith((".", "_")) or not _hidden(i.path))
+        ]
     else:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.Directory:
             infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-            # Hidden files, and what Spark and Hive write beside their parts (_SUCCESS,
-            # _committed_*, .crc files), are not events.
-            found = [
-                i.path
-                for i in infos
-                if i.type == pafs.FileType.File
-                and not os.path.basename(i.path).startswith((".", "_"))
-            ]
+            found = [i.path for i in infos if i.type == pafs.FileType.File and not _hidden(i.path)]
         else:
             found = [path] if info.type == pafs.FileType.File else []
     if not found:
         raise FileNotFoundError(f"no event files at {source}")
     return [storage.with_path(source, p) for p in sorted(found)]
+
+
+def _hidden(path: str) -> bool:
+    """Hidden files, and what Spark and Hive write beside their parts (_SUCCESS,
+    _committed_*, .crc files): not events."""
+    return os.path.basename(path).startswith((".", "_"))
 
 
 def _check_headers(paths: list[str], columns: list[str]) -> bool:
@@ -244,7 +248,8 @@ def _check_headers(paths: list[str], columns: list[str]) -> bool:
                 names = pq.read_schema(fs_path, filesystem=fs).names
             else:
                 with fs.open_input_stream(fs_path) as f:
-                    names = pacsv.open_csv(f).schema.names
+                    first = pacsv.ReadOptions(block_size=1 << 16)
+                    names = pacsv.open_csv(f, read_options=first).schema.names
         except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
             kind = "Parquet" if parquet else "CSV"
             raise ValueError(f"{path} is not a readable {kind} file: {e}") from None

@@ -24,17 +24,16 @@ def hidden_sizes(hidden) -> list[int] | None:
     """``hidden_layers`` as a list of ints (None stays None: given later, by a snapshot).
 
     Raises:
-        TypeError: not a list (a number, a string), or a size that is not a whole number.
-        ValueError: an empty list or a size below 1.
+        ValueError: not a list (a number, a string), an empty list, or a size that is not a
+            whole number >= 1.
     """
     if hidden is None:
         return None
     if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Iterable):
-        raise TypeError(f"hidden_layers must be a list of sizes such as [200], got {hidden!r}")
+        raise ValueError(f"hidden_layers must be a list of sizes such as [200], got {hidden!r}")
     hidden = list(hidden)
-    for size in hidden:
-        if isinstance(size, bool) or not isinstance(size, numbers.Real) or size != int(size):
-            raise TypeError(f"hidden_layers must hold whole sizes, got {hidden!r}")
+    if not all(_whole(size) for size in hidden):
+        raise ValueError(f"hidden_layers must hold whole sizes, got {hidden!r}")
     sizes = [int(h) for h in hidden]
     if not sizes or min(sizes) < 1:
         raise ValueError(f"hidden_layers must be positive sizes, got {sizes}")
@@ -50,14 +49,16 @@ def probability(value, name: str) -> float:
 
 def whole_number(value, name: str, minimum: int) -> int:
     """A size or a count: an int (or a float with no fraction) >= ``minimum``."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or value != int(value)
-        or value < minimum
-    ):
+    if not _whole(value) or value < minimum:
         raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
     return int(value)
+
+
+def _whole(value) -> bool:
+    """An int, or a finite float with no fraction (a size read from JSON may be 8.0)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    return isinstance(value, numbers.Integral) or float(value).is_integer()
 
 
 def activation(name: str) -> nn.Module:

@@ -43,8 +43,10 @@ class TrainSettings:
     def __post_init__(self):
         if not (isinstance(self.lr, numbers.Real) and 0 < self.lr < math.inf):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
-        if not (isinstance(self.weight_decay, numbers.Real) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not (isinstance(self.weight_decay, numbers.Real) and 0 <= self.weight_decay < math.inf):
+            raise ValueError(
+                f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}"
+            )
         _check_int(self.num_epochs, "num_epochs", 1)
         # The batch geometry: batch_size >= 1, num_sampling_users a multiple of it.
         resolve_sampling_users(self.batch_size, self.num_sampling_users)
@@ -56,7 +58,7 @@ class TrainSettings:
         _check_int(self.eval_freq, "eval_freq", 0)
         for name in ("negative_sampling", "decay_sparse_lr", "profile"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 

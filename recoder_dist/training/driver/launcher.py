@@ -63,7 +63,7 @@ def _quiet_ray_data_console() -> None:
             # about that when one of them runs in this process (num_workers=0).
             handler.addFilter(_drop_progress_bar_notice)
             # A task's error is logged with its whole traceback as the dataset aborts, then
-            # raised to whoever executes the dataset: once is enough (the log file keeps both).
+            # raised to whoever executes the dataset: once is enough (the log file keeps it).
             handler.addFilter(_drop_task_errors)
 
 
@@ -72,7 +72,12 @@ def _drop_progress_bar_notice(record: logging.LogRecord) -> bool:
 
 
 def _drop_task_errors(record: logging.LogRecord) -> bool:
-    return record.levelno < logging.ERROR
+    """Drops what Ray Data logs of an error that it then raises: the aborting task's error
+    and ``ray.data.exceptions``' notes as the error propagates. Errors that it logs and goes
+    on from (blocks skipped under ``max_errored_blocks``) stay on the console."""
+    if record.name == "ray.data.exceptions":
+        return False
+    return "Dataset execution will now abort" not in record.getMessage()
 
 
 def init_local_ray(*, verbose: bool = False, **kwargs) -> None:

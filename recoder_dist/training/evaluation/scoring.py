@@ -190,7 +190,7 @@ def _select(rows: UserRows, mask: np.ndarray) -> UserRows:
 def check_metrics(metrics, num_recommendations: int | None) -> int:
     """Validates the metrics and returns the list length to compute."""
     if isinstance(metrics, Metric):
-        raise TypeError(f"metrics must be a list of metrics, e.g. [{metrics.name}], got one")
+        raise TypeError(f"metrics must be a list of metrics, e.g. [{type(metrics).__name__}(...)]")
     if not metrics:
         raise ValueError("evaluation needs at least one metric, e.g. [Recall(20), NDCG(100)]")
     for metric in metrics:
