@@ -31,6 +31,7 @@ MODEL_FLAGS = {
     "constrained": "is_constrained",
     "sparse": "sparse",
 }
+_DEFAULT_HELD_OUT = 100  # validation and test users of a strong split
 DATASETS = ("ml-100k", "ml-1m", "ml-20m", "ml-25m", "ml-latest-small", "ml-latest", "events")
 
 
@@ -54,15 +55,24 @@ def _prepare(args) -> int:
     output = Path(args.output)
     if not storage.is_uri(args.output) and output.exists() and not output.is_dir():
         raise UsageError(f"--output {args.output} is a file, not a folder")  # before the work
+    # A flag of the other kind of split or dataset would be ignored: said instead.
+    if args.dataset == "events" and args.data_dir:
+        raise UsageError("--data-dir is for the MovieLens datasets; --dataset events reads --input")
+    if args.dataset != "events" and args.input:
+        raise UsageError(f"--input is for --dataset events; {args.dataset} is read from --data-dir")
     if args.split == "strong":
         if args.val_fraction:
             raise UsageError("--val-fraction is a --split weak setting")
-        if args.test_users < 1:
+        val_users = _DEFAULT_HELD_OUT if args.val_users is None else args.val_users
+        test_users = _DEFAULT_HELD_OUT if args.test_users is None else args.test_users
+        if test_users < 1:
             raise UsageError(
-                f"--test-users must be >= 1 (train evaluates on them), got {args.test_users}"
+                f"--test-users must be >= 1 (train evaluates on them), got {test_users}"
             )
-        split = StrongSplitConfig(args.val_users, args.test_users, seed=args.seed)
+        split = StrongSplitConfig(val_users, test_users, seed=args.seed)
     else:
+        if args.val_users is not None or args.test_users is not None:
+            raise UsageError("--val-users and --test-users are --split strong settings")
         split = WeakSplitConfig(seed=args.seed, val_fraction=args.val_fraction or 0.0)
     if args.dataset == "events":
         if not args.input:
@@ -371,9 +381,11 @@ def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     )
     p.add_argument("--output", type=_path, required=True)
     p.add_argument("--split", choices=("strong", "weak"), default="strong")
-    p.add_argument("--val-users", type=int, default=100, help="--split strong")
+    p.add_argument("--val-users", type=int, help=f"--split strong (default: {_DEFAULT_HELD_OUT})")
     p.add_argument(
-        "--test-users", type=int, default=100, help="--split strong (train evaluates on them)"
+        "--test-users",
+        type=int,
+        help=f"--split strong (default: {_DEFAULT_HELD_OUT}; train evaluates on them)",
     )
     p.add_argument("--val-fraction", type=float, help="--split weak (default: 0)")
     p.add_argument(

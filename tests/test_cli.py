@@ -153,6 +153,19 @@ def test_train_evaluate_recommend(ray_session, prepared, tmp_path, capsys, caplo
             "--val-fraction is a --split weak setting",
         ),
         (["prepare", "--dataset", "ml-100k", "--output", __file__], "is a file, not a folder"),
+        (
+            ["prepare", "--dataset", "ml-100k", "--output", "o", "--split", "weak"]
+            + ["--test-users", "50"],
+            "--val-users and --test-users are --split strong settings",
+        ),
+        (
+            ["prepare", "--dataset", "ml-100k", "--output", "o", "--input", "events.csv"],
+            "--input is for --dataset events; ml-100k is read from --data-dir",
+        ),
+        (
+            ["prepare", "--dataset", "events", "--output", "o", "--data-dir", "d"],
+            "--data-dir is for the MovieLens datasets",
+        ),
     ],
 )
 def test_user_mistakes_are_one_line_and_exit_2(argv, message, capsys):
