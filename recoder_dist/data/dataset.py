@@ -85,14 +85,13 @@ def _as_csr(matrix, name: str) -> sp.csr_matrix:
         raise ValueError(f"{name} must be 2-D (users x items), got {matrix.ndim}-D")
     if matrix.dtype.kind == "c":
         raise TypeError(f"{name} holds complex values; interactions are real numbers")
-    # The values as given, before a cast to float32 can overflow.
-    values = matrix.data if matrix.format in ("csr", "csc", "coo", "bsr") else matrix.tocoo().data
-    if matrix.dtype.kind == "f" and not np.isfinite(values).all():
-        raise ValueError(f"{name} holds NaN or infinite values")
     with np.errstate(over="ignore"):
         csr = sp.csr_matrix(matrix, dtype=np.float32, copy=True)  # sorted and summed below
     if not np.isfinite(csr.data).all():
-        raise ValueError(f"{name} holds values beyond float32's range (about 3.4e38)")
+        # Finite as given, infinite in float32: the cast overflowed (read only on failure).
+        if np.isfinite(matrix.tocoo().data).all():
+            raise ValueError(f"{name} holds values beyond float32's range (about 3.4e38)")
+        raise ValueError(f"{name} holds NaN or infinite values")
     csr.sum_duplicates()  # also sorts the column indices of every row
     csr.eliminate_zeros()
     return csr

@@ -55,15 +55,15 @@ def model_input(
 def checked_output(model, output, shape: tuple[int, int]) -> torch.Tensor:
     """``model``'s forward ``output``, refused unless it is a tensor of ``shape``: the batch's
     users x the items it scores (a model of one's own may return anything)."""
+    if isinstance(output, torch.Tensor) and tuple(output.shape) == tuple(shape):
+        return output  # every step: nothing more is computed
     name = type(unwrapped(model)).__name__
     if not isinstance(output, torch.Tensor):
         raise TypeError(
             f"{name}.forward returned {type(output).__name__}; expected a tensor of scores, "
             "users x target items"
         )
-    if tuple(output.shape) != tuple(shape):
-        raise ValueError(
-            f"{name}.forward returned shape {tuple(output.shape)}; expected {tuple(shape)} "
-            "(users x target items: the given target_items, or every item)"
-        )
-    return output
+    raise ValueError(
+        f"{name}.forward returned shape {tuple(output.shape)}; expected {tuple(shape)} "
+        "(users x target items: the given target_items, or every item)"
+    )
